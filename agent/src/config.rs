@@ -1,0 +1,66 @@
+//! The agent's local configuration (optional TOML file). The bastion cannot change it.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Directory holding the VM's OpenSSH host public keys (ssh_host_*_key.pub).
+    #[serde(default = "default_ssh_dir")]
+    pub ssh_host_keys_dir: PathBuf,
+    /// Addresses to register instead of the interfaces' addresses (NAT, several NICs).
+    #[serde(default)]
+    pub advertise_addresses: Vec<IpAddr>,
+    /// Host name to report instead of the kernel's.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// First reconnection delay; it doubles (with jitter) up to `reconnect_max`.
+    #[serde(default = "default_reconnect_initial", with = "humantime_serde")]
+    pub reconnect_initial: Duration,
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+fn default_ssh_dir() -> PathBuf {
+    PathBuf::from("/etc/ssh")
+}
+fn default_reconnect_initial() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            ssh_host_keys_dir: default_ssh_dir(),
+            advertise_addresses: Vec::new(),
+            hostname: None,
+            reconnect_initial: default_reconnect_initial(),
+            reconnect_max: default_reconnect_max(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads a configuration file; unknown keys are refused.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let cfg: Self = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        if cfg.reconnect_initial.is_zero() || cfg.reconnect_max < cfg.reconnect_initial {
+            bail!(
+                "{}: reconnect_initial must be positive and at most reconnect_max",
+                path.display()
+            );
+        }
+        Ok(cfg)
+    }
+}

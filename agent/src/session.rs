@@ -1,0 +1,220 @@
+//! `bastide-agent run`: dials out over mutual TLS, registers, keeps one session stream with
+//! heartbeats, renews the certificate at 2/3 of its lifetime, and reconnects with
+//! exponential backoff and jitter when cut.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bastide_proto::v1::agent_client::AgentClient;
+use bastide_proto::v1::{
+    agent_message, bastion_message, AgentMessage, Heartbeat, RegisterRequest, RenewRequest,
+};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::AgentConfig;
+use crate::state::State;
+use crate::tls::{connect, is_revoked, mtls_config, probe_revoked};
+
+/// Errors that end the agent instead of being retried.
+#[derive(Debug, Error)]
+pub enum Fatal {
+    #[error("certificate of {name} expired at {at}: this agent was offline past its certificate's lifetime and must re-enroll (bastide-agent enroll --force with a new token)")]
+    Expired { name: String, at: String },
+    #[error("the bastion refused our certificate as revoked: re-enroll with a new token (bastide-agent enroll --force)")]
+    Revoked,
+}
+
+enum Outcome {
+    Shutdown,
+    Renewed,
+}
+
+/// Exponential backoff with jitter: each delay is drawn in [d/2, d], d doubling to `max`.
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            current: initial,
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let half = d / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+}
+
+fn ts(t: i64) -> String {
+    humantime_rfc3339(t)
+}
+
+fn humantime_rfc3339(t: i64) -> String {
+    let st = std::time::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+    time::OffsetDateTime::from(st).to_string()
+}
+
+/// Runs until `shutdown`, or until a fatal condition (expired or revoked certificate).
+pub async fn run(state_dir: &Path, cfg: &AgentConfig, shutdown: CancellationToken) -> Result<()> {
+    let mut backoff = Backoff::new(cfg.reconnect_initial, cfg.reconnect_max);
+    loop {
+        let mut st = State::load(state_dir)?;
+        if st.not_after <= crate::unix_now() {
+            return Err(Fatal::Expired {
+                name: st.meta.name.clone(),
+                at: ts(st.not_after),
+            }
+            .into());
+        }
+        let mut registered = false;
+        match session_once(&mut st, cfg, &shutdown, &mut registered).await {
+            Ok(Outcome::Shutdown) => return Ok(()),
+            Ok(Outcome::Renewed) => {
+                backoff.reset();
+                continue;
+            }
+            Err(e) => {
+                if e.chain().any(|c| is_revoked(c)) || (!registered && probe(&st).await) {
+                    return Err(Fatal::Revoked.into());
+                }
+                if registered {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "bastion session lost");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn probe(st: &State) -> bool {
+    match mtls_config_of(st) {
+        Ok(cfg) => probe_revoked(&st.meta.bastion, &st.meta.server_name, cfg).await,
+        Err(_) => false,
+    }
+}
+
+fn mtls_config_of(st: &State) -> Result<rustls::ClientConfig> {
+    mtls_config(st.ca()?, st.cert_chain()?, st.key()?)
+}
+
+async fn session_once(
+    st: &mut State,
+    cfg: &AgentConfig,
+    shutdown: &CancellationToken,
+    registered: &mut bool,
+) -> Result<Outcome> {
+    let tls = mtls_config_of(st)?;
+    let channel = connect(&st.meta.bastion, &st.meta.server_name, tls).await?;
+    let mut client = AgentClient::new(channel);
+    let reg = client
+        .register(RegisterRequest {
+            claimed_name: st.meta.name.clone(),
+            hostname: crate::facts::hostname(cfg),
+            addresses: crate::facts::addresses(cfg),
+            os: crate::facts::os(),
+            agent_version: crate::VERSION.to_string(),
+            ssh_host_keys: crate::facts::ssh_host_keys(&cfg.ssh_host_keys_dir),
+        })
+        .await
+        .context("registration")?
+        .into_inner();
+    *registered = true;
+    if reg.name != st.meta.name {
+        warn!(ours = %st.meta.name, bastion = %reg.name, "the bastion knows us under another name");
+    }
+    let interval = Duration::from_secs(u64::from(reg.heartbeat_interval_secs.max(1)));
+    let (tx, rx) = mpsc::channel::<AgentMessage>(16);
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .context("opening session")?
+        .into_inner();
+    info!(name = %reg.name, project = %reg.project, heartbeat_secs = interval.as_secs(), "connected to the bastion");
+
+    let renew_in = Duration::from_secs((st.renew_at() - crate::unix_now()).max(0) as u64);
+    let renew = tokio::time::sleep(renew_in);
+    tokio::pin!(renew);
+    let mut ticker = tokio::time::interval(interval);
+    let mut seq: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                info!("shutting down: closing the session");
+                return Ok(Outcome::Shutdown);
+            }
+            _ = ticker.tick() => {
+                seq += 1;
+                let hb = AgentMessage {
+                    kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
+                        seq,
+                        agent_time_unix: crate::unix_now(),
+                    })),
+                };
+                if tx.send(hb).await.is_err() {
+                    bail!("session stream closed");
+                }
+            }
+            msg = inbound.message() => match msg {
+                Ok(Some(m)) => match m.kind {
+                    Some(bastion_message::Kind::HeartbeatAck(ack)) => {
+                        let skew = ack.bastion_time_unix - crate::unix_now();
+                        if skew.abs() > 60 {
+                            warn!(skew_secs = skew, "clock differs from the bastion's by over a minute");
+                        }
+                    }
+                    None => {}
+                },
+                Ok(None) => bail!("the bastion closed the session"),
+                Err(s) => return Err(anyhow::Error::new(s).context("session")),
+            },
+            _ = &mut renew => {
+                let (key, csr) = crate::enroll::new_key_and_csr(&st.meta.name)?;
+                let resp = client
+                    .renew(RenewRequest { csr_der: csr })
+                    .await
+                    .context("certificate renewal")?
+                    .into_inner();
+                st.save_renewal(&key.serialize_pem(), &resp.certificate_pem)?;
+                info!(not_after = %ts(resp.not_after_unix), "certificate renewed: reconnecting with it");
+                return Ok(Outcome::Renewed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+        let d: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
+        assert!(d[0] >= Duration::from_millis(500) && d[0] <= Duration::from_secs(1));
+        assert!(d[5] >= Duration::from_secs(4) && d[5] <= Duration::from_secs(8));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,202 @@
+//! The admin API: JSON lines over a Unix socket (mode 0600 or 0660, never a TCP port), so
+//! that CLI commands act on the running daemon at once. One request and one response per
+//! connection.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::AdminConfig;
+use crate::registry::{Registry, TokenSpec};
+
+const MAX_REQUEST: usize = 64 * 1024;
+const MAX_CLIENTS: usize = 64;
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request from the CLI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminRequest {
+    Ping,
+    TokenCreate(TokenSpec),
+    TokenList,
+    TokenRevoke { id: String },
+    AgentsList,
+    AgentsRevoke { name: String },
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdminResponse {
+    pub ok: bool,
+    #[serde(default)]
+    pub result: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Binds the admin socket with its final mode before it becomes visible: bound under a
+/// temporary name, chmod-ed, then renamed into place. A live daemon already on the path is
+/// an error; a stale socket file is replaced.
+pub fn bind(cfg: &AdminConfig) -> Result<UnixListener> {
+    let path = &cfg.socket;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "admin socket {} is in use: is another bastide running?",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let tmp: PathBuf = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener =
+        UnixListener::bind(&tmp).with_context(|| format!("binding {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(cfg.mode))
+        .with_context(|| format!("chmod {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("moving socket to {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves admin requests until `shutdown`.
+pub async fn run(
+    registry: Registry,
+    listener: UnixListener,
+    socket_path: PathBuf,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    info!(socket = %socket_path.display(), "admin socket listening");
+    let limit = Arc::new(Semaphore::new(MAX_CLIENTS));
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "admin: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            warn!("admin: too many clients");
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = serve_one(stream, registry).await {
+                warn!(error = %format!("{e:#}"), "admin: request failed");
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
+
+async fn serve_one(stream: UnixStream, registry: Registry) -> Result<()> {
+    let uid = stream.peer_cred().ok().map(|c| c.uid());
+    let (rd, mut wr) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(rd).take(MAX_REQUEST as u64);
+    tokio::time::timeout(IO_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .context("timed out reading request")??;
+    let response = match serde_json::from_str::<AdminRequest>(&line) {
+        Ok(req) => {
+            let summary = format!("{req:?}");
+            let r = handle(req, registry).await;
+            if let Err(e) = &r {
+                info!(uid = ?uid, request = %summary, error = %e, "admin request refused");
+            }
+            match r {
+                Ok(result) => AdminResponse {
+                    ok: true,
+                    result,
+                    error: None,
+                },
+                Err(e) => AdminResponse {
+                    ok: false,
+                    result: serde_json::Value::Null,
+                    error: Some(format!("{e:#}")),
+                },
+            }
+        }
+        Err(e) => AdminResponse {
+            ok: false,
+            result: serde_json::Value::Null,
+            error: Some(format!("malformed request: {e}")),
+        },
+    };
+    let mut out = serde_json::to_vec(&response)?;
+    out.push(b'\n');
+    tokio::time::timeout(IO_TIMEOUT, wr.write_all(&out))
+        .await
+        .context("timed out writing response")??;
+    Ok(())
+}
+
+async fn handle(req: AdminRequest, registry: Registry) -> Result<serde_json::Value> {
+    tokio::task::spawn_blocking(move || -> Result<serde_json::Value> {
+        Ok(match req {
+            AdminRequest::Ping => serde_json::json!({ "version": crate::VERSION }),
+            AdminRequest::TokenCreate(spec) => serde_json::to_value(registry.create_token(&spec)?)?,
+            AdminRequest::TokenList => serde_json::to_value(registry.list_tokens()?)?,
+            AdminRequest::TokenRevoke { id } => {
+                registry.revoke_token(&id)?;
+                serde_json::Value::Null
+            }
+            AdminRequest::AgentsList => serde_json::to_value(registry.list_agents())?,
+            AdminRequest::AgentsRevoke { name } => {
+                registry.revoke_agent(&name)?;
+                serde_json::Value::Null
+            }
+        })
+    })
+    .await
+    .context("admin task")?
+}
+
+/// Sends one request to the daemon and returns its result, or its error as an `Err`.
+pub async fn call(socket: &Path, req: &AdminRequest) -> Result<serde_json::Value> {
+    let fut = async {
+        let stream = UnixStream::connect(socket).await.with_context(|| {
+            format!(
+                "cannot reach the bastide daemon at {} (is it running?)",
+                socket.display()
+            )
+        })?;
+        let (rd, mut wr) = stream.into_split();
+        let mut line = serde_json::to_vec(req)?;
+        line.push(b'\n');
+        wr.write_all(&line).await?;
+        let mut reader = BufReader::new(rd);
+        let mut resp = String::new();
+        reader.read_line(&mut resp).await?;
+        if resp.is_empty() {
+            bail!("the daemon closed the connection without answering");
+        }
+        let resp: AdminResponse =
+            serde_json::from_str(&resp).context("malformed answer from the daemon")?;
+        if resp.ok {
+            Ok(resp.result)
+        } else {
+            bail!("{}", resp.error.unwrap_or_else(|| "request failed".into()))
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .context("the daemon did not answer within 5s")?
+}

@@ -1,0 +1,315 @@
+//! The `bastide` command line: daemon, state-directory setup and the admin commands, which
+//! talk to the running daemon over its Unix socket.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::admin::{self, AdminRequest};
+use crate::config::{Config, DEFAULT_CONFIG};
+use crate::logging::LogFormat;
+use crate::registry::{AgentStatus, CreatedToken, TokenSpec, TokenStatus};
+
+#[derive(Debug, Parser)]
+#[command(name = "bastide", version, about = "Bastide bastion daemon and admin CLI")]
+pub struct Cli {
+    /// Configuration file (also locates the admin socket).
+    #[arg(long, global = true, default_value = DEFAULT_CONFIG, env = "BASTIDE_CONFIG")]
+    pub config: PathBuf,
+    /// Admin socket of the running daemon (overrides the one from --config).
+    #[arg(long, global = true, env = "BASTIDE_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a state directory: agent CA, server certificate, SSH host key, registry, config.
+    Init(InitArgs),
+    /// Print the agent CA pin (sha256 of its SubjectPublicKeyInfo) for `bastide-agent enroll`.
+    CaPin {
+        /// State directory (default: the one named in --config).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Run the daemon.
+    Serve,
+    /// Validate the configuration file and exit.
+    CheckConfig,
+    /// Enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Enrolled agents.
+    #[command(subcommand)]
+    Agents(AgentsCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// State directory to create.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Cloud project name (a lowercase DNS label).
+    #[arg(long)]
+    pub project: String,
+    /// DNS zone of the project's VMs.
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// Extra names or addresses for the server certificate (how agents reach the bastion).
+    #[arg(long = "san")]
+    pub sans: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create an enrollment token and print it.
+    Create {
+        /// Time the token stays valid.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Number of enrollments it allows.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Glob the agent name must match (e.g. "web*").
+        #[arg(long)]
+        name_pattern: Option<String>,
+        /// Labels given to agents enrolled with it: k=v,k2=v2.
+        #[arg(long, value_parser = parse_labels, default_value = "")]
+        labels: BTreeMap<String, String>,
+        /// Allow replacing an enrolled agent of the same name (reimaged VM); the old
+        /// certificate is revoked.
+        #[arg(long)]
+        replace: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsCmd {
+    /// List agents with their state.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an agent: its connections are cut and its certificates refused.
+    Revoke { name: String },
+}
+
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("label {part:?} is not k=v"))?;
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init(a) => init(&a),
+        Command::CaPin { ref dir } => {
+            let dir = match dir {
+                Some(d) => d.clone(),
+                None => Config::parse_file(&cli.config)?.state_dir,
+            };
+            let paths = crate::pki::PkiPaths::new(&dir);
+            let der = crate::pki::read_cert_pem(&paths.ca_cert)?;
+            println!("{}", crate::pki::spki_pin(&der)?);
+            Ok(())
+        }
+        Command::Serve => {
+            let cfg = Config::load(&cli.config)?;
+            crate::daemon::serve(cfg).await
+        }
+        Command::CheckConfig => {
+            Config::load(&cli.config)?;
+            println!("{}: configuration OK", cli.config.display());
+            Ok(())
+        }
+        Command::Token(ref t) => token(&socket(&cli)?, t).await,
+        Command::Agents(ref a) => agents(&socket(&cli)?, a).await,
+    }
+}
+
+fn socket(cli: &Cli) -> Result<PathBuf> {
+    if let Some(s) = &cli.socket {
+        return Ok(s.clone());
+    }
+    let cfg = Config::parse_file(&cli.config)?;
+    match cfg.admin {
+        Some(a) => Ok(a.socket),
+        None => bail!(
+            "{}: no [admin] table: the admin socket is off",
+            cli.config.display()
+        ),
+    }
+}
+
+fn init(a: &InitArgs) -> Result<()> {
+    if !crate::pki::valid_agent_name(&a.project) {
+        bail!("--project {:?}: must be a lowercase DNS label", a.project);
+    }
+    if let Some(z) = &a.zone {
+        if !crate::pki::valid_zone(z) {
+            bail!("--zone {z:?}: not a valid DNS zone name");
+        }
+    }
+    crate::fsutil::ensure_dir(&a.dir, 0o700)?;
+    let dir = a
+        .dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", a.dir.display()))?;
+    let paths = crate::pki::PkiPaths::new(&dir);
+    crate::pki::init(&paths, &a.project, a.zone.as_deref(), &a.sans)?;
+    let store = dir.join("registry.sqlite");
+    if !store.exists() {
+        crate::store::Store::create(&store)?;
+        crate::fsutil::sync_dir(&dir)?;
+    }
+    let cfg_path = dir.join("bastide.toml");
+    if !cfg_path.exists() {
+        crate::fsutil::write_atomic(
+            &cfg_path,
+            crate::config::default_file(&a.project, a.zone.as_deref(), &dir).as_bytes(),
+            0o640,
+        )?;
+    }
+    let pin = crate::pki::spki_pin(&crate::pki::read_cert_pem(&paths.ca_cert)?)?;
+    println!("state directory: {}", dir.display());
+    println!("configuration:   {}", cfg_path.display());
+    println!("agent CA pin:    {pin}");
+    println!("start with:      bastide serve --config {}", cfg_path.display());
+    Ok(())
+}
+
+fn ts(t: i64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.max(0) as u64))
+        .to_string()
+}
+
+fn ago(t: Option<i64>) -> String {
+    match t {
+        None => "never".into(),
+        Some(t) => {
+            let d = (crate::unix_now() - t).max(0);
+            format!("{}s ago", d)
+        }
+    }
+}
+
+async fn token(socket: &Path, cmd: &TokenCmd) -> Result<()> {
+    match cmd {
+        TokenCmd::Create {
+            ttl,
+            uses,
+            name_pattern,
+            labels,
+            replace,
+            json,
+        } => {
+            let spec = TokenSpec {
+                ttl_secs: ttl.as_secs().max(1),
+                uses: *uses,
+                name_pattern: name_pattern.clone(),
+                labels: labels.clone(),
+                replace: *replace,
+            };
+            let v = admin::call(socket, &AdminRequest::TokenCreate(spec)).await?;
+            let t: CreatedToken = serde_json::from_value(v)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                println!("{}", t.token);
+                eprintln!("token {} valid until {}", t.id, ts(t.expires));
+            }
+        }
+        TokenCmd::List { json } => {
+            let v = admin::call(socket, &AdminRequest::TokenList).await?;
+            let list: Vec<TokenStatus> = serde_json::from_value(v)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<16}  {:<8}  {:>9}  {:<20}  {:<12}  {:<7}  LABELS",
+                    "ID", "STATE", "USES-LEFT", "EXPIRES", "NAMES", "REPLACE"
+                );
+                for t in list {
+                    println!(
+                        "{:<16}  {:<8}  {:>9}  {:<20}  {:<12}  {:<7}  {}",
+                        t.id,
+                        t.state,
+                        format!("{}/{}", t.uses_left, t.uses_total),
+                        ts(t.expires),
+                        t.name_pattern.unwrap_or_else(|| "*".into()),
+                        t.replace,
+                        labels_str(&t.labels)
+                    );
+                }
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            admin::call(socket, &AdminRequest::TokenRevoke { id: id.clone() }).await?;
+            println!("token {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+fn labels_str(l: &BTreeMap<String, String>) -> String {
+    l.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+async fn agents(socket: &Path, cmd: &AgentsCmd) -> Result<()> {
+    match cmd {
+        AgentsCmd::List { json } => {
+            let v = admin::call(socket, &AdminRequest::AgentsList).await?;
+            let list: Vec<AgentStatus> = serde_json::from_value(v)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<20}  {:<8}  {:<24}  {:<12}  {:<10}  {:<8}  {:<20}",
+                    "NAME", "STATE", "ADDRESSES", "LABELS", "LAST-SEEN", "VERSION", "CERT-EXPIRES"
+                );
+                for a in list {
+                    println!(
+                        "{:<20}  {:<8}  {:<24}  {:<12}  {:<10}  {:<8}  {:<20}",
+                        a.name,
+                        a.state,
+                        a.addresses.join(","),
+                        labels_str(&a.labels),
+                        ago(a.last_seen),
+                        a.agent_version,
+                        ts(a.cert_not_after)
+                    );
+                }
+            }
+        }
+        AgentsCmd::Revoke { name } => {
+            admin::call(socket, &AdminRequest::AgentsRevoke { name: name.clone() }).await?;
+            println!("agent {name} revoked");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! The bastion's configuration: one TOML file, one table per service. A service whose table is
+//! absent is off. Unknown keys are refused, and validation reports every problem at once,
+//! each naming the file, the key and the reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::pki::{valid_zone, PkiPaths};
+
+/// Default path of the configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/bastide/bastide.toml";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{}", .problems.join("\n"))]
+    Invalid { problems: Vec<String> },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name of the cloud project this bastion serves (a DNS label).
+    pub project: String,
+    /// DNS zone of the project's VMs, e.g. "proj.example.org.".
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Directory holding the registry store, the PKI and the SSH host key.
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub agents: Option<AgentsConfig>,
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// Path of the file this was read from (not a TOML key).
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// `[agents]`: the mTLS gRPC endpoint agents dial.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentsConfig {
+    pub listen: SocketAddr,
+    /// Lifetime of the client certificates given to agents.
+    #[serde(default = "default_cert_lifetime", with = "humantime_serde")]
+    pub cert_lifetime: Duration,
+    /// Interval agents are told to send heartbeats at.
+    #[serde(default = "default_heartbeat_interval", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Silence after which an agent's session is closed and the agent marked offline.
+    #[serde(default = "default_heartbeat_timeout", with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// Most agent connections at once (TLS handshakes included).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time a client has to complete its TLS handshake.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+/// `[admin]`: the Unix socket the admin CLI talks to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub socket: PathBuf,
+    /// File mode of the socket: 0o600 (default) or 0o660 for an admin group.
+    #[serde(default = "default_socket_mode")]
+    pub mode: u32,
+}
+
+fn default_cert_lifetime() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_heartbeat_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_heartbeat_timeout() -> Duration {
+    Duration::from_secs(35)
+}
+fn default_max_connections() -> usize {
+    20_000
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_socket_mode() -> u32 {
+    0o600
+}
+
+impl Config {
+    /// Reads and parses a file without checking what it points at.
+    pub fn parse_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.source = path.to_path_buf();
+        Ok(cfg)
+    }
+
+    /// Reads, parses and validates a file: what `serve` and `check-config` use.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg = Self::parse_file(path)?;
+        let problems = cfg.validate();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid { problems })
+        }
+    }
+
+    pub fn pki_paths(&self) -> PkiPaths {
+        PkiPaths::new(&self.state_dir)
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.state_dir.join("registry.sqlite")
+    }
+
+    /// Every problem in the configuration, each as "file: key: reason".
+    pub fn validate(&self) -> Vec<String> {
+        let file = self.source.display().to_string();
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, reason: String| problems.push(format!("{file}: {key}: {reason}"));
+
+        if !crate::pki::valid_agent_name(&self.project) {
+            bad(
+                "project",
+                format!("{:?} is not a lowercase DNS label", self.project),
+            );
+        }
+        if let Some(z) = &self.zone {
+            if !valid_zone(z) {
+                bad("zone", format!("{z:?} is not a valid DNS zone name"));
+            }
+        }
+        if !self.state_dir.is_dir() {
+            bad(
+                "state_dir",
+                format!(
+                    "{} is not a directory (create it with `bastide init`)",
+                    self.state_dir.display()
+                ),
+            );
+        } else {
+            let pki = self.pki_paths();
+            for (key, path) in [("ca key", &pki.ca_key), ("server key", &pki.server_key)] {
+                if let Err(e) = crate::fsutil::check_secret_file(path) {
+                    bad("state_dir", format!("{key}: {e:#}"));
+                }
+            }
+            if let Err(e) = crate::pki::read_cert_pem(&pki.ca_cert) {
+                bad("state_dir", format!("{e:#}"));
+            }
+            if !self.store_path().is_file() {
+                bad(
+                    "state_dir",
+                    format!(
+                        "registry store {} is missing (create it with `bastide init`)",
+                        self.store_path().display()
+                    ),
+                );
+            }
+        }
+        if let Some(a) = &self.agents {
+            if a.cert_lifetime < Duration::from_secs(2) {
+                bad("agents.cert_lifetime", "must be at least 2s".into());
+            }
+            if a.heartbeat_interval.is_zero() {
+                bad("agents.heartbeat_interval", "must be positive".into());
+            }
+            if a.heartbeat_timeout <= a.heartbeat_interval {
+                bad(
+                    "agents.heartbeat_timeout",
+                    "must be longer than agents.heartbeat_interval".into(),
+                );
+            }
+            if a.max_connections == 0 {
+                bad("agents.max_connections", "must be positive".into());
+            }
+            if a.handshake_timeout.is_zero() {
+                bad("agents.handshake_timeout", "must be positive".into());
+            }
+        }
+        if let Some(adm) = &self.admin {
+            if adm.mode & !0o660 != 0 || adm.mode & 0o600 != 0o600 {
+                bad(
+                    "admin.mode",
+                    format!("{:o} must be 0o600 or 0o660 (never world-accessible)", adm.mode),
+                );
+            }
+            match adm.socket.parent() {
+                Some(p) if p.as_os_str().is_empty() || p.is_dir() => {}
+                _ => bad(
+                    "admin.socket",
+                    format!(
+                        "the directory of {} does not exist",
+                        adm.socket.display()
+                    ),
+                ),
+            }
+        }
+        problems
+    }
+}
+
+/// The commented configuration `bastide init` writes.
+pub fn default_file(project: &str, zone: Option<&str>, state_dir: &Path) -> String {
+    let zone_line = match zone {
+        Some(z) => format!("zone = {z:?}"),
+        None => "# zone = \"project.example.org.\"".to_string(),
+    };
+    let dir = state_dir.display();
+    format!(
+        r#"# Bastide bastion configuration. One table per service; a service whose table is
+# absent is off. Unknown keys are refused. Check with: bastide check-config --config FILE
+
+# Name of the cloud project this bastion serves (a lowercase DNS label).
+project = {project:?}
+# DNS zone the project's VMs are named in.
+{zone_line}
+# Registry store, agent CA, server certificate and SSH host key.
+state_dir = "{dir}"
+
+# mTLS gRPC endpoint that agents dial (enrollment, session, renewal).
+[agents]
+listen = "0.0.0.0:4443"
+# Lifetime of agent client certificates; agents renew at 2/3 of it.
+cert_lifetime = "24h"
+heartbeat_interval = "10s"
+# Silence after which an agent is marked offline.
+heartbeat_timeout = "35s"
+max_connections = 20000
+handshake_timeout = "10s"
+
+# Unix socket of the admin CLI (never a TCP port).
+[admin]
+socket = "{dir}/admin.sock"
+# 0o600, or 0o660 to let the daemon's group administer it.
+mode = 0o600
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named() {
+        let dir = std::env::temp_dir().join(format!("bastide-cfg-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("b.toml");
+        std::fs::write(
+            &f,
+            "project = \"p\"\nstate_dir = \"/x\"\n[agents]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n",
+        )
+        .unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(e.contains("bogus") && e.contains("b.toml"), "{e}");
+        std::fs::write(&f, "project = \"p\"\nstate_dir = \"/x\"\n[agents]\nlisten = \"nope\"\n")
+            .unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(e.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn all_problems_at_once() {
+        let dir = std::env::temp_dir().join(format!("bastide-cfg-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("b.toml");
+        std::fs::write(
+            &f,
+            "project = \"Bad Name\"\nstate_dir = \"/nonexistent\"\n[agents]\nlisten = \"127.0.0.1:1\"\nheartbeat_interval = \"10s\"\nheartbeat_timeout = \"5s\"\n",
+        )
+        .unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(e.contains("project"), "{e}");
+        assert!(e.contains("state_dir"), "{e}");
+        assert!(e.contains("heartbeat_timeout"), "{e}");
+    }
+}

@@ -1,0 +1,160 @@
+//! `bastide serve`: binds every configured listener first (so nothing starts half-configured),
+//! then runs each service in a `JoinSet` under one root cancellation token. SIGTERM or SIGINT
+//! cancels everything and waits for a graceful end; a second signal forces exit; SIGHUP
+//! reloads what can change without a restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::pki::AgentCa;
+use crate::registry::{Registry, RegistrySettings};
+use crate::store::Store;
+
+/// How long services get to finish after shutdown is asked.
+const GRACE: Duration = Duration::from_secs(10);
+/// How often last-seen times are written to the store.
+const FLUSH_EVERY: Duration = Duration::from_secs(60);
+
+fn settings(cfg: &Config) -> RegistrySettings {
+    RegistrySettings {
+        cert_lifetime: cfg
+            .agents
+            .as_ref()
+            .map(|a| a.cert_lifetime)
+            .unwrap_or(Duration::from_secs(24 * 3600)),
+    }
+}
+
+/// Opens the registry of a validated configuration.
+pub fn open_registry(cfg: &Config) -> Result<Registry> {
+    let store = Store::open(&cfg.store_path())?;
+    let ca = AgentCa::load(&cfg.pki_paths(), &cfg.project, cfg.zone.as_deref())?;
+    Ok(Registry::open(store, ca, settings(cfg))?)
+}
+
+/// Runs the daemon until a signal or a service failure.
+pub async fn serve(cfg: Config) -> Result<()> {
+    crate::tls::install_crypto_provider();
+    let registry = open_registry(&cfg)?;
+
+    // Bind everything before starting anything.
+    let agents = match &cfg.agents {
+        Some(a) => {
+            let listener = tokio::net::TcpListener::bind(a.listen)
+                .await
+                .with_context(|| format!("{}: agents.listen: cannot bind {}", cfg.source.display(), a.listen))?;
+            let tls = Arc::new(crate::tls::server_config(&cfg.pki_paths(), &registry)?);
+            Some((a.clone(), listener, tls))
+        }
+        None => None,
+    };
+    let admin = match &cfg.admin {
+        Some(a) => Some((crate::admin::bind(a).with_context(|| {
+            format!("{}: admin.socket", cfg.source.display())
+        })?, a.socket.clone())),
+        None => None,
+    };
+
+    let root = CancellationToken::new();
+    let mut set: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
+    if let Some((acfg, listener, tls)) = agents {
+        let (r, t) = (registry.clone(), root.child_token());
+        set.spawn(async move { ("agents", crate::agents::run(acfg, r, tls, listener, t).await) });
+    }
+    if let Some((listener, path)) = admin {
+        let (r, t) = (registry.clone(), root.child_token());
+        set.spawn(async move { ("admin", crate::admin::run(r, listener, path, t).await) });
+    }
+    {
+        let (r, t) = (registry.clone(), root.child_token());
+        set.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = t.cancelled() => break,
+                    _ = tokio::time::sleep(FLUSH_EVERY) => {}
+                }
+                let r2 = r.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || r2.flush_last_seen()).await {
+                    warn!(error = %e, "flushing last-seen times failed");
+                }
+            }
+            ("flush", Ok(()))
+        });
+    }
+    info!(project = %cfg.project, version = crate::VERSION, "bastide ready");
+
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut failure: Option<anyhow::Error> = None;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => reload(&cfg.source, &registry),
+            done = set.join_next() => match done {
+                Some(Ok((name, Ok(())))) => {
+                    if !root.is_cancelled() {
+                        info!(service = name, "service stopped");
+                    }
+                }
+                Some(Ok((name, Err(e)))) => {
+                    error!(service = name, error = %format!("{e:#}"), "service failed: shutting down");
+                    failure = Some(e.context(format!("service {name}")));
+                    break;
+                }
+                Some(Err(e)) => {
+                    error!(error = %e, "service task panicked: shutting down");
+                    failure = Some(anyhow::anyhow!("service task panicked: {e}"));
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+    root.cancel();
+    let drained = tokio::time::timeout(GRACE, async {
+        while let Some(r) = set.join_next().await {
+            if let Ok((name, Err(e))) = r {
+                warn!(service = name, error = %format!("{e:#}"), "service ended with an error during shutdown");
+            }
+        }
+    });
+    tokio::select! {
+        r = drained => if r.is_err() { warn!("services did not stop within {}s", GRACE.as_secs()); },
+        _ = term.recv() => warn!("second signal: exiting now"),
+        _ = int.recv() => warn!("second signal: exiting now"),
+    }
+    let r2 = registry.clone();
+    match tokio::task::spawn_blocking(move || r2.flush_last_seen()).await {
+        Ok(Err(e)) => warn!(error = %e, "flushing last-seen times failed"),
+        Err(e) => warn!(error = %e, "flushing last-seen times failed"),
+        Ok(Ok(())) => {}
+    }
+    info!("bastide stopped");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Applies the reloadable parts of the configuration (SIGHUP). A broken file is refused
+/// whole and the running configuration stays.
+fn reload(path: &Path, registry: &Registry) {
+    let path: PathBuf = path.to_path_buf();
+    match Config::load(&path) {
+        Ok(new) => {
+            registry.set_settings(settings(&new));
+            info!(config = %path.display(), "configuration reloaded (agents.cert_lifetime); listeners need a restart to move");
+        }
+        Err(e) => error!(config = %path.display(), error = %e, "reload refused: keeping the running configuration"),
+    }
+}

@@ -1,0 +1,28 @@
+//! Bastide, the bastion daemon: one process that gives a cloud project's VMs their internal
+//! services and keeps the registry of the agents running on them.
+//!
+//! Every service is a module with one `run(...)` entry point; the [`registry`] is the one owner
+//! of agent state and every service derives what it needs from it.
+
+pub mod admin;
+pub mod agents;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod fsutil;
+pub mod logging;
+pub mod pki;
+pub mod registry;
+pub mod store;
+pub mod tls;
+
+/// Version string reported by `--version`, in logs and to agents.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Seconds since the Unix epoch, as the store and the protocol count time.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

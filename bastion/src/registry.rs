@@ -1,0 +1,823 @@
+//! The registry: the one owner of agent state. It alone writes the store; services read its
+//! snapshot (a `watch` of an immutable map) and subscribe to its events. Enrollment, token
+//! use, renewal and revocation all go through here, serialised by one lock so that a token's
+//! last use cannot be spent twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use globset::Glob;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::pki::{valid_agent_name, AgentCa, AgentIdentity, PkiError};
+use crate::store::{AgentRow, CertRow, Store, StoreError, TokenRow};
+use crate::unix_now;
+
+/// Bounds on what an agent may report about itself.
+const MAX_ADDRESSES: usize = 64;
+const MAX_SSH_KEYS: usize = 16;
+const MAX_SSH_KEY_LEN: usize = 16 * 1024;
+const MAX_TEXT: usize = 256;
+/// Bounds on tokens.
+pub const MAX_TOKEN_USES: u32 = 10_000;
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// What services see of an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub revoked: bool,
+    pub online: bool,
+    pub hostname: String,
+    pub addresses: Vec<IpAddr>,
+    pub os: String,
+    pub agent_version: String,
+    pub ssh_host_keys: Vec<String>,
+    pub enrolled_at: i64,
+    pub cert_serial: String,
+    pub cert_not_after: i64,
+}
+
+/// An immutable view of every agent, replaced on each change.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub agents: BTreeMap<String, Arc<AgentInfo>>,
+}
+
+impl Snapshot {
+    /// Agents that are enrolled and not revoked.
+    pub fn active(&self) -> impl Iterator<Item = &Arc<AgentInfo>> {
+        self.agents.values().filter(|a| !a.revoked)
+    }
+}
+
+/// A change in the registry, for services that react to events rather than snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryEvent {
+    Enrolled(String),
+    Registered(String),
+    Online(String),
+    Offline(String),
+    Renewed(String),
+    Revoked(String),
+}
+
+/// The admin view of an agent (`bastide agents list`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub name: String,
+    pub state: String,
+    pub addresses: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub hostname: String,
+    pub os: String,
+    pub agent_version: String,
+    pub last_seen: Option<i64>,
+    pub enrolled_at: i64,
+    pub cert_serial: String,
+    pub cert_not_after: i64,
+}
+
+/// The admin view of a token (`bastide token list`); never the secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenStatus {
+    pub id: String,
+    pub created: i64,
+    pub expires: i64,
+    pub uses_left: u32,
+    pub uses_total: u32,
+    pub name_pattern: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub replace: bool,
+    pub state: String,
+}
+
+/// What `bastide token create` asks for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenSpec {
+    pub ttl_secs: u64,
+    pub uses: u32,
+    pub name_pattern: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub replace: bool,
+}
+
+/// A freshly created token: the only time the secret exists outside the agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CreatedToken {
+    pub id: String,
+    pub token: String,
+    pub expires: i64,
+}
+
+/// Facts an agent reports at registration.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    pub claimed_name: String,
+    pub hostname: String,
+    pub addresses: Vec<String>,
+    pub os: String,
+    pub agent_version: String,
+    pub ssh_host_keys: Vec<String>,
+}
+
+/// What an enrollment produced.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    pub name: String,
+    pub certificate_pem: String,
+    pub not_after: i64,
+}
+
+#[derive(Debug, Error)]
+pub enum EnrollError {
+    #[error("invalid enrollment token")]
+    InvalidToken,
+    #[error("enrollment token expired")]
+    TokenExpired,
+    #[error("enrollment token already used")]
+    TokenUsed,
+    #[error("enrollment token revoked")]
+    TokenRevoked,
+    #[error("name {0:?} is not a valid agent name (lowercase letters, digits and '-', at most 63)")]
+    InvalidName(String),
+    #[error("name {name:?} is not allowed by this token (pattern {pattern:?})")]
+    NameNotAllowed { name: String, pattern: String },
+    #[error("name {0:?} is held by another enrolled agent (revoke it, or use a token created with --replace)")]
+    NameTaken(String),
+    #[error("{0}")]
+    Csr(#[from] PkiError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    #[error("unknown agent {0:?}")]
+    UnknownAgent(String),
+    #[error("agent {0:?} is revoked")]
+    Revoked(String),
+    #[error("unknown token {0:?}")]
+    UnknownToken(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a certificate serial is refused at handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum SerialRefusal {
+    #[error("certificate revoked")]
+    Revoked,
+    #[error("certificate unknown to this bastion")]
+    Unknown,
+}
+
+/// Settings the registry needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    pub cert_lifetime: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    agents: BTreeMap<String, AgentRow>,
+    certs: HashMap<String, CertRow>,
+    sessions: HashMap<String, u32>,
+}
+
+struct Inner {
+    store: Mutex<Store>,
+    ca: AgentCa,
+    settings: RwLock<RegistrySettings>,
+    state: RwLock<State>,
+    last_seen: Mutex<HashMap<String, i64>>,
+    view: watch::Sender<Arc<Snapshot>>,
+    events: broadcast::Sender<RegistryEvent>,
+    conns: Mutex<HashMap<String, HashMap<u64, CancellationToken>>>,
+    next_conn: AtomicU64,
+}
+
+/// Cheap to clone: every clone is the same registry.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the data half-written in a way we rely on
+    // (the store is transactional), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn clip(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_TEXT)
+        .collect()
+}
+
+impl Registry {
+    /// Opens the registry over an existing store and CA.
+    pub fn open(store: Store, ca: AgentCa, settings: RegistrySettings) -> Result<Self, RegistryError> {
+        let mut state = State::default();
+        for a in store.agents()? {
+            state.agents.insert(a.name.clone(), a);
+        }
+        for c in store.certs()? {
+            state.certs.insert(c.serial.clone(), c);
+        }
+        let last_seen = state
+            .agents
+            .values()
+            .filter_map(|a| a.last_seen.map(|t| (a.name.clone(), t)))
+            .collect();
+        let (view, _) = watch::channel(Arc::new(Snapshot::default()));
+        let (events, _) = broadcast::channel(4096);
+        let reg = Self {
+            inner: Arc::new(Inner {
+                store: Mutex::new(store),
+                ca,
+                settings: RwLock::new(settings),
+                state: RwLock::new(state),
+                last_seen: Mutex::new(last_seen),
+                view,
+                events,
+                conns: Mutex::new(HashMap::new()),
+                next_conn: AtomicU64::new(1),
+            }),
+        };
+        reg.publish();
+        Ok(reg)
+    }
+
+    pub fn ca(&self) -> &AgentCa {
+        &self.inner.ca
+    }
+
+    pub fn set_settings(&self, settings: RegistrySettings) {
+        *self.inner.settings.write().unwrap_or_else(|e| e.into_inner()) = settings;
+    }
+
+    fn settings(&self) -> RegistrySettings {
+        self.inner
+            .settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The current view of all agents.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.view.borrow().clone()
+    }
+
+    /// A receiver that sees every new snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.inner.view.subscribe()
+    }
+
+    /// A receiver of change events.
+    pub fn events(&self) -> broadcast::Receiver<RegistryEvent> {
+        self.inner.events.subscribe()
+    }
+
+    fn emit(&self, ev: RegistryEvent) {
+        let _ = self.inner.events.send(ev);
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.inner.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.inner.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self) {
+        let snap = {
+            let st = self.read_state();
+            let agents = st
+                .agents
+                .values()
+                .map(|a| {
+                    let info = AgentInfo {
+                        name: a.name.clone(),
+                        labels: a.labels.clone(),
+                        revoked: a.revoked,
+                        online: !a.revoked && st.sessions.get(&a.name).copied().unwrap_or(0) > 0,
+                        hostname: a.hostname.clone(),
+                        addresses: a.addresses.iter().filter_map(|s| s.parse().ok()).collect(),
+                        os: a.os.clone(),
+                        agent_version: a.agent_version.clone(),
+                        ssh_host_keys: a.ssh_host_keys.clone(),
+                        enrolled_at: a.enrolled_at,
+                        cert_serial: a.cert_serial.clone(),
+                        cert_not_after: a.cert_not_after,
+                    };
+                    (a.name.clone(), Arc::new(info))
+                })
+                .collect();
+            Snapshot { agents }
+        };
+        self.inner.view.send_replace(Arc::new(snap));
+    }
+
+    // ---- tokens ----
+
+    pub fn create_token(&self, spec: &TokenSpec) -> Result<CreatedToken, RegistryError> {
+        if spec.uses == 0 || spec.uses > MAX_TOKEN_USES {
+            return Err(RegistryError::Invalid(format!(
+                "uses must be between 1 and {MAX_TOKEN_USES}"
+            )));
+        }
+        if spec.ttl_secs == 0 || spec.ttl_secs > MAX_TOKEN_TTL.as_secs() {
+            return Err(RegistryError::Invalid(
+                "ttl must be between 1s and 30 days".into(),
+            ));
+        }
+        if let Some(p) = &spec.name_pattern {
+            Glob::new(p).map_err(|e| RegistryError::Invalid(format!("name pattern: {e}")))?;
+        }
+        for (k, v) in &spec.labels {
+            let ok = |s: &str| {
+                !s.is_empty()
+                    && s.len() <= 63
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            };
+            if !ok(k) || !ok(v) {
+                return Err(RegistryError::Invalid(format!(
+                    "label {k}={v}: keys and values are 1-63 of [A-Za-z0-9._-]"
+                )));
+            }
+        }
+        let id = hex::encode(rand::random::<[u8; 8]>());
+        let secret = hex::encode(rand::random::<[u8; 24]>());
+        let now = unix_now();
+        let row = TokenRow {
+            id: id.clone(),
+            hash: Sha256::digest(secret.as_bytes()).to_vec(),
+            created: now,
+            expires: now + spec.ttl_secs as i64,
+            uses_left: spec.uses,
+            uses_total: spec.uses,
+            name_pattern: spec.name_pattern.clone(),
+            labels: spec.labels.clone(),
+            replace: spec.replace,
+            revoked: false,
+        };
+        lock(&self.inner.store).insert_token(&row)?;
+        info!(token_id = %id, uses = spec.uses, ttl_secs = spec.ttl_secs, replace = spec.replace, "enrollment token created");
+        Ok(CreatedToken {
+            token: format!("{id}.{secret}"),
+            id,
+            expires: row.expires,
+        })
+    }
+
+    pub fn list_tokens(&self) -> Result<Vec<TokenStatus>, RegistryError> {
+        let now = unix_now();
+        let mut store = lock(&self.inner.store);
+        // Tokens expired for a week are of no use even for the record.
+        store.purge_tokens(now, 7 * 86400)?;
+        Ok(store
+            .tokens()?
+            .into_iter()
+            .map(|t| TokenStatus {
+                state: if t.revoked {
+                    "revoked"
+                } else if t.uses_left == 0 {
+                    "used"
+                } else if t.expires <= now {
+                    "expired"
+                } else {
+                    "valid"
+                }
+                .to_string(),
+                id: t.id,
+                created: t.created,
+                expires: t.expires,
+                uses_left: t.uses_left,
+                uses_total: t.uses_total,
+                name_pattern: t.name_pattern,
+                labels: t.labels,
+                replace: t.replace,
+            })
+            .collect())
+    }
+
+    pub fn revoke_token(&self, id: &str) -> Result<(), RegistryError> {
+        if lock(&self.inner.store).revoke_token(id)? {
+            info!(token_id = %id, "enrollment token revoked");
+            Ok(())
+        } else {
+            Err(RegistryError::UnknownToken(id.to_string()))
+        }
+    }
+
+    // ---- enrollment ----
+
+    /// Checks the token and the name, signs a certificate for the CSR's key and records it,
+    /// all under one lock. Blocking (fsync): call from `spawn_blocking`.
+    pub fn enroll(
+        &self,
+        token: &str,
+        name: &str,
+        csr_der: &[u8],
+        agent_version: &str,
+    ) -> Result<Enrolled, EnrollError> {
+        if !valid_agent_name(name) {
+            return Err(EnrollError::InvalidName(clip(name)));
+        }
+        let (id, secret) = token.split_once('.').ok_or(EnrollError::InvalidToken)?;
+        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(EnrollError::InvalidToken);
+        }
+        let mut store = lock(&self.inner.store);
+        let row = store
+            .token(id)
+            .map_err(|e| EnrollError::Internal(e.to_string()))?
+            .ok_or(EnrollError::InvalidToken)?;
+        if !ct_eq(&row.hash, &Sha256::digest(secret.as_bytes())) {
+            return Err(EnrollError::InvalidToken);
+        }
+        if row.revoked {
+            return Err(EnrollError::TokenRevoked);
+        }
+        let now = unix_now();
+        if row.expires <= now {
+            return Err(EnrollError::TokenExpired);
+        }
+        if row.uses_left == 0 {
+            return Err(EnrollError::TokenUsed);
+        }
+        if let Some(p) = &row.name_pattern {
+            let matcher = Glob::new(p)
+                .map_err(|e| EnrollError::Internal(e.to_string()))?
+                .compile_matcher();
+            if !matcher.is_match(name) {
+                return Err(EnrollError::NameNotAllowed {
+                    name: name.to_string(),
+                    pattern: p.clone(),
+                });
+            }
+        }
+        let replacing = {
+            let st = self.read_state();
+            match st.agents.get(name) {
+                Some(a) if !a.revoked && !row.replace => {
+                    return Err(EnrollError::NameTaken(name.to_string()))
+                }
+                Some(a) => !a.revoked,
+                None => false,
+            }
+        };
+        let issued = self
+            .inner
+            .ca
+            .sign_agent(csr_der, name, self.settings().cert_lifetime)?;
+        let agent = AgentRow {
+            name: name.to_string(),
+            labels: row.labels.clone(),
+            revoked: false,
+            enrolled_at: now,
+            agent_version: clip(agent_version),
+            cert_serial: issued.serial.clone(),
+            cert_not_after: issued.not_after,
+            token_id: row.id.clone(),
+            ..AgentRow::default()
+        };
+        let cert = CertRow {
+            serial: issued.serial.clone(),
+            agent: name.to_string(),
+            issued_at: now,
+            not_after: issued.not_after,
+            revoked: false,
+        };
+        store
+            .commit_enrollment(&row.id, &agent, &cert)
+            .map_err(|e| EnrollError::Internal(e.to_string()))?;
+        {
+            let mut st = self.write_state();
+            for c in st.certs.values_mut().filter(|c| c.agent == name) {
+                c.revoked = true;
+            }
+            st.certs.insert(cert.serial.clone(), cert);
+            st.agents.insert(name.to_string(), agent);
+        }
+        drop(store);
+        if replacing {
+            warn!(agent = %name, token_id = %row.id, "agent replaced by a new enrollment: previous certificates revoked");
+            self.cut_connections(name);
+        }
+        self.publish();
+        self.emit(RegistryEvent::Enrolled(name.to_string()));
+        info!(agent = %name, token_id = %row.id, serial = %issued.serial, not_after = issued.not_after, "agent enrolled");
+        Ok(Enrolled {
+            name: name.to_string(),
+            certificate_pem: issued.pem,
+            not_after: issued.not_after,
+        })
+    }
+
+    /// Issues a fresh certificate to an agent proving its current one.
+    pub fn renew(&self, id: &AgentIdentity, csr_der: &[u8]) -> Result<Enrolled, RegistryError> {
+        let mut store = lock(&self.inner.store);
+        {
+            let st = self.read_state();
+            match st.agents.get(&id.name) {
+                None => return Err(RegistryError::UnknownAgent(id.name.clone())),
+                Some(a) if a.revoked => return Err(RegistryError::Revoked(id.name.clone())),
+                Some(_) => {}
+            }
+        }
+        let issued = self
+            .inner
+            .ca
+            .sign_agent(csr_der, &id.name, self.settings().cert_lifetime)?;
+        let cert = CertRow {
+            serial: issued.serial.clone(),
+            agent: id.name.clone(),
+            issued_at: unix_now(),
+            not_after: issued.not_after,
+            revoked: false,
+        };
+        store.commit_renewal(&id.name, &cert)?;
+        {
+            let mut st = self.write_state();
+            st.certs.insert(cert.serial.clone(), cert);
+            if let Some(a) = st.agents.get_mut(&id.name) {
+                a.cert_serial = issued.serial.clone();
+                a.cert_not_after = issued.not_after;
+            }
+        }
+        drop(store);
+        self.publish();
+        self.emit(RegistryEvent::Renewed(id.name.clone()));
+        info!(agent = %id.name, old_serial = %id.serial, serial = %issued.serial, not_after = issued.not_after, "agent certificate renewed");
+        Ok(Enrolled {
+            name: id.name.clone(),
+            certificate_pem: issued.pem,
+            not_after: issued.not_after,
+        })
+    }
+
+    /// Revokes an agent: all its certificates are refused from now on and its open
+    /// connections are cut at once.
+    pub fn revoke_agent(&self, name: &str) -> Result<(), RegistryError> {
+        {
+            let mut store = lock(&self.inner.store);
+            if !self.read_state().agents.contains_key(name) {
+                return Err(RegistryError::UnknownAgent(name.to_string()));
+            }
+            store.revoke_agent(name)?;
+            let mut st = self.write_state();
+            if let Some(a) = st.agents.get_mut(name) {
+                a.revoked = true;
+            }
+            for c in st.certs.values_mut().filter(|c| c.agent == name) {
+                c.revoked = true;
+            }
+            st.sessions.remove(name);
+        }
+        let cut = self.cut_connections(name);
+        self.publish();
+        self.emit(RegistryEvent::Revoked(name.to_string()));
+        info!(agent = %name, connections_cut = cut, "agent revoked");
+        Ok(())
+    }
+
+    /// Whether a certificate serial may be used (checked at every TLS handshake).
+    pub fn check_serial(&self, serial: &str) -> Result<(), SerialRefusal> {
+        let st = self.read_state();
+        match st.certs.get(serial) {
+            None => Err(SerialRefusal::Unknown),
+            Some(c) if c.revoked => Err(SerialRefusal::Revoked),
+            Some(c) => match st.agents.get(&c.agent) {
+                Some(a) if !a.revoked => Ok(()),
+                _ => Err(SerialRefusal::Revoked),
+            },
+        }
+    }
+
+    // ---- connections and sessions ----
+
+    /// Tracks an authenticated connection so that revocation can cut it.
+    pub fn connection_opened(&self, agent: &str) -> (u64, CancellationToken) {
+        let id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        lock(&self.inner.conns)
+            .entry(agent.to_string())
+            .or_default()
+            .insert(id, token.clone());
+        (id, token)
+    }
+
+    pub fn connection_closed(&self, agent: &str, id: u64) {
+        let mut conns = lock(&self.inner.conns);
+        if let Some(m) = conns.get_mut(agent) {
+            m.remove(&id);
+            if m.is_empty() {
+                conns.remove(agent);
+            }
+        }
+    }
+
+    fn cut_connections(&self, agent: &str) -> usize {
+        let tokens = lock(&self.inner.conns).remove(agent).unwrap_or_default();
+        for t in tokens.values() {
+            t.cancel();
+        }
+        tokens.len()
+    }
+
+    /// Records the facts an agent registered with; returns its labels.
+    /// Blocking (fsync): call from `spawn_blocking`.
+    pub fn register(
+        &self,
+        id: &AgentIdentity,
+        facts: Facts,
+        peer: Option<IpAddr>,
+    ) -> Result<BTreeMap<String, String>, RegistryError> {
+        if !facts.claimed_name.is_empty() && facts.claimed_name != id.name {
+            warn!(agent = %id.name, claimed = %clip(&facts.claimed_name), "registration claims another name: recorded under the certificate's name");
+        }
+        let mut addresses: Vec<String> = Vec::new();
+        for a in facts.addresses.iter().take(MAX_ADDRESSES) {
+            match a.parse::<IpAddr>() {
+                Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => {
+                    let s = ip.to_string();
+                    if !addresses.contains(&s) {
+                        addresses.push(s);
+                    }
+                }
+                _ => warn!(agent = %id.name, address = %clip(a), "ignoring invalid address"),
+            }
+        }
+        if addresses.is_empty() {
+            if let Some(p) = peer {
+                addresses.push(p.to_string());
+            }
+        }
+        let mut keys = Vec::new();
+        for k in facts.ssh_host_keys.iter().take(MAX_SSH_KEYS) {
+            if k.len() > MAX_SSH_KEY_LEN {
+                warn!(agent = %id.name, "ignoring oversized SSH host key");
+                continue;
+            }
+            match russh::keys::ssh_key::PublicKey::from_openssh(k.trim()) {
+                Ok(pk) => match pk.to_openssh() {
+                    Ok(s) => keys.push(s),
+                    Err(e) => warn!(agent = %id.name, error = %e, "ignoring SSH host key"),
+                },
+                Err(e) => warn!(agent = %id.name, error = %e, "ignoring invalid SSH host key"),
+            }
+        }
+        let now = unix_now();
+        let mut store = lock(&self.inner.store);
+        let row = {
+            let st = self.read_state();
+            let mut row = match st.agents.get(&id.name) {
+                None => return Err(RegistryError::UnknownAgent(id.name.clone())),
+                Some(a) if a.revoked => return Err(RegistryError::Revoked(id.name.clone())),
+                Some(a) => a.clone(),
+            };
+            row.hostname = clip(&facts.hostname);
+            row.addresses = addresses;
+            row.os = clip(&facts.os);
+            row.agent_version = clip(&facts.agent_version);
+            row.ssh_host_keys = keys;
+            row.last_seen = Some(now);
+            row
+        };
+        store.update_facts(&row)?;
+        drop(store);
+        let labels = row.labels.clone();
+        let changed = {
+            let mut st = self.write_state();
+            let changed = st.agents.get(&id.name).map(|old| {
+                old.addresses != row.addresses
+                    || old.hostname != row.hostname
+                    || old.ssh_host_keys != row.ssh_host_keys
+                    || old.os != row.os
+                    || old.agent_version != row.agent_version
+            });
+            st.agents.insert(id.name.clone(), row);
+            changed.unwrap_or(true)
+        };
+        lock(&self.inner.last_seen).insert(id.name.clone(), now);
+        if changed {
+            self.publish();
+        }
+        self.emit(RegistryEvent::Registered(id.name.clone()));
+        info!(agent = %id.name, "agent registered");
+        Ok(labels)
+    }
+
+    pub fn session_started(&self, name: &str) {
+        let first = {
+            let mut st = self.write_state();
+            let n = st.sessions.entry(name.to_string()).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        self.heartbeat(name);
+        if first {
+            self.publish();
+            self.emit(RegistryEvent::Online(name.to_string()));
+            info!(agent = %name, "agent online");
+        }
+    }
+
+    pub fn heartbeat(&self, name: &str) {
+        lock(&self.inner.last_seen).insert(name.to_string(), unix_now());
+    }
+
+    pub fn session_ended(&self, name: &str) {
+        let last = {
+            let mut st = self.write_state();
+            match st.sessions.get_mut(name) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    st.sessions.remove(name);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            self.publish();
+            self.emit(RegistryEvent::Offline(name.to_string()));
+            info!(agent = %name, "agent offline");
+        }
+    }
+
+    /// Last time each agent was heard from.
+    pub fn last_seen(&self, name: &str) -> Option<i64> {
+        lock(&self.inner.last_seen).get(name).copied()
+    }
+
+    /// Writes the in-memory last-seen times to the store. Blocking.
+    pub fn flush_last_seen(&self) -> Result<(), RegistryError> {
+        let seen: Vec<(String, i64)> = lock(&self.inner.last_seen)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        lock(&self.inner.store).flush_last_seen(&seen)?;
+        Ok(())
+    }
+
+    /// Every agent, for `bastide agents list`.
+    pub fn list_agents(&self) -> Vec<AgentStatus> {
+        let snap = self.snapshot();
+        snap.agents
+            .values()
+            .map(|a| AgentStatus {
+                name: a.name.clone(),
+                state: if a.revoked {
+                    "revoked"
+                } else if a.online {
+                    "online"
+                } else {
+                    "offline"
+                }
+                .to_string(),
+                addresses: a.addresses.iter().map(|i| i.to_string()).collect(),
+                labels: a.labels.clone(),
+                hostname: a.hostname.clone(),
+                os: a.os.clone(),
+                agent_version: a.agent_version.clone(),
+                last_seen: self.last_seen(&a.name),
+                enrolled_at: a.enrolled_at,
+                cert_serial: a.cert_serial.clone(),
+                cert_not_after: a.cert_not_after,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,446 @@
+//! The registry's persistent store: one SQLite database (rusqlite, bundled) in the state
+//! directory. Only the registry writes it.
+//!
+//! Why SQLite rather than redb: enrollment must consume a token, record a certificate and
+//! create or replace an agent in one atomic step, which a SQL transaction states directly;
+//! the file can be inspected by an admin with the stock `sqlite3` tool; and WAL mode with
+//! `synchronous=FULL` gives the durability we need at the write rates of a registry
+//! (enrollments, registrations and revocations, not heartbeats).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use thiserror::Error;
+
+const SCHEMA_VERSION: i64 = 1;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("registry store {path}: {message}")]
+    Open { path: String, message: String },
+    #[error("registry store: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("registry store: corrupt row: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    pub id: String,
+    pub hash: Vec<u8>,
+    pub created: i64,
+    pub expires: i64,
+    pub uses_left: u32,
+    pub uses_total: u32,
+    pub name_pattern: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub replace: bool,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AgentRow {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub revoked: bool,
+    pub enrolled_at: i64,
+    pub hostname: String,
+    pub addresses: Vec<String>,
+    pub os: String,
+    pub agent_version: String,
+    pub ssh_host_keys: Vec<String>,
+    pub last_seen: Option<i64>,
+    pub cert_serial: String,
+    pub cert_not_after: i64,
+    pub token_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertRow {
+    pub serial: String,
+    pub agent: String,
+    pub issued_at: i64,
+    pub not_after: i64,
+    pub revoked: bool,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".to_string())
+}
+
+fn unjson<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+impl Store {
+    /// Creates a new, empty store. Fails if the file exists.
+    pub fn create(path: &Path) -> Result<Self> {
+        let open_err = |message: String| StoreError::Open {
+            path: path.display().to_string(),
+            message,
+        };
+        if path.exists() {
+            return Err(open_err("already exists".into()));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        )
+        .map_err(|e| open_err(e.to_string()))?;
+        let store = Self { conn };
+        store.pragmas()?;
+        store.conn.execute_batch(
+            "BEGIN;
+             CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE tokens (
+                id TEXT PRIMARY KEY, hash BLOB NOT NULL, created INTEGER NOT NULL,
+                expires INTEGER NOT NULL, uses_left INTEGER NOT NULL, uses_total INTEGER NOT NULL,
+                name_pattern TEXT, labels TEXT NOT NULL, replace INTEGER NOT NULL,
+                revoked INTEGER NOT NULL);
+             CREATE TABLE agents (
+                name TEXT PRIMARY KEY, labels TEXT NOT NULL, revoked INTEGER NOT NULL,
+                enrolled_at INTEGER NOT NULL, hostname TEXT NOT NULL, addresses TEXT NOT NULL,
+                os TEXT NOT NULL, agent_version TEXT NOT NULL, ssh_host_keys TEXT NOT NULL,
+                last_seen INTEGER, cert_serial TEXT NOT NULL, cert_not_after INTEGER NOT NULL,
+                token_id TEXT NOT NULL);
+             CREATE TABLE certs (
+                serial TEXT PRIMARY KEY, agent TEXT NOT NULL, issued_at INTEGER NOT NULL,
+                not_after INTEGER NOT NULL, revoked INTEGER NOT NULL);
+             CREATE INDEX certs_agent ON certs(agent);
+             COMMIT;",
+        )?;
+        store.conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('schema_version', ?1)",
+            params![SCHEMA_VERSION.to_string()],
+        )?;
+        Ok(store)
+    }
+
+    /// Opens an existing store; a missing, unreadable or corrupt file is an error, never
+    /// silently replaced by an empty one.
+    pub fn open(path: &Path) -> Result<Self> {
+        let open_err = |message: String| StoreError::Open {
+            path: path.display().to_string(),
+            message,
+        };
+        if !path.is_file() {
+            return Err(open_err("missing (create it with `bastide init`)".into()));
+        }
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+            .map_err(|e| open_err(e.to_string()))?;
+        let store = Self { conn };
+        store.pragmas().map_err(|e| open_err(e.to_string()))?;
+        let check: String = store
+            .conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| open_err(format!("integrity check failed: {e}")))?;
+        if check != "ok" {
+            return Err(open_err(format!("integrity check failed: {check}")));
+        }
+        let version: Option<String> = store
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| open_err(format!("not a bastide registry: {e}")))?;
+        match version.as_deref() {
+            Some(v) if v == SCHEMA_VERSION.to_string() => Ok(store),
+            Some(v) => Err(open_err(format!(
+                "schema version {v}, this bastide knows {SCHEMA_VERSION}"
+            ))),
+            None => Err(open_err("not a bastide registry (no schema version)".into())),
+        }
+    }
+
+    fn pragmas(&self) -> Result<()> {
+        self.conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )?;
+        self.conn
+            .busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(())
+    }
+
+    pub fn insert_token(&mut self, t: &TokenRow) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO tokens(id, hash, created, expires, uses_left, uses_total, name_pattern,
+                labels, replace, revoked) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
+            params![
+                t.id,
+                t.hash,
+                t.created,
+                t.expires,
+                t.uses_left,
+                t.uses_total,
+                t.name_pattern,
+                json(&t.labels),
+                t.replace,
+                t.revoked
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn token_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(TokenRow, String)> {
+        Ok((
+            TokenRow {
+                id: r.get(0)?,
+                hash: r.get(1)?,
+                created: r.get(2)?,
+                expires: r.get(3)?,
+                uses_left: r.get(4)?,
+                uses_total: r.get(5)?,
+                name_pattern: r.get(6)?,
+                labels: BTreeMap::new(),
+                replace: r.get(8)?,
+                revoked: r.get(9)?,
+            },
+            r.get(7)?,
+        ))
+    }
+
+    const TOKEN_COLS: &'static str =
+        "id, hash, created, expires, uses_left, uses_total, name_pattern, labels, replace, revoked";
+
+    pub fn token(&self, id: &str) -> Result<Option<TokenRow>> {
+        let row = self
+            .conn
+            .query_row(
+                &format!("SELECT {} FROM tokens WHERE id = ?1", Self::TOKEN_COLS),
+                params![id],
+                Self::token_from_row,
+            )
+            .optional()?;
+        row.map(|(mut t, labels)| {
+            t.labels = unjson(&labels)?;
+            Ok(t)
+        })
+        .transpose()
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenRow>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {} FROM tokens ORDER BY created",
+            Self::TOKEN_COLS
+        ))?;
+        let rows = stmt.query_map([], Self::token_from_row)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (mut t, labels) = row?;
+            t.labels = unjson(&labels)?;
+            out.push(t);
+        }
+        Ok(out)
+    }
+
+    pub fn revoke_token(&mut self, id: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", params![id])?
+            > 0)
+    }
+
+    /// Removes tokens expired for more than `grace` seconds.
+    pub fn purge_tokens(&mut self, now: i64, grace: i64) -> Result<usize> {
+        Ok(self.conn.execute(
+            "DELETE FROM tokens WHERE expires < ?1",
+            params![now - grace],
+        )?)
+    }
+
+    const AGENT_COLS: &'static str = "name, labels, revoked, enrolled_at, hostname, addresses, os,
+        agent_version, ssh_host_keys, last_seen, cert_serial, cert_not_after, token_id";
+
+    pub fn agents(&self) -> Result<Vec<AgentRow>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {} FROM agents ORDER BY name",
+            Self::AGENT_COLS
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                AgentRow {
+                    name: r.get(0)?,
+                    revoked: r.get(2)?,
+                    enrolled_at: r.get(3)?,
+                    hostname: r.get(4)?,
+                    os: r.get(6)?,
+                    agent_version: r.get(7)?,
+                    last_seen: r.get(9)?,
+                    cert_serial: r.get(10)?,
+                    cert_not_after: r.get(11)?,
+                    token_id: r.get(12)?,
+                    ..AgentRow::default()
+                },
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(8)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (mut a, labels, addresses, keys) = row?;
+            a.labels = unjson(&labels)?;
+            a.addresses = unjson(&addresses)?;
+            a.ssh_host_keys = unjson(&keys)?;
+            out.push(a);
+        }
+        Ok(out)
+    }
+
+    pub fn certs(&self) -> Result<Vec<CertRow>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT serial, agent, issued_at, not_after, revoked FROM certs")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(CertRow {
+                serial: r.get(0)?,
+                agent: r.get(1)?,
+                issued_at: r.get(2)?,
+                not_after: r.get(3)?,
+                revoked: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Records an enrollment in one transaction: the token use, the new certificate, the
+    /// agent row (replacing any previous one of that name) and the revocation of the
+    /// previous holder's certificates.
+    pub fn commit_enrollment(
+        &mut self,
+        token_id: &str,
+        agent: &AgentRow,
+        cert: &CertRow,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let used = tx.execute(
+            "UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?1 AND uses_left > 0",
+            params![token_id],
+        )?;
+        if used != 1 {
+            return Err(StoreError::Corrupt(format!("token {token_id} has no use left")));
+        }
+        tx.execute(
+            "UPDATE certs SET revoked = 1 WHERE agent = ?1",
+            params![agent.name],
+        )?;
+        Self::put_agent(&tx, agent)?;
+        Self::put_cert(&tx, cert)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a renewed certificate for an existing agent.
+    pub fn commit_renewal(&mut self, agent: &str, cert: &CertRow) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        Self::put_cert(&tx, cert)?;
+        tx.execute(
+            "UPDATE agents SET cert_serial = ?2, cert_not_after = ?3 WHERE name = ?1",
+            params![agent, cert.serial, cert.not_after],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Marks an agent and all its certificates revoked.
+    pub fn revoke_agent(&mut self, name: &str) -> Result<bool> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute("UPDATE agents SET revoked = 1 WHERE name = ?1", params![name])?;
+        tx.execute("UPDATE certs SET revoked = 1 WHERE agent = ?1", params![name])?;
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    /// Stores the facts an agent registered.
+    pub fn update_facts(&mut self, a: &AgentRow) -> Result<()> {
+        self.conn.execute(
+            "UPDATE agents SET hostname = ?2, addresses = ?3, os = ?4, agent_version = ?5,
+                ssh_host_keys = ?6, last_seen = ?7 WHERE name = ?1",
+            params![
+                a.name,
+                a.hostname,
+                json(&a.addresses),
+                a.os,
+                a.agent_version,
+                json(&a.ssh_host_keys),
+                a.last_seen
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Persists last-seen times in one transaction (they are kept in memory between flushes).
+    pub fn flush_last_seen(&mut self, seen: &[(String, i64)]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare("UPDATE agents SET last_seen = ?2 WHERE name = ?1")?;
+            for (name, t) in seen {
+                stmt.execute(params![name, t])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn put_agent(tx: &rusqlite::Transaction<'_>, a: &AgentRow) -> Result<()> {
+        tx.execute(
+            &format!(
+                "INSERT OR REPLACE INTO agents({}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)",
+                Self::AGENT_COLS
+            ),
+            params![
+                a.name,
+                json(&a.labels),
+                a.revoked,
+                a.enrolled_at,
+                a.hostname,
+                json(&a.addresses),
+                a.os,
+                a.agent_version,
+                json(&a.ssh_host_keys),
+                a.last_seen,
+                a.cert_serial,
+                a.cert_not_after,
+                a.token_id
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn put_cert(tx: &rusqlite::Transaction<'_>, c: &CertRow) -> Result<()> {
+        tx.execute(
+            "INSERT INTO certs(serial, agent, issued_at, not_after, revoked) VALUES (?1,?2,?3,?4,?5)",
+            params![c.serial, c.agent, c.issued_at, c.not_after, c.revoked],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_missing_and_garbage() {
+        let dir = std::env::temp_dir().join(format!("bastide-store-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("r.sqlite");
+        assert!(Store::open(&p).is_err());
+        std::fs::write(&p, b"this is not a database, it is garbage................").unwrap();
+        assert!(Store::open(&p).is_err());
+        std::fs::remove_file(&p).unwrap();
+        Store::create(&p).unwrap();
+        assert!(Store::create(&p).is_err());
+        Store::open(&p).unwrap();
+    }
+}
