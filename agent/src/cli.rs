@@ -18,7 +18,11 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "bastide-agent", version, about = "Bastide agent for a project VM")]
+#[command(
+    name = "bastide-agent",
+    version,
+    about = "Bastide agent for a project VM"
+)]
 pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
@@ -104,7 +108,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             match crate::enroll::enroll(&args).await? {
                 Enrolled::Done { name, not_after } => {
                     info!(agent = %name, "enrolled");
-                    println!("enrolled as {name}; certificate valid until {}", ts(not_after));
+                    println!(
+                        "enrolled as {name}; certificate valid until {}",
+                        ts(not_after)
+                    );
                 }
                 Enrolled::AlreadyEnrolled { name, not_after } => {
                     println!(
@@ -124,9 +131,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             let s2 = shutdown.clone();
             tokio::spawn(async move {
                 use tokio::signal::unix::{signal, SignalKind};
-                let (Ok(mut term), Ok(mut int)) =
-                    (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-                else {
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
                     return;
                 };
                 tokio::select! {

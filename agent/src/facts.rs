@@ -28,7 +28,11 @@ pub fn default_name() -> String {
 
 pub fn addresses(cfg: &AgentConfig) -> Vec<String> {
     if !cfg.advertise_addresses.is_empty() {
-        return cfg.advertise_addresses.iter().map(IpAddr::to_string).collect();
+        return cfg
+            .advertise_addresses
+            .iter()
+            .map(IpAddr::to_string)
+            .collect();
     }
     let mut out: Vec<String> = if_addrs::get_if_addrs()
         .unwrap_or_default()
@@ -72,7 +76,8 @@ pub fn ssh_host_keys(dir: &Path) -> Vec<String> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
-            (name.starts_with("ssh_host_") && name.ends_with("_key.pub")).then_some((name, e.path()))
+            (name.starts_with("ssh_host_") && name.ends_with("_key.pub"))
+                .then_some((name, e.path()))
         })
         .filter_map(|(name, p)| {
             let text = std::fs::read_to_string(p).ok()?;

@@ -16,7 +16,11 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     let name = path
         .file_name()
         .with_context(|| format!("{} has no file name", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     {
         let mut f = OpenOptions::new()
             .write(true)

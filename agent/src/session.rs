@@ -91,7 +91,7 @@ pub async fn run(state_dir: &Path, cfg: &AgentConfig, shutdown: CancellationToke
                 continue;
             }
             Err(e) => {
-                if e.chain().any(|c| is_revoked(c)) || (!registered && probe(&st).await) {
+                if e.chain().any(is_revoked) || (!registered && probe(&st).await) {
                     return Err(Fatal::Revoked.into());
                 }
                 if registered {

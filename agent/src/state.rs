@@ -123,7 +123,13 @@ impl State {
     }
 
     /// Writes a fresh enrollment.
-    pub fn save_new(dir: &Path, meta: &Meta, key_pem: &str, cert_pem: &str, ca_pem: &str) -> Result<()> {
+    pub fn save_new(
+        dir: &Path,
+        meta: &Meta,
+        key_pem: &str,
+        cert_pem: &str,
+        ca_pem: &str,
+    ) -> Result<()> {
         crate::fsutil_ensure_dir(dir)?;
         let paths = Paths::new(dir);
         write_atomic(&paths.key, key_pem.as_bytes(), 0o600)?;
@@ -143,7 +149,11 @@ impl State {
         std::fs::rename(&pending_cert, &self.paths.cert)?;
         sync_dir(&self.paths.dir)?;
         self.meta.cert_received = crate::unix_now();
-        write_atomic(&self.paths.meta, toml::to_string(&self.meta)?.as_bytes(), 0o644)?;
+        write_atomic(
+            &self.paths.meta,
+            toml::to_string(&self.meta)?.as_bytes(),
+            0o644,
+        )?;
         self.key_pem = key_pem.to_string();
         self.cert_pem = cert_pem.to_string();
         self.not_after = validity(cert_pem)?.1;

@@ -167,11 +167,17 @@ pub fn host_of(addr: &str) -> String {
         Some((h, p)) if p.parse::<u16>().is_ok() => h,
         _ => addr,
     };
-    host.trim_start_matches('[').trim_end_matches(']').to_string()
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }
 
 /// Opens a gRPC channel to `bastion` (HOST:PORT) over TLS with `cfg`.
-pub async fn connect(bastion: &str, server_name: &str, cfg: rustls::ClientConfig) -> Result<Channel> {
+pub async fn connect(
+    bastion: &str,
+    server_name: &str,
+    cfg: rustls::ClientConfig,
+) -> Result<Channel> {
     let name = ServerName::try_from(server_name.to_string())
         .with_context(|| format!("invalid server name {server_name:?}"))?;
     let connector = TlsConnector::from(Arc::new(cfg));
@@ -232,6 +238,33 @@ pub fn is_revoked(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// After a failed connection, tells whether the bastion refuses our certificate as revoked.
+/// In TLS 1.3 the server's verdict on a client certificate arrives after the client thinks
+/// the handshake is done, so gRPC only sees a closed connection; a bare handshake and one
+/// read shows the alert itself.
+pub async fn probe_revoked(bastion: &str, server_name: &str, cfg: rustls::ClientConfig) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(name) = ServerName::try_from(server_name.to_string()) else {
+        return false;
+    };
+    let probe = async {
+        let tcp = TcpStream::connect(bastion).await.ok()?;
+        let mut tls = TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .ok()?;
+        let mut buf = [0u8; 1];
+        match tls.read(&mut buf).await {
+            Err(e) => Some(is_revoked(&e)),
+            Ok(_) => Some(false),
+        }
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), probe).await,
+        Ok(Some(true))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,28 +279,4 @@ mod tests {
         let p = format!("sha256:{}", "AB".repeat(32));
         assert_eq!(parse_pin(&p).unwrap(), p.to_lowercase());
     }
-}
-
-/// After a failed connection, tells whether the bastion refuses our certificate as revoked.
-/// In TLS 1.3 the server's verdict on a client certificate arrives after the client thinks
-/// the handshake is done, so gRPC only sees a closed connection; a bare handshake and one
-/// read shows the alert itself.
-pub async fn probe_revoked(bastion: &str, server_name: &str, cfg: rustls::ClientConfig) -> bool {
-    use tokio::io::AsyncReadExt;
-    let Ok(name) = ServerName::try_from(server_name.to_string()) else {
-        return false;
-    };
-    let probe = async {
-        let tcp = TcpStream::connect(bastion).await.ok()?;
-        let mut tls = TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.ok()?;
-        let mut buf = [0u8; 1];
-        match tls.read(&mut buf).await {
-            Err(e) => Some(is_revoked(&e)),
-            Ok(_) => Some(false),
-        }
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), probe).await,
-        Ok(Some(true))
-    )
 }

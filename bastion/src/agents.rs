@@ -71,7 +71,9 @@ pub async fn run(
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(AgentConn::new(tls, peer, &registry, permit))).await;
+                        let _ = tx
+                            .send(Ok(AgentConn::new(tls, peer, &registry, permit)))
+                            .await;
                     }
                     Ok(Err(e)) => debug!(%peer, error = %e, "agents: TLS handshake failed"),
                     Err(_) => debug!(%peer, "agents: TLS handshake timed out"),
@@ -90,9 +92,7 @@ pub async fn run(
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(
-            EnrollmentServer::new(svc.clone()).max_decoding_message_size(64 * 1024),
-        )
+        .add_service(EnrollmentServer::new(svc.clone()).max_decoding_message_size(64 * 1024))
         .add_service(AgentServer::new(svc).max_decoding_message_size(MAX_MESSAGE))
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown.cancelled())
         .await;
@@ -180,10 +180,9 @@ impl Enrollment for Service {
         let r = req.into_inner();
         let name: String = r.name.chars().take(64).collect();
         let registry = self.registry.clone();
-        let result = blocking(move || {
-            registry.enroll(&r.token, &r.name, &r.csr_der, &r.agent_version)
-        })
-        .await?;
+        let result =
+            blocking(move || registry.enroll(&r.token, &r.name, &r.csr_der, &r.agent_version))
+                .await?;
         match result {
             Ok(e) => {
                 let ca = self.registry.ca();
@@ -299,10 +298,7 @@ impl Agent for Service {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn renew(
-        &self,
-        req: Request<RenewRequest>,
-    ) -> Result<Response<RenewResponse>, Status> {
+    async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
         let id = identity(&req)?;
         let r = req.into_inner();
         let registry = self.registry.clone();

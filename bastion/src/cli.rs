@@ -14,7 +14,11 @@ use crate::logging::LogFormat;
 use crate::registry::{AgentStatus, CreatedToken, TokenSpec, TokenStatus};
 
 #[derive(Debug, Parser)]
-#[command(name = "bastide", version, about = "Bastide bastion daemon and admin CLI")]
+#[command(
+    name = "bastide",
+    version,
+    about = "Bastide bastion daemon and admin CLI"
+)]
 pub struct Cli {
     /// Configuration file (also locates the admin socket).
     #[arg(long, global = true, default_value = DEFAULT_CONFIG, env = "BASTIDE_CONFIG")]
@@ -196,13 +200,15 @@ fn init(a: &InitArgs) -> Result<()> {
     println!("state directory: {}", dir.display());
     println!("configuration:   {}", cfg_path.display());
     println!("agent CA pin:    {pin}");
-    println!("start with:      bastide serve --config {}", cfg_path.display());
+    println!(
+        "start with:      bastide serve --config {}",
+        cfg_path.display()
+    );
     Ok(())
 }
 
 fn ts(t: i64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.max(0) as u64))
-        .to_string()
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.max(0) as u64)).to_string()
 }
 
 fn ago(t: Option<i64>) -> String {

@@ -200,17 +200,17 @@ impl Config {
             if adm.mode & !0o660 != 0 || adm.mode & 0o600 != 0o600 {
                 bad(
                     "admin.mode",
-                    format!("{:o} must be 0o600 or 0o660 (never world-accessible)", adm.mode),
+                    format!(
+                        "{:o} must be 0o600 or 0o660 (never world-accessible)",
+                        adm.mode
+                    ),
                 );
             }
             match adm.socket.parent() {
                 Some(p) if p.as_os_str().is_empty() || p.is_dir() => {}
                 _ => bad(
                     "admin.socket",
-                    format!(
-                        "the directory of {} does not exist",
-                        adm.socket.display()
-                    ),
+                    format!("the directory of {} does not exist", adm.socket.display()),
                 ),
             }
         }
@@ -272,8 +272,11 @@ mod tests {
         .unwrap();
         let e = Config::load(&f).unwrap_err().to_string();
         assert!(e.contains("bogus") && e.contains("b.toml"), "{e}");
-        std::fs::write(&f, "project = \"p\"\nstate_dir = \"/x\"\n[agents]\nlisten = \"nope\"\n")
-            .unwrap();
+        std::fs::write(
+            &f,
+            "project = \"p\"\nstate_dir = \"/x\"\n[agents]\nlisten = \"nope\"\n",
+        )
+        .unwrap();
         let e = Config::load(&f).unwrap_err().to_string();
         assert!(e.contains("listen"), "{e}");
     }

@@ -50,16 +50,24 @@ pub async fn serve(cfg: Config) -> Result<()> {
         Some(a) => {
             let listener = tokio::net::TcpListener::bind(a.listen)
                 .await
-                .with_context(|| format!("{}: agents.listen: cannot bind {}", cfg.source.display(), a.listen))?;
+                .with_context(|| {
+                    format!(
+                        "{}: agents.listen: cannot bind {}",
+                        cfg.source.display(),
+                        a.listen
+                    )
+                })?;
             let tls = Arc::new(crate::tls::server_config(&cfg.pki_paths(), &registry)?);
             Some((a.clone(), listener, tls))
         }
         None => None,
     };
     let admin = match &cfg.admin {
-        Some(a) => Some((crate::admin::bind(a).with_context(|| {
-            format!("{}: admin.socket", cfg.source.display())
-        })?, a.socket.clone())),
+        Some(a) => Some((
+            crate::admin::bind(a)
+                .with_context(|| format!("{}: admin.socket", cfg.source.display()))?,
+            a.socket.clone(),
+        )),
         None => None,
     };
 
@@ -67,7 +75,12 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let mut set: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
     if let Some((acfg, listener, tls)) = agents {
         let (r, t) = (registry.clone(), root.child_token());
-        set.spawn(async move { ("agents", crate::agents::run(acfg, r, tls, listener, t).await) });
+        set.spawn(async move {
+            (
+                "agents",
+                crate::agents::run(acfg, r, tls, listener, t).await,
+            )
+        });
     }
     if let Some((listener, path)) = admin {
         let (r, t) = (registry.clone(), root.child_token());
@@ -82,7 +95,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
                     _ = tokio::time::sleep(FLUSH_EVERY) => {}
                 }
                 let r2 = r.clone();
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || r2.flush_last_seen()).await {
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || r2.flush_last_seen()).await
+                {
                     warn!(error = %e, "flushing last-seen times failed");
                 }
             }
@@ -155,6 +169,8 @@ fn reload(path: &Path, registry: &Registry) {
             registry.set_settings(settings(&new));
             info!(config = %path.display(), "configuration reloaded (agents.cert_lifetime); listeners need a restart to move");
         }
-        Err(e) => error!(config = %path.display(), error = %e, "reload refused: keeping the running configuration"),
+        Err(e) => {
+            error!(config = %path.display(), error = %e, "reload refused: keeping the running configuration")
+        }
     }
 }

@@ -52,8 +52,8 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 /// Refuses a secret file (private key, password, token) that group or others may read or
 /// write, as OpenSSH does for private keys.
 pub fn check_secret_file(path: &Path) -> Result<()> {
-    let meta =
-        fs::metadata(path).with_context(|| format!("cannot read secret file {}", path.display()))?;
+    let meta = fs::metadata(path)
+        .with_context(|| format!("cannot read secret file {}", path.display()))?;
     if !meta.is_file() {
         bail!("{} is not a regular file", path.display());
     }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
 };
 use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
@@ -472,7 +472,10 @@ mod tests {
             .map(|g| g.to_string())
             .collect();
         assert!(sans.iter().all(|s| !s.contains("evil")), "{sans:?}");
-        assert!(init(&paths, "proj", None, &[]).is_err(), "CA overwrite refused");
+        assert!(
+            init(&paths, "proj", None, &[]).is_err(),
+            "CA overwrite refused"
+        );
         let pin = spki_pin(&ca.cert_der).unwrap();
         assert!(pin.starts_with("sha256:") && pin.len() == 7 + 64);
     }

@@ -148,7 +148,9 @@ pub enum EnrollError {
     TokenUsed,
     #[error("enrollment token revoked")]
     TokenRevoked,
-    #[error("name {0:?} is not a valid agent name (lowercase letters, digits and '-', at most 63)")]
+    #[error(
+        "name {0:?} is not a valid agent name (lowercase letters, digits and '-', at most 63)"
+    )]
     InvalidName(String),
     #[error("name {name:?} is not allowed by this token (pattern {pattern:?})")]
     NameNotAllowed { name: String, pattern: String },
@@ -241,7 +243,11 @@ fn clip(s: &str) -> String {
 
 impl Registry {
     /// Opens the registry over an existing store and CA.
-    pub fn open(store: Store, ca: AgentCa, settings: RegistrySettings) -> Result<Self, RegistryError> {
+    pub fn open(
+        store: Store,
+        ca: AgentCa,
+        settings: RegistrySettings,
+    ) -> Result<Self, RegistryError> {
         let mut state = State::default();
         for a in store.agents()? {
             state.agents.insert(a.name.clone(), a);
@@ -278,7 +284,11 @@ impl Registry {
     }
 
     pub fn set_settings(&self, settings: RegistrySettings) {
-        *self.inner.settings.write().unwrap_or_else(|e| e.into_inner()) = settings;
+        *self
+            .inner
+            .settings
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = settings;
     }
 
     fn settings(&self) -> RegistrySettings {

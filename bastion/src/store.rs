@@ -158,7 +158,9 @@ impl Store {
             Some(v) => Err(open_err(format!(
                 "schema version {v}, this bastide knows {SCHEMA_VERSION}"
             ))),
-            None => Err(open_err("not a bastide registry (no schema version)".into())),
+            None => Err(open_err(
+                "not a bastide registry (no schema version)".into(),
+            )),
         }
     }
 
@@ -166,8 +168,7 @@ impl Store {
         self.conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
         )?;
-        self.conn
-            .busy_timeout(std::time::Duration::from_secs(5))?;
+        self.conn.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok(())
     }
 
@@ -328,7 +329,9 @@ impl Store {
             params![token_id],
         )?;
         if used != 1 {
-            return Err(StoreError::Corrupt(format!("token {token_id} has no use left")));
+            return Err(StoreError::Corrupt(format!(
+                "token {token_id} has no use left"
+            )));
         }
         tx.execute(
             "UPDATE certs SET revoked = 1 WHERE agent = ?1",
@@ -355,8 +358,14 @@ impl Store {
     /// Marks an agent and all its certificates revoked.
     pub fn revoke_agent(&mut self, name: &str) -> Result<bool> {
         let tx = self.conn.transaction()?;
-        let n = tx.execute("UPDATE agents SET revoked = 1 WHERE name = ?1", params![name])?;
-        tx.execute("UPDATE certs SET revoked = 1 WHERE agent = ?1", params![name])?;
+        let n = tx.execute(
+            "UPDATE agents SET revoked = 1 WHERE name = ?1",
+            params![name],
+        )?;
+        tx.execute(
+            "UPDATE certs SET revoked = 1 WHERE agent = ?1",
+            params![name],
+        )?;
         tx.commit()?;
         Ok(n > 0)
     }

@@ -61,7 +61,8 @@ impl ClientCertVerifier for RegistryVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+            .verify_client_cert(end_entity, intermediates, now)
+            .inspect_err(|e| tracing::warn!(error = %e, "client certificate refused"))?;
         let id = identity_from_cert(end_entity, &self.registry.ca().project).map_err(|e| {
             tracing::warn!(error = %e, "client certificate refused");
             rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
@@ -104,7 +105,9 @@ pub fn server_config(paths: &PkiPaths, registry: &Registry) -> Result<rustls::Se
     use rustls::pki_types::pem::PemObject;
     let ca = registry.ca().cert_der.clone();
     let mut roots = RootCertStore::empty();
-    roots.add(ca.clone()).context("adding agent CA to trust store")?;
+    roots
+        .add(ca.clone())
+        .context("adding agent CA to trust store")?;
     let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .allow_unauthenticated()
         .build()
