@@ -158,6 +158,9 @@ async fn session_once(
     tokio::pin!(renew);
     let mut ticker = tokio::time::interval(interval);
     let mut seq: u64 = 0;
+    // The bastion acknowledges every heartbeat; silence for three intervals means the path
+    // is dead even if TCP has not noticed yet.
+    let mut last_ack = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -165,6 +168,9 @@ async fn session_once(
                 return Ok(Outcome::Shutdown);
             }
             _ = ticker.tick() => {
+                if last_ack.elapsed() > interval * 3 {
+                    bail!("no answer from the bastion for {}s", last_ack.elapsed().as_secs());
+                }
                 seq += 1;
                 let hb = AgentMessage {
                     kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
@@ -179,6 +185,7 @@ async fn session_once(
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => match m.kind {
                     Some(bastion_message::Kind::HeartbeatAck(ack)) => {
+                        last_ack = tokio::time::Instant::now();
                         let skew = ack.bastion_time_unix - crate::unix_now();
                         if skew.abs() > 60 {
                             warn!(skew_secs = skew, "clock differs from the bastion's by over a minute");

@@ -17,6 +17,9 @@ use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+/// rustls' PKI types, re-exported for tools built on this library.
+pub use rustls::pki_types as pki;
+
 /// Installs the process-wide rustls crypto provider (ring), explicitly.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -185,10 +188,7 @@ pub async fn connect(
     // The URI only names the authority for HTTP/2; the connector does the real dialing.
     let endpoint = Endpoint::from_shared(format!("http://{}", server_name_authority(server_name)))
         .context("endpoint")?
-        .connect_timeout(Duration::from_secs(10))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true);
+        .connect_timeout(Duration::from_secs(10));
     let channel = endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let connector = connector.clone();

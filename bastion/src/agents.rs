@@ -89,9 +89,9 @@ pub async fn run(
         shutdown: shutdown.clone(),
     };
     info!(listen = %local, "agents endpoint listening");
+    // No HTTP/2 keepalive pings: the session's heartbeats already prove liveness both ways,
+    // and pings would double the per-agent wake-ups at fleet scale.
     let result = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(EnrollmentServer::new(svc.clone()).max_decoding_message_size(64 * 1024))
         .add_service(AgentServer::new(svc).max_decoding_message_size(MAX_MESSAGE))
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown.cancelled())

@@ -1,0 +1,382 @@
+//! Load tool: starts a real `bastide` (release build), enrolls N simulated agents through the
+//! real enrollment RPC (one TLS connection each, pin checked), connects them all over mutual
+//! TLS with a session stream and heartbeats, then reports enrollment time, bastion RSS and
+//! the bastion's CPU spent on heartbeats. Everything runs on loopback.
+//!
+//! Other benchmarks reuse it through `--hold` (keep the fleet connected and print the config
+//! path) to measure their own services against a large fleet.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bastide_agent::enroll::new_key_and_csr;
+use bastide_agent::tls::{connect, enroll_config, mtls_config, PinVerifier};
+use bastide_proto::v1::agent_client::AgentClient;
+use bastide_proto::v1::enrollment_client::EnrollmentClient;
+use bastide_proto::v1::{agent_message, AgentMessage, EnrollRequest, Heartbeat, RegisterRequest};
+use clap::Parser;
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Parser)]
+#[command(about = "Enroll and connect N simulated agents against a real bastide")]
+struct Args {
+    /// Number of simulated agents.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Concurrent enrollments / connections in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Heartbeat interval the bastion asks for.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    heartbeat: Duration,
+    /// Window over which the bastion's heartbeat CPU is measured.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    window: Duration,
+    /// The bastide binary (build it with `cargo build --release -p bastide`).
+    #[arg(long)]
+    bastide: Option<PathBuf>,
+    /// Keep the fleet connected after measuring until Ctrl-C.
+    #[arg(long)]
+    hold: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n.parse().map_err(|_| format!("bad duration {s}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("bad duration {s}")),
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// (RSS bytes, CPU ticks) of a process from /proc.
+fn proc_usage(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').map(|(_, r)| r).context("stat")?;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields after the command: state is index 0, utime 11, stime 12.
+    let ticks = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    Ok((rss_kb * 1024, ticks))
+}
+
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+struct Cred {
+    name: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    bastide_agent::tls::install_crypto_provider();
+    let root = std::env::current_dir()?;
+    let bastide = args
+        .bastide
+        .clone()
+        .unwrap_or_else(|| root.join("target/release/bastide"));
+    if !bastide.is_file() {
+        bail!(
+            "{} not found: run `cargo build --release -p bastide` first",
+            bastide.display()
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    let out = Command::new(&bastide)
+        .args(["init", "--project", "load", "--dir"])
+        .arg(&state)
+        .output()?;
+    if !out.status.success() {
+        bail!("init: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let cfg = state.join("bastide.toml");
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let text = std::fs::read_to_string(&cfg)?
+        .replace("0.0.0.0:4443", &addr)
+        .replace(
+            "heartbeat_interval = \"10s\"",
+            &format!(
+                "heartbeat_interval = \"{}s\"",
+                args.heartbeat.as_secs().max(1)
+            ),
+        )
+        .replace(
+            "heartbeat_timeout = \"35s\"",
+            &format!(
+                "heartbeat_timeout = \"{}s\"",
+                args.heartbeat.as_secs().max(1) * 4
+            ),
+        );
+    std::fs::write(&cfg, text)?;
+    let log = std::fs::File::create(dir.path().join("bastide.log"))?;
+    let mut child = Command::new(&bastide)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("serve")
+        .env("RUST_LOG", "warn")
+        .stderr(log)
+        .stdout(Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    let cli = |a: &[&str]| -> Result<String> {
+        let o = Command::new(&bastide)
+            .arg("--config")
+            .arg(&cfg)
+            .args(a)
+            .output()?;
+        if !o.status.success() {
+            bail!("{a:?}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let start = Instant::now();
+    while cli(&["agents", "list"]).is_err() {
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            bail!("bastide did not start");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pin = cli(&["ca-pin", "--dir", &state.display().to_string()])?;
+    let token = cli(&[
+        "token",
+        "create",
+        "--uses",
+        &args.agents.to_string(),
+        "--ttl",
+        "2h",
+    ])?;
+    let (rss0, _) = proc_usage(pid)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(drive(&args, &addr, &pin, &token, pid, &cli, rss0));
+    if args.hold && result.is_ok() {
+        println!("holding the fleet; bastion config: {}", cfg.display());
+        rt.block_on(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+async fn drive(
+    args: &Args,
+    addr: &str,
+    pin: &str,
+    token: &str,
+    pid: u32,
+    cli: &dyn Fn(&[&str]) -> Result<String>,
+    rss0: u64,
+) -> Result<()> {
+    let n = args.agents;
+    let sem = Arc::new(Semaphore::new(args.concurrency));
+
+    // 1. Enroll N agents through the real RPC.
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let sem = sem.clone();
+        let (addr, pin, token) = (addr.to_string(), pin.to_string(), token.to_string());
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await?;
+            let name = format!("load{i:05}");
+            let (key, csr) = new_key_and_csr(&name)?;
+            let verifier = Arc::new(PinVerifier::new(pin));
+            let ch = connect(&addr, "127.0.0.1", enroll_config(verifier)?).await?;
+            let resp = EnrollmentClient::new(ch)
+                .enroll(EnrollRequest {
+                    token,
+                    name: name.clone(),
+                    csr_der: csr,
+                    agent_version: "load".into(),
+                })
+                .await?
+                .into_inner();
+            Ok::<_, anyhow::Error>(Cred {
+                name,
+                cert_pem: resp.certificate_pem,
+                key_pem: key.serialize_pem(),
+            })
+        }));
+    }
+    let mut creds = Vec::with_capacity(n);
+    for t in tasks {
+        creds.push(t.await??);
+    }
+    let enroll_time = t0.elapsed();
+
+    // 2. Connect all of them with a session stream and heartbeats.
+    let acks = Arc::new(AtomicU64::new(0));
+    let t1 = Instant::now();
+    let mut conns = Vec::with_capacity(n);
+    let ca = fetch_ca(addr, pin).await?;
+    for c in creds {
+        let sem = sem.clone();
+        let addr = addr.to_string();
+        let ca = ca.clone();
+        let acks = acks.clone();
+        let hb = args.heartbeat;
+        conns.push(tokio::spawn(async move {
+            let permit = sem.acquire_owned().await?;
+            use rustls_pem::parse;
+            let (chain, key) = parse(&c.cert_pem, &c.key_pem)?;
+            let cfg = mtls_config(ca, chain, key)?;
+            let ch = connect(&addr, "127.0.0.1", cfg).await?;
+            let mut client = AgentClient::new(ch);
+            client
+                .register(RegisterRequest {
+                    claimed_name: c.name.clone(),
+                    hostname: c.name.clone(),
+                    addresses: vec!["127.0.0.1".into()],
+                    os: "load".into(),
+                    agent_version: "load".into(),
+                    ssh_host_keys: vec![],
+                })
+                .await?;
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let mut inbound = client
+                .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            drop(permit);
+            tokio::spawn(async move {
+                while let Ok(Some(_)) = inbound.message().await {
+                    acks.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            // Spread heartbeats over the interval, as real agents started at random times.
+            tokio::time::sleep(hb.mul_f64(rand::random::<f64>())).await;
+            let mut seq = 0;
+            let mut tick = tokio::time::interval(hb);
+            loop {
+                tick.tick().await;
+                seq += 1;
+                let m = AgentMessage {
+                    kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
+                        seq,
+                        agent_time_unix: 0,
+                    })),
+                };
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    // Wait until the bastion sees them all online.
+    let online = loop {
+        let list: serde_json::Value = serde_json::from_str(&cli(&["agents", "list", "--json"])?)?;
+        let online = list
+            .as_array()
+            .map(|a| a.iter().filter(|x| x["state"] == "online").count())
+            .unwrap_or(0);
+        if online >= n || t1.elapsed() > Duration::from_secs(600) {
+            break online;
+        }
+        if let Some(f) = conns.iter().position(|c| c.is_finished()) {
+            let t = conns.remove(f);
+            t.await??;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let connect_time = t1.elapsed();
+    // Let heartbeats settle into their steady spread, then measure.
+    tokio::time::sleep(args.heartbeat).await;
+    let (rss1, ticks0) = proc_usage(pid)?;
+    let acks0 = acks.load(Ordering::Relaxed);
+    tokio::time::sleep(args.window).await;
+    let (rss2, ticks1) = proc_usage(pid)?;
+    let acks1 = acks.load(Ordering::Relaxed);
+    let cpu_pct = (ticks1 - ticks0) as f64 / clk_tck() / args.window.as_secs_f64() * 100.0;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!("agents                 {n} (online {online})");
+    println!(
+        "enroll                 {:.2} s ({:.0} enrollments/s)",
+        enroll_time.as_secs_f64(),
+        n as f64 / enroll_time.as_secs_f64()
+    );
+    println!("connect+register       {:.2} s", connect_time.as_secs_f64());
+    println!(
+        "bastion RSS            {:.1} MiB idle, {:.1} MiB with {n} agents ({:.1} KiB/agent)",
+        mib(rss0),
+        mib(rss1.max(rss2)),
+        (rss1.max(rss2) - rss0) as f64 / 1024.0 / n as f64
+    );
+    println!(
+        "heartbeats             {} acks in {:.0} s (interval {} s)",
+        acks1 - acks0,
+        args.window.as_secs_f64(),
+        args.heartbeat.as_secs()
+    );
+    println!(
+        "bastion CPU            {:.2} % of one core ({:.3} % per 1,000 agents)",
+        cpu_pct,
+        cpu_pct * 1000.0 / n as f64
+    );
+    if online < n {
+        bail!("only {online} of {n} agents came online");
+    }
+    Ok(())
+}
+
+/// The bastion's CA, read from the chain it presents (checked against the pin).
+async fn fetch_ca(addr: &str, pin: &str) -> Result<rustls_pem::Cert> {
+    let verifier = Arc::new(PinVerifier::new(pin.to_string()));
+    let _ = connect(addr, "127.0.0.1", enroll_config(verifier.clone())?).await?;
+    let ca = verifier
+        .matched_ca
+        .lock()
+        .ok()
+        .and_then(|m| m.clone())
+        .context("no CA")?;
+    Ok(ca)
+}
+
+/// PEM helpers over rustls' pki types.
+mod rustls_pem {
+    use anyhow::{Context, Result};
+    use bastide_agent::tls::pki::pem::PemObject;
+    use bastide_agent::tls::pki::{CertificateDer, PrivateKeyDer};
+
+    pub type Cert = CertificateDer<'static>;
+
+    pub fn parse(cert: &str, key: &str) -> Result<(Vec<Cert>, PrivateKeyDer<'static>)> {
+        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .context("cert")?;
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).context("key")?;
+        Ok((chain, key))
+    }
+}
