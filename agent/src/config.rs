@@ -24,6 +24,13 @@ pub struct AgentConfig {
     pub reconnect_initial: Duration,
     #[serde(default = "default_reconnect_max", with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// How often host metrics are collected and shipped ("0s" turns them off).
+    #[serde(default = "default_metrics_interval", with = "humantime_serde")]
+    pub metrics_interval: Duration,
+}
+
+fn default_metrics_interval() -> Duration {
+    Duration::from_secs(15)
 }
 
 fn default_ssh_dir() -> PathBuf {
@@ -44,6 +51,7 @@ impl Default for AgentConfig {
             hostname: None,
             reconnect_initial: default_reconnect_initial(),
             reconnect_max: default_reconnect_max(),
+            metrics_interval: default_metrics_interval(),
         }
     }
 }
@@ -55,6 +63,12 @@ impl AgentConfig {
             .with_context(|| format!("{}: cannot read", path.display()))?;
         let cfg: Self = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        if !cfg.metrics_interval.is_zero() && cfg.metrics_interval < Duration::from_secs(1) {
+            bail!(
+                "{}: metrics_interval must be at least 1s (or 0s to turn metrics off)",
+                path.display()
+            );
+        }
         if cfg.reconnect_initial.is_zero() || cfg.reconnect_max < cfg.reconnect_initial {
             bail!(
                 "{}: reconnect_initial must be positive and at most reconnect_max",

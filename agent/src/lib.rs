@@ -6,6 +6,7 @@ pub mod config;
 pub mod enroll;
 pub mod facts;
 pub mod fsutil;
+pub mod hostmetrics;
 pub mod session;
 pub mod state;
 pub mod tls;

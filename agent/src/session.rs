@@ -161,6 +161,10 @@ async fn session_once(
     // The bastion acknowledges every heartbeat; silence for three intervals means the path
     // is dead even if TCP has not noticed yet.
     let mut last_ack = tokio::time::Instant::now();
+    // Host metrics: first batch right away, then every interval (never when turned off).
+    let metrics_on = !cfg.metrics_interval.is_zero();
+    let mut metrics_tick = tokio::time::interval(cfg.metrics_interval.max(Duration::from_secs(1)));
+    metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -180,6 +184,20 @@ async fn session_once(
                 };
                 if tx.send(hb).await.is_err() {
                     bail!("session stream closed");
+                }
+            }
+            _ = metrics_tick.tick(), if metrics_on => {
+                let src = crate::hostmetrics::Sources::default();
+                let collect = tokio::task::spawn_blocking(move || crate::hostmetrics::collect(&src));
+                // A hung filesystem must not stall the session.
+                match tokio::time::timeout(Duration::from_secs(5), collect).await {
+                    Ok(Ok(batch)) => {
+                        let m = AgentMessage { kind: Some(agent_message::Kind::Metrics(batch)) };
+                        if tx.send(m).await.is_err() {
+                            bail!("session stream closed");
+                        }
+                    }
+                    _ => warn!("host metrics collection took over 5s: skipped"),
                 }
             }
             msg = inbound.message() => match msg {

@@ -118,6 +118,9 @@ async fn serve_one(stream: UnixStream, registry: Registry) -> Result<()> {
         Ok(req) => {
             let summary = format!("{req:?}");
             let r = handle(req, registry).await;
+            let outcome = if r.is_ok() { "ok" } else { "error" };
+            metrics::counter!(crate::metrics::names::ADMIN_REQUESTS, "result" => outcome)
+                .increment(1);
             if let Err(e) = &r {
                 info!(uid = ?uid, request = %summary, error = %e, "admin request refused");
             }

@@ -24,6 +24,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::config::AgentsConfig;
+use crate::hostmetrics::HostMetrics;
+use crate::metrics::names;
 use crate::pki::AgentIdentity;
 use crate::registry::{EnrollError, Facts, Registry, RegistryError};
 use crate::tls::{AgentConn, ConnInfo};
@@ -35,6 +37,7 @@ const MAX_MESSAGE: usize = 1024 * 1024;
 pub async fn run(
     cfg: AgentsConfig,
     registry: Registry,
+    hosts: HostMetrics,
     tls: Arc<rustls::ServerConfig>,
     listener: TcpListener,
     shutdown: CancellationToken,
@@ -75,8 +78,14 @@ pub async fn run(
                             .send(Ok(AgentConn::new(tls, peer, &registry, permit)))
                             .await;
                     }
-                    Ok(Err(e)) => debug!(%peer, error = %e, "agents: TLS handshake failed"),
-                    Err(_) => debug!(%peer, "agents: TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        metrics::counter!(names::HANDSHAKE_FAILURES).increment(1);
+                        debug!(%peer, error = %e, "agents: TLS handshake failed")
+                    }
+                    Err(_) => {
+                        metrics::counter!(names::HANDSHAKE_FAILURES).increment(1);
+                        debug!(%peer, "agents: TLS handshake timed out")
+                    }
                 }
             });
         }
@@ -84,6 +93,7 @@ pub async fn run(
 
     let svc = Service {
         registry,
+        hosts,
         heartbeat_interval: cfg.heartbeat_interval,
         heartbeat_timeout: cfg.heartbeat_timeout,
         shutdown: shutdown.clone(),
@@ -103,6 +113,7 @@ pub async fn run(
 #[derive(Clone)]
 struct Service {
     registry: Registry,
+    hosts: HostMetrics,
     heartbeat_interval: Duration,
     heartbeat_timeout: Duration,
     shutdown: CancellationToken,
@@ -183,6 +194,8 @@ impl Enrollment for Service {
         let result =
             blocking(move || registry.enroll(&r.token, &r.name, &r.csr_der, &r.agent_version))
                 .await?;
+        let outcome = if result.is_ok() { "ok" } else { "refused" };
+        metrics::counter!(names::ENROLLMENTS, "result" => outcome).increment(1);
         match result {
             Ok(e) => {
                 let ca = self.registry.ca();
@@ -224,7 +237,9 @@ impl Agent for Service {
         let id2 = id.clone();
         let labels = blocking(move || registry.register(&id2, facts, peer_ip))
             .await?
+            .inspect(|_| metrics::counter!(names::REGISTRATIONS, "result" => "ok").increment(1))
             .map_err(|e| {
+                metrics::counter!(names::REGISTRATIONS, "result" => "refused").increment(1);
                 warn!(agent = %id.name, reason = %e, "registration refused");
                 registry_status(&e)
             })?;
@@ -254,6 +269,7 @@ impl Agent for Service {
         };
         let timeout = self.heartbeat_timeout;
         let shutdown = self.shutdown.clone();
+        let hosts = self.hosts.clone();
         tokio::spawn(async move {
             let _guard = guard;
             let registry = _guard.registry.clone();
@@ -273,6 +289,7 @@ impl Agent for Service {
                     }
                     Ok(Ok(Some(m))) => match m.kind {
                         Some(agent_message::Kind::Heartbeat(hb)) => {
+                            metrics::counter!(names::HEARTBEATS).increment(1);
                             registry.heartbeat(&id.name);
                             let ack = BastionMessage {
                                 kind: Some(bastion_message::Kind::HeartbeatAck(HeartbeatAck {
@@ -282,6 +299,24 @@ impl Agent for Service {
                             };
                             if tx.send(Ok(ack)).await.is_err() {
                                 break;
+                            }
+                        }
+                        Some(agent_message::Kind::Metrics(batch)) => {
+                            registry.heartbeat(&id.name);
+                            match hosts.ingest(&id.name, batch) {
+                                Ok(dropped) => {
+                                    metrics::counter!(names::METRICS_BATCHES, "result" => "ok")
+                                        .increment(1);
+                                    if dropped > 0 {
+                                        metrics::counter!(names::METRICS_DROPPED)
+                                            .increment(dropped as u64);
+                                        debug!(agent = %id.name, dropped, "invalid host metric samples dropped");
+                                    }
+                                }
+                                Err(e) => {
+                                    metrics::counter!(names::METRICS_BATCHES, "result" => "refused").increment(1);
+                                    warn!(agent = %id.name, reason = %e, "host metrics batch refused");
+                                }
                             }
                         }
                         // Newer agents may send kinds this bastion does not know.
@@ -305,6 +340,7 @@ impl Agent for Service {
         let id2 = id.clone();
         let issued = blocking(move || registry.renew(&id2, &r.csr_der))
             .await?
+            .inspect(|_| metrics::counter!(names::RENEWALS).increment(1))
             .map_err(|e| {
                 warn!(agent = %id.name, reason = %e, "renewal refused");
                 registry_status(&e)

@@ -41,6 +41,8 @@ pub struct Config {
     pub agents: Option<AgentsConfig>,
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub metrics: Option<crate::metrics::MetricsConfig>,
     /// Path of the file this was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -214,6 +216,11 @@ impl Config {
                 ),
             }
         }
+        if let Some(m) = &self.metrics {
+            for p in m.validate() {
+                problems.push(format!("{file}: {p}"));
+            }
+        }
         problems
     }
 }
@@ -252,6 +259,16 @@ handshake_timeout = "10s"
 socket = "{dir}/admin.sock"
 # 0o600, or 0o660 to let the daemon's group administer it.
 mode = 0o600
+
+# Prometheus endpoint: /metrics (the bastion), /metrics/agents[/NAME] (the VMs' host
+# metrics), /sd (HTTP service discovery, one target per agent).
+[metrics]
+listen = "127.0.0.1:9469"
+# Client networks allowed to scrape.
+allow = ["127.0.0.0/8", "::1/128"]
+# bearer_token_file = "/etc/bastide/metrics.token"
+# tls = true                      # HTTPS with the bastion's server certificate
+stale_after = "5m"                # drop an agent's host metrics after this silence
 "#
     )
 }

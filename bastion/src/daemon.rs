@@ -43,7 +43,14 @@ pub fn open_registry(cfg: &Config) -> Result<Registry> {
 /// Runs the daemon until a signal or a service failure.
 pub async fn serve(cfg: Config) -> Result<()> {
     crate::tls::install_crypto_provider();
+    crate::metrics::install_recorder()?;
     let registry = open_registry(&cfg)?;
+    let hosts = crate::hostmetrics::HostMetrics::new(
+        cfg.metrics
+            .as_ref()
+            .map(|m| m.stale_after)
+            .unwrap_or(Duration::from_secs(300)),
+    );
 
     // Bind everything before starting anything.
     let agents = match &cfg.agents {
@@ -62,6 +69,26 @@ pub async fn serve(cfg: Config) -> Result<()> {
         }
         None => None,
     };
+    let metrics = match &cfg.metrics {
+        Some(m) => {
+            let listener = tokio::net::TcpListener::bind(m.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "{}: metrics.listen: cannot bind {}",
+                        cfg.source.display(),
+                        m.listen
+                    )
+                })?;
+            let tls = if m.tls {
+                Some(Arc::new(crate::tls::https_config(&cfg.pki_paths())?))
+            } else {
+                None
+            };
+            Some((m.clone(), listener, tls))
+        }
+        None => None,
+    };
     let admin = match &cfg.admin {
         Some(a) => Some((
             crate::admin::bind(a)
@@ -74,12 +101,38 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let root = CancellationToken::new();
     let mut set: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
     if let Some((acfg, listener, tls)) = agents {
-        let (r, t) = (registry.clone(), root.child_token());
+        let (r, t, h) = (registry.clone(), root.child_token(), hosts.clone());
         set.spawn(async move {
             (
                 "agents",
-                crate::agents::run(acfg, r, tls, listener, t).await,
+                crate::agents::run(acfg, r, h, tls, listener, t).await,
             )
+        });
+    }
+    if let Some((mcfg, listener, tls)) = metrics {
+        let (r, t, h) = (registry.clone(), root.child_token(), hosts.clone());
+        set.spawn(async move {
+            (
+                "metrics",
+                crate::metrics::run(mcfg, r, h, tls, listener, t).await,
+            )
+        });
+    }
+    {
+        // A revoked agent's host metrics go at once, not after they turn stale.
+        let (mut events, t, h) = (registry.events(), root.child_token(), hosts.clone());
+        set.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = t.cancelled() => break,
+                    ev = events.recv() => match ev {
+                        Ok(crate::registry::RegistryEvent::Revoked(name)) => h.remove(&name),
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(_) => break,
+                    },
+                }
+            }
+            ("hostmetrics", Ok(()))
         });
     }
     if let Some((listener, path)) = admin {

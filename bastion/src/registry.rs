@@ -614,6 +614,7 @@ impl Registry {
             st.sessions.remove(name);
         }
         let cut = self.cut_connections(name);
+        metrics::counter!(crate::metrics::names::REVOCATIONS).increment(1);
         self.publish();
         self.emit(RegistryEvent::Revoked(name.to_string()));
         info!(agent = %name, connections_cut = cut, "agent revoked");

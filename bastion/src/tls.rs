@@ -130,6 +130,24 @@ pub fn server_config(paths: &PkiPaths, registry: &Registry) -> Result<rustls::Se
     Ok(cfg)
 }
 
+/// A plain server configuration (no client certificates) with the bastion's server
+/// certificate, for HTTPS endpoints such as metrics.
+pub fn https_config(paths: &PkiPaths) -> Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let cert = crate::pki::read_cert_pem(&paths.server_cert)?;
+    let ca = crate::pki::read_cert_pem(&paths.ca_cert)?;
+    let key = PrivateKeyDer::from_pem_file(&paths.server_key)
+        .with_context(|| format!("reading {}", paths.server_key.display()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .context("TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert, ca], key)
+        .context("server certificate and key")?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
 /// What a gRPC handler knows of the connection a request came on.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -147,6 +165,7 @@ struct ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::names::AGENT_CONNECTIONS).decrement(1.0);
         self.registry.connection_closed(&self.agent, self.id);
     }
 }
@@ -178,6 +197,7 @@ impl AgentConn {
         let (cut, guard) = match &identity {
             Some(id) => {
                 let (conn_id, token) = registry.connection_opened(&id.name);
+                metrics::gauge!(crate::metrics::names::AGENT_CONNECTIONS).increment(1.0);
                 let left = (id.not_after - crate::unix_now()).max(0) as u64;
                 let expiry = tokio::time::Instant::now() + std::time::Duration::from_secs(left);
                 let fut: Pin<Box<dyn Future<Output = &'static str> + Send>> =

@@ -93,11 +93,47 @@ fn signal(child: &Child, sig: i32) {
         .status();
 }
 
+/// A plain HTTP/1.0 GET on loopback: (status, body). Enough for the bastion's endpoints and
+/// Prometheus's API without pulling an HTTP client into the tests.
+pub fn http_get(addr: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("read");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+/// Percent-encodes a query parameter.
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// A `bastide` state directory and, once started, its daemon.
 pub struct Bastion {
     pub dir: TempDir,
     pub config: PathBuf,
     pub agents_addr: String,
+    /// Address of the `[metrics]` endpoint.
+    pub metrics_addr: String,
     pub pin: String,
     pub log: PathBuf,
     child: Option<Child>,
@@ -131,7 +167,9 @@ impl Bastion {
         let config = state.join("bastide.toml");
         let port = free_port();
         let agents_addr = format!("127.0.0.1:{port}");
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
         let mut b = Self {
+            metrics_addr: metrics_addr.clone(),
             log: dir.path().join("bastide.log"),
             pin: String::new(),
             dir,
@@ -139,7 +177,10 @@ impl Bastion {
             agents_addr: agents_addr.clone(),
             child: None,
         };
-        b.edit_config(|c| c.replace("0.0.0.0:4443", &agents_addr));
+        b.edit_config(|c| {
+            c.replace("0.0.0.0:4443", &agents_addr)
+                .replace("127.0.0.1:9469", &metrics_addr)
+        });
         let pin = b.cli_ok(&["ca-pin", "--dir", &state.display().to_string()]);
         b.pin = pin.trim().to_string();
         b
@@ -300,7 +341,7 @@ impl Agent {
         let mut f = std::fs::File::create(&config).expect("agent config");
         writeln!(
             f,
-            "ssh_host_keys_dir = {:?}\nadvertise_addresses = [\"127.0.0.1\"]\nreconnect_initial = \"200ms\"\nreconnect_max = \"2s\"",
+            "ssh_host_keys_dir = {:?}\nadvertise_addresses = [\"127.0.0.1\"]\nreconnect_initial = \"200ms\"\nreconnect_max = \"2s\"\nmetrics_interval = \"1s\"",
             ssh.display().to_string()
         )
         .expect("write agent config");

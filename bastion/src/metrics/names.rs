@@ -1,0 +1,78 @@
+//! Every metric name the bastion exports through the `metrics` facade, with its unit and help
+//! text, in one place. Names follow Prometheus conventions: `bastide_` prefix, base units,
+//! `_total` for counters. Label values are always from small fixed sets.
+//!
+//! Per-agent series (`bastide_agent_up{agent=...}` and friends) and process metrics are
+//! rendered at scrape time from the registry and /proc (see `render.rs`): they are bounded by
+//! the fleet, and vanish with it, instead of living forever in the recorder.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+pub const BUILD_INFO: &str = "bastide_build_info";
+pub const ENROLLMENTS: &str = "bastide_agent_enrollments_total";
+pub const RENEWALS: &str = "bastide_agent_renewals_total";
+pub const REVOCATIONS: &str = "bastide_agent_revocations_total";
+pub const REGISTRATIONS: &str = "bastide_agent_registrations_total";
+pub const HEARTBEATS: &str = "bastide_agent_heartbeats_total";
+pub const HANDSHAKE_FAILURES: &str = "bastide_agent_handshake_failures_total";
+pub const AGENT_CONNECTIONS: &str = "bastide_agent_connections";
+pub const METRICS_BATCHES: &str = "bastide_agent_metrics_batches_total";
+pub const METRICS_DROPPED: &str = "bastide_agent_metrics_samples_dropped_total";
+pub const ADMIN_REQUESTS: &str = "bastide_admin_requests_total";
+pub const SCRAPE_DURATION: &str = "bastide_metrics_scrape_duration_seconds";
+pub const SCRAPE_DENIED: &str = "bastide_metrics_scrapes_denied_total";
+
+/// Buckets of every histogram (seconds): from 100 µs to 10 s.
+pub const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Registers the help texts and units of every facade metric.
+pub fn describe() {
+    describe_gauge!(BUILD_INFO, "Build information: version label, value 1.");
+    describe_counter!(
+        ENROLLMENTS,
+        Unit::Count,
+        "Enrollment attempts by result (ok, refused)."
+    );
+    describe_counter!(RENEWALS, Unit::Count, "Agent certificates renewed.");
+    describe_counter!(REVOCATIONS, Unit::Count, "Agents revoked.");
+    describe_counter!(REGISTRATIONS, Unit::Count, "Agent registrations by result.");
+    describe_counter!(HEARTBEATS, Unit::Count, "Heartbeats received from agents.");
+    describe_counter!(
+        HANDSHAKE_FAILURES,
+        Unit::Count,
+        "TLS handshakes on the agents endpoint that failed or timed out."
+    );
+    describe_gauge!(
+        AGENT_CONNECTIONS,
+        Unit::Count,
+        "Open TLS connections on the agents endpoint."
+    );
+    describe_counter!(
+        METRICS_BATCHES,
+        Unit::Count,
+        "Host metric batches received from agents by result (ok, refused)."
+    );
+    describe_counter!(
+        METRICS_DROPPED,
+        Unit::Count,
+        "Host metric samples dropped for invalid names or reserved labels."
+    );
+    describe_counter!(
+        ADMIN_REQUESTS,
+        Unit::Count,
+        "Admin socket requests by result (ok, error)."
+    );
+    describe_histogram!(
+        SCRAPE_DURATION,
+        Unit::Seconds,
+        "Time to render a metrics endpoint, by path."
+    );
+    describe_counter!(
+        SCRAPE_DENIED,
+        Unit::Count,
+        "Metrics requests refused by reason (network, token)."
+    );
+}
