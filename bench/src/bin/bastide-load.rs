@@ -42,6 +42,10 @@ struct Args {
     /// Keep the fleet connected after measuring until Ctrl-C.
     #[arg(long)]
     hold: bool,
+    /// Host metric series each agent ships once connected (0: none); the bench then times
+    /// scrapes of /metrics/agents.
+    #[arg(long, default_value_t = 0)]
+    metrics_series: usize,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -118,8 +122,10 @@ fn main() -> Result<()> {
     }
     let cfg = state.join("bastide.toml");
     let addr = format!("127.0.0.1:{}", free_port()?);
+    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
     let text = std::fs::read_to_string(&cfg)?
         .replace("0.0.0.0:4443", &addr)
+        .replace("127.0.0.1:9469", &metrics_addr)
         .replace(
             "heartbeat_interval = \"10s\"",
             &format!(
@@ -179,6 +185,13 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let result = rt.block_on(drive(&args, &addr, &pin, &token, pid, &cli, rss0));
+    let result = result.and_then(|()| {
+        if args.metrics_series > 0 {
+            scrape_bench(&metrics_addr, args.agents)
+        } else {
+            Ok(())
+        }
+    });
     if args.hold && result.is_ok() {
         println!("holding the fleet; bastion config: {}", cfg.display());
         rt.block_on(async {
@@ -247,6 +260,7 @@ async fn drive(
         let ca = ca.clone();
         let acks = acks.clone();
         let hb = args.heartbeat;
+        let series = args.metrics_series;
         conns.push(tokio::spawn(async move {
             let permit = sem.acquire_owned().await?;
             use rustls_pem::parse;
@@ -270,6 +284,12 @@ async fn drive(
                 .await?
                 .into_inner();
             drop(permit);
+            if series > 0 {
+                tx.send(AgentMessage {
+                    kind: Some(agent_message::Kind::Metrics(synthetic_batch(series))),
+                })
+                .await?;
+            }
             tokio::spawn(async move {
                 while let Ok(Some(_)) = inbound.message().await {
                     acks.fetch_add(1, Ordering::Relaxed);
@@ -348,6 +368,68 @@ async fn drive(
     if online < n {
         bail!("only {online} of {n} agents came online");
     }
+    Ok(())
+}
+
+/// A batch shaped like a small VM's: CPU per mode, memory, filesystems, interfaces.
+fn synthetic_batch(series: usize) -> bastide_proto::v1::MetricsBatch {
+    use bastide_proto::v1::{Label, MetricFamily, MetricType, MetricsBatch, Sample};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let per_family = 10;
+    let families = (0..series.div_ceil(per_family))
+        .map(|f| MetricFamily {
+            name: format!("node_synthetic_{f}_total"),
+            help: "Synthetic load-test series.".into(),
+            r#type: MetricType::Counter as i32,
+            samples: (0..per_family.min(series - f * per_family))
+                .map(|i| Sample {
+                    labels: vec![
+                        Label {
+                            name: "device".into(),
+                            value: format!("dev{i}"),
+                        },
+                        Label {
+                            name: "mode".into(),
+                            value: "user".into(),
+                        },
+                    ],
+                    value: rand::random::<f64>() * 1e9,
+                })
+                .collect(),
+        })
+        .collect();
+    MetricsBatch {
+        timestamp_ms: now,
+        families,
+    }
+}
+
+/// Times scrapes of /metrics/agents (median of 5) and reports their size.
+fn scrape_bench(metrics_addr: &str, agents: usize) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut times = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let mut s = std::net::TcpStream::connect(metrics_addr)?;
+        write!(
+            s,
+            "GET /metrics/agents HTTP/1.0\r\nHost: {metrics_addr}\r\n\r\n"
+        )?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        times.push(t.elapsed());
+        bytes = buf.len();
+    }
+    times.sort();
+    println!(
+        "scrape /metrics/agents {:.1} ms median of 5 ({:.1} MiB, {agents} agents)",
+        times[2].as_secs_f64() * 1000.0,
+        bytes as f64 / (1024.0 * 1024.0)
+    );
     Ok(())
 }
 
