@@ -41,6 +41,8 @@ pub struct Config {
     pub agents: Option<AgentsConfig>,
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub dns: Option<crate::dns::DnsConfig>,
     /// Path of the file this was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -212,6 +214,11 @@ impl Config {
                     "admin.socket",
                     format!("the directory of {} does not exist", adm.socket.display()),
                 ),
+            }
+        }
+        if let Some(d) = &self.dns {
+            for (key, reason) in d.problems(self.zone.as_deref()) {
+                bad(&format!("dns.{key}"), reason);
             }
         }
         problems
