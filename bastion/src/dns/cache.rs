@@ -75,9 +75,10 @@ fn secs(d: Duration) -> u32 {
 }
 
 impl Entry {
-    /// Remaining TTL in seconds at `now` (0 once expired).
+    /// Remaining TTL in whole seconds at `now`, rounded up (0 once expired).
     pub fn ttl_at(&self, now: Instant) -> u32 {
-        secs(self.expires.saturating_duration_since(now))
+        let left = self.expires.saturating_duration_since(now);
+        secs(left + Duration::from_nanos(999_999_999))
     }
 
     pub fn is_failure(&self) -> bool {

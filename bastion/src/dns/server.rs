@@ -626,7 +626,149 @@ pub(crate) async fn serve(
 
 #[cfg(test)]
 mod tests {
+    use super::super::DnsConfig;
     use super::*;
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::Name;
+    use std::sync::atomic::AtomicBool;
+
+    fn resolver(upstream: SocketAddr, extra: &str) -> Arc<Resolver> {
+        let c: DnsConfig = toml::from_str(&format!(
+            "listen = [\"127.0.0.1:1\"]\nupstreams = [\"{upstream}\"]\nallow = [\"127.0.0.1\"]\nrate_limit = 0\nupstream_timeout = \"300ms\"\n{extra}"
+        ))
+        .unwrap();
+        Arc::new(Resolver::new(c.settings(None).unwrap(), ZoneData::default()))
+    }
+
+    /// A fake upstream answering every A query with 10.0.0.1 (TTL 1) after `delay`, while
+    /// `up` is set; it counts the queries it gets.
+    async fn fake_upstream(delay: Duration) -> (SocketAddr, Arc<AtomicU64>, Arc<AtomicBool>) {
+        let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = sock.local_addr().unwrap();
+        let count = Arc::new(AtomicU64::new(0));
+        let up = Arc::new(AtomicBool::new(true));
+        let (c, u) = (count.clone(), up.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let (n, peer) = sock.recv_from(&mut buf).await.unwrap();
+                c.fetch_add(1, Ordering::SeqCst);
+                if !u.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                let mut r = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
+                r.add_query(q.queries[0].clone());
+                r.add_answer(Record::from_rdata(
+                    q.queries[0].name().clone(),
+                    1,
+                    RData::A(A::new(10, 0, 0, 1)),
+                ));
+                let s = sock.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    s.send_to(&r.to_vec().unwrap(), peer).await.unwrap();
+                });
+            }
+        });
+        (addr, count, up)
+    }
+
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    }
+
+    async fn ask(res: &Arc<Resolver>, id: u16, name: &str) -> Message {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let b = match res.handle(&query(id, name), lo, Transport::Udp) {
+            Action::Forward(req, key) => res.forward(req, key).await,
+            Action::Reply(b) => b,
+            Action::Drop => panic!("dropped"),
+        };
+        Message::from_vec(&b).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn identical_misses_make_one_upstream_query() {
+        let (addr, count, _) = fake_upstream(Duration::from_millis(200)).await;
+        let res = resolver(addr, "");
+        let mut set = JoinSet::new();
+        for i in 0..500u16 {
+            let res = res.clone();
+            set.spawn(async move { (i, ask(&res, i, "Same.Example.org.").await) });
+        }
+        while let Some(r) = set.join_next().await {
+            let (i, m) = r.unwrap();
+            assert_eq!(m.metadata.id, i);
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+            assert_eq!(m.answers.len(), 1);
+            assert_eq!(m.queries[0].name().to_string(), "Same.Example.org.", "case kept");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stale_answer_served_when_upstream_is_down() {
+        let (addr, count, up) = fake_upstream(Duration::ZERO).await;
+        let res = resolver(addr, "serve_stale = \"1h\"");
+        let m = ask(&res, 1, "s.example.org.").await;
+        assert_eq!(m.answers[0].ttl, 1);
+        up.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let m = ask(&res, 2, "s.example.org.").await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(m.answers[0].ttl, STALE_TTL);
+        let asked = count.load(Ordering::SeqCst);
+        // Within the recheck window, stale answers come without asking upstream again.
+        let m = ask(&res, 3, "s.example.org.").await;
+        assert_eq!(m.answers[0].ttl, STALE_TTL);
+        assert_eq!(count.load(Ordering::SeqCst), asked);
+        // A name never seen gets SERVFAIL, cached briefly.
+        let m = ask(&res, 4, "new.example.org.").await;
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        let asked = count.load(Ordering::SeqCst);
+        let m = ask(&res, 5, "new.example.org.").await;
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(count.load(Ordering::SeqCst), asked, "SERVFAIL cached");
+    }
+
+    #[tokio::test]
+    async fn protocol_errors() {
+        let (addr, _, _) = fake_upstream(Duration::ZERO).await;
+        let res = resolver(addr, "");
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let reply = |b: &[u8], ip: IpAddr| match res.handle(b, ip, Transport::Udp) {
+            Action::Reply(b) => Some(Message::from_vec(&b).unwrap()),
+            _ => None,
+        };
+        // Outside the allowed networks.
+        let m = reply(&query(7, "a.org."), "127.0.0.2".parse().unwrap()).unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+        // EDNS version 1.
+        let mut q = Message::from_vec(&query(8, "a.org.")).unwrap();
+        let mut e = Edns::new();
+        e.set_version(1);
+        q.set_edns(e);
+        let m = reply(&q.to_vec().unwrap(), lo).unwrap();
+        // BADVERS and BADSIG share code 16; hickory decodes it as the latter.
+        assert_eq!(u16::from(m.metadata.response_code), 16);
+        assert!(m.edns.is_some());
+        // Garbage with a header: FORMERR with the ID; shorter than a header: dropped.
+        let mut junk = vec![0x12, 0x34, 0x01, 0x00, 0x00, 0x05];
+        junk.extend_from_slice(&[0xff; 20]);
+        let m = reply(&junk, lo).unwrap();
+        assert_eq!(m.metadata.id, 0x1234);
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        assert!(reply(&[1, 2, 3], lo).is_none());
+        // ANY outside the zone: minimal.
+        let mut q = Message::from_vec(&query(9, "a.org.")).unwrap();
+        q.queries[0].set_query_type(RecordType::ANY);
+        let m = reply(&q.to_vec().unwrap(), lo).unwrap();
+        assert!(matches!(m.answers[0].data, RData::HINFO(_)));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn rate_limit_refills() {
