@@ -110,7 +110,8 @@ fn blast_with_retries(
 ) -> Vec<Vec<u8>> {
     let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
     sock.connect(("127.0.0.1", port)).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let mut got: std::collections::BTreeMap<u16, Vec<u8>> = Default::default();
     let mut todo: Vec<&Vec<u8>> = queries.iter().collect();
     for _ in 0..=retries {
@@ -254,7 +255,9 @@ fn bastion_with_dns(extra: &str) -> (Bastion, u16) {
     let mut b = Bastion::init("proj");
     let port = free_port();
     b.edit_config(|c| {
-        format!("{c}\n[dns]\nlisten = [\"127.0.0.1:{port}\"]\nallow = [\"127.0.0.1/32\"]\n{extra}\n")
+        format!(
+            "{c}\n[dns]\nlisten = [\"127.0.0.1:{port}\"]\nallow = [\"127.0.0.1/32\"]\n{extra}\n"
+        )
     });
     b.start();
     let ready = wait_for(Duration::from_secs(10), || {
@@ -311,7 +314,10 @@ value = "{medium}"
     let out = dig(port, &["web01.proj.test", "A"]);
     assert_eq!(status(&out), "NXDOMAIN", "{out}");
     assert!(flags(&out).contains(&"aa".to_string()), "{out}");
-    assert!(out.contains("IN\tSOA\tbastion.proj.test. hostmaster.proj.test."), "{out}");
+    assert!(
+        out.contains("IN\tSOA\tbastion.proj.test. hostmaster.proj.test."),
+        "{out}"
+    );
 
     // Enroll and run an agent: its name answers within 1 s of its registration.
     let mut a = Agent::new("web01");
@@ -329,7 +335,11 @@ value = "{medium}"
     });
     let answered = answered.expect("web01's A record did not appear within 1 s");
     assert!(answered.duration_since(registered) < Duration::from_secs(1));
-    assert_eq!(answers(port, &["web01.proj.test", "A"])[0].1, 30, "zone ttl");
+    assert_eq!(
+        answers(port, &["web01.proj.test", "A"])[0].1,
+        30,
+        "zone ttl"
+    );
 
     // Case of the question preserved, PTR from the reverse zone.
     let out = dig(port, &["WeB01.PrOj.TeSt", "A"]);
@@ -378,7 +388,10 @@ value = "{medium}"
     // 600 bytes: whole with EDNS, TC without (512).
     let out = dig(port, &["+ignore", "medium.proj.test", "TXT"]);
     assert!(!flags(&out).contains(&"tc".to_string()), "{out}");
-    assert!(out.contains("udp: 1232"), "server payload advertised: {out}");
+    assert!(
+        out.contains("udp: 1232"),
+        "server payload advertised: {out}"
+    );
     let out = dig(port, &["+noedns", "+ignore", "medium.proj.test", "TXT"]);
     assert!(flags(&out).contains(&"tc".to_string()), "{out}");
 
@@ -441,8 +454,10 @@ value = "{medium}"
             .collect();
         junk.send(&pkt).unwrap();
     }
-    junk.send(&[0xbe, 0xef, 0x01, 0x00, 0x00, 0x09, 0xff, 0xff, 0, 0, 0, 0, 1, 2])
-        .unwrap();
+    junk.send(&[
+        0xbe, 0xef, 0x01, 0x00, 0x00, 0x09, 0xff, 0xff, 0, 0, 0, 0, 1, 2,
+    ])
+    .unwrap();
     let r = answers(port, &["web01.proj.test", "A"]);
     assert_eq!(r[0].3, "127.0.0.1");
 

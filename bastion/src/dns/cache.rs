@@ -155,7 +155,9 @@ impl Cache {
     pub fn new(entries: usize) -> Self {
         let per = NonZeroUsize::new(entries.div_ceil(SHARDS).max(1)).unwrap_or(NonZeroUsize::MIN);
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(LruCache::new(per))).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(LruCache::new(per)))
+                .collect(),
             hasher: Default::default(),
         }
     }
@@ -263,8 +265,16 @@ mod tests {
         let l = limits();
         let c = Cache::new(100);
         let now = Instant::now();
-        c.insert(key("x.org."), Arc::new(Entry::from_response(answer(1000), &l, now)), now);
-        c.insert(key("y.org."), Arc::new(Entry::from_response(answer(0), &l, now)), now);
+        c.insert(
+            key("x.org."),
+            Arc::new(Entry::from_response(answer(1000), &l, now)),
+            now,
+        );
+        c.insert(
+            key("y.org."),
+            Arc::new(Entry::from_response(answer(0), &l, now)),
+            now,
+        );
         let Lookup::Fresh(e) = c.get(&key("X.ORG."), now) else {
             panic!()
         };
@@ -283,10 +293,16 @@ mod tests {
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(matches!(
             c.get(&key("x.org."), Instant::now()),
-            Lookup::Stale { retry_due: true, .. }
+            Lookup::Stale {
+                retry_due: true,
+                ..
+            }
         ));
         tokio::time::advance(Duration::from_secs(60)).await;
-        assert!(matches!(c.get(&key("x.org."), Instant::now()), Lookup::Miss));
+        assert!(matches!(
+            c.get(&key("x.org."), Instant::now()),
+            Lookup::Miss
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -295,7 +311,11 @@ mod tests {
         let now = Instant::now();
         let e = Entry::from_response(nxdomain(300, 10), &l, now);
         assert_eq!(e.ttl_at(now), 10);
-        assert_eq!(e.authority.len(), 1, "the SOA is kept for the negative answer");
+        assert_eq!(
+            e.authority.len(),
+            1,
+            "the SOA is kept for the negative answer"
+        );
         assert_eq!(e.authority[0].ttl, 10);
         let e = Entry::from_response(nxdomain(3600, 3600), &l, now);
         assert_eq!(e.ttl_at(now), 50, "negative_max_ttl caps");
@@ -317,9 +337,16 @@ mod tests {
         c.insert(key("f.org."), Arc::new(Entry::servfail(&l, now)), now);
         assert!(matches!(c.get(&key("f.org."), now), Lookup::Fresh(_)));
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(matches!(c.get(&key("f.org."), Instant::now()), Lookup::Miss));
+        assert!(matches!(
+            c.get(&key("f.org."), Instant::now()),
+            Lookup::Miss
+        ));
 
-        c.insert(key("s.org."), Arc::new(Entry::from_response(answer(5), &l, now)), now);
+        c.insert(
+            key("s.org."),
+            Arc::new(Entry::from_response(answer(5), &l, now)),
+            now,
+        );
         tokio::time::advance(Duration::from_secs(10)).await;
         let now = Instant::now();
         c.insert(key("s.org."), Arc::new(Entry::servfail(&l, now)), now);

@@ -113,8 +113,10 @@ impl DnsMetrics {
             }
         }
         inc(&self.upstream_latency[LATENCY_BUCKETS.len()]);
-        self.upstream_latency_sum_us
-            .fetch_add(d.as_micros().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        self.upstream_latency_sum_us.fetch_add(
+            d.as_micros().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// Count of queries of type `t` so far.

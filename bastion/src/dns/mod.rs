@@ -230,8 +230,9 @@ fn parse_static(r: &StaticRecord, zone: &Name, default_ttl: u32) -> Result<Recor
             .map_err(|_| format!("{s:?} is not a number from 0 to 65535"))
     };
     let data = match r.rtype.to_ascii_uppercase().as_str() {
-        "A" => RData::A(A(Ipv4Addr::from_str(v)
-            .map_err(|_| format!("{v:?} is not an IPv4 address"))?)),
+        "A" => RData::A(A(
+            Ipv4Addr::from_str(v).map_err(|_| format!("{v:?} is not an IPv4 address"))?
+        )),
         "AAAA" => RData::AAAA(AAAA(
             Ipv6Addr::from_str(v).map_err(|_| format!("{v:?} is not an IPv6 address"))?,
         )),
@@ -269,11 +270,10 @@ fn parse_static(r: &StaticRecord, zone: &Name, default_ttl: u32) -> Result<Recor
 
 /// Loopback plus the networks of this host's interfaces.
 fn default_allow() -> Vec<IpNet> {
-    let mut nets: Vec<IpNet> = vec![
-        IpNet::from_str("127.0.0.0/8").into_iter().collect::<Vec<_>>(),
-        IpNet::from_str("::1/128").into_iter().collect(),
-    ]
-    .concat();
+    let mut nets: Vec<IpNet> = ["127.0.0.0/8", "::1/128"]
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
     match if_addrs::get_if_addrs() {
         Ok(ifs) => {
             for i in ifs {

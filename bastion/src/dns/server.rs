@@ -88,7 +88,9 @@ impl RateLimiter {
         Self {
             rate: rate as f64,
             burst: 2.0 * rate as f64,
-            shards: (0..RRL_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..RRL_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
             slip: AtomicU64::new(0),
         }
     }
@@ -124,7 +126,7 @@ impl RateLimiter {
             return Verdict::Allow;
         }
         inc(&metrics().rate_limited);
-        if self.slip.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+        if self.slip.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
             Verdict::Slip
         } else {
             Verdict::Drop
@@ -573,7 +575,11 @@ async fn follow_registry(res: Arc<Resolver>, registry: Registry) {
         if p == last {
             continue;
         }
-        let serial = res.zone().serial.wrapping_add(1).max(crate::unix_now() as u32);
+        let serial = res
+            .zone()
+            .serial
+            .wrapping_add(1)
+            .max(crate::unix_now() as u32);
         let z = build(&res.settings, &p, serial);
         *res.zone.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(z);
         info!(serial, agents = p.len(), "dns: zone updated");
@@ -637,7 +643,10 @@ mod tests {
             "listen = [\"127.0.0.1:1\"]\nupstreams = [\"{upstream}\"]\nallow = [\"127.0.0.1\"]\nrate_limit = 0\nupstream_timeout = \"300ms\"\n{extra}"
         ))
         .unwrap();
-        Arc::new(Resolver::new(c.settings(None).unwrap(), ZoneData::default()))
+        Arc::new(Resolver::new(
+            c.settings(None).unwrap(),
+            ZoneData::default(),
+        ))
     }
 
     /// A fake upstream answering every A query with 10.0.0.1 (TTL 1) after `delay`, while
@@ -705,7 +714,11 @@ mod tests {
             assert_eq!(m.metadata.id, i);
             assert_eq!(m.metadata.response_code, ResponseCode::NoError);
             assert_eq!(m.answers.len(), 1);
-            assert_eq!(m.queries[0].name().to_string(), "Same.Example.org.", "case kept");
+            assert_eq!(
+                m.queries[0].name().to_string(),
+                "Same.Example.org.",
+                "case kept"
+            );
         }
         assert_eq!(count.load(Ordering::SeqCst), 1);
     }

@@ -304,7 +304,9 @@ mod tests {
         assert_eq!(ent.rcode, ResponseCode::NoError);
         assert!(ent.answers.is_empty() && ent.authority.len() == 1);
         // PTR in the reverse zone.
-        let p = z.lookup(&n("5.0.0.10.in-addr.arpa."), RecordType::PTR).unwrap();
+        let p = z
+            .lookup(&n("5.0.0.10.in-addr.arpa."), RecordType::PTR)
+            .unwrap();
         assert_eq!(p.answers.len(), 1);
         assert!(z.lookup(&n("example.org."), RecordType::A).is_none());
         // NS and the name server's glue from `listen`.
@@ -332,11 +334,13 @@ mod tests {
             cert_serial: String::new(),
             cert_not_after: 0,
         };
-        snap.agents.insert("db".into(), std::sync::Arc::new(info.clone()));
+        snap.agents
+            .insert("db".into(), std::sync::Arc::new(info.clone()));
         let mut revoked = info;
         revoked.name = "old".into();
         revoked.revoked = true;
-        snap.agents.insert("old".into(), std::sync::Arc::new(revoked));
+        snap.agents
+            .insert("old".into(), std::sync::Arc::new(revoked));
         let p = projection(&s, &snap);
         assert_eq!(
             p,
