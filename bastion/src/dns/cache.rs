@@ -24,6 +24,8 @@ pub const STALE_RETRY: Duration = Duration::from_secs(30);
 /// Lifetime of a negative answer that came without an SOA (RFC 2308 says not to cache it; a
 /// few seconds spare the upstream a storm of identical misses).
 pub const NO_SOA_NEGATIVE_TTL: Duration = Duration::from_secs(5);
+/// Answers with a shorter TTL are not prefetched.
+pub const PREFETCH_MIN_TTL: u32 = 10;
 const SHARDS: usize = 16;
 
 /// Caching bounds from configuration.
@@ -52,6 +54,8 @@ pub struct Entry {
     /// The SOA of a negative answer.
     pub authority: Vec<Record>,
     pub expires: Instant,
+    /// The TTL it was stored with, in seconds.
+    pub ttl: u32,
     /// Until when it may be served stale.
     pub stale_until: Instant,
     /// While served stale, upstreams are not asked again before this.
@@ -81,6 +85,16 @@ impl Entry {
         secs(left + Duration::from_nanos(999_999_999))
     }
 
+    /// Whether a hit should refresh it in the background: popular answers are renewed before
+    /// they expire, so their clients never wait for an upstream (prefetch, as unbound does
+    /// in the last tenth of the TTL).
+    pub fn wants_prefetch(&self, now: Instant) -> bool {
+        !self.is_failure()
+            && self.ttl >= PREFETCH_MIN_TTL
+            && self.expires.saturating_duration_since(now) * 10
+                < Duration::from_secs(self.ttl.into())
+    }
+
     pub fn is_failure(&self) -> bool {
         self.rcode == ResponseCode::ServFail
     }
@@ -92,6 +106,7 @@ impl Entry {
             answers: Vec::new(),
             authority: Vec::new(),
             expires: now + l.servfail_ttl,
+            ttl: secs(l.servfail_ttl),
             stale_until: now + l.servfail_ttl,
             retry_after: None,
         }
@@ -133,6 +148,7 @@ impl Entry {
             answers: answers.into_iter().map(fix).collect(),
             authority: soa.into_iter().map(fix).collect(),
             expires: now + ttl,
+            ttl: t,
             stale_until: now + ttl + l.serve_stale,
             retry_after: None,
         }
@@ -290,7 +306,10 @@ mod tests {
             panic!()
         };
         assert_eq!(e.ttl_at(Instant::now()), 60);
-        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(!e.wants_prefetch(Instant::now()));
+        tokio::time::advance(Duration::from_secs(51)).await;
+        assert!(e.wants_prefetch(Instant::now()), "last tenth of the TTL");
+        tokio::time::advance(Duration::from_secs(10)).await;
         assert!(matches!(
             c.get(&key("x.org."), Instant::now()),
             Lookup::Stale {

@@ -45,6 +45,8 @@ pub struct DnsMetrics {
     pub cache_stale_served: AtomicU64,
     /// Entries in the cache now (gauge).
     pub cache_entries: AtomicU64,
+    /// Background refreshes of popular answers about to expire.
+    pub prefetches: AtomicU64,
     /// Misses merged into an identical query already waiting for an upstream.
     pub coalesced: AtomicU64,
     /// Queries sent to upstreams, and those that failed (timeout, error, SERVFAIL, REFUSED).
@@ -71,6 +73,7 @@ static METRICS: DnsMetrics = DnsMetrics {
     cache_misses: Z,
     cache_stale_served: Z,
     cache_entries: Z,
+    prefetches: Z,
     coalesced: Z,
     upstream_queries: Z,
     upstream_failures: Z,

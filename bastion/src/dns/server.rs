@@ -246,7 +246,12 @@ impl Resolver {
     }
 
     /// Everything that can be answered without waiting: errors, the zone, cache hits.
-    pub(crate) fn handle(&self, buf: &[u8], src: IpAddr, transport: Transport) -> Action {
+    pub(crate) fn handle(
+        self: &Arc<Self>,
+        buf: &[u8],
+        src: IpAddr,
+        transport: Transport,
+    ) -> Action {
         // Too short for a header, or a response (answering those invites loops): dropped.
         if buf.len() < 12 || buf[2] & 0x80 != 0 {
             inc(&metrics().malformed);
@@ -331,9 +336,13 @@ impl Resolver {
             name: q.name().clone(),
             qtype,
         };
-        match self.cache.get(&key, Instant::now()) {
+        let now = Instant::now();
+        match self.cache.get(&key, now) {
             Lookup::Fresh(e) => {
                 inc(&metrics().cache_hits);
+                if e.wants_prefetch(now) {
+                    self.prefetch(key);
+                }
                 Action::Reply(self.respond_entry(&req, &e, false))
             }
             Lookup::Stale {
@@ -385,6 +394,19 @@ impl Resolver {
         }
     }
 
+    /// Refreshes an answer in the background unless a query for it is already upstream.
+    fn prefetch(self: &Arc<Self>, key: Key) {
+        let mut map = lock(&self.inflight);
+        if map.contains_key(&key) {
+            return;
+        }
+        inc(&metrics().prefetches);
+        let (tx, rx) = watch::channel(None);
+        map.insert(key.clone(), rx);
+        let me = self.clone();
+        tokio::spawn(async move { me.fetch(key, tx).await });
+    }
+
     async fn fetch(self: Arc<Self>, key: Key, tx: watch::Sender<Outcome>) {
         let resp = self.upstreams.resolve(&key.name, key.qtype).await;
         let now = Instant::now();
@@ -397,6 +419,8 @@ impl Resolver {
                     e.retry_after = Some(now + STALE_RETRY);
                     (Arc::new(e), true)
                 }
+                // A failed prefetch leaves the answer being served as it is.
+                Lookup::Fresh(e) => (e, false),
                 _ => (Arc::new(Entry::servfail(limits, now)), false),
             },
         };
