@@ -15,11 +15,11 @@ use anyhow::Result;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::HINFO;
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -482,83 +482,108 @@ async fn udp_worker(res: Arc<Resolver>, sock: Arc<UdpSocket>) {
     }
 }
 
-async fn write_frames(
-    wr: tokio::net::tcp::OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Vec<u8>>,
-) -> io::Result<()> {
-    let mut w = BufWriter::new(wr);
-    while let Some(b) = rx.recv().await {
-        let mut next = Some(b);
-        // Everything already queued goes out in one flush.
-        while let Some(b) = next {
-            let len = u16::try_from(b.len()).unwrap_or(u16::MAX);
-            w.write_all(&len.to_be_bytes()).await?;
-            w.write_all(&b[..len as usize]).await?;
-            next = rx.try_recv().ok();
-        }
-        w.flush().await?;
-    }
-    w.shutdown().await
+async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(b.len()).unwrap_or(u16::MAX);
+    w.write_all(&len.to_be_bytes()).await?;
+    w.write_all(&b[..len as usize]).await
 }
 
+/// One TCP connection in one task: every complete query already read is answered in turn
+/// (zone answers and cache hits at once, misses in tasks of their own), and the answers go out
+/// in one write, so a pipelining client costs a read and a write per batch, not per query.
 async fn tcp_conn(
     res: Arc<Resolver>,
     stream: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
+    if let Err(e) = tcp_serve(res, stream, peer, shutdown).await {
+        debug!(client = %peer, error = %e, "dns: TCP connection ended");
+    }
+}
+
+async fn tcp_serve(
+    res: Arc<Resolver>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
     let _ = stream.set_nodelay(true);
     let idle = res.settings.tcp_idle_timeout;
-    let (rd, wr) = stream.into_split();
-    let mut rd = BufReader::new(rd);
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(TCP_PIPELINE * 2);
-    let writer = tokio::spawn(write_frames(wr, rx));
+    let (mut rd, wr) = stream.into_split();
+    let mut w = BufWriter::with_capacity(32 * 1024, wr);
+    let mut inbuf: Vec<u8> = Vec::with_capacity(8 * 1024);
+    // Answers to misses come back here; each is sent by a task holding one of the slots, so
+    // at most TCP_PIPELINE are ever queued.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let slots = Arc::new(Semaphore::new(TCP_PIPELINE));
+    let mut eof = false;
+    let mut deadline = Instant::now() + idle;
     loop {
-        let len = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = timeout(idle, rd.read_u16()) => match r {
-                Ok(Ok(l)) => l as usize,
-                _ => break,
-            },
-        };
-        let mut buf = vec![0u8; len];
-        match timeout(idle, rd.read_exact(&mut buf)).await {
-            Ok(Ok(_)) => {}
-            _ => break,
-        }
-        match res.handle(&buf, peer.ip(), Transport::Tcp) {
-            Action::Drop => {}
-            Action::Reply(b) => {
-                if tx.send(b).await.is_err() {
-                    break;
+        let mut off = 0;
+        while inbuf.len() - off >= 2 {
+            let len = u16::from_be_bytes([inbuf[off], inbuf[off + 1]]) as usize;
+            if inbuf.len() - off - 2 < len {
+                break;
+            }
+            let msg = &inbuf[off + 2..off + 2 + len];
+            off += 2 + len;
+            match res.handle(msg, peer.ip(), Transport::Tcp) {
+                Action::Drop => {}
+                Action::Reply(b) => write_frame(&mut w, &b).await?,
+                Action::Forward(req, key) => {
+                    let Ok(permit) = res.pending.clone().try_acquire_owned() else {
+                        inc(&metrics().overloaded);
+                        let b = res.respond(&req, ResponseCode::ServFail, false, vec![], vec![]);
+                        write_frame(&mut w, &b).await?;
+                        continue;
+                    };
+                    // Past TCP_PIPELINE queries in flight, wait for one to finish.
+                    let slot = loop {
+                        match slots.clone().try_acquire_owned() {
+                            Ok(s) => break s,
+                            Err(_) => {
+                                w.flush().await?;
+                                match rx.recv().await {
+                                    Some(b) => write_frame(&mut w, &b).await?,
+                                    None => return Ok(()),
+                                }
+                            }
+                        }
+                    };
+                    let (res, tx) = (res.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let b = res.forward(req, key).await;
+                        let _ = tx.send(b);
+                        drop((slot, permit));
+                    });
                 }
             }
-            Action::Forward(req, key) => {
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    break;
-                };
-                let Ok(permit) = res.pending.clone().try_acquire_owned() else {
-                    inc(&metrics().overloaded);
-                    let b = res.respond(&req, ResponseCode::ServFail, false, vec![], vec![]);
-                    if tx.send(b).await.is_err() {
-                        break;
-                    }
-                    continue;
-                };
-                let (res, tx) = (res.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let b = res.forward(req, key).await;
-                    let _ = tx.send(b).await;
-                    drop((slot, permit));
-                });
-            }
+        }
+        inbuf.drain(..off);
+        while let Ok(b) = rx.try_recv() {
+            write_frame(&mut w, &b).await?;
+        }
+        if !w.buffer().is_empty() {
+            w.flush().await?;
+        }
+        let busy = slots.available_permits() < TCP_PIPELINE;
+        if eof && !busy {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(b) = rx.recv() => write_frame(&mut w, &b).await?,
+            r = rd.read_buf(&mut inbuf), if !eof && inbuf.len() < 2 + u16::MAX as usize => match r {
+                Ok(0) => eof = true,
+                Ok(_) => deadline = Instant::now() + idle,
+                Err(e) => return Err(e),
+            },
+            _ = tokio::time::sleep_until(deadline), if !busy => break,
         }
     }
-    drop(tx);
-    if let Ok(Ok(Err(e))) = timeout(idle, writer).await {
-        debug!(client = %peer, error = %e, "dns: TCP write failed");
-    }
+    w.flush().await?;
+    w.shutdown().await
 }
 
 async fn tcp_accept(
