@@ -7,7 +7,7 @@
 # bastide/dnsmasq. Not part of the test suite.
 #
 # Needs: dnsperf, unbound, dnsmasq (Debian: dnsperf unbound dnsmasq-base), dig (dnsutils).
-# Usage: bench/dns/run.sh            (RUNS=3 SECONDS_PER_RUN=5 CLIENTS=10 to change)
+# Usage: bench/dns/run.sh   (env: RUNS=3 SECONDS_PER_RUN=5 CLIENTS=10; BASTIDE=path skips the build)
 set -euo pipefail
 
 RUNS=${RUNS:-3}
@@ -20,9 +20,11 @@ for p in dnsperf:dnsperf unbound:unbound dnsmasq:dnsmasq-base dig:dnsutils; do
 done
 export PATH="$PATH:/usr/sbin"
 
-echo "building bastide (release)..." >&2
-(cd "$ROOT" && cargo build --release --quiet -p bastide)
-BASTIDE="$ROOT/target/release/bastide"
+if [ -z "${BASTIDE:-}" ]; then
+    echo "building bastide (release)..." >&2
+    (cd "$ROOT" && cargo build --release --quiet -p bastide)
+    BASTIDE="$ROOT/target/release/bastide"
+fi
 
 T=$(mktemp -d /tmp/bastide-bench-dns.XXXXXX)
 PIDS=()
@@ -53,7 +55,7 @@ CONF
     for i in $(seq 0 $((N - 1))); do echo "  local-data: \"n$i.bench.test. 86400 IN A 10.$((i / 250)).$((i % 250)).1\""; done
     echo "remote-control:"; echo "  control-enable: no"
 } > "$T/upstream.conf"
-unbound -d -c "$T/upstream.conf" & PIDS+=($!)
+unbound -d -c "$T/upstream.conf" 2>"$T/upstream.log" & PIDS+=($!)
 
 # unbound under test: 1 thread, forwarding everything to the upstream.
 cat > "$T/unbound.conf" <<CONF
@@ -77,12 +79,12 @@ forward-zone:
 remote-control:
   control-enable: no
 CONF
-unbound -d -c "$T/unbound.conf" & PIDS+=($!)
+unbound -d -c "$T/unbound.conf" 2>"$T/unbound.log" & PIDS+=($!)
 
 # dnsmasq under test.
 dnsmasq --keep-in-foreground --no-resolv --no-hosts --bind-interfaces --listen-address=127.0.0.1 \
     --port="$PM" --server="127.0.0.1#$UP" --cache-size=10000 --dns-forward-max=1000 \
-    --user=root --pid-file="$T/dnsmasq.pid" & PIDS+=($!)
+    --user=root --pid-file="$T/dnsmasq.pid" 2>"$T/dnsmasq.log" & PIDS+=($!)
 
 # bastide: zone bench.internal. with 100 static names, forwarding to the upstream.
 "$BASTIDE" init --dir "$T/state" --project bench --zone bench.internal. >/dev/null
