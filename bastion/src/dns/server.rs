@@ -363,6 +363,11 @@ impl Resolver {
     pub(crate) async fn forward(self: &Arc<Self>, req: Request, key: Key) -> Vec<u8> {
         let mut rx = {
             let mut map = lock(&self.inflight);
+            // A fetch whose task died (it cannot panic by design, but) must not leave the
+            // name answered SERVFAIL forever: its closed channel is replaced.
+            if map.get(&key).is_some_and(|rx| rx.has_changed().is_err()) {
+                map.remove(&key);
+            }
             match map.get(&key) {
                 Some(rx) => {
                     inc(&metrics().coalesced);
