@@ -43,6 +43,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub metrics: Option<crate::metrics::MetricsConfig>,
+    #[serde(default)]
+    pub dns: Option<crate::dns::DnsConfig>,
     /// Path of the file this was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -216,6 +218,11 @@ impl Config {
                 ),
             }
         }
+        if let Some(d) = &self.dns {
+            for (key, reason) in d.problems(self.zone.as_deref()) {
+                bad(&format!("dns.{key}"), reason);
+            }
+        }
         if let Some(m) = &self.metrics {
             for p in m.validate() {
                 problems.push(format!("{file}: {p}"));
@@ -312,5 +319,28 @@ mod tests {
         assert!(e.contains("project"), "{e}");
         assert!(e.contains("state_dir"), "{e}");
         assert!(e.contains("heartbeat_timeout"), "{e}");
+    }
+
+    #[test]
+    fn dns_problems_are_named() {
+        let dir = std::env::temp_dir().join(format!("bastide-cfg-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("b.toml");
+        std::fs::write(
+            &f,
+            "project = \"p\"\nzone = \"p.test.\"\nstate_dir = \"/x\"\n[dns]\nlisten = [\"127.0.0.1:53\"]\nallow = [\"10.0.0.0/33\"]\nservfail_ttl = \"1m\"\n[[dns.records]]\nname = \"a\"\ntype = \"A\"\nvalue = \"x\"\n",
+        )
+        .unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(e.contains("b.toml: dns.allow:"), "{e}");
+        assert!(e.contains("dns.servfail_ttl"), "{e}");
+        assert!(e.contains("dns.records[0]"), "{e}");
+        std::fs::write(
+            &f,
+            "project = \"p\"\nstate_dir = \"/x\"\n[dns]\nlisten = [\"127.0.0.1:53\"]\nbogus = 1\n",
+        )
+        .unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
     }
 }

@@ -98,6 +98,16 @@ pub async fn serve(cfg: Config) -> Result<()> {
         None => None,
     };
 
+    let dns = match &cfg.dns {
+        Some(d) => Some((
+            d.clone(),
+            crate::dns::bind(d)
+                .await
+                .with_context(|| format!("{}: dns.listen", cfg.source.display()))?,
+        )),
+        None => None,
+    };
+
     let root = CancellationToken::new();
     let mut set: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
     if let Some((acfg, listener, tls)) = agents {
@@ -134,6 +144,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
             }
             ("hostmetrics", Ok(()))
         });
+    }
+    if let Some((dcfg, sockets)) = dns {
+        let (r, t) = (registry.clone(), root.child_token());
+        set.spawn(async move { ("dns", crate::dns::run(dcfg, r, sockets, t).await) });
     }
     if let Some((listener, path)) = admin {
         let (r, t) = (registry.clone(), root.child_token());

@@ -9,6 +9,7 @@ pub mod agents;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod dns;
 pub mod fsutil;
 pub mod hostmetrics;
 pub mod logging;
