@@ -41,6 +41,9 @@ pub struct Config {
     pub agents: Option<AgentsConfig>,
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// `[smtp]`: the VMs' mail relay (off when absent).
+    #[serde(default)]
+    pub smtp: Option<crate::smtp::SmtpConfig>,
     /// Path of the file this was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -212,6 +215,11 @@ impl Config {
                     "admin.socket",
                     format!("the directory of {} does not exist", adm.socket.display()),
                 ),
+            }
+        }
+        if let Some(smtp) = &self.smtp {
+            for (key, reason) in smtp.validate(&self.state_dir) {
+                bad(&key, reason);
             }
         }
         problems
