@@ -568,6 +568,7 @@ pub async fn run(svc: Smtp, listener: TcpListener, shutdown: CancellationToken) 
     let rewriter = Arc::new(rewrite::Rewriter::new(
         &svc.cfg,
         svc.zone.clone(),
+        svc.hostname.clone(),
         svc.registry.clone(),
     ));
     let runner = {

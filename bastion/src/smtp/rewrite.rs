@@ -8,6 +8,7 @@
 
 use crate::registry::Registry;
 
+use super::server::UNQUALIFIED;
 use super::SmtpConfig;
 
 pub struct Rewriter {
@@ -15,11 +16,17 @@ pub struct Rewriter {
     admin_address: Option<String>,
     local_domains: Vec<String>,
     zone: Option<String>,
+    hostname: String,
     registry: Registry,
 }
 
 impl Rewriter {
-    pub fn new(cfg: &SmtpConfig, zone: Option<String>, registry: Registry) -> Self {
+    pub fn new(
+        cfg: &SmtpConfig,
+        zone: Option<String>,
+        hostname: String,
+        registry: Registry,
+    ) -> Self {
         Self {
             sender_address: cfg.sender_address.clone(),
             admin_address: cfg.admin_address.clone(),
@@ -29,6 +36,7 @@ impl Rewriter {
                 .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
                 .collect(),
             zone,
+            hostname,
             registry,
         }
     }
@@ -37,7 +45,8 @@ impl Rewriter {
     pub fn is_local_domain(&self, domain: Option<&str>) -> bool {
         let Some(d) = domain else { return true };
         let d = d.trim_end_matches('.').to_ascii_lowercase();
-        if d.is_empty() || !d.contains('.') || d == "localhost" || d.starts_with("localhost.") {
+        if d == UNQUALIFIED
+            || d.is_empty() || !d.contains('.') || d == "localhost" || d.starts_with("localhost.") {
             return true;
         }
         if let Some(z) = &self.zone {
@@ -65,11 +74,15 @@ impl Rewriter {
         self.is_local_domain(addr.rsplit_once('@').map(|(_, d)| d))
     }
 
-    /// The envelope sender to relay; the null sender stays null.
+    /// The envelope sender to relay; the null sender stays null. Without a sender address,
+    /// a domain-less sender gets the bastion's host name (Postfix's `myorigin`).
     pub fn sender(&self, addr: &str) -> String {
         match &self.sender_address {
             Some(s) if !addr.is_empty() && self.local(addr) => s.clone(),
-            _ => addr.to_string(),
+            _ => match addr.strip_suffix(&format!("@{UNQUALIFIED}")) {
+                Some(local) => format!("{local}@{}", self.hostname),
+                None => addr.to_string(),
+            },
         }
     }
 
@@ -77,7 +90,7 @@ impl Rewriter {
     pub fn recipient(&self, addr: &str) -> Option<String> {
         match &self.admin_address {
             Some(a) if self.local(addr) => Some(a.clone()),
-            _ if !addr.contains('@') => None,
+            _ if !addr.contains('@') || addr.ends_with(&format!("@{UNQUALIFIED}")) => None,
             _ => Some(addr.to_string()),
         }
     }

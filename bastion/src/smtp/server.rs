@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver, RequestReceiver};
+use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver};
 use smtp_proto::{Error as ProtoError, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,6 +25,12 @@ use super::rewrite::Rewriter;
 use super::spool::{new_id, now_ms, Meta, Queue};
 use super::{Cidr, SmtpConfig, SmtpMetrics};
 use crate::registry::Registry;
+
+/// Longest command line (RFC 5321 says 512; extensions make them longer).
+const MAX_COMMAND_LINE: usize = 2048;
+/// Domain given to domain-less addresses (`<root>`) so that the parser takes them; the
+/// rewriter treats it as local. `.invalid` can never be a real domain (RFC 2606).
+pub const UNQUALIFIED: &str = "unqualified.bastide.invalid";
 
 /// Errors after which a session is closed.
 const MAX_ERRORS: u32 = 20;
@@ -319,7 +325,7 @@ impl Session<'_> {
     async fn run(&mut self, mut io: Box<dyn Io>, shutdown: CancellationToken) -> Result<()> {
         let cfg = &self.shared.cfg;
         self.reply(&format!("220 {} ESMTP Bastide", self.shared.hostname));
-        let mut cmd = RequestReceiver::default();
+        let mut line: Vec<u8> = Vec::with_capacity(256);
         let mut mode = Mode::Command;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -389,15 +395,32 @@ impl Session<'_> {
                         }
                     }
                     Mode::Command => {
-                        let req = match cmd.ingest(&mut iter) {
-                            Ok(r) => r.into_owned(),
-                            Err(ProtoError::NeedsMoreData { .. }) => break,
-                            Err(ProtoError::ResponseTooLong) => {
+                        let rest = iter.as_slice();
+                        let Some(p) = rest.iter().position(|&b| b == b'\n') else {
+                            if line.len() + rest.len() > MAX_COMMAND_LINE {
                                 self.error("500 5.5.2 Line too long");
-                                cmd = RequestReceiver::default();
+                                line.clear();
                                 mode = Mode::SkipLine;
-                                continue;
+                            } else {
+                                line.extend_from_slice(rest);
                             }
+                            iter = [].iter();
+                            continue;
+                        };
+                        iter = rest[p + 1..].iter();
+                        if line.len() + p + 1 > MAX_COMMAND_LINE {
+                            self.error("500 5.5.2 Line too long");
+                            line.clear();
+                            continue;
+                        }
+                        line.extend_from_slice(&rest[..=p]);
+                        let parsed = {
+                            let qualified = qualify_local(&line);
+                            Request::parse(&mut qualified.iter()).map(Request::into_owned)
+                        };
+                        line.clear();
+                        let req = match parsed {
+                            Ok(r) => r,
                             Err(e) => {
                                 let text = proto_error(&e);
                                 self.error(&text);
@@ -445,7 +468,7 @@ impl Session<'_> {
                                 self.tls = true;
                                 self.helo = None;
                                 self.reset();
-                                cmd = RequestReceiver::default();
+                                line.clear();
                                 break;
                             }
                         }
@@ -611,10 +634,16 @@ impl Session<'_> {
                 } else if self.rcpts.len() >= cfg.max_recipients {
                     SmtpMetrics::inc(&self.shared.metrics.refused_limit);
                     self.reply("452 4.5.3 Error: too many recipients");
-                } else if to.address.is_empty() || !valid_addr_text(&to.address) {
+                } else if !valid_addr_text(&to.address) {
                     self.error("501 5.1.3 Bad recipient address syntax");
                 } else {
-                    match self.shared.rewriter.recipient(&to.address) {
+                    // smtp-proto gives `<postmaster>` as "".
+                    let addr = if to.address.is_empty() {
+                        format!("postmaster@{UNQUALIFIED}")
+                    } else {
+                        to.address
+                    };
+                    match self.shared.rewriter.recipient(&addr) {
                         None => {
                             SmtpMetrics::inc(&self.shared.metrics.refused_recipient);
                             self.reply("550 5.1.3 Recipient address has no domain and no smtp.admin_address is configured");
@@ -688,6 +717,37 @@ impl Session<'_> {
         };
         list.iter().any(|a| a.eq_ignore_ascii_case(d))
     }
+}
+
+/// `MAIL FROM:<root>` / `RCPT TO:<root>`: VMs' system mail often has no domain, which
+/// RFC 5321 parsers refuse; give it the [`UNQUALIFIED`] marker domain.
+fn qualify_local(line: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let upper: Vec<u8> = line.iter().take(10).map(u8::to_ascii_uppercase).collect();
+    if !(upper.starts_with(b"RCPT TO:") || upper.starts_with(b"MAIL FROM:")) {
+        return line.into();
+    }
+    let (Some(l), Some(r)) = (
+        line.iter().position(|&b| b == b'<'),
+        line.iter().position(|&b| b == b'>'),
+    ) else {
+        return line.into();
+    };
+    if r <= l + 1 {
+        return line.into();
+    }
+    let inner = &line[l + 1..r];
+    let local_part = inner
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._+".contains(b));
+    if !local_part || inner.eq_ignore_ascii_case(b"postmaster") {
+        return line.into();
+    }
+    let mut out = Vec::with_capacity(line.len() + UNQUALIFIED.len() + 1);
+    out.extend_from_slice(&line[..r]);
+    out.push(b'@');
+    out.extend_from_slice(UNQUALIFIED.as_bytes());
+    out.extend_from_slice(&line[r..]);
+    out.into()
 }
 
 fn proto_error(e: &ProtoError) -> String {
