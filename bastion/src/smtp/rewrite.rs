@@ -46,7 +46,11 @@ impl Rewriter {
         let Some(d) = domain else { return true };
         let d = d.trim_end_matches('.').to_ascii_lowercase();
         if d == UNQUALIFIED
-            || d.is_empty() || !d.contains('.') || d == "localhost" || d.starts_with("localhost.") {
+            || d.is_empty()
+            || !d.contains('.')
+            || d == "localhost"
+            || d.starts_with("localhost.")
+        {
             return true;
         }
         if let Some(z) = &self.zone {
