@@ -396,18 +396,19 @@ impl Queue {
             .with_context(|| format!("reading {}", p.display()))
     }
 
-    /// Delivered: removed from disk and from the queue.
+    /// Delivered: removed from disk and from the queue. The unlink is not fsynced (as in
+    /// Postfix): it survives a crash of the process; after a power failure the message may
+    /// be sent again, which at-least-once delivery allows, but it is never lost.
     pub async fn delivered(&self, id: &str) -> Result<()> {
         let (m, s) = (
             self.queue.join(format!("{id}.msg")),
             self.queue.join(format!("{id}.state")),
         );
-        let dir = self.queue.clone();
         self.lock().remove(id);
         tokio::task::spawn_blocking(move || -> Result<()> {
             std::fs::remove_file(&m).with_context(|| format!("removing {}", m.display()))?;
             let _ = std::fs::remove_file(&s);
-            crate::fsutil::sync_dir(&dir)
+            Ok(())
         })
         .await
         .context("spool task")?
