@@ -71,6 +71,8 @@ PIDS+=($!)
 # Postfix: a private instance (config, queue and data directories of its own).
 PF=$WORK/pf
 mkdir -p "$PF/etc" "$PF/queue" "$PF/data"
+chmod 755 "$WORK" "$PF" "$PF/queue"
+chown postfix "$PF/data"
 cp /etc/postfix/master.cf "$PF/etc/master.cf"
 cp -r /etc/postfix/postfix-files /etc/postfix/postfix-files.d /etc/postfix/dynamicmaps.cf /etc/postfix/dynamicmaps.cf.d "$PF/etc/" 2>/dev/null || true
 cat > "$PF/etc/main.cf" <<CF
@@ -102,7 +104,7 @@ postconf -c "$PF/etc" -F '*/*/chroot = n'
 postconf -c "$PF/etc" -M# smtp/inet
 postconf -c "$PF/etc" -Me "127.0.0.1:$PPORT/inet = 127.0.0.1:$PPORT inet n - n - - smtpd"
 postfix -c "$PF/etc" check
-postfix -c "$PF/etc" start 2>/dev/null
+postfix -c "$PF/etc" start || { echo "postfix did not start:" >&2; cat "$PF/maillog" >&2 2>/dev/null; exit 1; }
 
 for p in $BPORT $PPORT; do
     for _ in $(seq 100); do
