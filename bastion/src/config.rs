@@ -260,6 +260,17 @@ handshake_timeout = "10s"
 socket = "{dir}/admin.sock"
 # 0o600, or 0o660 to let the daemon's group administer it.
 mode = 0o600
+
+# Mail relay for the VMs' system mail (off while commented out; see the README).
+# [smtp]
+# listen = "10.0.0.1:25"
+# allow_networks = ["10.0.0.0/24"]   # enrolled agents' addresses are allowed too
+# sender_address = "vm-mail@example.org"
+# admin_address = "ops@example.org"
+# [smtp.relay]
+# host = "smtp.example.org"
+# port = 587
+# tls = "required"
 "#
     )
 }
