@@ -32,6 +32,26 @@ pub enum AdminRequest {
     TokenRevoke { id: String },
     AgentsList,
     AgentsRevoke { name: String },
+    MailQueue,
+    MailFlush,
+    MailRetry { id: String },
+    MailDelete { id: String },
+}
+
+/// What admin requests act on: the registry and the handles of the services that are on.
+#[derive(Clone)]
+pub struct AdminCtx {
+    pub registry: Registry,
+    pub mail: Option<crate::smtp::MailHandle>,
+}
+
+impl AdminCtx {
+    pub fn new(registry: Registry) -> Self {
+        Self {
+            registry,
+            mail: None,
+        }
+    }
 }
 
 /// The daemon's answer.
@@ -71,7 +91,7 @@ pub fn bind(cfg: &AdminConfig) -> Result<UnixListener> {
 
 /// Serves admin requests until `shutdown`.
 pub async fn run(
-    registry: Registry,
+    ctx: AdminCtx,
     listener: UnixListener,
     socket_path: PathBuf,
     shutdown: CancellationToken,
@@ -94,10 +114,10 @@ pub async fn run(
             warn!("admin: too many clients");
             continue;
         };
-        let registry = registry.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = serve_one(stream, registry).await {
+            if let Err(e) = serve_one(stream, ctx).await {
                 warn!(error = %format!("{e:#}"), "admin: request failed");
             }
         });
@@ -106,7 +126,7 @@ pub async fn run(
     Ok(())
 }
 
-async fn serve_one(stream: UnixStream, registry: Registry) -> Result<()> {
+async fn serve_one(stream: UnixStream, ctx: AdminCtx) -> Result<()> {
     let uid = stream.peer_cred().ok().map(|c| c.uid());
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
@@ -117,7 +137,7 @@ async fn serve_one(stream: UnixStream, registry: Registry) -> Result<()> {
     let response = match serde_json::from_str::<AdminRequest>(&line) {
         Ok(req) => {
             let summary = format!("{req:?}");
-            let r = handle(req, registry).await;
+            let r = handle(req, ctx).await;
             let outcome = if r.is_ok() { "ok" } else { "error" };
             metrics::counter!(crate::metrics::names::ADMIN_REQUESTS, "result" => outcome)
                 .increment(1);
@@ -151,7 +171,8 @@ async fn serve_one(stream: UnixStream, registry: Registry) -> Result<()> {
     Ok(())
 }
 
-async fn handle(req: AdminRequest, registry: Registry) -> Result<serde_json::Value> {
+async fn handle(req: AdminRequest, ctx: AdminCtx) -> Result<serde_json::Value> {
+    let AdminCtx { registry, mail } = ctx;
     tokio::task::spawn_blocking(move || -> Result<serde_json::Value> {
         Ok(match req {
             AdminRequest::Ping => serde_json::json!({ "version": crate::VERSION }),
@@ -165,6 +186,15 @@ async fn handle(req: AdminRequest, registry: Registry) -> Result<serde_json::Val
             AdminRequest::AgentsRevoke { name } => {
                 registry.revoke_agent(&name)?;
                 serde_json::Value::Null
+            }
+            AdminRequest::MailQueue
+            | AdminRequest::MailFlush
+            | AdminRequest::MailRetry { .. }
+            | AdminRequest::MailDelete { .. } => {
+                let Some(mail) = mail else {
+                    bail!("the smtp relay is off (no [smtp] table)");
+                };
+                crate::smtp::admin(&mail, req)?
             }
         })
     })

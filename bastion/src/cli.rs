@@ -53,6 +53,9 @@ pub enum Command {
     /// Enrolled agents.
     #[command(subcommand)]
     Agents(AgentsCmd),
+    /// The SMTP relay's queue.
+    #[command(subcommand)]
+    Mail(MailCmd),
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +117,21 @@ pub enum AgentsCmd {
     Revoke { name: String },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum MailCmd {
+    /// List queued messages: id, age, sender, recipients, attempts, last error.
+    Queue {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Try every queued message now.
+    Flush,
+    /// Try one message now.
+    Retry { id: String },
+    /// Delete one message from the queue for good.
+    Delete { id: String },
+}
+
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -150,6 +168,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Token(ref t) => token(&socket(&cli)?, t).await,
         Command::Agents(ref a) => agents(&socket(&cli)?, a).await,
+        Command::Mail(ref m) => mail(&socket(&cli)?, m).await,
     }
 }
 
@@ -315,6 +334,59 @@ async fn agents(socket: &Path, cmd: &AgentsCmd) -> Result<()> {
         AgentsCmd::Revoke { name } => {
             admin::call(socket, &AdminRequest::AgentsRevoke { name: name.clone() }).await?;
             println!("agent {name} revoked");
+        }
+    }
+    Ok(())
+}
+
+async fn mail(socket: &Path, cmd: &MailCmd) -> Result<()> {
+    match cmd {
+        MailCmd::Queue { json } => {
+            let v = admin::call(socket, &AdminRequest::MailQueue).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let list: Vec<crate::smtp::spool::QueueItem> =
+                serde_json::from_value(v["messages"].clone())?;
+            println!(
+                "{:<22}  {:>7}  {:>8}  {:<28}  {:<32}  LAST-ERROR",
+                "ID", "AGE", "ATTEMPTS", "SENDER", "RECIPIENTS"
+            );
+            for m in &list {
+                let state = if m.delivering {
+                    "delivering".to_string()
+                } else {
+                    m.last_error.clone().unwrap_or_default()
+                };
+                println!(
+                    "{:<22}  {:>6}s  {:>8}  {:<28}  {:<32}  {}",
+                    m.id,
+                    m.age_secs,
+                    m.attempts,
+                    if m.sender.is_empty() { "<>" } else { &m.sender },
+                    m.recipients.join(","),
+                    state
+                );
+            }
+            println!(
+                "{} message(s) queued, {} in dead letters ({}/dead)",
+                list.len(),
+                v["dead"],
+                v["spool"].as_str().unwrap_or("?")
+            );
+        }
+        MailCmd::Flush => {
+            let v = admin::call(socket, &AdminRequest::MailFlush).await?;
+            println!("{} message(s) scheduled for delivery now", v["scheduled"]);
+        }
+        MailCmd::Retry { id } => {
+            admin::call(socket, &AdminRequest::MailRetry { id: id.clone() }).await?;
+            println!("message {id} scheduled for delivery now");
+        }
+        MailCmd::Delete { id } => {
+            admin::call(socket, &AdminRequest::MailDelete { id: id.clone() }).await?;
+            println!("message {id} deleted");
         }
     }
     Ok(())

@@ -45,6 +45,9 @@ pub struct Config {
     pub metrics: Option<crate::metrics::MetricsConfig>,
     #[serde(default)]
     pub dns: Option<crate::dns::DnsConfig>,
+    /// `[smtp]`: the VMs' mail relay (off when absent).
+    #[serde(default)]
+    pub smtp: Option<crate::smtp::SmtpConfig>,
     /// Path of the file this was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -223,6 +226,11 @@ impl Config {
                 bad(&format!("dns.{key}"), reason);
             }
         }
+        if let Some(smtp) = &self.smtp {
+            for (key, reason) in smtp.validate(&self.state_dir) {
+                bad(&key, reason);
+            }
+        }
         if let Some(m) = &self.metrics {
             for p in m.validate() {
                 problems.push(format!("{file}: {p}"));
@@ -276,6 +284,16 @@ allow = ["127.0.0.0/8", "::1/128"]
 # bearer_token_file = "/etc/bastide/metrics.token"
 # tls = true                      # HTTPS with the bastion's server certificate
 stale_after = "5m"                # drop an agent's host metrics after this silence
+# Mail relay for the VMs' system mail (off while commented out; see the README).
+# [smtp]
+# listen = "10.0.0.1:25"
+# allow_networks = ["10.0.0.0/24"]   # enrolled agents' addresses are allowed too
+# sender_address = "vm-mail@example.org"
+# admin_address = "ops@example.org"
+# [smtp.relay]
+# host = "smtp.example.org"
+# port = 587
+# tls = "required"
 "#
     )
 }

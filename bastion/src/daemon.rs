@@ -89,6 +89,23 @@ pub async fn serve(cfg: Config) -> Result<()> {
         }
         None => None,
     };
+    let smtp = match &cfg.smtp {
+        Some(s) => {
+            let listener = tokio::net::TcpListener::bind(s.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "{}: smtp.listen: cannot bind {}",
+                        cfg.source.display(),
+                        s.listen
+                    )
+                })?;
+            let svc = crate::smtp::Smtp::open(s.clone(), &cfg, registry.clone())
+                .with_context(|| format!("{}: smtp", cfg.source.display()))?;
+            Some((svc, listener))
+        }
+        None => None,
+    };
     let admin = match &cfg.admin {
         Some(a) => Some((
             crate::admin::bind(a)
@@ -149,9 +166,15 @@ pub async fn serve(cfg: Config) -> Result<()> {
         let (r, t) = (registry.clone(), root.child_token());
         set.spawn(async move { ("dns", crate::dns::run(dcfg, r, sockets, t).await) });
     }
+    let mut admin_ctx = crate::admin::AdminCtx::new(registry.clone());
+    admin_ctx.mail = smtp.as_ref().map(|(svc, _)| svc.handle());
+    if let Some((svc, listener)) = smtp {
+        let t = root.child_token();
+        set.spawn(async move { ("smtp", crate::smtp::run(svc, listener, t).await) });
+    }
     if let Some((listener, path)) = admin {
-        let (r, t) = (registry.clone(), root.child_token());
-        set.spawn(async move { ("admin", crate::admin::run(r, listener, path, t).await) });
+        let (c, t) = (admin_ctx, root.child_token());
+        set.spawn(async move { ("admin", crate::admin::run(c, listener, path, t).await) });
     }
     {
         let (r, t) = (registry.clone(), root.child_token());

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pki;
 pub mod registry;
+pub mod smtp;
 pub mod store;
 pub mod tls;
 

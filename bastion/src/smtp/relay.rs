@@ -1,0 +1,376 @@
+//! The queue runner: delivers due messages to the smarthost with `lettre` (pooled, reused
+//! connections), retries temporary failures with exponential backoff until the maximum
+//! queue lifetime, and on a permanent failure or expiry sends a DSN to the sender (never
+//! to the null sender) and moves the message to `dead/`.
+//!
+//! Delivery is at-least-once: a message is removed from the spool only after the
+//! smarthost's 250, so a crash between that reply and the removal re-sends it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use lettre::address::Envelope;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{Certificate, CertificateStore, Tls, TlsParameters};
+use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::PoolConfig;
+use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::spool::{decode, new_id, now_ms, DeliveryState, Meta, Queue};
+use super::{RelayTls, SmtpConfig, SmtpMetrics};
+
+/// Time deliveries in progress get at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The smarthost transport and the retry policy.
+pub struct Relay {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    concurrency: usize,
+    timeout: Duration,
+    retry_initial: Duration,
+    retry_max: Duration,
+    max_lifetime: Duration,
+    target: String,
+}
+
+impl Relay {
+    pub fn new(cfg: &SmtpConfig, hostname: &str) -> Result<Self> {
+        let r = &cfg.relay;
+        let params = || -> Result<TlsParameters> {
+            let mut b = TlsParameters::builder(r.host.clone());
+            if let Some(ca) = &r.ca_file {
+                let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+                b = b
+                    .certificate_store(CertificateStore::None)
+                    .add_root_certificate(
+                        Certificate::from_pem(&pem)
+                            .with_context(|| format!("parsing {}", ca.display()))?,
+                    );
+            }
+            b.build_rustls().context("TLS parameters")
+        };
+        let tls = match r.tls {
+            RelayTls::Required => Tls::Required(params()?),
+            RelayTls::Opportunistic => Tls::Opportunistic(params()?),
+            RelayTls::Implicit => Tls::Wrapper(params()?),
+            RelayTls::None => {
+                warn!(host = %r.host, "smtp.relay.tls = \"none\": mail to the smarthost travels in plaintext");
+                Tls::None
+            }
+        };
+        let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(r.host.clone())
+            .port(r.port)
+            .tls(tls)
+            .timeout(Some(r.timeout))
+            .hello_name(ClientId::Domain(hostname.to_string()))
+            .pool_config(
+                PoolConfig::new()
+                    .max_size(r.concurrency as u32)
+                    .idle_timeout(Duration::from_secs(30)),
+            );
+        if let (Some(user), Some(pw)) = (&r.username, &r.password_file) {
+            crate::fsutil::check_secret_file(pw)?;
+            let password =
+                std::fs::read_to_string(pw).with_context(|| format!("reading {}", pw.display()))?;
+            b = b
+                .credentials(Credentials::new(
+                    user.clone(),
+                    password.trim_end_matches(['\r', '\n']).to_string(),
+                ))
+                .authentication(vec![Mechanism::Plain, Mechanism::Login]);
+        }
+        Ok(Self {
+            transport: b.build(),
+            concurrency: r.concurrency,
+            timeout: r.timeout,
+            retry_initial: r.retry_initial,
+            retry_max: r.retry_max,
+            max_lifetime: r.max_lifetime,
+            target: format!("{}:{}", r.host, r.port),
+        })
+    }
+
+    /// Delay before attempt `attempts + 1`: initial × 2^(attempts-1), capped.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(attempts.saturating_sub(1).min(30))
+            .unwrap_or(u32::MAX);
+        self.retry_initial
+            .checked_mul(factor)
+            .unwrap_or(self.retry_max)
+            .min(self.retry_max)
+    }
+}
+
+enum Outcome {
+    Delivered,
+    Temporary(String),
+    Permanent(String, String),
+}
+
+fn parse_addr(a: &str) -> Result<Address, String> {
+    a.parse::<Address>()
+        .map_err(|e| format!("address {a:?} cannot be relayed: {e}"))
+}
+
+async fn attempt(relay: &Relay, meta: &Meta, content: &[u8]) -> Outcome {
+    let from = if meta.sender.is_empty() {
+        None
+    } else {
+        match parse_addr(&meta.sender) {
+            Ok(a) => Some(a),
+            Err(e) => return Outcome::Permanent(e, "5.1.7".into()),
+        }
+    };
+    let mut to = Vec::new();
+    for r in &meta.recipients {
+        match parse_addr(r) {
+            Ok(a) => to.push(a),
+            Err(e) => return Outcome::Permanent(e, "5.1.3".into()),
+        }
+    }
+    let envelope = match Envelope::new(from, to) {
+        Ok(e) => e,
+        Err(e) => return Outcome::Permanent(format!("bad envelope: {e}"), "5.1.0".into()),
+    };
+    // lettre sends CRLF.CRLF after the content: its own CRLF ends our last line.
+    let body = content.strip_suffix(b"\r\n").unwrap_or(content);
+    let send = relay.transport.send_raw(&envelope, body);
+    // lettre's timeout is per command; bound the whole transaction too.
+    let total = relay.timeout * 4 + Duration::from_secs(content.len() as u64 / 100_000);
+    match tokio::time::timeout(total, send).await {
+        Err(_) => Outcome::Temporary(format!("{}: timed out", relay.target)),
+        Ok(Ok(_)) => Outcome::Delivered,
+        Ok(Err(e)) if e.is_permanent() => {
+            let code = e
+                .status()
+                .map(|c| format!("{c}"))
+                .unwrap_or_else(|| "5.0.0".into());
+            let status = if code.starts_with('5') && code.len() == 3 {
+                "5.0.0".to_string()
+            } else {
+                code
+            };
+            Outcome::Permanent(format!("{}: {e}", relay.target), status)
+        }
+        Ok(Err(e)) => Outcome::Temporary(format!("{}: {e}", relay.target)),
+    }
+}
+
+/// Runs the queue until `shutdown`.
+pub async fn run_queue(
+    relay: Relay,
+    queue: Arc<Queue>,
+    metrics: Arc<SmtpMetrics>,
+    hostname: String,
+    postmaster: Option<String>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let relay = Arc::new(relay);
+    let ctx = Arc::new(Ctx {
+        queue: queue.clone(),
+        metrics,
+        hostname,
+        postmaster,
+    });
+    let mut running: JoinSet<String> = JoinSet::new();
+    loop {
+        let free = relay.concurrency.saturating_sub(running.len());
+        for meta in queue.take_due(now_ms(), free) {
+            let (relay, ctx) = (relay.clone(), ctx.clone());
+            running.spawn(async move {
+                let id = meta.id.clone();
+                if let Err(e) = deliver(&relay, &ctx, meta).await {
+                    warn!(id = %id, error = %format!("{e:#}"), "mail queue: spool update failed");
+                    // Keep it queued; it will be tried again.
+                    let mut st = ctx.queue.state(&id).unwrap_or_default();
+                    st.next_try_ms = now_ms() + relay.retry_initial.as_millis() as i64;
+                    let _ = ctx.queue.deferred(&id, st).await;
+                }
+                id
+            });
+        }
+        let sleep = match queue.next_due() {
+            Some(t) if running.len() < relay.concurrency => {
+                Duration::from_millis((t - now_ms()).clamp(0, 3_600_000) as u64)
+            }
+            _ => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = queue.wake.notified() => {}
+            _ = tokio::time::sleep(sleep) => {}
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+        }
+    }
+    let drain = async { while running.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        warn!("mail queue: deliveries cut at shutdown; they stay queued");
+        running.abort_all();
+    }
+    Ok(())
+}
+
+struct Ctx {
+    queue: Arc<Queue>,
+    metrics: Arc<SmtpMetrics>,
+    hostname: String,
+    postmaster: Option<String>,
+}
+
+async fn deliver(relay: &Relay, ctx: &Ctx, meta: Meta) -> Result<()> {
+    let id = meta.id.clone();
+    let data = ctx.queue.read(&id).await?;
+    let (meta, content) = decode(&data)?;
+    let outcome = attempt(relay, &meta, content).await;
+    let mut state = ctx.queue.state(&id).unwrap_or_default();
+    match outcome {
+        Outcome::Delivered => {
+            ctx.queue.delivered(&id).await?;
+            SmtpMetrics::inc(&ctx.metrics.relayed);
+            info!(id = %id, to = ?meta.recipients, relay = %relay.target, attempts = state.attempts + 1, "mail relayed");
+        }
+        Outcome::Temporary(err) => {
+            state.attempts += 1;
+            let age = Duration::from_millis((now_ms() - meta.arrived_ms).max(0) as u64);
+            if age >= relay.max_lifetime {
+                let reason = format!(
+                    "gave up after {} attempts over {}: last error: {err}",
+                    state.attempts,
+                    humantime::format_duration(Duration::from_secs(age.as_secs()))
+                );
+                fail(ctx, &meta, content, state, reason, "4.4.7").await?;
+            } else {
+                let delay = relay.backoff(state.attempts);
+                state.next_try_ms = now_ms() + delay.as_millis() as i64;
+                state.last_error = Some(err.clone());
+                SmtpMetrics::inc(&ctx.metrics.deferred);
+                warn!(id = %id, attempts = state.attempts, delay_ms = delay.as_millis() as u64, error = %err, "mail deferred");
+                ctx.queue.deferred(&id, state).await?;
+            }
+        }
+        Outcome::Permanent(err, status) => {
+            state.attempts += 1;
+            fail(ctx, &meta, content, state, err, &status).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Bounces (unless the sender is null) and moves the message to `dead/`.
+async fn fail(
+    ctx: &Ctx,
+    meta: &Meta,
+    content: &[u8],
+    mut state: DeliveryState,
+    reason: String,
+    status: &str,
+) -> Result<()> {
+    warn!(id = %meta.id, error = %reason, "mail undeliverable: bounced and moved to dead/");
+    let mut to: Vec<String> = Vec::new();
+    if !meta.sender.is_empty() {
+        to.push(meta.sender.clone());
+        if let Some(p) = &ctx.postmaster {
+            if !to.contains(p) {
+                to.push(p.clone());
+            }
+        }
+    }
+    if !to.is_empty() {
+        let dsn = build_dsn(&ctx.hostname, meta, content, &reason, status);
+        let bounce = Meta {
+            id: new_id(),
+            arrived_ms: now_ms(),
+            client: "local".into(),
+            helo: ctx.hostname.clone(),
+            sender: String::new(),
+            recipients: to,
+            size: dsn.len(),
+        };
+        let bid = bounce.id.clone();
+        ctx.queue.submit(bounce, &dsn).await?;
+        SmtpMetrics::inc(&ctx.metrics.bounced);
+        info!(id = %meta.id, bounce = %bid, "bounce queued");
+    }
+    state.last_error = Some(reason);
+    ctx.queue.dead_letter(&meta.id, state).await?;
+    SmtpMetrics::inc(&ctx.metrics.dead_lettered);
+    Ok(())
+}
+
+/// A delivery status notification (RFC 3464) with the original headers attached.
+pub fn build_dsn(
+    hostname: &str,
+    meta: &Meta,
+    content: &[u8],
+    reason: &str,
+    status: &str,
+) -> Vec<u8> {
+    let boundary = format!("{}/{}", meta.id, hostname);
+    let date = super::server::rfc5322_date(crate::unix_now());
+    let arrival = super::server::rfc5322_date(meta.arrived_ms / 1000);
+    let headers_end = content
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 2)
+        .unwrap_or(content.len());
+    let reason_line: String = reason.chars().filter(|c| !c.is_control()).collect();
+    let mut s = String::new();
+    s.push_str(&format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n\
+         To: <{}>\r\n\
+         Subject: Undelivered Mail Returned to Sender\r\n\
+         Date: {date}\r\n\
+         Message-ID: <{}.bounce@{hostname}>\r\n\
+         Auto-Submitted: auto-replied\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n\
+         \r\n\
+         This is a MIME-encapsulated message.\r\n\
+         \r\n\
+         --{boundary}\r\n\
+         Content-Description: Notification\r\n\
+         Content-Type: text/plain; charset=us-ascii\r\n\
+         \r\n\
+         This is the mail system at host {hostname}.\r\n\
+         \r\n\
+         Your message {} could not be delivered to:\r\n",
+        meta.sender,
+        meta.id,
+        meta.id
+    ));
+    for r in &meta.recipients {
+        s.push_str(&format!("  <{r}>\r\n"));
+    }
+    s.push_str(&format!(
+        "\r\nReason: {reason_line}\r\n\
+         \r\n\
+         --{boundary}\r\n\
+         Content-Description: Delivery report\r\n\
+         Content-Type: message/delivery-status\r\n\
+         \r\n\
+         Reporting-MTA: dns; {hostname}\r\n\
+         X-Bastide-Queue-ID: {}\r\n\
+         Arrival-Date: {arrival}\r\n",
+        meta.id
+    ));
+    for r in &meta.recipients {
+        s.push_str(&format!(
+            "\r\nFinal-Recipient: rfc822; {r}\r\nAction: failed\r\nStatus: {status}\r\nDiagnostic-Code: smtp; {reason_line}\r\n"
+        ));
+    }
+    s.push_str(&format!(
+        "\r\n--{boundary}\r\n\
+         Content-Description: Undelivered Message Headers\r\n\
+         Content-Type: text/rfc822-headers\r\n\
+         \r\n"
+    ));
+    let mut out = s.into_bytes();
+    out.extend_from_slice(&content[..headers_end]);
+    out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    out
+}
