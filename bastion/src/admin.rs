@@ -29,9 +29,34 @@ pub enum AdminRequest {
     Ping,
     TokenCreate(TokenSpec),
     TokenList,
-    TokenRevoke { id: String },
+    TokenRevoke {
+        id: String,
+    },
     AgentsList,
-    AgentsRevoke { name: String },
+    AgentsRevoke {
+        name: String,
+    },
+    /// known_hosts for the bastion and every enrolled VM.
+    SshKnownHosts,
+    /// A ~/.ssh/config snippet.
+    SshConfig {
+        user: Option<String>,
+        known_hosts: String,
+    },
+    /// Reload the configuration file (as SIGHUP).
+    Reload,
+}
+
+/// A reload asked through the socket, answered with its outcome.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// What admin requests may need besides the registry.
+#[derive(Clone)]
+pub struct AdminCtx {
+    /// The running configuration.
+    pub config: tokio::sync::watch::Receiver<Arc<crate::config::Config>>,
+    /// Where reloads are asked (the daemon's main loop).
+    pub reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
 }
 
 /// The daemon's answer.
@@ -74,6 +99,7 @@ pub async fn run(
     registry: Registry,
     listener: UnixListener,
     socket_path: PathBuf,
+    ctx: AdminCtx,
     shutdown: CancellationToken,
 ) -> Result<()> {
     info!(socket = %socket_path.display(), "admin socket listening");
@@ -95,9 +121,10 @@ pub async fn run(
             continue;
         };
         let registry = registry.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = serve_one(stream, registry).await {
+            if let Err(e) = serve_one(stream, registry, ctx).await {
                 warn!(error = %format!("{e:#}"), "admin: request failed");
             }
         });
@@ -106,7 +133,7 @@ pub async fn run(
     Ok(())
 }
 
-async fn serve_one(stream: UnixStream, registry: Registry) -> Result<()> {
+async fn serve_one(stream: UnixStream, registry: Registry, ctx: AdminCtx) -> Result<()> {
     let uid = stream.peer_cred().ok().map(|c| c.uid());
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
@@ -117,7 +144,7 @@ async fn serve_one(stream: UnixStream, registry: Registry) -> Result<()> {
     let response = match serde_json::from_str::<AdminRequest>(&line) {
         Ok(req) => {
             let summary = format!("{req:?}");
-            let r = handle(req, registry).await;
+            let r = handle(req, registry, ctx).await;
             if let Err(e) = &r {
                 info!(uid = ?uid, request = %summary, error = %e, "admin request refused");
             }
@@ -148,7 +175,19 @@ async fn serve_one(stream: UnixStream, registry: Registry) -> Result<()> {
     Ok(())
 }
 
-async fn handle(req: AdminRequest, registry: Registry) -> Result<serde_json::Value> {
+async fn handle(req: AdminRequest, registry: Registry, ctx: AdminCtx) -> Result<serde_json::Value> {
+    if let AdminRequest::Reload = req {
+        let Some(tx) = ctx.reload else {
+            bail!("reload is not available");
+        };
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        tx.send(done).await.context("the daemon is shutting down")?;
+        return match outcome.await.context("the daemon is shutting down")? {
+            Ok(()) => Ok(serde_json::Value::Null),
+            Err(e) => Err(anyhow::anyhow!(e)),
+        };
+    }
+    let cfg = ctx.config.borrow().clone();
     tokio::task::spawn_blocking(move || -> Result<serde_json::Value> {
         Ok(match req {
             AdminRequest::Ping => serde_json::json!({ "version": crate::VERSION }),
@@ -163,6 +202,18 @@ async fn handle(req: AdminRequest, registry: Registry) -> Result<serde_json::Val
                 registry.revoke_agent(&name)?;
                 serde_json::Value::Null
             }
+            AdminRequest::SshKnownHosts => serde_json::Value::String(
+                crate::ssh::hosts::known_hosts(&cfg, &registry.snapshot())?,
+            ),
+            AdminRequest::SshConfig { user, known_hosts } => {
+                serde_json::Value::String(crate::ssh::hosts::ssh_config(
+                    &cfg,
+                    &registry.snapshot(),
+                    user.as_deref(),
+                    &known_hosts,
+                )?)
+            }
+            AdminRequest::Reload => serde_json::Value::Null,
         })
     })
     .await

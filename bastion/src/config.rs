@@ -41,6 +41,9 @@ pub struct Config {
     pub agents: Option<AgentsConfig>,
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// `[ssh]`: the jump host.
+    #[serde(default)]
+    pub ssh: Option<crate::ssh::SshConfig>,
     /// Path of the file this was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -212,6 +215,11 @@ impl Config {
                     "admin.socket",
                     format!("the directory of {} does not exist", adm.socket.display()),
                 ),
+            }
+        }
+        if let Some(ssh) = &self.ssh {
+            for (key, reason) in ssh.problems() {
+                bad(&key, reason);
             }
         }
         problems

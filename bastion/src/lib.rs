@@ -13,6 +13,7 @@ pub mod fsutil;
 pub mod logging;
 pub mod pki;
 pub mod registry;
+pub mod ssh;
 pub mod store;
 pub mod tls;
 
