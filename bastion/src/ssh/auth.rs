@@ -143,3 +143,136 @@ pub fn check_certificate(
         may_forward: cert.extensions().contains_key("permit-port-forwarding"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ssh::config::{AdminEntry, SshConfig};
+    use russh::keys::ssh_key::certificate::{Builder, CertType};
+    use russh::keys::ssh_key::private::Ed25519Keypair;
+    use russh::keys::ssh_key::PrivateKey;
+
+    fn key(seed: u8) -> PrivateKey {
+        PrivateKey::from(Ed25519Keypair::from_seed(&[seed; 32]))
+    }
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn cert(ca: &PrivateKey, f: impl FnOnce(&mut Builder)) -> Certificate {
+        cert_of(ca, CertType::User, f)
+    }
+
+    fn cert_of(ca: &PrivateKey, ty: CertType, f: impl FnOnce(&mut Builder)) -> Certificate {
+        let subject = key(9);
+        let mut b = Builder::new(
+            [0u8; 16],
+            subject.public_key().key_data().clone(),
+            NOW - 60,
+            NOW + 3600,
+        )
+        .unwrap();
+        b.cert_type(ty).unwrap();
+        b.key_id("kid").unwrap();
+        b.extension("permit-port-forwarding", "").unwrap();
+        f(&mut b);
+        b.sign(ca).unwrap()
+    }
+
+    fn policy(ca: &PrivateKey) -> Policy {
+        let mut cfg: SshConfig =
+            toml::from_str("listen = \"127.0.0.1:1\"\naudit_log = \"/tmp/a\"\n").unwrap();
+        cfg.admins.push(AdminEntry {
+            name: "carol".into(),
+            keys: vec![format!(
+                "cert-authority {}",
+                ca.public_key().to_openssh().unwrap()
+            )],
+            groups: vec![],
+        });
+        Policy::build(&cfg, None).unwrap()
+    }
+
+    #[test]
+    fn certificate_checks() {
+        let ca = key(1);
+        let p = policy(&ca);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let check = |c: &Certificate| check_certificate(&p, "carol", c, Some(ip), NOW);
+
+        let ok = cert(&ca, |b| {
+            b.valid_principal("carol").unwrap();
+            b.critical_option("source-address", "10.0.0.0/8,127.0.0.0/8")
+                .unwrap();
+        });
+        let id = check(&ok).unwrap();
+        assert_eq!(id.cert_key_id.as_deref(), Some("kid"));
+        assert!(id.may_forward);
+
+        let cases: Vec<(Certificate, &str)> = vec![
+            (
+                cert(&ca, |b| {
+                    b.valid_principal("dave").unwrap();
+                }),
+                "not for carol",
+            ),
+            (
+                cert(&ca, |b| {
+                    b.all_principals_valid().unwrap();
+                }),
+                "no principals",
+            ),
+            (
+                cert_of(&ca, CertType::Host, |b| {
+                    b.valid_principal("carol").unwrap();
+                }),
+                "host certificate",
+            ),
+            (
+                cert(&key(2), |b| {
+                    b.valid_principal("carol").unwrap();
+                }),
+                "not a CA trusted",
+            ),
+            (
+                cert(&ca, |b| {
+                    b.valid_principal("carol").unwrap();
+                    b.critical_option("source-address", "10.0.0.0/8").unwrap();
+                }),
+                "excludes",
+            ),
+            (
+                cert(&ca, |b| {
+                    b.valid_principal("carol").unwrap();
+                    b.critical_option("force-command", "/bin/true").unwrap();
+                }),
+                "not supported",
+            ),
+        ];
+        for (c, why) in cases {
+            let e = check(&c).unwrap_err();
+            assert!(e.contains(why), "{e} (wanted {why})");
+        }
+        // Validity is checked at `now`.
+        let e = check_certificate(&p, "carol", &ok, Some(ip), NOW + 7200).unwrap_err();
+        assert!(e.contains("expired"), "{e}");
+        let e = check_certificate(&p, "carol", &ok, Some(ip), NOW - 7200).unwrap_err();
+        assert!(e.contains("not yet valid"), "{e}");
+        // Another login name is not carol's.
+        assert!(check_certificate(&p, "dave", &ok, Some(ip), NOW).is_err());
+        // No permit-port-forwarding: authenticated, but jumps are refused later.
+        let nofwd = {
+            let subject = key(9);
+            let mut b = Builder::new(
+                [0u8; 16],
+                subject.public_key().key_data().clone(),
+                NOW - 60,
+                NOW + 3600,
+            )
+            .unwrap();
+            b.cert_type(CertType::User).unwrap();
+            b.valid_principal("carol").unwrap();
+            b.sign(&ca).unwrap()
+        };
+        assert!(!check(&nofwd).unwrap().may_forward);
+    }
+}

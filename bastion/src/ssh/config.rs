@@ -10,7 +10,6 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use globset::{Glob, GlobMatcher};
-use russh::keys::ssh_key::authorized_keys::Entry;
 use russh::keys::ssh_key::public::KeyData;
 use russh::keys::ssh_key::{Algorithm, HashAlg, PublicKey};
 use serde::Deserialize;
@@ -268,16 +267,53 @@ fn key_problem(key: &PublicKey) -> Option<String> {
     }
 }
 
+/// Splits an `authorized_keys` line into its options (if any) and the key, as sshd does:
+/// the line starts with the key type, or with options up to the first unquoted space.
+fn split_options(line: &str) -> (Option<&str>, &str) {
+    let first = line.split_whitespace().next().unwrap_or("");
+    if first.starts_with("ssh-") || first.starts_with("ecdsa-") || first.starts_with("sk-") {
+        return (None, line);
+    }
+    let mut quoted = false;
+    for (i, c) in line.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' | '\t' if !quoted => return (Some(&line[..i]), line[i..].trim_start()),
+            _ => {}
+        }
+    }
+    (None, line)
+}
+
+/// Splits options on unquoted commas.
+fn options(s: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut quoted, mut start) = (false, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&s[start..]);
+    out.into_iter().filter(|o| !o.is_empty()).collect()
+}
+
 /// Parses one `authorized_keys` line of an admin.
 fn parse_admin_key(line: &str) -> Result<Result<AdminKey, CertAuthority>, String> {
-    let entry =
-        Entry::from_str(line.trim()).map_err(|e| format!("not an authorized_keys line: {e}"))?;
-    if let Some(p) = key_problem(entry.public_key()) {
+    let (opts, key) = split_options(line.trim());
+    let public =
+        PublicKey::from_openssh(key).map_err(|e| format!("not an authorized_keys line: {e}"))?;
+    if let Some(p) = key_problem(&public) {
         return Err(p);
     }
     let mut ca = false;
     let mut principals = None;
-    for opt in entry.config_opts().iter() {
+    for opt in options(opts.unwrap_or("")) {
         let (name, value) = match opt.split_once('=') {
             Some((n, v)) => (n, Some(v.trim_matches('"'))),
             None => (opt, None),
@@ -299,7 +335,7 @@ fn parse_admin_key(line: &str) -> Result<Result<AdminKey, CertAuthority>, String
             }
         }
     }
-    let key = entry.public_key().key_data().clone();
+    let key = public.key_data().clone();
     if ca {
         Ok(Err(CertAuthority { key, principals }))
     } else if principals.is_some() {
@@ -532,5 +568,11 @@ mod tests {
         }
         assert!(parse_admin_key(&format!("from=\"1.2.3.4\" {ed}")).is_err());
         assert!(parse_admin_key("ssh-ed25519 garbage").is_err());
+        let bare = ed.trim_end_matches(" a@b");
+        assert!(matches!(
+            parse_admin_key(&format!("cert-authority {bare}")),
+            Ok(Err(_))
+        ));
+        assert!(matches!(parse_admin_key(bare), Ok(Ok(_))));
     }
 }
