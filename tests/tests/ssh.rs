@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 use bastide_tests::{free_port, require, wait_for, Agent, Bastion};
 use serde_json::Value;
 
+/// Progress with elapsed time, shown with --nocapture.
+fn step(t0: Instant, what: &str) {
+    eprintln!("[{:>6.2}s] {what}", t0.elapsed().as_secs_f64());
+}
+
 fn keygen() -> PathBuf {
     require("ssh-keygen", "openssh-client")
 }
@@ -293,9 +298,14 @@ fn sha256(path: &Path) -> String {
 
 #[test]
 fn jump_commands_scp_names_denials_shell_and_known_hosts() {
+    let t0 = Instant::now();
     let env = Env::new("");
     let alice = env.client_config("alice", &env.alice, "");
 
+    step(
+        t0,
+        "ssh -J runs a remote command through the bastion and returns",
+    );
     // ssh -J runs a remote command through the bastion and returns its output, fast.
     let t = Instant::now();
     let o = env.ssh_j(&alice, "alice", "127.0.0.1", "echo hello-from-target");
@@ -310,6 +320,10 @@ fn jump_commands_scp_names_denials_shell_and_known_hosts() {
         t.elapsed()
     );
 
+    step(
+        t0,
+        "The target named by its enrolled agent name (short and FQDN)",
+    );
     // The target named by its enrolled agent name (short and FQDN) resolves.
     for name in ["web01", "web01.proj.test"] {
         let o = env.ssh_j(
@@ -342,6 +356,7 @@ fn jump_commands_scp_names_denials_shell_and_known_hosts() {
     assert!(web["bytes_to_target"].as_u64().unwrap() > 0);
     assert!(web["start"].is_string() && web["end"].is_string());
 
+    step(t0, "scp -J copies a 50 MiB file intact.");
     // scp -J copies a 50 MiB file intact.
     let src = env.dir.path().join("blob");
     {
@@ -370,6 +385,10 @@ fn jump_commands_scp_names_denials_shell_and_known_hosts() {
     assert!(o.status.success(), "{}\n{}", out_str(&o), env.logs());
     assert_eq!(sha256(&src), sha256(&dst));
 
+    step(
+        t0,
+        "An admin without a rule for the target is denied, and the au",
+    );
     // An admin without a rule for the target is denied, and the audit line says why.
     let bob = env.client_config("bob", &env.bob, "");
     let o = env.ssh_j(&bob, "bob", "web01", "echo should-not-run");
@@ -392,6 +411,7 @@ fn jump_commands_scp_names_denials_shell_and_known_hosts() {
     assert_eq!(denied["target"], "web01");
     assert_eq!(denied["agent"], "web01");
 
+    step(t0, "An unknown key is refused.");
     // An unknown key is refused.
     let stranger = env.dir.path().join("stranger");
     new_key(&stranger);
@@ -404,6 +424,10 @@ fn jump_commands_scp_names_denials_shell_and_known_hosts() {
         out_str(&o)
     );
 
+    step(
+        t0,
+        "A shell on the bastion is refused with the message; so is a ",
+    );
     // A shell on the bastion is refused with the message; so is a command.
     for cmd in [None, Some("id")] {
         let mut c = Command::new("ssh");
@@ -421,6 +445,7 @@ fn jump_commands_scp_names_denials_shell_and_known_hosts() {
             out_str(&o)
         );
     }
+    step(t0, "Remote forwarding is refused.");
     // Remote forwarding is refused.
     let o = Command::new("ssh")
         .arg("-F")
@@ -438,6 +463,10 @@ fn jump_commands_scp_names_denials_shell_and_known_hosts() {
         .unwrap();
     assert!(!o.status.success(), "{}", out_str(&o));
 
+    step(
+        t0,
+        "known_hosts from `bastide ssh known-hosts`: strict checking ",
+    );
     // known_hosts from `bastide ssh known-hosts`: strict checking succeeds with no prompt,
     // through the ~/.ssh/config snippet from `bastide ssh config`.
     let kh = env.dir.path().join("known_hosts");
@@ -481,6 +510,10 @@ fn jump_commands_scp_names_denials_shell_and_known_hosts() {
         std::fs::read_to_string(&kh).unwrap()
     );
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "strict-ok");
+    step(
+        t0,
+        "Without the file, strict checking refuses: the test above is",
+    );
     // Without the file, strict checking refuses: the test above is not vacuous.
     let o = Command::new("ssh")
         .arg("-F")
@@ -514,9 +547,14 @@ fn count_server() -> (u16, std::thread::JoinHandle<()>) {
 
 #[test]
 fn half_close_target_close_rate_limit_and_reload() {
+    let t0 = Instant::now();
     let env = Env::new("rate_limit_burst = 4\nrate_limit_refill = \"60s\"");
     let alice = env.client_config("alice", &env.alice, "");
 
+    step(
+        t0,
+        "Half-close: the client's EOF reaches the target, whose answe",
+    );
     // Half-close: the client's EOF reaches the target, whose answer still flows back.
     // (Uses `ssh -W` to a plain TCP service the rules allow: port 9 is only in the test's
     // rules; the server binds its own port, so allow it through a one-off config reload.)
@@ -541,6 +579,10 @@ fn half_close_target_close_rate_limit_and_reload() {
     assert!(o.status.success(), "{}\n{}", out_str(&o), env.logs());
     assert_eq!(String::from_utf8_lossy(&o.stdout), "got 300000 bytes\n");
 
+    step(
+        t0,
+        "The target closes while the client still holds its stdin ope",
+    );
     // The target closes while the client still holds its stdin open: the client exits
     // within a second.
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -585,6 +627,10 @@ fn half_close_target_close_rate_limit_and_reload() {
         .unwrap();
     assert_eq!(out, "bye\n");
 
+    step(
+        t0,
+        "A long session keeps working while SIGHUP adds an admin.",
+    );
     // A long session keeps working while SIGHUP adds an admin.
     let long = Command::new("ssh")
         .arg("-F")
@@ -607,6 +653,7 @@ fn half_close_target_close_rate_limit_and_reload() {
             "\n[[ssh.admins]]\nname = \"dave\"\nkeys = [\"{dave_pub}\"]\ngroups = [\"ops\"]\n"
         )
     });
+    step(t0, "The target must admit dave's key too.");
     // The target must admit dave's key too.
     let ak = env.dir.path().join("authorized_keys");
     let mut t = std::fs::read_to_string(&ak).unwrap();
@@ -632,6 +679,10 @@ fn half_close_target_close_rate_limit_and_reload() {
         out_str(&o)
     );
 
+    step(
+        t0,
+        "A burst of failed logins from one address is rate limited (t",
+    );
     // A burst of failed logins from one address is rate limited (the bucket holds 4);
     // a different source address is not affected.
     let stranger = env.dir.path().join("stranger");
@@ -665,10 +716,12 @@ fn half_close_target_close_rate_limit_and_reload() {
 
 #[test]
 fn user_certificates() {
+    let t0 = Instant::now();
     let env = Env::new("");
     let d = env.dir.path();
     let other_ca = d.join("other_ca");
     new_key(&other_ca);
+    step(t0, "(name, signing CA, ssh-keygen options, accepted?)");
     // (name, signing CA, ssh-keygen options, accepted?)
     let cases: Vec<(&str, &Path, Vec<&str>, bool)> = vec![
         (
@@ -758,6 +811,7 @@ fn user_certificates() {
             );
         }
     }
+    step(t0, "The audit names the certificate.");
     // The audit names the certificate.
     let line = env
         .audit_lines()
@@ -766,6 +820,10 @@ fn user_certificates() {
         .expect("carol's audit line");
     assert_eq!(line["cert_key_id"], "carol-valid");
     assert!(line["cert_ca"].as_str().unwrap().starts_with("SHA256:"));
+    step(
+        t0,
+        "The refusals were for the right reasons (those russh does no",
+    );
     // The refusals were for the right reasons (those russh does not pre-empt; the OpenSSH
     // client never offers a host certificate for user authentication, so that case is
     // refused before the bastion sees it; the bastion's own check is a unit test).
