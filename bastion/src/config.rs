@@ -260,6 +260,22 @@ handshake_timeout = "10s"
 socket = "{dir}/admin.sock"
 # 0o600, or 0o660 to let the daemon's group administer it.
 mode = 0o600
+
+# SSH jump host (ssh -J admin@bastion root@vm). Uncomment and add admins and rules.
+# [ssh]
+# listen = "0.0.0.0:22"
+# audit_log = "/var/log/bastide/ssh-audit.jsonl"
+# public_host = "bastion.example.org"
+#
+# [[ssh.admins]]
+# name = "alice"
+# keys = ["ssh-ed25519 AAAA... alice@laptop"]
+# groups = ["ops"]
+#
+# [[ssh.rules]]
+# groups = ["ops"]
+# agents = ["*"]
+# ports = [22]
 "#
     )
 }

@@ -357,7 +357,7 @@ fn jump_commands_scp_names_denials_shell_and_known_hosts() {
     assert!(web["start"].is_string() && web["end"].is_string());
 
     step(t0, "scp -J copies a 50 MiB file intact.");
-    // scp -J copies a 50 MiB file intact.
+    // scp -J copies a 50 MiB file intact, rekeying on the way without a stall.
     let src = env.dir.path().join("blob");
     {
         let mut f = std::fs::File::create(&src).unwrap();
@@ -374,9 +374,11 @@ fn jump_commands_scp_names_denials_shell_and_known_hosts() {
         }
     }
     let dst = env.dir.path().join("blob.copy");
+    // RekeyLimit makes the client rekey both hops several times during the copy.
+    let rekey = env.client_config("alice-rekey", &env.alice, "  RekeyLimit 8M\n");
     let o = Command::new(require("scp", "openssh-client"))
         .arg("-F")
-        .arg(&alice)
+        .arg(&rekey)
         .args(["-J", &env.jump("alice"), "-P", &env.sshd.port.to_string()])
         .arg(&src)
         .arg(format!("root@web01:{}", dst.display()))
