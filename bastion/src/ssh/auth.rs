@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use russh::keys::ssh_key::public::KeyData;
 use russh::keys::ssh_key::Certificate;
 
-use super::config::{fingerprint, Cidr, Policy};
+use super::config::{fingerprint, key_data_problem, Cidr, Policy};
 
 /// Who a session authenticated as; goes to every audit line.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -91,6 +91,9 @@ pub fn check_certificate(
     }
     if now >= cert.valid_before() {
         return Err(format!("certificate {id:?} has expired"));
+    }
+    if let Some(p) = key_data_problem(cert.public_key()) {
+        return Err(format!("certificate {id:?}: {p}"));
     }
     let principals = cert.valid_principals();
     if principals.is_empty() {

@@ -251,9 +251,14 @@ fn glob(pattern: &str) -> Result<GlobMatcher, String> {
 }
 
 fn key_problem(key: &PublicKey) -> Option<String> {
+    key_data_problem(key.key_data())
+}
+
+/// Why a key is not acceptable (weak or obsolete algorithm), if it is not.
+pub fn key_data_problem(key: &KeyData) -> Option<String> {
     match key.algorithm() {
         Algorithm::Ed25519 | Algorithm::Ecdsa { .. } => None,
-        Algorithm::Rsa { .. } => match key.key_data().rsa() {
+        Algorithm::Rsa { .. } => match key.rsa() {
             Some(rsa) if rsa.key_size() >= MIN_RSA_BITS => None,
             Some(rsa) => Some(format!(
                 "RSA key of {} bits: at least {MIN_RSA_BITS} required",
