@@ -170,7 +170,7 @@ listen = "127.0.0.1:{ssh_port}"
 audit_log = "{audit}"
 public_host = "127.0.0.1"
 auth_rejection_delay = "50ms"
-auth_timeout = "5s"
+auth_timeout = "2s"
 {extra}
 
 [[ssh.admins]]
@@ -448,6 +448,20 @@ fn jump_commands_scp_names_denials_shell_and_known_hosts() {
         );
     }
     step(t0, "Remote forwarding is refused.");
+    // A client that never authenticates is cut at auth_timeout (2 s here).
+    {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", env.ssh_port)).unwrap();
+        c.write_all(b"SSH-2.0-silent_test\r\n").unwrap();
+        let t = Instant::now();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut sink = [0u8; 4096];
+        while matches!(c.read(&mut sink), Ok(n) if n > 0) {}
+        let waited = t.elapsed();
+        assert!(
+            waited > Duration::from_millis(1500) && waited < Duration::from_secs(5),
+            "cut after {waited:?}"
+        );
+    }
     // Remote forwarding is refused.
     let o = Command::new("ssh")
         .arg("-F")

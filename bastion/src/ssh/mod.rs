@@ -15,6 +15,7 @@ pub mod limits;
 pub mod rules;
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -319,10 +320,85 @@ pub async fn run(
     Ok(())
 }
 
+/// A TCP stream the connection task can cut: russh cannot send a disconnect before the key
+/// exchange is done, and dropping its session future does not stop it, so the
+/// authentication deadline and shutdown end the session by failing its reads and writes.
+struct Killable {
+    inner: TcpStream,
+    kill: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl Killable {
+    fn killed(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        self.kill.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn aborted() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "connection cut")
+}
+
+impl tokio::io::AsyncRead for Killable {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.killed(cx) {
+            return std::task::Poll::Ready(Err(aborted()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Killable {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.killed(cx) {
+            return std::task::Poll::Ready(Err(aborted()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.killed(cx) {
+            return std::task::Poll::Ready(Err(aborted()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let live = shared.live();
     let _ = stream.set_nodelay(true);
     set_keepalive(&stream, live.policy.keepalive_interval);
+    let kill = CancellationToken::new();
+    let stream = Killable {
+        inner: stream,
+        kill: Box::pin(kill.clone().cancelled_owned()),
+    };
+    let _cut_on_exit = kill.clone().drop_guard();
     let authed = Arc::new(AtomicBool::new(false));
     let handler = Conn {
         shared: shared.clone(),
@@ -362,12 +438,13 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
                 grace = false;
                 if !authed.load(Ordering::Relaxed) {
                     info!(source = %peer, "ssh: authentication timeout");
-                    let _ = handle.disconnect(russh::Disconnect::ByApplication, "authentication timeout".into(), "en".into()).await;
+                    kill.cancel();
                 }
             }
             _ = shared.shutdown.cancelled() => {
                 let _ = handle.disconnect(russh::Disconnect::ByApplication, "bastion shutting down".into(), "en".into()).await;
-                let _ = tokio::time::timeout(Duration::from_secs(2), &mut running).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), &mut running).await;
+                kill.cancel();
                 break;
             }
         }
