@@ -491,6 +491,9 @@ impl russh::server::Handler for Conn {
         user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
+        if matches!(offer.algorithm, Algorithm::Rsa { hash: None }) {
+            return Ok(self.refuse(user, "ssh-rsa (SHA-1) signatures are refused"));
+        }
         let live = self.shared.live();
         if auth::offer_acceptable(&live.policy, user, offer.public_key.key_data()) {
             Ok(Auth::Accept)
@@ -504,6 +507,9 @@ impl russh::server::Handler for Conn {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
+        if matches!(key.algorithm, Algorithm::Rsa { hash: None }) {
+            return Ok(self.refuse(user, "ssh-rsa (SHA-1) signatures are refused"));
+        }
         let live = self.shared.live();
         match auth::check_key(&live.policy, user, key.public_key.key_data()) {
             Ok(id) => Ok(self.accept(id)),
