@@ -564,7 +564,8 @@ fn count_server() -> (u16, std::thread::JoinHandle<()>) {
 #[test]
 fn half_close_target_close_rate_limit_and_reload() {
     let t0 = Instant::now();
-    let env = Env::new("rate_limit_burst = 4\nrate_limit_refill = \"60s\"");
+    let env =
+        Env::new("rate_limit_burst = 4\nrate_limit_refill = \"60s\"\nmax_sessions_per_admin = 1");
     let alice = env.client_config("alice", &env.alice, "");
 
     step(
@@ -648,16 +649,33 @@ fn half_close_target_close_rate_limit_and_reload() {
         "A long session keeps working while SIGHUP adds an admin.",
     );
     // A long session keeps working while SIGHUP adds an admin.
+    let opened_before = env.b.log_text().matches("jump opened").count();
     let long = Command::new("ssh")
         .arg("-F")
         .arg(&alice)
         .args(["-J", &env.jump("alice"), "-p", &env.sshd.port.to_string()])
-        .args(["root@web01", "echo started; sleep 3; echo still-alive"])
+        .args(["root@web01", "echo started; sleep 6; echo still-alive"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // alice may hold one jump session at a time (max_sessions_per_admin = 1).
+    let opened = wait_for(Duration::from_secs(10), || {
+        (env.b.log_text().matches("jump opened").count() >= opened_before + 1).then_some(())
+    });
+    assert!(
+        opened.is_some(),
+        "long session never opened:\n{}",
+        env.logs()
+    );
+    let o = env.ssh_j(&alice, "alice", "web01", "echo second");
+    assert!(!o.status.success(), "{}", out_str(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("max_sessions_per_admin"),
+        "{}",
+        out_str(&o)
+    );
     let dave = env.dir.path().join("dave");
     new_key(&dave);
     let dave_cfg = env.client_config("dave", &dave, "");
