@@ -29,20 +29,45 @@ pub enum AdminRequest {
     Ping,
     TokenCreate(TokenSpec),
     TokenList,
-    TokenRevoke { id: String },
+    TokenRevoke {
+        id: String,
+    },
     AgentsList,
-    AgentsRevoke { name: String },
+    AgentsRevoke {
+        name: String,
+    },
     MailQueue,
     MailFlush,
-    MailRetry { id: String },
-    MailDelete { id: String },
+    MailRetry {
+        id: String,
+    },
+    MailDelete {
+        id: String,
+    },
+    /// known_hosts for the bastion and every enrolled VM.
+    SshKnownHosts,
+    /// A ~/.ssh/config snippet.
+    SshConfig {
+        user: Option<String>,
+        known_hosts: String,
+    },
+    /// Reload the configuration file (as SIGHUP).
+    Reload,
 }
 
-/// What admin requests act on: the registry and the handles of the services that are on.
+/// A reload asked through the socket, answered with its outcome.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// What admin requests act on: the registry, the running configuration, and the handles of
+/// the services that are on.
 #[derive(Clone)]
 pub struct AdminCtx {
     pub registry: Registry,
     pub mail: Option<crate::smtp::MailHandle>,
+    /// The running configuration.
+    pub config: Option<tokio::sync::watch::Receiver<Arc<crate::config::Config>>>,
+    /// Where reloads are asked (the daemon's main loop).
+    pub reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
 }
 
 impl AdminCtx {
@@ -50,6 +75,8 @@ impl AdminCtx {
         Self {
             registry,
             mail: None,
+            config: None,
+            reload: None,
         }
     }
 }
@@ -172,7 +199,24 @@ async fn serve_one(stream: UnixStream, ctx: AdminCtx) -> Result<()> {
 }
 
 async fn handle(req: AdminRequest, ctx: AdminCtx) -> Result<serde_json::Value> {
-    let AdminCtx { registry, mail } = ctx;
+    if let AdminRequest::Reload = req {
+        let Some(tx) = ctx.reload else {
+            bail!("reload is not available");
+        };
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        tx.send(done).await.context("the daemon is shutting down")?;
+        return match outcome.await.context("the daemon is shutting down")? {
+            Ok(()) => Ok(serde_json::Value::Null),
+            Err(e) => Err(anyhow::anyhow!(e)),
+        };
+    }
+    let AdminCtx {
+        registry,
+        mail,
+        config,
+        ..
+    } = ctx;
+    let cfg = config.map(|c| c.borrow().clone());
     tokio::task::spawn_blocking(move || -> Result<serde_json::Value> {
         Ok(match req {
             AdminRequest::Ping => serde_json::json!({ "version": crate::VERSION }),
@@ -196,6 +240,18 @@ async fn handle(req: AdminRequest, ctx: AdminCtx) -> Result<serde_json::Value> {
                 };
                 crate::smtp::admin(&mail, req)?
             }
+            AdminRequest::SshKnownHosts => serde_json::Value::String(
+                crate::ssh::hosts::known_hosts(cfg.as_deref().context("no configuration")?, &registry.snapshot())?,
+            ),
+            AdminRequest::SshConfig { user, known_hosts } => {
+                serde_json::Value::String(crate::ssh::hosts::ssh_config(
+                    cfg.as_deref().context("no configuration")?,
+                    &registry.snapshot(),
+                    user.as_deref(),
+                    &known_hosts,
+                )?)
+            }
+            AdminRequest::Reload => serde_json::Value::Null,
         })
     })
     .await

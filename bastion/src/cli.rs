@@ -56,6 +56,28 @@ pub enum Command {
     /// The SMTP relay's queue.
     #[command(subcommand)]
     Mail(MailCmd),
+    /// SSH jump host: host keys and client configuration for admins.
+    #[command(subcommand)]
+    Ssh(SshCmd),
+    /// Reload the configuration of the running daemon (same as SIGHUP).
+    Reload,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SshCmd {
+    /// Print a known_hosts file: the bastion and every enrolled, non-revoked VM.
+    KnownHosts,
+    /// Print a ~/.ssh/config snippet (Host patterns, ProxyJump, UserKnownHostsFile).
+    Config {
+        /// Admin login name on the bastion.
+        #[arg(long)]
+        user: Option<String>,
+        /// Where the admin keeps the output of `bastide ssh known-hosts`.
+        #[arg(long)]
+        known_hosts: Option<String>,
+    },
+    /// Print the fingerprint of the bastion's SSH host key (no daemon needed).
+    Fingerprint,
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +191,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Token(ref t) => token(&socket(&cli)?, t).await,
         Command::Agents(ref a) => agents(&socket(&cli)?, a).await,
         Command::Mail(ref m) => mail(&socket(&cli)?, m).await,
+        Command::Ssh(ref c) => ssh(&cli, c).await,
+        Command::Reload => {
+            admin::call(&socket(&cli)?, &AdminRequest::Reload).await?;
+            println!("configuration reloaded");
+            Ok(())
+        }
     }
 }
 
@@ -387,6 +415,35 @@ async fn mail(socket: &Path, cmd: &MailCmd) -> Result<()> {
         MailCmd::Delete { id } => {
             admin::call(socket, &AdminRequest::MailDelete { id: id.clone() }).await?;
             println!("message {id} deleted");
+        }
+    }
+    Ok(())
+}
+
+async fn ssh(cli: &Cli, cmd: &SshCmd) -> Result<()> {
+    match cmd {
+        SshCmd::Fingerprint => {
+            let cfg = Config::parse_file(&cli.config)?;
+            println!("{}", crate::ssh::hosts::fingerprint(&cfg)?);
+        }
+        SshCmd::KnownHosts => {
+            let v = admin::call(&socket(cli)?, &AdminRequest::SshKnownHosts).await?;
+            print!("{}", v.as_str().unwrap_or_default());
+        }
+        SshCmd::Config { user, known_hosts } => {
+            let known_hosts = match known_hosts {
+                Some(k) => k.clone(),
+                None => {
+                    let project = Config::parse_file(&cli.config)?.project;
+                    format!("~/.ssh/bastide-{project}.known_hosts")
+                }
+            };
+            let req = AdminRequest::SshConfig {
+                user: user.clone(),
+                known_hosts,
+            };
+            let v = admin::call(&socket(cli)?, &req).await?;
+            print!("{}", v.as_str().unwrap_or_default());
         }
     }
     Ok(())

@@ -48,6 +48,9 @@ pub struct Config {
     /// `[smtp]`: the VMs' mail relay (off when absent).
     #[serde(default)]
     pub smtp: Option<crate::smtp::SmtpConfig>,
+    /// `[ssh]`: the jump host.
+    #[serde(default)]
+    pub ssh: Option<crate::ssh::SshConfig>,
     /// Path of the file this was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -231,6 +234,11 @@ impl Config {
                 bad(&key, reason);
             }
         }
+        if let Some(ssh) = &self.ssh {
+            for (key, reason) in ssh.problems() {
+                bad(&key, reason);
+            }
+        }
         if let Some(m) = &self.metrics {
             for p in m.validate() {
                 problems.push(format!("{file}: {p}"));
@@ -294,6 +302,22 @@ stale_after = "5m"                # drop an agent's host metrics after this sile
 # host = "smtp.example.org"
 # port = 587
 # tls = "required"
+
+# SSH jump host (ssh -J admin@bastion root@vm). Uncomment and add admins and rules.
+# [ssh]
+# listen = "0.0.0.0:22"
+# audit_log = "/var/log/bastide/ssh-audit.jsonl"
+# public_host = "bastion.example.org"
+#
+# [[ssh.admins]]
+# name = "alice"
+# keys = ["ssh-ed25519 AAAA... alice@laptop"]
+# groups = ["ops"]
+#
+# [[ssh.rules]]
+# groups = ["ops"]
+# agents = ["*"]
+# ports = [22]
 "#
     )
 }

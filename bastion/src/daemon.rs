@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -106,6 +107,20 @@ pub async fn serve(cfg: Config) -> Result<()> {
         }
         None => None,
     };
+    let ssh = match &cfg.ssh {
+        Some(s) => Some(
+            tokio::net::TcpListener::bind(s.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "{}: ssh.listen: cannot bind {}",
+                        cfg.source.display(),
+                        s.listen
+                    )
+                })?,
+        ),
+        None => None,
+    };
     let admin = match &cfg.admin {
         Some(a) => Some((
             crate::admin::bind(a)
@@ -124,6 +139,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
         )),
         None => None,
     };
+    // The running configuration: services that can reload watch it, the admin socket reads it.
+    let (current, _) = watch::channel(Arc::new(cfg.clone()));
+    let (reload_tx, mut reload_rx) = mpsc::channel::<crate::admin::ReloadRequest>(4);
 
     let root = CancellationToken::new();
     let mut set: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
@@ -172,7 +190,13 @@ pub async fn serve(cfg: Config) -> Result<()> {
         let t = root.child_token();
         set.spawn(async move { ("smtp", crate::smtp::run(svc, listener, t).await) });
     }
+    if let Some(listener) = ssh {
+        let (r, t, c) = (registry.clone(), root.child_token(), current.subscribe());
+        set.spawn(async move { ("ssh", crate::ssh::run(c, r, listener, t).await) });
+    }
     if let Some((listener, path)) = admin {
+        admin_ctx.config = Some(current.subscribe());
+        admin_ctx.reload = Some(reload_tx.clone());
         let (c, t) = (admin_ctx, root.child_token());
         set.spawn(async move { ("admin", crate::admin::run(c, listener, path, t).await) });
     }
@@ -203,7 +227,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => reload(&cfg.source, &registry),
+            _ = hup.recv() => { let _ = reload(&cfg.source, &registry, &current); }
+            Some(req) = reload_rx.recv() => {
+                let _ = req.send(reload(&cfg.source, &registry, &current));
+            }
             done = set.join_next() => match done {
                 Some(Ok((name, Ok(())))) => {
                     if !root.is_cancelled() {
@@ -252,15 +279,25 @@ pub async fn serve(cfg: Config) -> Result<()> {
 
 /// Applies the reloadable parts of the configuration (SIGHUP). A broken file is refused
 /// whole and the running configuration stays.
-fn reload(path: &Path, registry: &Registry) {
+/// `bastide reload` does the same through the admin socket and gets the outcome.
+fn reload(
+    path: &Path,
+    registry: &Registry,
+    current: &watch::Sender<Arc<Config>>,
+) -> Result<(), String> {
     let path: PathBuf = path.to_path_buf();
     match Config::load(&path) {
         Ok(new) => {
             registry.set_settings(settings(&new));
-            info!(config = %path.display(), "configuration reloaded (agents.cert_lifetime); listeners need a restart to move");
+            current.send_replace(Arc::new(new));
+            info!(config = %path.display(), "configuration reloaded (agents.cert_lifetime, ssh admins, rules and limits); listeners need a restart to move");
+            Ok(())
         }
         Err(e) => {
-            error!(config = %path.display(), error = %e, "reload refused: keeping the running configuration")
+            error!(config = %path.display(), error = %e, "reload refused: keeping the running configuration");
+            Err(format!(
+                "reload refused, the running configuration stays: {e}"
+            ))
         }
     }
 }

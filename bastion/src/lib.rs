@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pki;
 pub mod registry;
 pub mod smtp;
+pub mod ssh;
 pub mod store;
 pub mod tls;
 
