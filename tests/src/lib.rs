@@ -28,15 +28,9 @@ pub fn bin(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(workspace())
-            .args([
-                "build",
-                "--quiet",
-                "--bins",
-                "-p",
-                "bastide",
-                "-p",
-                "bastide-agent",
-            ])
+            // The same selection as `cargo test --workspace`, so that features unify the
+            // same way and this is a no-op right after that command's own build.
+            .args(["build", "--quiet", "--workspace", "--bins", "--tests"])
             .status()
             .expect("running cargo build");
         assert!(status.success(), "building the binaries failed");
