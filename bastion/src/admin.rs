@@ -240,9 +240,12 @@ async fn handle(req: AdminRequest, ctx: AdminCtx) -> Result<serde_json::Value> {
                 };
                 crate::smtp::admin(&mail, req)?
             }
-            AdminRequest::SshKnownHosts => serde_json::Value::String(
-                crate::ssh::hosts::known_hosts(cfg.as_deref().context("no configuration")?, &registry.snapshot())?,
-            ),
+            AdminRequest::SshKnownHosts => {
+                serde_json::Value::String(crate::ssh::hosts::known_hosts(
+                    cfg.as_deref().context("no configuration")?,
+                    &registry.snapshot(),
+                )?)
+            }
             AdminRequest::SshConfig { user, known_hosts } => {
                 serde_json::Value::String(crate::ssh::hosts::ssh_config(
                     cfg.as_deref().context("no configuration")?,

@@ -156,10 +156,15 @@ pub async fn serve(cfg: Config) -> Result<()> {
     }
     if let Some((mcfg, listener, tls)) = metrics {
         let (r, t, h) = (registry.clone(), root.child_token(), hosts.clone());
+        let m = crate::metrics::Services {
+            mail: smtp.as_ref().map(|(svc, _)| svc.handle()),
+            dns: cfg.dns.is_some(),
+            ssh: cfg.ssh.is_some(),
+        };
         set.spawn(async move {
             (
                 "metrics",
-                crate::metrics::run(mcfg, r, h, tls, listener, t).await,
+                crate::metrics::run(mcfg, r, h, m, tls, listener, t).await,
             )
         });
     }

@@ -9,7 +9,7 @@
 //! cached, zones fixed at start).
 
 mod cache;
-mod metrics;
+pub mod metrics;
 mod server;
 mod upstream;
 mod zone;

@@ -115,9 +115,18 @@ pub fn install_recorder() -> Result<PrometheusHandle> {
 #[derive(Clone)]
 struct AppState {
     registry: Registry,
+    services: Services,
     hosts: HostMetrics,
     handle: PrometheusHandle,
     token: Option<Arc<str>>,
+}
+
+/// Which services are on, for their counters to be exported (none for a service that is off).
+#[derive(Clone, Default)]
+pub struct Services {
+    pub mail: Option<crate::smtp::MailHandle>,
+    pub dns: bool,
+    pub ssh: bool,
 }
 
 /// Serves the metrics endpoint on `listener` until `shutdown`.
@@ -125,6 +134,7 @@ pub async fn run(
     cfg: MetricsConfig,
     registry: Registry,
     hosts: HostMetrics,
+    services: Services,
     tls: Option<Arc<rustls::ServerConfig>>,
     listener: TcpListener,
     shutdown: CancellationToken,
@@ -140,6 +150,7 @@ pub async fn run(
     };
     let state = AppState {
         registry,
+        services,
         hosts: hosts.clone(),
         handle,
         token,
@@ -270,6 +281,7 @@ async fn self_metrics(State(s): State<AppState>, headers: HeaderMap) -> Response
     let start = Instant::now();
     let mut body = s.handle.render();
     render::agents(&s.registry, &mut body);
+    render::services(&mut body, &s.services);
     render::process(&mut body);
     metrics::histogram!(names::SCRAPE_DURATION, "path" => "/metrics")
         .record(start.elapsed().as_secs_f64());

@@ -188,3 +188,230 @@ pub fn process(out: &mut String) {
         let _ = writeln!(out, "process_max_fds {max}");
     }
 }
+
+/// Counters of the services (SSH, DNS, SMTP), kept in atomics by each service and exported
+/// here with their help texts. Label values come from small fixed sets.
+pub fn services(out: &mut String, on: &super::Services) {
+    let kind = |name: &str| {
+        if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        }
+    };
+
+    if on.ssh {
+        for (name, help, v) in crate::ssh::counters().export() {
+            family(out, name, kind(name), help);
+            let _ = writeln!(out, "{name} {v}");
+        }
+    }
+    if on.dns {
+        dns(out);
+    }
+    if let Some(m) = &on.mail {
+        smtp(out, m);
+    }
+}
+
+fn dns(out: &mut String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let kind = |name: &str| {
+        if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        }
+    };
+
+    let d = crate::dns::metrics::metrics();
+    family(
+        out,
+        "bastide_dns_queries_total",
+        "counter",
+        "DNS queries received, by query type.",
+    );
+    for (i, c) in d.queries_by_type.iter().enumerate() {
+        let t = crate::dns::metrics::QUERY_TYPES
+            .get(i)
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "OTHER".into());
+        let _ = writeln!(
+            out,
+            "bastide_dns_queries_total{{type=\"{t}\"}} {}",
+            c.load(Relaxed)
+        );
+    }
+    family(
+        out,
+        "bastide_dns_responses_total",
+        "counter",
+        "DNS responses sent, by response code.",
+    );
+    for (i, c) in d.responses_by_rcode.iter().enumerate() {
+        let v = c.load(Relaxed);
+        let rcode = match i {
+            0 => "NOERROR".to_string(),
+            1 => "FORMERR".into(),
+            2 => "SERVFAIL".into(),
+            3 => "NXDOMAIN".into(),
+            4 => "NOTIMP".into(),
+            5 => "REFUSED".into(),
+            16 => "BADVERS".into(),
+            i if i >= crate::dns::metrics::RCODES => "OTHER".into(),
+            i => format!("RCODE{i}"),
+        };
+        if v > 0 || i <= 5 {
+            let _ = writeln!(out, "bastide_dns_responses_total{{rcode=\"{rcode}\"}} {v}");
+        }
+    }
+    for (name, help, c) in [
+        (
+            "bastide_dns_cache_hits_total",
+            "Answers served from the cache.",
+            &d.cache_hits,
+        ),
+        (
+            "bastide_dns_cache_misses_total",
+            "Queries the cache could not answer.",
+            &d.cache_misses,
+        ),
+        (
+            "bastide_dns_cache_stale_served_total",
+            "Expired answers served while every upstream was down.",
+            &d.cache_stale_served,
+        ),
+        (
+            "bastide_dns_cache_entries",
+            "Entries in the cache.",
+            &d.cache_entries,
+        ),
+        (
+            "bastide_dns_prefetches_total",
+            "Cache entries refreshed before expiry.",
+            &d.prefetches,
+        ),
+        (
+            "bastide_dns_coalesced_total",
+            "Queries merged into an identical upstream query in flight.",
+            &d.coalesced,
+        ),
+        (
+            "bastide_dns_upstream_queries_total",
+            "Queries sent to upstream resolvers.",
+            &d.upstream_queries,
+        ),
+        (
+            "bastide_dns_upstream_failures_total",
+            "Upstream queries that failed or timed out.",
+            &d.upstream_failures,
+        ),
+        (
+            "bastide_dns_refused_total",
+            "Queries refused: client outside the allowed networks.",
+            &d.refused,
+        ),
+        (
+            "bastide_dns_rate_limited_total",
+            "Responses dropped or truncated by response rate limiting.",
+            &d.rate_limited,
+        ),
+        (
+            "bastide_dns_malformed_total",
+            "Malformed packets received.",
+            &d.malformed,
+        ),
+        (
+            "bastide_dns_overloaded_total",
+            "Queries dropped because too many were pending.",
+            &d.overloaded,
+        ),
+    ] {
+        family(out, name, kind(name), help);
+        let _ = writeln!(out, "{name} {}", c.load(Relaxed));
+    }
+    family(
+        out,
+        "bastide_dns_upstream_latency_seconds",
+        "histogram",
+        "Latency of upstream queries.",
+    );
+    let buckets = &crate::dns::metrics::LATENCY_BUCKETS;
+    for (i, le) in buckets.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "bastide_dns_upstream_latency_seconds_bucket{{le=\"{le}\"}} {}",
+            d.upstream_latency[i].load(Relaxed)
+        );
+    }
+    let count = d.upstream_latency[buckets.len()].load(Relaxed);
+    let _ = writeln!(
+        out,
+        "bastide_dns_upstream_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
+    );
+    let _ = writeln!(
+        out,
+        "bastide_dns_upstream_latency_seconds_sum {}",
+        d.upstream_latency_sum_us.load(Relaxed) as f64 / 1e6
+    );
+    let _ = writeln!(out, "bastide_dns_upstream_latency_seconds_count {count}");
+}
+
+fn smtp(out: &mut String, m: &crate::smtp::MailHandle) {
+    let kind = |name: &str| {
+        if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        }
+    };
+    {
+        let values = m.metrics.snapshot(&m.queue);
+        let mut described = std::collections::HashSet::new();
+        for (series, help) in crate::smtp::METRICS_HELP {
+            let base = series.split('{').next().unwrap_or(series);
+            if described.insert(base) {
+                let help = if base == "bastide_smtp_refused_total" {
+                    "Refusals by reason (client, recipient, size, line_length, limit, syntax, timeout)."
+                } else {
+                    help
+                };
+                family(out, base, kind(base), help);
+            }
+            let _ = writeln!(out, "{series} {}", values.get(series).copied().unwrap_or(0));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_families_are_well_formed() {
+        let mut out = String::new();
+        services(
+            &mut out,
+            &super::super::Services {
+                mail: None,
+                dns: true,
+                ssh: true,
+            },
+        );
+        process(&mut out);
+        let mut seen = std::collections::HashSet::new();
+        for l in out.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = l.split_whitespace().nth(2).unwrap();
+            assert!(seen.insert(name.to_string()), "{name} typed twice");
+        }
+        assert!(out.contains("bastide_dns_upstream_latency_seconds_bucket{le=\"+Inf\"} "));
+        assert!(out.contains("bastide_ssh_jumps_open "));
+        assert!(out.contains("bastide_dns_queries_total{type=\"A\"} "));
+        if let Ok(dir) = std::env::var("BASTIDE_DUMP_METRICS") {
+            std::fs::write(std::path::Path::new(&dir).join("services.prom"), &out).unwrap();
+        }
+        let mut none = String::new();
+        services(&mut none, &super::super::Services::default());
+        assert!(none.is_empty(), "services that are off export nothing");
+    }
+}
