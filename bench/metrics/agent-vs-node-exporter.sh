@@ -21,7 +21,7 @@ sleep 1
 T=$("$B/bastide" --config "$D/st/bastide.toml" token create 2>/dev/null)
 "$B/bastide-agent" enroll --bastion 127.0.0.1:$AP --token "$T" --ca-pin "$("$B/bastide" ca-pin --dir "$D/st")" --name bench --state-dir "$D/ag" >/dev/null
 printf 'metrics_interval = "%ss"\nadvertise_addresses = ["127.0.0.1"]\n' "$INTERVAL" > "$D/ag.toml"
-"$B/bastide-agent" run --state-dir "$D/ag" --config "$D/ag.toml" 2>/dev/null &
+"$B/bastide-agent" run --state-dir "$D/ag" --config "$D/ag.toml" 2>"$D/agent.log" &
 AGENT=$!
 prometheus-node-exporter --web.listen-address=127.0.0.1:$NP >/dev/null 2>&1 &
 NODE=$!
@@ -31,6 +31,7 @@ ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 rss() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 a0=$(ticks $AGENT); n0=$(ticks $NODE)
 sleep "$WINDOW"
+kill -0 $AGENT 2>/dev/null || { echo "agent died:"; cat "$D/agent.log"; exit 1; }
 a1=$(ticks $AGENT); n1=$(ticks $NODE)
 HZ=$(getconf CLK_TCK)
 python3 - "$a0" "$a1" "$n0" "$n1" "$(rss $AGENT)" "$(rss $NODE)" "$HZ" "$WINDOW" "$INTERVAL" <<'PY'

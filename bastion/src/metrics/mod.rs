@@ -237,10 +237,6 @@ fn allowed(nets: &[IpNet], ip: IpAddr) -> bool {
     nets.iter().any(|n| n.contains(&ip))
 }
 
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Checks the bearer token, if one is configured: the refusal to send, if any.
 fn denied(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     let Some(want) = &state.token else {
@@ -253,7 +249,7 @@ fn denied(state: &AppState, headers: &HeaderMap) -> Option<Response> {
         // none is configured; the secret is what matters.
         .map(|v| v.strip_prefix("Bearer ").unwrap_or(v))
         .unwrap_or("");
-    if ct_eq(got.trim().as_bytes(), want.as_bytes()) {
+    if crate::registry::ct_eq(got.trim().as_bytes(), want.as_bytes()) {
         None
     } else {
         metrics::counter!(names::SCRAPE_DENIED, "reason" => "token").increment(1);
