@@ -53,6 +53,8 @@ pub enum AdminRequest {
     },
     /// Reload the configuration file (as SIGHUP).
     Reload,
+    /// One-screen summary of the running daemon.
+    Status,
 }
 
 /// A reload asked through the socket, answered with its outcome.
@@ -255,6 +257,7 @@ async fn handle(req: AdminRequest, ctx: AdminCtx) -> Result<serde_json::Value> {
                 )?)
             }
             AdminRequest::Reload => serde_json::Value::Null,
+            AdminRequest::Status => status(&registry, mail.as_ref(), cfg.as_deref())?,
         })
     })
     .await
@@ -291,4 +294,63 @@ pub async fn call(socket: &Path, req: &AdminRequest) -> Result<serde_json::Value
     tokio::time::timeout(Duration::from_secs(5), fut)
         .await
         .context("the daemon did not answer within 5s")?
+}
+
+/// Certificates expiring within this are listed by `bastide status`.
+const EXPIRY_WARNING_SECS: i64 = 24 * 3600;
+
+/// The summary behind `bastide status`.
+fn status(
+    registry: &Registry,
+    mail: Option<&crate::smtp::MailHandle>,
+    cfg: Option<&crate::config::Config>,
+) -> Result<serde_json::Value> {
+    let now = crate::unix_now();
+    let snap = registry.snapshot();
+    let (mut online, mut offline, mut revoked) = (0, 0, 0);
+    let mut expiring = Vec::new();
+    for a in snap.agents.values() {
+        match (a.revoked, a.online) {
+            (true, _) => revoked += 1,
+            (false, true) => online += 1,
+            (false, false) => offline += 1,
+        }
+        // Online agents renew on their own; an offline one past expiry must re-enroll.
+        if !a.revoked && !a.online && a.cert_not_after - now < EXPIRY_WARNING_SECS {
+            expiring.push(serde_json::json!({ "name": a.name, "not_after": a.cert_not_after }));
+        }
+    }
+    let expiry = |path: &Path| -> Option<i64> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let der = crate::pki::read_cert_pem(path).ok()?;
+        let (_, c) = X509Certificate::from_der(&der).ok()?;
+        Some(c.validity().not_after.timestamp())
+    };
+    let services = cfg.map(|c| {
+        serde_json::json!({
+            "agents": c.agents.is_some(),
+            "admin": c.admin.is_some(),
+            "metrics": c.metrics.is_some(),
+            "dns": c.dns.is_some(),
+            "smtp": c.smtp.is_some(),
+            "ssh": c.ssh.is_some(),
+        })
+    });
+    let pki = cfg.map(|c| c.pki_paths());
+    let mail = mail.map(|m| {
+        let (queued, oldest) = m.queue.gauges();
+        serde_json::json!({ "queued": queued, "oldest_age_secs": oldest })
+    });
+    Ok(serde_json::json!({
+        "version": crate::VERSION,
+        "project": registry.ca().project,
+        "services": services,
+        "agents": { "online": online, "offline": offline, "revoked": revoked },
+        "mail": mail,
+        "certificates": {
+            "ca_not_after": pki.as_ref().and_then(|p| expiry(&p.ca_cert)),
+            "server_not_after": pki.as_ref().and_then(|p| expiry(&p.server_cert)),
+            "offline_agents_expiring": expiring,
+        },
+    }))
 }

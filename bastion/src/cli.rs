@@ -61,6 +61,11 @@ pub enum Command {
     Ssh(SshCmd),
     /// Reload the configuration of the running daemon (same as SIGHUP).
     Reload,
+    /// One-screen summary of the running daemon: services, agents, queues, expiries.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -192,6 +197,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Agents(ref a) => agents(&socket(&cli)?, a).await,
         Command::Mail(ref m) => mail(&socket(&cli)?, m).await,
         Command::Ssh(ref c) => ssh(&cli, c).await,
+        Command::Status { json } => status(&socket(&cli)?, json).await,
         Command::Reload => {
             admin::call(&socket(&cli)?, &AdminRequest::Reload).await?;
             println!("configuration reloaded");
@@ -444,6 +450,64 @@ async fn ssh(cli: &Cli, cmd: &SshCmd) -> Result<()> {
             };
             let v = admin::call(&socket(cli)?, &req).await?;
             print!("{}", v.as_str().unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+async fn status(socket: &Path, json: bool) -> Result<()> {
+    let v = admin::call(socket, &AdminRequest::Status).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let days = |t: &serde_json::Value| match t.as_i64() {
+        Some(t) => format!("{} ({} days)", ts(t), (t - crate::unix_now()) / 86400),
+        None => "unknown".into(),
+    };
+    println!(
+        "bastide {}  project {}",
+        v["version"].as_str().unwrap_or("?"),
+        v["project"].as_str().unwrap_or("?")
+    );
+    if let Some(s) = v["services"].as_object() {
+        let list: Vec<String> = s
+            .iter()
+            .map(|(k, on)| {
+                format!(
+                    "{k} {}",
+                    if on.as_bool() == Some(true) {
+                        "on"
+                    } else {
+                        "off"
+                    }
+                )
+            })
+            .collect();
+        println!("services      {}", list.join(", "));
+    }
+    let a = &v["agents"];
+    println!(
+        "agents        {} online, {} offline, {} revoked",
+        a["online"], a["offline"], a["revoked"]
+    );
+    match v["mail"].as_object() {
+        Some(m) => println!(
+            "mail queue    {} queued, oldest {}s",
+            m["queued"], m["oldest_age_secs"]
+        ),
+        None => println!("mail queue    relay off"),
+    }
+    let c = &v["certificates"];
+    println!("agent CA      valid until {}", days(&c["ca_not_after"]));
+    println!("server cert   valid until {}", days(&c["server_not_after"]));
+    if let Some(list) = c["offline_agents_expiring"].as_array() {
+        for e in list {
+            println!(
+                "  offline agent {} certificate expires {} (must re-enroll if it stays offline)",
+                e["name"].as_str().unwrap_or("?"),
+                ts(e["not_after"].as_i64().unwrap_or(0))
+            );
         }
     }
     Ok(())

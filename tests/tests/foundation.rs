@@ -75,6 +75,17 @@ fn enrollment_and_registration_show_in_agents_list() {
     let table = b.cli_ok(&["agents", "list"]);
     assert!(table.contains("web01") && table.contains("online") && table.contains("role=web"));
 
+    // The one-screen summary.
+    let status = b.cli_ok(&["status"]);
+    assert!(
+        status.contains("1 online, 0 offline, 0 revoked"),
+        "{status}"
+    );
+    assert!(
+        status.contains("agent CA") && status.contains("metrics on"),
+        "{status}"
+    );
+
     // Enrolling again is a clear no-op.
     let again = a.enroll(&b, &token);
     assert!(again.status.success());
