@@ -18,14 +18,9 @@ pub struct Record {
     /// "allowed" or "denied".
     pub decision: &'static str,
     pub reason: String,
-    pub admin: String,
-    pub key_fingerprint: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cert_key_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cert_serial: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cert_ca: Option<String>,
+    /// Who: admin, key fingerprint and certificate facts (same JSON keys, flattened).
+    #[serde(flatten)]
+    pub who: super::auth::Identity,
     pub source: String,
     pub target: String,
     pub port: u32,

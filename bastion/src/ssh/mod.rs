@@ -617,11 +617,7 @@ async fn jump(
     let mut rec = audit::Record {
         decision: "denied",
         reason: String::new(),
-        admin: id.admin.clone(),
-        key_fingerprint: id.key_fingerprint.clone(),
-        cert_key_id: id.cert_key_id.clone(),
-        cert_serial: id.cert_serial,
-        cert_ca: id.cert_ca.clone(),
+        who: id.clone(),
         source: peer.to_string(),
         target: host.clone(),
         port,
@@ -635,7 +631,7 @@ async fn jump(
     };
     let denied = |shared: &Shared, mut rec: audit::Record, reason: String| {
         shared.counters.jumps_denied.fetch_add(1, Ordering::Relaxed);
-        warn!(admin = %rec.admin, source = %rec.source, target = %rec.target, port = rec.port, reason = %reason, "ssh: jump denied");
+        warn!(admin = %rec.who.admin, source = %rec.source, target = %rec.target, port = rec.port, reason = %reason, "ssh: jump denied");
         rec.reason = reason;
         rec.end = audit::now_rfc3339();
         rec
