@@ -12,7 +12,7 @@ use bastide_proto::v1::agent_server::{Agent, AgentServer};
 use bastide_proto::v1::enrollment_server::{Enrollment, EnrollmentServer};
 use bastide_proto::v1::{
     agent_message, bastion_message, AgentMessage, BastionMessage, EnrollRequest, EnrollResponse,
-    HeartbeatAck, RegisterRequest, RegisterResponse, RenewRequest, RenewResponse,
+    HeartbeatAck, LogAck, LogBatch, RegisterRequest, RegisterResponse, RenewRequest, RenewResponse,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
@@ -349,5 +349,18 @@ impl Agent for Service {
             certificate_pem: issued.certificate_pem,
             not_after_unix: issued.not_after,
         }))
+    }
+
+    type ShipLogsStream = Pin<Box<dyn Stream<Item = Result<LogAck, Status>> + Send>>;
+
+    async fn ship_logs(
+        &self,
+        req: Request<Streaming<LogBatch>>,
+    ) -> Result<Response<Self::ShipLogsStream>, Status> {
+        let id = identity(&req)?;
+        debug!(agent = %id.name, "log shipping refused: no log store yet");
+        Err(Status::unimplemented(
+            "this bastion does not store logs yet",
+        ))
     }
 }
