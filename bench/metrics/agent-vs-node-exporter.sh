@@ -17,8 +17,14 @@ AP=$(port); MP=$(port); NP=$(port)
 "$B/bastide" init --dir "$D/st" --project bench >/dev/null
 sed -i "s/0.0.0.0:4443/127.0.0.1:$AP/; s/127.0.0.1:9469/127.0.0.1:$MP/" "$D/st/bastide.toml"
 "$B/bastide" --config "$D/st/bastide.toml" serve 2>/dev/null &
-sleep 1
-T=$("$B/bastide" --config "$D/st/bastide.toml" token create 2>/dev/null)
+# The admin socket appears once the daemon is up; a fixed sleep raced it (and set -e then
+# ended the script silently).
+T=
+for _ in $(seq 100); do
+  T=$("$B/bastide" --config "$D/st/bastide.toml" token create 2>/dev/null) && break
+  sleep 0.1
+done
+[ -n "$T" ] || { echo "bastide did not start"; exit 1; }
 "$B/bastide-agent" enroll --bastion 127.0.0.1:$AP --token "$T" --ca-pin "$("$B/bastide" ca-pin --dir "$D/st")" --name bench --state-dir "$D/ag" >/dev/null
 printf 'metrics_interval = "%ss"\nadvertise_addresses = ["127.0.0.1"]\n' "$INTERVAL" > "$D/ag.toml"
 "$B/bastide-agent" run --state-dir "$D/ag" --config "$D/ag.toml" 2>"$D/agent.log" &
