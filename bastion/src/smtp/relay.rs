@@ -26,6 +26,22 @@ use super::{RelayTls, SmtpConfig, SmtpMetrics};
 /// Time deliveries in progress get at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// The queue runner's notion of "now", in ms since the epoch: retry times and the queue
+/// lifetime are computed from it, so tests inject a clock they move by hand instead of
+/// waiting hours of backoff.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> i64;
+}
+
+/// The wall clock (arrival times in the spool are wall-clock times too).
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        now_ms()
+    }
+}
+
 /// The smarthost transport and the retry policy.
 pub struct Relay {
     transport: AsyncSmtpTransport<Tokio1Executor>,
@@ -161,13 +177,15 @@ async fn attempt(relay: &Relay, meta: &Meta, content: &[u8]) -> Outcome {
     }
 }
 
-/// Runs the queue until `shutdown`.
+/// Runs the queue until `shutdown`. The runner sleeps until the next message is due by
+/// `clock`, or until [`Queue::wake`] is notified (new mail, flush, retry).
 pub async fn run_queue(
     relay: Relay,
     queue: Arc<Queue>,
     metrics: Arc<SmtpMetrics>,
     hostname: String,
     postmaster: Option<String>,
+    clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let relay = Arc::new(relay);
@@ -176,11 +194,12 @@ pub async fn run_queue(
         metrics,
         hostname,
         postmaster,
+        clock: clock.clone(),
     });
     let mut running: JoinSet<String> = JoinSet::new();
     loop {
         let free = relay.concurrency.saturating_sub(running.len());
-        for meta in queue.take_due(now_ms(), free) {
+        for meta in queue.take_due(clock.now_ms(), free) {
             let (relay, ctx) = (relay.clone(), ctx.clone());
             running.spawn(async move {
                 let id = meta.id.clone();
@@ -188,7 +207,7 @@ pub async fn run_queue(
                     warn!(id = %id, error = %format!("{e:#}"), "mail queue: spool update failed");
                     // Keep it queued; it will be tried again.
                     let mut st = ctx.queue.state(&id).unwrap_or_default();
-                    st.next_try_ms = now_ms() + relay.retry_initial.as_millis() as i64;
+                    st.next_try_ms = ctx.clock.now_ms() + relay.retry_initial.as_millis() as i64;
                     let _ = ctx.queue.deferred(&id, st).await;
                 }
                 id
@@ -196,7 +215,7 @@ pub async fn run_queue(
         }
         let sleep = match queue.next_due() {
             Some(t) if running.len() < relay.concurrency => {
-                Duration::from_millis((t - now_ms()).clamp(0, 3_600_000) as u64)
+                Duration::from_millis((t - clock.now_ms()).clamp(0, 3_600_000) as u64)
             }
             _ => Duration::from_secs(3600),
         };
@@ -220,6 +239,7 @@ struct Ctx {
     metrics: Arc<SmtpMetrics>,
     hostname: String,
     postmaster: Option<String>,
+    clock: Arc<dyn Clock>,
 }
 
 async fn deliver(relay: &Relay, ctx: &Ctx, meta: Meta) -> Result<()> {
@@ -236,7 +256,8 @@ async fn deliver(relay: &Relay, ctx: &Ctx, meta: Meta) -> Result<()> {
         }
         Outcome::Temporary(err) => {
             state.attempts += 1;
-            let age = Duration::from_millis((now_ms() - meta.arrived_ms).max(0) as u64);
+            let now = ctx.clock.now_ms();
+            let age = Duration::from_millis((now - meta.arrived_ms).max(0) as u64);
             if age >= relay.max_lifetime {
                 let reason = format!(
                     "gave up after {} attempts over {}: last error: {err}",
@@ -246,7 +267,7 @@ async fn deliver(relay: &Relay, ctx: &Ctx, meta: Meta) -> Result<()> {
                 fail(ctx, &meta, content, state, reason, "4.4.7").await?;
             } else {
                 let delay = relay.backoff(state.attempts);
-                state.next_try_ms = now_ms() + delay.as_millis() as i64;
+                state.next_try_ms = now + delay.as_millis() as i64;
                 state.last_error = Some(err.clone());
                 SmtpMetrics::inc(&ctx.metrics.deferred);
                 warn!(id = %id, attempts = state.attempts, delay_ms = delay.as_millis() as u64, error = %err, "mail deferred");
@@ -284,7 +305,7 @@ async fn fail(
         let dsn = build_dsn(&ctx.hostname, meta, content, &reason, status);
         let bounce = Meta {
             id: new_id(),
-            arrived_ms: now_ms(),
+            arrived_ms: ctx.clock.now_ms(),
             client: "local".into(),
             helo: ctx.hostname.clone(),
             sender: String::new(),
@@ -373,4 +394,176 @@ pub fn build_dsn(
     out.extend_from_slice(&content[..headers_end]);
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::spool::{decode, Meta};
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    /// A clock the test moves by hand.
+    struct ManualClock(AtomicI64);
+
+    impl Clock for ManualClock {
+        fn now_ms(&self) -> i64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    const T0: i64 = 1_800_000_000_000;
+    const MIN: i64 = 60_000;
+
+    fn config(port: u16) -> SmtpConfig {
+        toml::from_str(&format!(
+            "listen = \"127.0.0.1:0\"\n\
+             allow_networks = [\"127.0.0.1/32\"]\n\
+             postmaster = \"postmaster@example.org\"\n\
+             [relay]\n\
+             host = \"127.0.0.1\"\n\
+             port = {port}\n\
+             tls = \"none\"\n\
+             timeout = \"2s\"\n\
+             retry_initial = \"1m\"\n\
+             retry_max = \"10m\"\n\
+             max_lifetime = \"1h\"\n"
+        ))
+        .unwrap()
+    }
+
+    fn meta(sender: &str) -> Meta {
+        Meta {
+            id: new_id(),
+            arrived_ms: T0,
+            client: "127.0.0.1".into(),
+            helo: "web01".into(),
+            sender: sender.into(),
+            recipients: vec!["ops@example.org".into()],
+            size: 0,
+        }
+    }
+
+    /// Polls (in real time: deliveries are real connection attempts) until `f` holds.
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    fn dead_files(dir: &std::path::Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir.join("dead"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The retry schedule and the queue lifetime, driven by an injected clock against a
+    /// smarthost that refuses connections: delays double from `retry_initial` up to
+    /// `retry_max`; nothing is tried before it is due; the first failure after
+    /// `max_lifetime` bounces (4.4.7) to the sender and postmaster — not for the null
+    /// sender — and moves the message to `dead/`.
+    #[tokio::test]
+    async fn backoff_and_lifetime_expiry_with_an_injected_clock() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let dir = std::env::temp_dir().join(format!("bastide-relay-{}", rand::random::<u64>()));
+        let queue = Arc::new(Queue::open(&dir).unwrap());
+        let (a, b) = (meta("alice@example.com"), meta(""));
+        queue
+            .submit(a.clone(), b"Subject: expiring\r\n\r\nbody\r\n")
+            .await
+            .unwrap();
+        queue
+            .submit(b.clone(), b"Subject: null sender\r\n\r\nbody\r\n")
+            .await
+            .unwrap();
+        let clock = Arc::new(ManualClock(AtomicI64::new(T0)));
+        let metrics = Arc::new(SmtpMetrics::default());
+        let relay = Relay::new(&config(port), "bastion.example.org").unwrap();
+        let stop = CancellationToken::new();
+        let runner = tokio::spawn(run_queue(
+            relay,
+            queue.clone(),
+            metrics.clone(),
+            "bastion.example.org".into(),
+            Some("postmaster@example.org".into()),
+            clock.clone(),
+            stop.clone(),
+        ));
+        let attempts = |q: &Queue, id: &str| q.state(id).map(|s| s.attempts).unwrap_or(0);
+
+        // Attempt k fails at `now`; the next is due `delays[k-1]` later.
+        let delays = [1, 2, 4, 8, 10, 10, 10, 10, 10]; // minutes
+        let mut now = T0;
+        for (k, d) in delays.iter().enumerate() {
+            let k = k as u32 + 1;
+            until(&format!("attempt {k}"), || {
+                attempts(&queue, &a.id) == k && attempts(&queue, &b.id) == k
+            })
+            .await;
+            let st = queue.state(&a.id).unwrap();
+            assert_eq!(st.next_try_ms - now, d * MIN, "delay after attempt {k}");
+            assert!(st.last_error.as_deref().unwrap().contains("127.0.0.1"));
+            // Not a moment before it is due.
+            clock.0.store(st.next_try_ms - 1, Ordering::SeqCst);
+            queue.wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert_eq!(attempts(&queue, &a.id), k, "tried before it was due");
+            now = st.next_try_ms;
+            clock.0.store(now, Ordering::SeqCst);
+            queue.wake.notify_one();
+        }
+        // Attempt 10 comes 65 min after arrival, past the 1 h lifetime: given up.
+        assert_eq!(now - T0, 65 * MIN);
+        assert!(dead_files(&dir).is_empty(), "nothing dead before expiry");
+        until("both dead-lettered", || {
+            dead_files(&dir).iter().filter(|f| f.ends_with(".msg")).count() == 2
+        })
+        .await;
+        assert!(queue.state(&a.id).is_none() && queue.state(&b.id).is_none());
+        let dead_state = std::fs::read_to_string(dir.join(format!("dead/{}.state", a.id))).unwrap();
+        assert!(
+            dead_state.contains("gave up after 10 attempts over 1h 5m"),
+            "{dead_state}"
+        );
+        // One bounce (the null sender gets none), queued with the null sender.
+        until("the bounce queued", || {
+            metrics.bounced.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        let items = queue.list();
+        assert_eq!(items.len(), 1, "{items:?}");
+        let bounce = &items[0];
+        assert_eq!(bounce.sender, "");
+        assert_eq!(
+            bounce.recipients,
+            vec!["alice@example.com", "postmaster@example.org"]
+        );
+        let data = queue.read(&bounce.id).await.unwrap();
+        let (_, dsn) = decode(&data).unwrap();
+        let dsn = String::from_utf8_lossy(dsn);
+        assert!(dsn.contains("Status: 4.4.7"), "{dsn}");
+        assert!(dsn.contains("Action: failed"));
+        assert!(dsn.contains("Final-Recipient: rfc822; ops@example.org"));
+        assert!(dsn.contains("Subject: expiring"), "original headers attached");
+        assert_eq!(metrics.dead_lettered.load(Ordering::Relaxed), 2);
+        assert!(metrics.deferred.load(Ordering::Relaxed) >= 18);
+        stop.cancel();
+        runner.await.unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn backoff_doubles_and_caps() {
+        let r = Relay::new(&config(25), "h").unwrap();
+        let mins: Vec<u64> = (1..=7).map(|a| r.backoff(a).as_secs() / 60).collect();
+        assert_eq!(mins, [1, 2, 4, 8, 10, 10, 10]);
+    }
 }
