@@ -524,7 +524,11 @@ mod tests {
         assert_eq!(now - T0, 65 * MIN);
         assert!(dead_files(&dir).is_empty(), "nothing dead before expiry");
         until("both dead-lettered", || {
-            dead_files(&dir).iter().filter(|f| f.ends_with(".msg")).count() == 2
+            dead_files(&dir)
+                .iter()
+                .filter(|f| f.ends_with(".msg"))
+                .count()
+                == 2
         })
         .await;
         assert!(queue.state(&a.id).is_none() && queue.state(&b.id).is_none());
@@ -552,7 +556,10 @@ mod tests {
         assert!(dsn.contains("Status: 4.4.7"), "{dsn}");
         assert!(dsn.contains("Action: failed"));
         assert!(dsn.contains("Final-Recipient: rfc822; ops@example.org"));
-        assert!(dsn.contains("Subject: expiring"), "original headers attached");
+        assert!(
+            dsn.contains("Subject: expiring"),
+            "original headers attached"
+        );
         assert_eq!(metrics.dead_lettered.load(Ordering::Relaxed), 2);
         assert!(metrics.deferred.load(Ordering::Relaxed) >= 18);
         stop.cancel();
