@@ -11,7 +11,7 @@ It records, under --dir:
 Files are written under a temporary name and renamed, so a reader never sees half a file.
 
 Usage: smarthost.py --port P --dir D [--tls none|starttls|implicit --cert C --key K]
-                    [--auth USER:PASSWORD] [--reject-rcpt ADDR]...
+                    [--auth USER:PASSWORD] [--reject-rcpt ADDR]... [--tempfail-rcpt ADDR]...
 """
 import argparse
 import asyncio
@@ -67,8 +67,10 @@ class Handler:
         return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        ok = address not in (args.reject_rcpt or [])
+        ok = address not in (args.reject_rcpt or []) + (args.tempfail_rcpt or [])
         record({"event": "rcpt", "address": address, "accepted": ok})
+        if address in (args.tempfail_rcpt or []):
+            return "450 4.2.1 <%s>: Recipient address rejected: try again later" % address
         if not ok:
             return "550 5.1.1 <%s>: Recipient address rejected: no such user" % address
         envelope.rcpt_tos.append(address)
@@ -103,6 +105,7 @@ def main():
     p.add_argument("--key")
     p.add_argument("--auth")
     p.add_argument("--reject-rcpt", action="append")
+    p.add_argument("--tempfail-rcpt", action="append")
     args = p.parse_args()
     ctx = None
     if args.tls != "none":

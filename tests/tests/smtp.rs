@@ -1379,3 +1379,107 @@ fn timeouts_and_limits() {
             >= 2
     );
 }
+
+#[test]
+fn partial_recipient_refusal_delivers_the_others_once_and_bounces_only_the_refused() {
+    let mut b = Bastion::init("mailp");
+    let port = free_port();
+    let host = Smarthost::start(
+        &b,
+        "none",
+        &[
+            "--reject-rcpt",
+            "bad@example.net",
+            "--tempfail-rcpt",
+            "later@example.net",
+        ],
+    );
+    relay_config(
+        &b,
+        port,
+        "postmaster = \"postmaster@example.org\"",
+        &format!("port = {}\ntls = \"none\"", host.port),
+    );
+    b.start();
+    assert_ok(&swaks(
+        port,
+        &[
+            "--from",
+            "sender@example.com",
+            "--to",
+            "good1@example.org,bad@example.net,later@example.net,good2@example.org",
+            "--header",
+            "Subject: partly",
+        ],
+    ));
+    // good1 and good2 delivered (one transaction each after the refusal), then the bounce
+    // for bad@ alone, at once, while later@ is still being retried.
+    let got = host.wait(3);
+    let to = |m: &(Value, String)| m.0["rcpt_tos"].clone();
+    let originals: Vec<_> = got.iter().filter(|m| m.0["mail_from"] != "<>").collect();
+    let mut rcpts: Vec<String> = originals
+        .iter()
+        .flat_map(|m| to(m).as_array().unwrap().clone())
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    rcpts.sort();
+    assert_eq!(rcpts, ["good1@example.org", "good2@example.org"]);
+    let bounce = got
+        .iter()
+        .find(|m| m.0["mail_from"] == "<>")
+        .expect("a bounce with the null sender");
+    assert_eq!(
+        to(bounce),
+        serde_json::json!(["sender@example.com", "postmaster@example.org"])
+    );
+    assert!(bounce
+        .1
+        .contains("Final-Recipient: rfc822; bad@example.net"));
+    assert!(
+        !bounce.1.contains("Final-Recipient: rfc822; good1"),
+        "{}",
+        bounce.1
+    );
+    assert!(
+        !bounce.1.contains("Final-Recipient: rfc822; later"),
+        "{}",
+        bounce.1
+    );
+    // Retries go to later@ only: the delivered recipients never get it twice.
+    let m = wait_for(Duration::from_secs(15), || {
+        let m = queue(&b)["messages"][0].clone();
+        (m["attempts"].as_u64().unwrap_or(0) >= 3).then_some(m)
+    })
+    .expect("retried");
+    assert!(m["last_error"].as_str().unwrap().contains("450"), "{m}");
+    let retried: Vec<Value> = host
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "rcpt")
+        .collect();
+    let count = |a: &str| retried.iter().filter(|e| e["address"] == a).count();
+    assert!(count("later@example.net") >= 3, "{retried:?}");
+    // good1@: in the first transaction (refused as a whole at bad@'s RCPT) and its own.
+    assert_eq!(count("good1@example.org"), 2, "{retried:?}");
+    let originals_now = host
+        .messages()
+        .iter()
+        .filter(|m| m.0["mail_from"] != "<>")
+        .count();
+    assert_eq!(
+        originals_now, 2,
+        "no duplicate for the delivered recipients"
+    );
+    let state = std::fs::read_dir(b.state_dir().join("mail/queue"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().ends_with(".state"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .unwrap();
+    assert!(
+        state.contains("\"done\":[\"good1@example.org\",\"good2@example.org\"]"),
+        "{state}"
+    );
+    assert!(state.contains("bad@example.net"), "{state}");
+    assert_eq!(metric(&b, "bastide_smtp_bounced_total"), 1);
+}
