@@ -69,6 +69,13 @@ pub struct SshConfig {
     pub admins: Vec<AdminEntry>,
     #[serde(default)]
     pub rules: Vec<RuleEntry>,
+    /// The bastion starts a key re-exchange after this many bytes either way on a
+    /// connection (at most 1 GiB, the default, RFC 4253 section 9)...
+    #[serde(default = "default_rekey_limit")]
+    pub rekey_limit: usize,
+    /// ...or after this long.
+    #[serde(default = "default_rekey_interval", with = "humantime_serde")]
+    pub rekey_interval: Duration,
 }
 
 /// `[[ssh.admins]]`
@@ -139,6 +146,12 @@ fn default_keepalive() -> Duration {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_rekey_limit() -> usize {
+    1 << 30
+}
+fn default_rekey_interval() -> Duration {
+    Duration::from_secs(3600)
 }
 fn default_ports() -> Vec<u16> {
     vec![22]
@@ -386,6 +399,12 @@ impl SshConfig {
         }
         if self.idle_timeout.is_zero() {
             bad("idle_timeout", "must be positive");
+        }
+        if !(1 << 16..=1 << 30).contains(&self.rekey_limit) {
+            bad("rekey_limit", "must be between 64 KiB and 1 GiB (bytes)");
+        }
+        if self.rekey_interval < Duration::from_secs(1) {
+            bad("rekey_interval", "must be at least 1s");
         }
         if self.keepalive_interval.is_zero() {
             bad("keepalive_interval", "must be positive");
