@@ -914,23 +914,22 @@ fn keepalive_idle_timeout_and_server_rekey() {
     };
 
     step(t0, "Keepalives both ways keep a quiet connection up.");
-    // The client probes the bastion every second and gives up after two unanswered
-    // probes; the bastion probes the client every second (keepalive_interval).
-    let mut quiet = bastion(&[
-        "-v",
-        "-o",
-        "ServerAliveInterval=1",
-        "-o",
-        "ServerAliveCountMax=2",
-    ]);
+    // The bastion probes a silent client every keepalive_interval...
+    let mut silent = bastion(&["-v"]);
+    // ...and answers a client that probes it every second and gives up after two
+    // unanswered probes.
+    let mut probing = bastion(&["-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2"]);
     std::thread::sleep(Duration::from_secs(5));
-    assert!(
-        quiet.try_wait().unwrap().is_none(),
-        "the connection dropped:\n{}",
-        env.logs()
-    );
-    let _ = quiet.kill();
-    let out = quiet.wait_with_output().unwrap();
+    for c in [&mut silent, &mut probing] {
+        assert!(
+            c.try_wait().unwrap().is_none(),
+            "the connection dropped:\n{}",
+            env.logs()
+        );
+        let _ = c.kill();
+    }
+    let _ = probing.wait();
+    let out = silent.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.matches("rtype keepalive@openssh.com want_reply 1")
