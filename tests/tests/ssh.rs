@@ -1005,3 +1005,91 @@ fn keepalive_idle_timeout_and_server_rekey() {
     assert!(kex >= 2 + 3, "{kex} key exchanges:\n{err}");
     step(t0, "done");
 }
+
+#[test]
+fn a_target_that_never_reads_does_not_stall_the_connection_for_long() {
+    let t0 = Instant::now();
+    // A target that accepts and never reads.
+    let hole = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_port = hole.local_addr().unwrap().port();
+    let _held = std::thread::spawn(move || {
+        let mut keep = Vec::new();
+        for s in hole.incoming() {
+            keep.push(s);
+        }
+    });
+    let env = Env::new(&format!(
+        "target_stall_timeout = \"3s\"\n\n[[ssh.rules]]\nadmins = [\"alice\"]\ncidrs = [\"127.0.0.1/32\"]\nports = [{hole_port}]\n"
+    ));
+    let cfg = env.client_config("alice", &env.alice, "");
+    let ctl = env.dir.path().join("ctl");
+    let ssh = |args: &[&str]| {
+        let mut c = Command::new("ssh");
+        c.arg("-F")
+            .arg(&cfg)
+            .args(["-p", &env.ssh_port.to_string(), "-S"])
+            .arg(&ctl)
+            .args(args);
+        c
+    };
+    step(t0, "One connection (ControlMaster), two jump channels.");
+    let mut master = ssh(&["-M", "-N", "alice@127.0.0.1"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(10), || ctl.exists().then_some(())).expect("control socket");
+    // Channel 1 floods the target that never reads.
+    let mut flood = ssh(&["-W", &format!("127.0.0.1:{hole_port}"), "alice@127.0.0.1"])
+        .stdin(std::fs::File::open("/dev/zero").unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    step(t0, "A second jump over the same connection still works.");
+    let t = Instant::now();
+    let proxy = format!(
+        "ssh -F {} -S {} -W %h:%p alice@127.0.0.1",
+        cfg.display(),
+        ctl.display()
+    );
+    let o = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-o", &format!("ProxyCommand={proxy}")])
+        .args([
+            "-p",
+            &env.sshd.port.to_string(),
+            "root@127.0.0.1",
+            "echo through",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    assert!(o.status.success(), "{}\n{}", out_str(&o), env.logs());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "through");
+    // At worst it waited for the stalled channel to be cut (target_stall_timeout).
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let cut = wait_for(Duration::from_secs(10), || {
+        env.audit_lines().into_iter().find(|l| {
+            l["event"] == "end"
+                && l["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("target not reading")
+        })
+    })
+    .expect("the flooding channel is cut");
+    assert_eq!(cut["port"], hole_port);
+    assert!(cut["bytes_to_target"].as_u64().unwrap() > 0);
+    assert!(wait_exit(&mut flood, Duration::from_secs(10)).is_some());
+    assert!(
+        master.try_wait().unwrap().is_none(),
+        "the connection survives"
+    );
+    let _ = master.kill();
+    let _ = master.wait();
+    step(t0, "done");
+}

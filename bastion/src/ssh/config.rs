@@ -76,6 +76,11 @@ pub struct SshConfig {
     /// ...or after this long.
     #[serde(default = "default_rekey_interval", with = "humantime_serde")]
     pub rekey_interval: Duration,
+    /// A jump channel whose target accepts no byte for this long while its buffer
+    /// (`target_buffer` bytes) is full is closed: until then the whole connection waits
+    /// (russh re-opens a channel's window as data arrives, not as the target takes it).
+    #[serde(default = "default_target_stall_timeout", with = "humantime_serde")]
+    pub target_stall_timeout: Duration,
 }
 
 /// `[[ssh.admins]]`
@@ -152,6 +157,9 @@ fn default_rekey_limit() -> usize {
 }
 fn default_rekey_interval() -> Duration {
     Duration::from_secs(3600)
+}
+fn default_target_stall_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_ports() -> Vec<u16> {
     vec![22]
@@ -255,6 +263,7 @@ pub struct Policy {
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
     pub keepalive_interval: Duration,
+    pub target_stall_timeout: Duration,
 }
 
 fn glob(pattern: &str) -> Result<GlobMatcher, String> {
@@ -409,6 +418,9 @@ impl SshConfig {
         if self.keepalive_interval.is_zero() {
             bad("keepalive_interval", "must be positive");
         }
+        if self.target_stall_timeout.is_zero() {
+            bad("target_stall_timeout", "must be positive");
+        }
         if self.connect_timeout.is_zero() {
             bad("connect_timeout", "must be positive");
         }
@@ -553,6 +565,7 @@ impl Policy {
             idle_timeout: cfg.idle_timeout,
             connect_timeout: cfg.connect_timeout,
             keepalive_interval: cfg.keepalive_interval,
+            target_stall_timeout: cfg.target_stall_timeout,
         })
     }
 }

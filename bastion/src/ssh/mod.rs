@@ -738,6 +738,7 @@ async fn jump(
         channel,
         tcp,
         live.policy.idle_timeout,
+        live.policy.target_stall_timeout,
         shared.shutdown.child_token(),
         traffic.clone(),
         shared.counters.clone(),
