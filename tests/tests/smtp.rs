@@ -912,3 +912,574 @@ fn mail_cli_queue_retry_delete_flush() {
     assert!(got[0].content.contains("Subject: three"));
     assert!(sink.files().len() == 1, "the deleted message never left");
 }
+
+/// The aiosmtpd smarthost of `tests/peers/smarthost.py` (see there): a real SMTP server that
+/// speaks STARTTLS, implicit TLS and AUTH, which Postfix's smtp-sink cannot, and records
+/// what it saw (connections, AUTH and whether TLS was up, each message).
+struct Smarthost {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Smarthost {
+    /// `tls`: "none", "starttls" or "implicit", with the certificate of `b` (its server
+    /// certificate, issued by its CA: the relay trusts it with `ca_file`).
+    fn start(b: &Bastion, tls: &str, extra: &[&str]) -> Smarthost {
+        let python = require("/usr/bin/python3", "python3");
+        let probe = Command::new(&python)
+            .args(["-c", "import aiosmtpd"])
+            .output()
+            .unwrap();
+        assert!(
+            probe.status.success(),
+            "aiosmtpd is missing: apt-get install python3-aiosmtpd"
+        );
+        let port = free_port();
+        let dir = tempfile::Builder::new()
+            .prefix("smarthost-")
+            .tempdir()
+            .unwrap();
+        let pki = b.state_dir().join("pki");
+        let child = Command::new(python)
+            .arg(bastide_tests::workspace().join("tests/peers/smarthost.py"))
+            .args(["--port", &port.to_string(), "--tls", tls])
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--cert")
+            .arg(pki.join("server.crt"))
+            .arg("--key")
+            .arg(pki.join("server.key"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let h = Smarthost { child, dir, port };
+        wait_for(Duration::from_secs(10), || {
+            h.events()
+                .iter()
+                .any(|e| e["event"] == "listening")
+                .then_some(())
+        })
+        .expect("smarthost did not start");
+        h
+    }
+
+    fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("events.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn count(&self, event: &str) -> usize {
+        self.events().iter().filter(|e| e["event"] == event).count()
+    }
+
+    /// (envelope JSON, content) of each message received, in order.
+    fn messages(&self) -> Vec<(Value, String)> {
+        (0..)
+            .map_while(|n| {
+                let j =
+                    std::fs::read_to_string(self.dir.path().join(format!("msg-{n}.json"))).ok()?;
+                let c = std::fs::read(self.dir.path().join(format!("msg-{n}.eml"))).ok()?;
+                Some((
+                    serde_json::from_str(&j).unwrap(),
+                    String::from_utf8_lossy(&c).to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    fn wait(&self, n: usize) -> Vec<(Value, String)> {
+        wait_for(Duration::from_secs(20), || {
+            let m = self.messages();
+            (m.len() >= n).then_some(m)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "expected {n} messages at the smarthost: {:?}",
+                self.events()
+            )
+        })
+    }
+}
+
+impl Drop for Smarthost {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A bastion that is not started yet, to point at a smarthost that needs its certificate.
+fn relay_config(b: &Bastion, port: u16, smtp_extra: &str, relay: &str) {
+    b.edit_config(|c| {
+        format!(
+            "{c}\n[smtp]\nlisten = \"127.0.0.1:{port}\"\nhostname = \"bastion.mailp.test\"\nallow_networks = [\"127.0.0.1/32\"]\n{smtp_extra}\n\n[smtp.relay]\nhost = \"127.0.0.1\"\ntimeout = \"5s\"\nconcurrency = 4\n{FAST}\n{relay}\n"
+        )
+    });
+}
+
+fn password_file(b: &Bastion, secret: &str, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = b.dir.path().join("smarthost.pass");
+    std::fs::write(&p, format!("{secret}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    p
+}
+
+#[test]
+fn inbound_starttls_with_swaks_verifying_the_bastion_certificate() {
+    let sink_port = free_port();
+    let sink = Sink::start(sink_port, &[]);
+    let r = relay_to(sink_port, "none", "starttls = true", FAST);
+    let ca = r.b.state_dir().join("pki/agent-ca.crt");
+    let o = swaks(
+        r.port,
+        &[
+            "--tls",
+            "--tls-verify",
+            "--tls-ca-path",
+            &ca.display().to_string(),
+            "--from",
+            "a@example.com",
+            "--to",
+            "b@example.com",
+            "--header",
+            "Subject: over TLS",
+        ],
+    );
+    assert_ok(&o);
+    let t = transcript(&o);
+    assert!(t.contains("-> STARTTLS"), "{t}");
+    assert!(t.contains("<-  220 2.0.0 Ready to start TLS"), "{t}");
+    assert!(t.contains("=== TLS started"), "{t}");
+    // After the handshake the EHLO reply no longer offers STARTTLS.
+    let after = &t[t.find("=== TLS started").unwrap()..];
+    assert!(
+        !after.contains("250-STARTTLS") && !after.contains("250 STARTTLS"),
+        "{t}"
+    );
+    let got = sink.wait(1, Duration::from_secs(10));
+    assert!(got[0].content.contains("Subject: over TLS"));
+    assert!(
+        got[0].content.contains("(Bastide) with ESMTPS id"),
+        "{}",
+        got[0].content
+    );
+    // A certificate from another CA is refused by a verifying client: swaks's check is real.
+    let other = Bastion::init("other");
+    let o = swaks(
+        r.port,
+        &[
+            "--tls",
+            "--tls-verify",
+            "--tls-ca-path",
+            &other
+                .state_dir()
+                .join("pki/agent-ca.crt")
+                .display()
+                .to_string(),
+            "--from",
+            "a@example.com",
+            "--to",
+            "b@example.com",
+        ],
+    );
+    assert!(!o.status.success(), "{}", transcript(&o));
+}
+
+#[test]
+fn smarthost_starttls_with_auth_ca_file_and_connection_reuse() {
+    let mut b = Bastion::init("mailp");
+    let port = free_port();
+    let pw = password_file(&b, "s3cret pass", 0o644);
+    let ca = b.state_dir().join("pki/agent-ca.crt");
+    let host = Smarthost::start(&b, "starttls", &["--auth", "bastion:s3cret pass"]);
+    relay_config(
+        &b,
+        port,
+        "",
+        &format!(
+            "port = {}\ntls = \"required\"\nca_file = \"{}\"\nusername = \"bastion\"\npassword_file = \"{}\"",
+            host.port,
+            ca.display(),
+            pw.display()
+        ),
+    );
+    // A password file readable by others is refused before anything starts.
+    let o = b.cli(&["check-config"]);
+    assert!(!o.status.success());
+    let err = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(err.contains("smtp.relay.password_file"), "{err}");
+    password_file(&b, "s3cret pass", 0o600);
+    b.start();
+    let r = Relay {
+        b,
+        port,
+        sink_port: host.port,
+    };
+    for i in 0..5 {
+        assert_ok(&swaks(
+            r.port,
+            &[
+                "--from",
+                "a@example.com",
+                "--to",
+                "b@example.com",
+                "--header",
+                &format!("Subject: tls {i}"),
+            ],
+        ));
+    }
+    let got = host.wait(5);
+    for (env, content) in &got {
+        assert_eq!(env["tls"], true, "{env}");
+        assert_eq!(env["auth"], "bastion", "{env}");
+        assert!(content.contains("Subject: tls "));
+    }
+    let ev = host.events();
+    assert!(
+        ev.iter()
+            .filter(|e| e["event"] == "auth-command")
+            .all(|e| e["tls"] == true),
+        "AUTH only after TLS: {ev:?}"
+    );
+    assert!(ev.iter().any(|e| e["event"] == "auth" && e["ok"] == true));
+    // Pooled connections: five messages, fewer connections than messages.
+    let conns = host.count("connect");
+    assert!(conns < 5, "{conns} connections for 5 messages: {ev:?}");
+}
+
+#[test]
+fn smarthost_implicit_tls_with_auth() {
+    let mut b = Bastion::init("mailp");
+    let port = free_port();
+    let pw = password_file(&b, "hunter2", 0o600);
+    let ca = b.state_dir().join("pki/agent-ca.crt");
+    let host = Smarthost::start(&b, "implicit", &["--auth", "bastion:hunter2"]);
+    relay_config(
+        &b,
+        port,
+        "",
+        &format!(
+            "port = {}\ntls = \"implicit\"\nca_file = \"{}\"\nusername = \"bastion\"\npassword_file = \"{}\"",
+            host.port,
+            ca.display(),
+            pw.display()
+        ),
+    );
+    b.start();
+    assert_ok(&swaks(
+        port,
+        &["--from", "a@example.com", "--to", "b@example.com"],
+    ));
+    let got = host.wait(1);
+    assert_eq!(got[0].0["tls"], true);
+    assert_eq!(got[0].0["auth"], "bastion");
+    assert_eq!(got[0].0["rcpt_tos"], serde_json::json!(["b@example.com"]));
+}
+
+#[test]
+fn tls_required_never_plaintext_never_auth_never_an_untrusted_certificate() {
+    // A smarthost offering AUTH but no STARTTLS: with tls = "required" nothing is sent,
+    // not even AUTH.
+    let mut b = Bastion::init("mailp");
+    let port = free_port();
+    let pw = password_file(&b, "hunter2", 0o600);
+    let host = Smarthost::start(&b, "none", &["--auth", "bastion:hunter2"]);
+    relay_config(
+        &b,
+        port,
+        "",
+        &format!(
+            "port = {}\ntls = \"required\"\nusername = \"bastion\"\npassword_file = \"{}\"",
+            host.port,
+            pw.display()
+        ),
+    );
+    b.start();
+    assert_ok(&swaks(
+        port,
+        &["--from", "a@example.com", "--to", "b@example.com"],
+    ));
+    let m = wait_for(Duration::from_secs(15), || {
+        let m = queue(&b)["messages"][0].clone();
+        (m["attempts"].as_u64().unwrap_or(0) >= 2).then_some(m)
+    })
+    .expect("deferred twice");
+    assert!(
+        m["last_error"]
+            .as_str()
+            .unwrap()
+            .to_ascii_lowercase()
+            .contains("tls"),
+        "{m}"
+    );
+    assert!(host.count("connect") >= 2);
+    assert_eq!(host.count("auth-command"), 0, "{:?}", host.events());
+    assert_eq!(host.count("mail"), 0, "{:?}", host.events());
+    drop(b);
+
+    // A smarthost with STARTTLS whose certificate is not trusted (no ca_file: the system
+    // roots do not know the bastion's test CA): deferred, nothing sent.
+    let mut b = Bastion::init("mailp");
+    let port = free_port();
+    let pw = password_file(&b, "hunter2", 0o600);
+    let host = Smarthost::start(&b, "starttls", &["--auth", "bastion:hunter2"]);
+    relay_config(
+        &b,
+        port,
+        "",
+        &format!(
+            "port = {}\ntls = \"required\"\nusername = \"bastion\"\npassword_file = \"{}\"",
+            host.port,
+            pw.display()
+        ),
+    );
+    b.start();
+    assert_ok(&swaks(
+        port,
+        &["--from", "a@example.com", "--to", "b@example.com"],
+    ));
+    let m = wait_for(Duration::from_secs(15), || {
+        let m = queue(&b)["messages"][0].clone();
+        (m["attempts"].as_u64().unwrap_or(0) >= 2).then_some(m)
+    })
+    .expect("deferred twice");
+    assert!(
+        m["last_error"]
+            .as_str()
+            .unwrap()
+            .to_ascii_lowercase()
+            .contains("certificate"),
+        "{m}"
+    );
+    assert_eq!(host.count("auth-command"), 0, "{:?}", host.events());
+    assert_eq!(host.count("mail"), 0, "{:?}", host.events());
+}
+
+fn expect_reply(s: &mut TcpStream, cmd: &str, code: &str) -> String {
+    if !cmd.is_empty() {
+        s.write_all(cmd.as_bytes()).unwrap();
+    }
+    let reply = read_reply(s);
+    assert!(
+        reply.starts_with(code),
+        "{cmd:?} -> {reply:?}, wanted {code}"
+    );
+    reply
+}
+
+#[test]
+fn timeouts_and_limits() {
+    let r = relay(
+        "none",
+        "command_timeout = \"2s\"\ndata_timeout = \"3s\"\nmax_connections_per_client = 2\nmax_recipients = 3",
+        "retry_initial = \"1h\"",
+    );
+    let connect = || {
+        let s = TcpStream::connect(("127.0.0.1", r.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+
+    // Connections per client: the third at once is refused, a slot frees on close.
+    let mut c1 = connect();
+    expect_reply(&mut c1, "", "220 ");
+    let mut c2 = connect();
+    expect_reply(&mut c2, "", "220 ");
+    let mut c3 = connect();
+    expect_reply(&mut c3, "", "421 4.7.0");
+    drop(c2);
+    let mut c4 = wait_for(Duration::from_secs(2), || {
+        let mut s = connect();
+        read_reply(&mut s).starts_with("220 ").then_some(s)
+    })
+    .expect("a slot frees when a session ends");
+    drop(c1);
+
+    // Recipients per message: the fourth gets 452 4.5.3; the message goes to three.
+    expect_reply(&mut c4, "EHLO web01\r\n", "250");
+    expect_reply(&mut c4, "MAIL FROM:<a@example.com>\r\n", "250");
+    for n in 1..=3 {
+        expect_reply(&mut c4, &format!("RCPT TO:<r{n}@example.com>\r\n"), "250");
+    }
+    expect_reply(&mut c4, "RCPT TO:<r4@example.com>\r\n", "452 4.5.3");
+    expect_reply(&mut c4, "DATA\r\n", "354");
+    expect_reply(&mut c4, "Subject: three\r\n\r\nhi\r\n.\r\n", "250 2.0.0");
+    expect_reply(&mut c4, "QUIT\r\n", "221");
+    let q = queue(&r.b);
+    assert_eq!(
+        q["messages"][0]["recipients"],
+        serde_json::json!(["r1@example.com", "r2@example.com", "r3@example.com"])
+    );
+
+    // Command timeout: a silent client is told 421 4.4.2 and cut after command_timeout.
+    let mut s = connect();
+    expect_reply(&mut s, "", "220 ");
+    let t = std::time::Instant::now();
+    expect_reply(&mut s, "", "421 4.4.2");
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    let mut b = [0u8; 1];
+    assert_eq!(s.read(&mut b).unwrap_or(0), 0, "closed after the timeout");
+
+    // DATA timeout: the whole message must arrive within data_timeout, however steadily
+    // the client trickles it (each line comes well within command_timeout).
+    let mut s = connect();
+    expect_reply(&mut s, "", "220 ");
+    expect_reply(&mut s, "EHLO web01\r\n", "250");
+    expect_reply(&mut s, "MAIL FROM:<a@example.com>\r\n", "250");
+    expect_reply(&mut s, "RCPT TO:<b@example.com>\r\n", "250");
+    expect_reply(&mut s, "DATA\r\n", "354");
+    let t = std::time::Instant::now();
+    let mut w = s.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        for i in 0..25 {
+            if w.write_all(format!("line {i}\r\n").as_bytes()).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    expect_reply(&mut s, "", "421 4.4.2");
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2900) && waited < Duration::from_secs(6),
+        "{waited:?}"
+    );
+    trickle.join().unwrap();
+    let q = queue(&r.b);
+    assert_eq!(
+        q["messages"].as_array().unwrap().len(),
+        1,
+        "nothing more spooled"
+    );
+    assert!(spool_files(&r.b, "tmp").is_empty());
+    assert_eq!(
+        q["metrics"]["bastide_smtp_refused_total{reason=\"timeout\"}"],
+        2
+    );
+    // One connection (or more, if the slot took a moment to free) and one recipient.
+    assert!(
+        q["metrics"]["bastide_smtp_refused_total{reason=\"limit\"}"]
+            .as_u64()
+            .unwrap()
+            >= 2
+    );
+}
+
+#[test]
+fn partial_recipient_refusal_delivers_the_others_once_and_bounces_only_the_refused() {
+    let mut b = Bastion::init("mailp");
+    let port = free_port();
+    let host = Smarthost::start(
+        &b,
+        "none",
+        &[
+            "--reject-rcpt",
+            "bad@example.net",
+            "--tempfail-rcpt",
+            "later@example.net",
+        ],
+    );
+    relay_config(
+        &b,
+        port,
+        "postmaster = \"postmaster@example.org\"",
+        &format!("port = {}\ntls = \"none\"", host.port),
+    );
+    b.start();
+    assert_ok(&swaks(
+        port,
+        &[
+            "--from",
+            "sender@example.com",
+            "--to",
+            "good1@example.org,bad@example.net,later@example.net,good2@example.org",
+            "--header",
+            "Subject: partly",
+        ],
+    ));
+    // good1 and good2 delivered (one transaction each after the refusal), then the bounce
+    // for bad@ alone, at once, while later@ is still being retried.
+    let got = host.wait(3);
+    let to = |m: &(Value, String)| m.0["rcpt_tos"].clone();
+    let originals: Vec<_> = got.iter().filter(|m| m.0["mail_from"] != "<>").collect();
+    let mut rcpts: Vec<String> = originals
+        .iter()
+        .flat_map(|m| to(m).as_array().unwrap().clone())
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    rcpts.sort();
+    assert_eq!(rcpts, ["good1@example.org", "good2@example.org"]);
+    let bounce = got
+        .iter()
+        .find(|m| m.0["mail_from"] == "<>")
+        .expect("a bounce with the null sender");
+    assert_eq!(
+        to(bounce),
+        serde_json::json!(["sender@example.com", "postmaster@example.org"])
+    );
+    assert!(bounce
+        .1
+        .contains("Final-Recipient: rfc822; bad@example.net"));
+    assert!(
+        !bounce.1.contains("Final-Recipient: rfc822; good1"),
+        "{}",
+        bounce.1
+    );
+    assert!(
+        !bounce.1.contains("Final-Recipient: rfc822; later"),
+        "{}",
+        bounce.1
+    );
+    // Retries go to later@ only: the delivered recipients never get it twice.
+    let m = wait_for(Duration::from_secs(15), || {
+        let m = queue(&b)["messages"][0].clone();
+        (m["attempts"].as_u64().unwrap_or(0) >= 3).then_some(m)
+    })
+    .expect("retried");
+    assert!(m["last_error"].as_str().unwrap().contains("450"), "{m}");
+    let retried: Vec<Value> = host
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "rcpt")
+        .collect();
+    let count = |a: &str| retried.iter().filter(|e| e["address"] == a).count();
+    assert!(count("later@example.net") >= 3, "{retried:?}");
+    // good1@: in the first transaction (refused as a whole at bad@'s RCPT) and its own.
+    assert_eq!(count("good1@example.org"), 2, "{retried:?}");
+    let originals_now = host
+        .messages()
+        .iter()
+        .filter(|m| m.0["mail_from"] != "<>")
+        .count();
+    assert_eq!(
+        originals_now, 2,
+        "no duplicate for the delivered recipients"
+    );
+    let state = std::fs::read_dir(b.state_dir().join("mail/queue"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().ends_with(".state"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .unwrap();
+    assert!(
+        state.contains("\"done\":[\"good1@example.org\",\"good2@example.org\"]"),
+        "{state}"
+    );
+    assert!(state.contains("bad@example.net"), "{state}");
+    assert_eq!(metric(&b, "bastide_smtp_bounced_total"), 1);
+}

@@ -341,10 +341,18 @@ fn jump_commands_scp_names_denials_shell_and_known_hosts() {
         assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "via-name");
     }
     let lines = env.audit_lines();
-    let web = lines
+    // An allowed jump: a start line when it opens, then the full record when it ends.
+    let start = lines
         .iter()
-        .find(|l| l["target"] == "web01" && l["decision"] == "allowed")
+        .position(|l| l["target"] == "web01" && l["event"] == "start")
+        .expect("audit start line for web01");
+    assert_eq!(lines[start]["decision"], "allowed");
+    assert!(lines[start]["end"].is_null() && lines[start]["start"].is_string());
+    let web = lines[start..]
+        .iter()
+        .find(|l| l["target"] == "web01" && l["decision"] == "allowed" && l["event"] == "end")
         .expect("audit line for web01");
+    assert_eq!(web["start"], lines[start]["start"]);
     assert_eq!(web["agent"], "web01");
     assert_eq!(web["resolved"], "127.0.0.1");
     assert_eq!(web["admin"], "alice");
@@ -403,6 +411,7 @@ fn jump_commands_scp_names_denials_shell_and_known_hosts() {
             .find(|l| l["admin"] == "bob" && l["decision"] == "denied")
     })
     .expect("audit line for bob");
+    assert_eq!(denied["event"], "denied");
     assert!(
         denied["reason"]
             .as_str()
@@ -850,7 +859,7 @@ fn user_certificates() {
     let line = env
         .audit_lines()
         .into_iter()
-        .find(|l| l["admin"] == "carol" && l["decision"] == "allowed")
+        .find(|l| l["admin"] == "carol" && l["event"] == "end" && l["decision"] == "allowed")
         .expect("carol's audit line");
     assert_eq!(line["cert_key_id"], "carol-valid");
     assert!(line["cert_ca"].as_str().unwrap().starts_with("SHA256:"));
@@ -870,4 +879,217 @@ fn user_certificates() {
     ] {
         assert!(log.contains(why), "no refusal {why:?} in:\n{log}");
     }
+}
+
+/// Waits up to `timeout` for `child` to exit.
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    wait_for(timeout, || child.try_wait().unwrap())
+}
+
+fn signal(child: &Child, sig: &str) {
+    let o = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+}
+
+#[test]
+fn keepalive_idle_timeout_and_server_rekey() {
+    let t0 = Instant::now();
+    let env = Env::new("idle_timeout = \"4s\"\nkeepalive_interval = \"1s\"\nrekey_limit = 4194304");
+    let cfg = env.client_config("alice", &env.alice, "");
+    let bastion = |extra: &[&str]| {
+        Command::new("ssh")
+            .arg("-F")
+            .arg(&cfg)
+            .args(["-p", &env.ssh_port.to_string()])
+            .args(extra)
+            .args(["-N", "alice@127.0.0.1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    step(t0, "Keepalives both ways keep a quiet connection up.");
+    // The bastion probes a silent client every keepalive_interval...
+    let mut silent = bastion(&["-v"]);
+    // ...and answers a client that probes it every second and gives up after two
+    // unanswered probes.
+    let mut probing = bastion(&["-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2"]);
+    std::thread::sleep(Duration::from_secs(5));
+    for c in [&mut silent, &mut probing] {
+        assert!(
+            c.try_wait().unwrap().is_none(),
+            "the connection dropped:\n{}",
+            env.logs()
+        );
+        let _ = c.kill();
+    }
+    let _ = probing.wait();
+    let out = silent.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.matches("rtype keepalive@openssh.com want_reply 1")
+            .count()
+            >= 2,
+        "no server keepalive seen by the client:\n{err}"
+    );
+
+    step(
+        t0,
+        "A client that stops answering is dropped by the bastion's keepalive.",
+    );
+    let mut frozen = bastion(&[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(frozen.try_wait().unwrap().is_none());
+    signal(&frozen, "-STOP");
+    // keepalive_max (3) unanswered probes a second apart, then the bastion disconnects;
+    // the kernel still ACKs (TCP keepalive alone would not notice).
+    std::thread::sleep(Duration::from_secs(7));
+    signal(&frozen, "-CONT");
+    let st = wait_exit(&mut frozen, Duration::from_secs(5));
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "the frozen client's connection was not closed by the bastion"
+    );
+
+    step(t0, "A jump channel idle for idle_timeout is closed.");
+    let t = Instant::now();
+    let o = env.ssh_j(&cfg, "alice", "127.0.0.1", "sleep 30; echo late");
+    let took = t.elapsed();
+    assert!(!o.status.success(), "{}", out_str(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("late"));
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+    let idle = wait_for(Duration::from_secs(5), || {
+        env.audit_lines().into_iter().find(|l| {
+            l["event"] == "end" && l["reason"].as_str().unwrap_or("").contains("idle timeout")
+        })
+    });
+    assert!(idle.is_some(), "{:?}", env.audit_lines());
+
+    step(t0, "The bastion rekeys on its own after rekey_limit bytes.");
+    let src = env.dir.path().join("20m");
+    let mut f = std::fs::File::create(&src).unwrap();
+    let block: Vec<u8> = (0..1024 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    for _ in 0..20 {
+        f.write_all(&block).unwrap();
+    }
+    drop(f);
+    let o = Command::new("ssh")
+        .arg("-v")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-J", &env.jump("alice"), "-p", &env.sshd.port.to_string()])
+        .arg("root@127.0.0.1")
+        .arg("sha256sum")
+        .stdin(std::fs::File::open(&src).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", out_str(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).split_whitespace().next(),
+        Some(sha256(&src).as_str())
+    );
+    // Two initial key exchanges (client-bastion, client-target); the client's own
+    // RekeyLimit default (about 1 GiB per key for these ciphers) and the target sshd's
+    // (none) are far away, so every further KEXINIT comes from the bastion: 20 MiB at
+    // 4 MiB per key is about five.
+    let err = String::from_utf8_lossy(&o.stderr);
+    let kex = err.matches("SSH2_MSG_KEXINIT received").count();
+    assert!(kex >= 2 + 3, "{kex} key exchanges:\n{err}");
+    step(t0, "done");
+}
+
+#[test]
+fn a_target_that_never_reads_does_not_stall_the_connection_for_long() {
+    let t0 = Instant::now();
+    // A target that accepts and never reads.
+    let hole = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_port = hole.local_addr().unwrap().port();
+    let _held = std::thread::spawn(move || {
+        let mut keep = Vec::new();
+        for s in hole.incoming() {
+            keep.push(s);
+        }
+    });
+    let env = Env::new(&format!(
+        "target_stall_timeout = \"3s\"\n\n[[ssh.rules]]\nadmins = [\"alice\"]\ncidrs = [\"127.0.0.1/32\"]\nports = [{hole_port}]\n"
+    ));
+    let cfg = env.client_config("alice", &env.alice, "");
+    let ctl = env.dir.path().join("ctl");
+    let ssh = |args: &[&str]| {
+        let mut c = Command::new("ssh");
+        c.arg("-F")
+            .arg(&cfg)
+            .args(["-p", &env.ssh_port.to_string(), "-S"])
+            .arg(&ctl)
+            .args(args);
+        c
+    };
+    step(t0, "One connection (ControlMaster), two jump channels.");
+    let mut master = ssh(&["-M", "-N", "alice@127.0.0.1"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(10), || ctl.exists().then_some(())).expect("control socket");
+    // Channel 1 floods the target that never reads.
+    let mut flood = ssh(&["-W", &format!("127.0.0.1:{hole_port}"), "alice@127.0.0.1"])
+        .stdin(std::fs::File::open("/dev/zero").unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    step(t0, "A second jump over the same connection still works.");
+    let t = Instant::now();
+    let proxy = format!(
+        "ssh -F {} -S {} -W %h:%p alice@127.0.0.1",
+        cfg.display(),
+        ctl.display()
+    );
+    let o = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-o", &format!("ProxyCommand={proxy}")])
+        .args([
+            "-p",
+            &env.sshd.port.to_string(),
+            "root@127.0.0.1",
+            "echo through",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    assert!(o.status.success(), "{}\n{}", out_str(&o), env.logs());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "through");
+    // At worst it waited for the stalled channel to be cut (target_stall_timeout).
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let cut = wait_for(Duration::from_secs(10), || {
+        env.audit_lines().into_iter().find(|l| {
+            l["event"] == "end"
+                && l["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("target not reading")
+        })
+    })
+    .expect("the flooding channel is cut");
+    assert_eq!(cut["port"], hole_port);
+    assert!(cut["bytes_to_target"].as_u64().unwrap() > 0);
+    assert!(wait_exit(&mut flood, Duration::from_secs(10)).is_some());
+    assert!(
+        master.try_wait().unwrap().is_none(),
+        "the connection survives"
+    );
+    let _ = master.kill();
+    let _ = master.wait();
+    step(t0, "done");
 }

@@ -576,7 +576,10 @@ pub async fn run(svc: Smtp, listener: TcpListener, shutdown: CancellationToken) 
         let relay = svc.relay;
         let hostname = svc.hostname.clone();
         let postmaster = svc.cfg.postmaster.clone();
-        tokio::spawn(async move { relay::run_queue(relay, q, m, hostname, postmaster, t).await })
+        let clock = Arc::new(relay::SystemClock);
+        tokio::spawn(
+            async move { relay::run_queue(relay, q, m, hostname, postmaster, clock, t).await },
+        )
     };
     let shared = Arc::new(server::Shared::new(
         svc.cfg,

@@ -55,6 +55,28 @@ pub struct DeliveryState {
     pub next_try_ms: i64,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Recipients already delivered to (after a partial failure): never sent again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub done: Vec<String>,
+    /// Recipients refused for good, bounced when the message is given up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<FailedRecipient>,
+}
+
+impl DeliveryState {
+    /// Delivered to `rcpt`, or given up for it.
+    pub fn settled(&self, rcpt: &str) -> bool {
+        self.done.iter().any(|d| d == rcpt) || self.failed.iter().any(|f| f.recipient == rcpt)
+    }
+}
+
+/// A recipient the smarthost refused for good (or that expired), with why.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FailedRecipient {
+    pub recipient: String,
+    pub error: String,
+    /// RFC 3463 status for the DSN ("5.0.0", "4.4.7").
+    pub status: String,
 }
 
 #[derive(Debug, Clone)]
@@ -602,6 +624,7 @@ mod tests {
                 attempts: 1,
                 next_try_ms: now_ms() + 60_000,
                 last_error: Some("421 later".into()),
+                ..Default::default()
             },
         )
         .await

@@ -1,6 +1,7 @@
-//! The jump audit log: one JSON line per jump attempt, appended (the file is opened
-//! `O_APPEND` and never truncated or rewritten by the daemon) and fsynced when the session
-//! ends, so an acknowledged session end is on disk.
+//! The jump audit log: JSON lines, appended (the file is opened `O_APPEND` and never
+//! truncated or rewritten by the daemon) and fsynced each: a denied attempt is one line
+//! (`"event":"denied"`); an allowed jump writes a `"start"` line when it opens and an
+//! `"end"` line (with the end time and bytes each way) when it closes.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -32,9 +33,13 @@ pub struct Record {
     pub rule: Option<usize>,
     /// RFC 3339, UTC, milliseconds.
     pub start: String,
+    /// Empty (and left out) in a start line.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub end: String,
     pub bytes_to_target: u64,
     pub bytes_from_target: u64,
+    /// "denied", "start" or "end".
+    pub event: &'static str,
 }
 
 /// The open audit file, shared by every session.

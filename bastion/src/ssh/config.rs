@@ -69,6 +69,18 @@ pub struct SshConfig {
     pub admins: Vec<AdminEntry>,
     #[serde(default)]
     pub rules: Vec<RuleEntry>,
+    /// The bastion starts a key re-exchange after this many bytes either way on a
+    /// connection (at most 1 GiB, the default, RFC 4253 section 9)...
+    #[serde(default = "default_rekey_limit")]
+    pub rekey_limit: usize,
+    /// ...or after this long.
+    #[serde(default = "default_rekey_interval", with = "humantime_serde")]
+    pub rekey_interval: Duration,
+    /// A jump channel whose target accepts no byte for this long while its buffer
+    /// (`target_buffer` bytes) is full is closed: until then the whole connection waits
+    /// (russh re-opens a channel's window as data arrives, not as the target takes it).
+    #[serde(default = "default_target_stall_timeout", with = "humantime_serde")]
+    pub target_stall_timeout: Duration,
 }
 
 /// `[[ssh.admins]]`
@@ -139,6 +151,15 @@ fn default_keepalive() -> Duration {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_rekey_limit() -> usize {
+    1 << 30
+}
+fn default_rekey_interval() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_target_stall_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_ports() -> Vec<u16> {
     vec![22]
@@ -242,6 +263,7 @@ pub struct Policy {
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
     pub keepalive_interval: Duration,
+    pub target_stall_timeout: Duration,
 }
 
 fn glob(pattern: &str) -> Result<GlobMatcher, String> {
@@ -387,8 +409,17 @@ impl SshConfig {
         if self.idle_timeout.is_zero() {
             bad("idle_timeout", "must be positive");
         }
+        if !(1 << 16..=1 << 30).contains(&self.rekey_limit) {
+            bad("rekey_limit", "must be between 64 KiB and 1 GiB (bytes)");
+        }
+        if self.rekey_interval < Duration::from_secs(1) {
+            bad("rekey_interval", "must be at least 1s");
+        }
         if self.keepalive_interval.is_zero() {
             bad("keepalive_interval", "must be positive");
+        }
+        if self.target_stall_timeout.is_zero() {
+            bad("target_stall_timeout", "must be positive");
         }
         if self.connect_timeout.is_zero() {
             bad("connect_timeout", "must be positive");
@@ -534,6 +565,7 @@ impl Policy {
             idle_timeout: cfg.idle_timeout,
             connect_timeout: cfg.connect_timeout,
             keepalive_interval: cfg.keepalive_interval,
+            target_stall_timeout: cfg.target_stall_timeout,
         })
     }
 }

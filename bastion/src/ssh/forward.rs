@@ -25,12 +25,21 @@ pub struct Traffic {
 /// Read size from the target: two of the client's usual 32 KiB packets per read.
 const READ_BUF: usize = 64 * 1024;
 
+/// Bytes from the client held for a target that is slower than the client. russh re-opens
+/// a channel's window as data arrives, not as it is consumed, and hands data to the
+/// channel through a bounded queue that its connection loop waits on: a channel that
+/// stops reading stalls every channel of the connection. So each channel is drained at
+/// once into this buffer; only when it is full does the channel stop reading (and the
+/// connection wait), for at most the stall timeout.
+const TARGET_BUFFER: usize = 8 * 1024 * 1024;
+
 /// Pumps until both directions are done, either side closes, the channel is idle for
 /// `idle`, or `stop` is cancelled. Closes the channel at the end.
 pub async fn pump(
     channel: Channel<Msg>,
     tcp: TcpStream,
     idle: Duration,
+    stall: Duration,
     stop: CancellationToken,
     traffic: Arc<Traffic>,
     counters: Arc<Counters>,
@@ -52,8 +61,23 @@ pub async fn pump(
         }
     };
 
-    let up = async {
+    // Client to target: `drain` empties the channel into `buf` (up to TARGET_BUFFER),
+    // `feed` writes it to the target. `None` in the buffer is the client's EOF.
+    let buf = std::sync::Mutex::new((std::collections::VecDeque::new(), 0usize));
+    let room = tokio::sync::Notify::new();
+    let ready = tokio::sync::Notify::new();
+    let drain = async {
         loop {
+            loop {
+                let full = buf.lock().map(|g| g.1 >= TARGET_BUFFER).unwrap_or(true);
+                if !full {
+                    break;
+                }
+                tokio::select! {
+                    _ = end.cancelled() => return,
+                    _ = room.notified() => {}
+                }
+            }
             let msg = tokio::select! {
                 _ = end.cancelled() => return,
                 m = rd.wait() => m,
@@ -61,21 +85,18 @@ pub async fn pump(
             match msg {
                 Some(ChannelMsg::Data { data }) => {
                     touch(&last);
-                    if let Err(_e) = tw.write_all(&data).await {
-                        set_why("target write failed");
-                        end.cancel();
-                        return;
+                    if let Ok(mut g) = buf.lock() {
+                        g.1 += data.len();
+                        g.0.push_back(Some(data));
                     }
-                    traffic
-                        .to_target
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    counters
-                        .bytes_to_target
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    ready.notify_one();
                 }
                 Some(ChannelMsg::Eof) => {
                     // The client is done sending; the target may still answer.
-                    let _ = tw.shutdown().await;
+                    if let Ok(mut g) = buf.lock() {
+                        g.0.push_back(None);
+                    }
+                    ready.notify_one();
                     return;
                 }
                 Some(ChannelMsg::Close) | None => {
@@ -87,6 +108,54 @@ pub async fn pump(
             }
         }
     };
+    let feed = async {
+        loop {
+            let next = buf.lock().ok().and_then(|mut g| g.0.pop_front());
+            let Some(chunk) = next else {
+                tokio::select! {
+                    _ = end.cancelled() => return,
+                    _ = ready.notified() => {}
+                }
+                continue;
+            };
+            let Some(data) = chunk else {
+                let _ = tw.shutdown().await;
+                return;
+            };
+            let len = data.len();
+            let mut off = 0;
+            while off < len {
+                // Progress, not completion, is timed: a slow target is fine, a target
+                // that takes nothing for `stall` is not.
+                let w = tokio::select! {
+                    _ = end.cancelled() => return,
+                    w = tokio::time::timeout(stall, tw.write(&data[off..])) => w,
+                };
+                match w {
+                    Ok(Ok(n)) if n > 0 => off += n,
+                    Ok(_) => {
+                        set_why("target write failed");
+                        end.cancel();
+                        return;
+                    }
+                    Err(_) => {
+                        set_why("target not reading");
+                        end.cancel();
+                        return;
+                    }
+                }
+            }
+            if let Ok(mut g) = buf.lock() {
+                g.1 -= len;
+            }
+            room.notify_one();
+            traffic.to_target.fetch_add(len as u64, Ordering::Relaxed);
+            counters
+                .bytes_to_target
+                .fetch_add(len as u64, Ordering::Relaxed);
+        }
+    };
+    let up = async { tokio::join!(drain, feed) };
 
     let down = async {
         let mut writer = wr.make_writer();

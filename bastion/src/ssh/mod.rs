@@ -207,6 +207,13 @@ fn russh_config(cfg: &SshConfig, host_key: PrivateKey) -> russh::server::Config 
         inactivity_timeout: Some(cfg.idle_timeout + cfg.keepalive_interval * 4),
         keepalive_interval: Some(cfg.keepalive_interval),
         keepalive_max: 3,
+        // Server-initiated rekeying (RFC 4253 section 9); OpenSSH clients rekey on their
+        // own RekeyLimit as well.
+        limits: russh::Limits::new(
+            cfg.rekey_limit.min(1 << 30),
+            cfg.rekey_limit.min(1 << 30),
+            cfg.rekey_interval,
+        ),
         nodelay: true,
         ..Default::default()
     }
@@ -628,6 +635,7 @@ async fn jump(
         end: String::new(),
         bytes_to_target: 0,
         bytes_from_target: 0,
+        event: "denied",
     };
     let denied = |shared: &Shared, mut rec: audit::Record, reason: String| {
         shared.counters.jumps_denied.fetch_add(1, Ordering::Relaxed);
@@ -719,11 +727,18 @@ async fn jump(
         .fetch_add(1, Ordering::Relaxed);
     shared.counters.jumps_open.fetch_add(1, Ordering::Relaxed);
     info!(admin = %id.admin, source = %peer, target = %host, resolved = %target, rule = allowed.rule, "ssh: jump opened");
+    // A start line, on disk before any byte is forwarded: a long session is visible in the
+    // audit log while it runs, and survives a crash of the daemon.
+    rec.decision = "allowed";
+    rec.reason = format!("rule {}", allowed.rule);
+    rec.event = "start";
+    shared.audit.write(&rec).await;
     let traffic = Arc::new(forward::Traffic::default());
     let why = forward::pump(
         channel,
         tcp,
         live.policy.idle_timeout,
+        live.policy.target_stall_timeout,
         shared.shutdown.child_token(),
         traffic.clone(),
         shared.counters.clone(),
@@ -731,7 +746,7 @@ async fn jump(
     .await;
     drop(slot);
     shared.counters.jumps_open.fetch_sub(1, Ordering::Relaxed);
-    rec.decision = "allowed";
+    rec.event = "end";
     rec.reason = format!("rule {}; ended: {why}", allowed.rule);
     rec.end = audit::now_rfc3339();
     rec.bytes_to_target = traffic.to_target.load(Ordering::Relaxed);
