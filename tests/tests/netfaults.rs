@@ -138,7 +138,7 @@ impl Link {
         // Random loss, in the agent's namespace only (the rules go with it).
         let nft = require("nft", "nftables").display().to_string();
         let rules = format!(
-            "table inet bastide_loss {{ chain in {{ type filter hook input priority 0; numgen random mod 100 < {loss_pct} drop; }} chain out {{ type filter hook output priority 0; numgen random mod 100 < {loss_pct} drop; }} }}"
+            "table inet bastide_loss {{ chain inp {{ type filter hook input priority 0; numgen random mod 100 < {loss_pct} drop; }}; chain outp {{ type filter hook output priority 0; numgen random mod 100 < {loss_pct} drop; }}; }}"
         );
         let o = Command::new(require("ip", "iproute2"))
             .args(["netns", "exec", &self.ns, &nft, &rules])
