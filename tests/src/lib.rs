@@ -440,3 +440,72 @@ impl Drop for Agent {
         self.kill();
     }
 }
+
+// ---- Hardening (fault and network-fault tests) ----
+
+impl Bastion {
+    /// Like [`Bastion::init`], with the agents endpoint on `ip` (a veth address of a test
+    /// network) instead of loopback.
+    pub fn init_agents_on(project: &str, ip: &str) -> Self {
+        let mut b = Self::init(project);
+        let new = format!("{ip}:{}", free_port());
+        let old = b.agents_addr.clone();
+        b.edit_config(|c| c.replace(&format!("listen = \"{old}\""), &format!("listen = \"{new}\"")));
+        b.agents_addr = new;
+        b
+    }
+}
+
+/// `cmd` run through `prefix` (`ip netns exec NS`, `faketime -f -120s`...).
+pub fn wrapped(prefix: &[&str], cmd: &Command) -> Command {
+    let Some((first, rest)) = prefix.split_first() else {
+        let mut c = Command::new(cmd.get_program());
+        c.args(cmd.get_args());
+        return c;
+    };
+    let mut c = Command::new(first);
+    c.args(rest).arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            c.env(k, v);
+        }
+    }
+    c
+}
+
+impl Agent {
+    /// Enrolls through `prefix` (e.g. inside a network namespace), with `extra` arguments.
+    pub fn enroll_via(&self, prefix: &[&str], b: &Bastion, token: &str, extra: &[&str]) {
+        let out = wrapped(prefix, &self.enroll_cmd(b, token, extra))
+            .output()
+            .expect("run enroll");
+        assert!(
+            out.status.success(),
+            "enroll {} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts `bastide-agent run` through `prefix`, with extra environment variables.
+    pub fn start_via(&mut self, prefix: &[&str], env: &[(&str, &str)]) -> &mut Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let mut inner = Command::new(bin("bastide-agent"));
+        inner
+            .args(["run", "--state-dir"])
+            .arg(self.state_dir())
+            .arg("--config")
+            .arg(&self.config);
+        let mut c = wrapped(prefix, &inner);
+        c.env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.child = Some(c.spawn().expect("spawn agent"));
+        self
+    }
+}

@@ -9,6 +9,8 @@
 //! cached, zones fixed at start).
 
 mod cache;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 mod server;
 mod upstream;

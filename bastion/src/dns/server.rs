@@ -684,6 +684,34 @@ pub(crate) async fn serve(
     Ok(())
 }
 
+/// Without sockets, for the fuzzers ([`super::fuzzing`]): answers `query` as `handle` does,
+/// and a cache miss as `fetch` would with `upstream` as the upstream's reply (garbage
+/// counts as no reply). `None` when the query is dropped.
+impl Resolver {
+    pub(crate) fn answer_offline(
+        self: &Arc<Self>,
+        query: &[u8],
+        src: IpAddr,
+        transport: Transport,
+        upstream: &[u8],
+    ) -> Option<Vec<u8>> {
+        match self.handle(query, src, transport) {
+            Action::Drop => None,
+            Action::Reply(b) => Some(b),
+            Action::Forward(req, key) => {
+                let now = Instant::now();
+                let limits = &self.settings.limits;
+                let e = match Message::from_vec(upstream) {
+                    Ok(m) => Arc::new(Entry::from_response(m, limits, now)),
+                    Err(_) => Arc::new(Entry::servfail(limits, now)),
+                };
+                self.cache.insert(key, e.clone(), now);
+                Some(self.respond_entry(&req, &e, false))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::DnsConfig;

@@ -575,7 +575,11 @@ impl Session<'_> {
             Err(e) => {
                 SmtpMetrics::inc(&self.shared.metrics.spool_errors);
                 warn!(client = %self.peer, error = %format!("{e:#}"), "smtp: cannot spool a message");
-                self.reply("451 4.3.0 Local error in processing: message not queued, try again");
+                if super::spool::is_disk_full(&e) {
+                    self.reply("452 4.3.1 Insufficient system storage: message not queued, try again later");
+                } else {
+                    self.reply("451 4.3.0 Local error in processing: message not queued, try again");
+                }
             }
         }
     }
@@ -619,6 +623,9 @@ impl Session<'_> {
                 } else if from.size > cfg.max_message_size {
                     SmtpMetrics::inc(&self.shared.metrics.refused_size);
                     self.reply("552 5.3.4 Message size exceeds fixed limit");
+                } else if !self.shared.queue.has_room(from.size as u64) {
+                    warn!(client = %self.peer, spool = %self.shared.queue.root().display(), "smtp: spool filesystem full: mail refused with 452");
+                    self.reply("452 4.3.1 Insufficient system storage, try again later");
                 } else if !valid_addr_text(&from.address) {
                     self.error("501 5.1.7 Bad sender address syntax");
                 } else if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
@@ -717,6 +724,28 @@ impl Session<'_> {
         };
         list.iter().any(|a| a.eq_ignore_ascii_case(d))
     }
+}
+
+/// Not an API: one session over any byte stream, without the listener (whose allow-list
+/// and per-client limits do not apply). The `smtp_session` fuzz target's entry point.
+#[doc(hidden)]
+pub async fn session_over<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    shared: &Shared,
+    io: T,
+    peer: IpAddr,
+) -> Result<()> {
+    let mut s = Session {
+        shared,
+        peer,
+        helo: None,
+        esmtp: false,
+        tls: false,
+        from: None,
+        rcpts: Vec::new(),
+        out: Vec::with_capacity(512),
+        errors: 0,
+    };
+    s.run(Box::new(io), CancellationToken::new()).await
 }
 
 /// `MAIL FROM:<root>` / `RCPT TO:<root>`: VMs' system mail often has no domain, which

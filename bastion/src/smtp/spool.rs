@@ -212,10 +212,31 @@ fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(data)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.sync_all()
-        .with_context(|| format!("fsync {}", path.display()))
+    let written = f
+        .write_all(data)
+        .with_context(|| format!("writing {}", path.display()))
+        .and_then(|()| {
+            f.sync_all()
+                .with_context(|| format!("fsync {}", path.display()))
+        });
+    if written.is_err() {
+        // A partial file on a full disk would keep the space taken until a restart.
+        let _ = std::fs::remove_file(path);
+    }
+    written
+}
+
+/// Free space a message must leave on the spool's filesystem to be accepted, for delivery
+/// state files and other sessions' messages (Postfix's `queue_minfree`).
+pub const MIN_FREE: u64 = 1 << 20;
+
+/// Whether an error is the filesystem being full (or over quota).
+pub fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|code| code == libc::ENOSPC || code == libc::EDQUOT)
+    })
 }
 
 /// The committer: renames finished files into `queue/` in batches, one directory fsync
@@ -337,6 +358,18 @@ impl Queue {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Whether the spool's filesystem has room for `size` more bytes plus [`MIN_FREE`]
+    /// (true when it cannot be told: the write itself then decides).
+    pub fn has_room(&self, size: u64) -> bool {
+        match nix::sys::statvfs::statvfs(&self.root) {
+            Ok(s) => {
+                let free = (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64);
+                free >= size.saturating_add(MIN_FREE)
+            }
+            Err(_) => true,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
