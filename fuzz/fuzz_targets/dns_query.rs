@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 use bastide::dns::fuzzing::Harness;
 use hickory_proto::op::Message;
+use hickory_proto::rr::RecordType;
 use libfuzzer_sys::fuzz_target;
 
 fn harness() -> &'static Harness {
@@ -57,7 +58,13 @@ fuzz_target!(|data: &[u8]| {
     let w = bastide_fuzz::world();
     let _rt = w.runtime.enter();
     let tcp = flags & 1 != 0;
-    let src: IpAddr = if flags & 2 != 0 { "192.0.2.1" } else { "127.0.0.1" }.parse().unwrap();
+    let src: IpAddr = if flags & 2 != 0 {
+        "192.0.2.1"
+    } else {
+        "127.0.0.1"
+    }
+    .parse()
+    .unwrap();
     let Some(reply) = harness().answer(query, src, tcp, upstream) else {
         return;
     };
@@ -68,10 +75,24 @@ fuzz_target!(|data: &[u8]| {
         assert!(reply.len() <= 1232, "UDP reply of {} bytes", reply.len());
         let q_edns = Message::from_vec(query).ok().and_then(|m| m.edns).is_some();
         if !q_edns {
-            assert!(reply.len() <= 512, "UDP reply of {} bytes without EDNS", reply.len());
+            assert!(
+                reply.len() <= 512,
+                "UDP reply of {} bytes without EDNS",
+                reply.len()
+            );
         }
     }
     if reply.len() > 12 {
-        Message::from_vec(&reply).expect("our reply parses");
+        let m = Message::from_vec(&reply).expect("our reply parses");
+        // Never a zone transfer.
+        if m.queries
+            .first()
+            .is_some_and(|q| matches!(q.query_type(), RecordType::AXFR | RecordType::IXFR))
+        {
+            assert!(
+                m.answers.is_empty(),
+                "records given to a zone transfer request"
+            );
+        }
     }
 });

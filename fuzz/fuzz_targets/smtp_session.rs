@@ -19,8 +19,15 @@ struct Script {
 }
 
 impl AsyncRead for Script {
-    fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let n = self.step.min(self.input.len() - self.pos).min(buf.remaining());
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let n = self
+            .step
+            .min(self.input.len() - self.pos)
+            .min(buf.remaining());
         let start = self.pos;
         buf.put_slice(&self.input[start..start + n]);
         self.pos += n;
@@ -61,7 +68,10 @@ fuzz_target!(|data: &[u8]| {
     let out = out.lock().unwrap().clone();
 
     // Well-formed replies only.
-    assert!(out.is_empty() || out.ends_with(b"\r\n"), "reply not CRLF-terminated");
+    assert!(
+        out.is_empty() || out.ends_with(b"\r\n"),
+        "reply not CRLF-terminated"
+    );
     let text = String::from_utf8(out).expect("replies are UTF-8");
     let mut queued = 0;
     for line in text.split("\r\n").filter(|l| !l.is_empty()) {
@@ -77,7 +87,10 @@ fuzz_target!(|data: &[u8]| {
     }
     // DATA ends only on CRLF.CRLF: never more messages than such sequences sent.
     let ends = stream.windows(5).filter(|w| w == b"\r\n.\r\n").count();
-    assert!(queued <= ends, "{queued} messages queued with only {ends} CRLF.CRLF");
+    assert!(
+        queued <= ends,
+        "{queued} messages queued with only {ends} CRLF.CRLF"
+    );
 
     let items = queue.list();
     assert_eq!(items.len(), queued, "queue and replies disagree");

@@ -11,7 +11,8 @@ use bastide::registry::{AgentInfo, Snapshot};
 use bastide::ssh::config::{AdminEntry, Policy, RuleEntry, SshConfig};
 use libfuzzer_sys::fuzz_target;
 
-const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHtlFkDaDSwC2VsKj2yxzgyhDiZbsNrbjzCtr0rRwc3D a@b";
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHtlFkDaDSwC2VsKj2yxzgyhDiZbsNrbjzCtr0rRwc3D a@b";
 
 fn agent(name: &str, ip: &str, env: &str) -> Arc<AgentInfo> {
     Arc::new(AgentInfo {
@@ -40,11 +41,17 @@ fn setup() -> &'static (Policy, Snapshot) {
             keys: vec![KEY.into()],
             groups: vec!["ops".into()],
         });
-        let rule = |agents: Vec<&str>, labels: Vec<(&str, &str)>, cidrs: Vec<&str>, ports: Vec<u16>| RuleEntry {
+        let rule = |agents: Vec<&str>,
+                    labels: Vec<(&str, &str)>,
+                    cidrs: Vec<&str>,
+                    ports: Vec<u16>| RuleEntry {
             admins: vec!["alice".into()],
             groups: vec![],
             agents: agents.into_iter().map(String::from).collect(),
-            labels: labels.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+            labels: labels
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
             cidrs: cidrs.into_iter().map(String::from).collect(),
             hosts: vec![],
             ports,
@@ -56,8 +63,10 @@ fn setup() -> &'static (Policy, Snapshot) {
         ];
         let policy = Policy::build(&cfg, Some("proj.test.")).unwrap();
         let mut snap = Snapshot::default();
-        snap.agents.insert("web01".into(), agent("web01", "10.0.0.5", "prod"));
-        snap.agents.insert("db01".into(), agent("db01", "10.0.0.6", "dev"));
+        snap.agents
+            .insert("web01".into(), agent("web01", "10.0.0.5", "prod"));
+        snap.agents
+            .insert("db01".into(), agent("db01", "10.0.0.6", "dev"));
         (policy, snap)
     })
 }
@@ -72,9 +81,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let (policy, snap) = setup();
     let w = bastide_fuzz::world();
-    let r = w
-        .runtime
-        .block_on(bastide::ssh::rules::decide(policy, "alice", snap, host, port));
+    let r = w.runtime.block_on(bastide::ssh::rules::decide(
+        policy, "alice", snap, host, port,
+    ));
     if let Ok(ok) = r {
         let ip = ok.addr.to_canonical();
         let agent_ip = snap.active().any(|a| a.addresses.contains(&ip));

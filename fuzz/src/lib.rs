@@ -83,9 +83,14 @@ pub fn world() -> &'static World {
 }
 
 /// Shared for the SMTP target: the relay's session state behind a real spool.
-pub fn smtp() -> &'static (Arc<bastide::smtp::server::Shared>, Arc<bastide::smtp::Queue>) {
-    static S: OnceLock<(Arc<bastide::smtp::server::Shared>, Arc<bastide::smtp::Queue>)> =
-        OnceLock::new();
+pub fn smtp() -> &'static (
+    Arc<bastide::smtp::server::Shared>,
+    Arc<bastide::smtp::Queue>,
+) {
+    static S: OnceLock<(
+        Arc<bastide::smtp::server::Shared>,
+        Arc<bastide::smtp::Queue>,
+    )> = OnceLock::new();
     S.get_or_init(|| {
         let w = world();
         let cfg: bastide::smtp::SmtpConfig = toml::from_str(

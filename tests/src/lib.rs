@@ -450,7 +450,12 @@ impl Bastion {
         let mut b = Self::init(project);
         let new = format!("{ip}:{}", free_port());
         let old = b.agents_addr.clone();
-        b.edit_config(|c| c.replace(&format!("listen = \"{old}\""), &format!("listen = \"{new}\"")));
+        b.edit_config(|c| {
+            c.replace(
+                &format!("listen = \"{old}\""),
+                &format!("listen = \"{new}\""),
+            )
+        });
         b.agents_addr = new;
         b
     }

@@ -102,7 +102,9 @@ fn queue_ids(dir: &Path) -> BTreeMap<String, std::collections::BTreeSet<String>>
             .and_then(|s| s.split(" id ").nth(1))
             .and_then(|s| s.split(|c: char| !c.is_ascii_hexdigit()).next());
         if let (Some(s), Some(id)) = (subject, id) {
-            m.entry(s.trim().to_string()).or_default().insert(id.to_string());
+            m.entry(s.trim().to_string())
+                .or_default()
+                .insert(id.to_string());
         }
     }
     m
@@ -181,7 +183,13 @@ impl Mount {
             .tempdir()
             .unwrap();
         let out = Command::new(require("mount", "mount"))
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(dir.path())
             .output()
             .unwrap();
@@ -238,7 +246,10 @@ fn spool_disk_full_answers_452_and_recovers() {
     let spool = mnt.path().join("mail");
     let (b, port) = mail_bastion(
         sink_port,
-        &format!("spool_dir = \"{}\"\nmax_message_size = 2000000", spool.display()),
+        &format!(
+            "spool_dir = \"{}\"\nmax_message_size = 2000000",
+            spool.display()
+        ),
     );
     // The smarthost is down: accepted mail stays in the spool while it fills.
     let filler = mnt.path().join("filler");
@@ -275,7 +286,10 @@ fn spool_disk_full_answers_452_and_recovers() {
         refused.contains("452 4.3.1"),
         "a full spool must answer 452 (insufficient storage):\n{refused}"
     );
-    assert!(!accepted.is_empty(), "no message fitted before the disk was full");
+    assert!(
+        !accepted.is_empty(),
+        "no message fitted before the disk was full"
+    );
     assert!(
         b.log_text().contains("spool filesystem full") || b.log_text().contains("cannot spool"),
         "the refusal is logged"
@@ -352,7 +366,11 @@ fn smarthost_disappears_and_comes_back() {
     let ok = wait_for(Duration::from_secs(20), || {
         (subjects(&dir).len() == 6 && queue_len(&b) == 0).then_some(())
     });
-    assert!(ok.is_some(), "after the smarthost came back: {:?}", subjects(&dir));
+    assert!(
+        ok.is_some(),
+        "after the smarthost came back: {:?}",
+        subjects(&dir)
+    );
     assert!(subjects(&dir).values().all(|&c| c == 1));
 }
 
@@ -463,7 +481,10 @@ fn dns_upstream_disappears_and_comes_back() {
     // A name seen before: served stale after its TTL.
     std::thread::sleep(Duration::from_millis(1200));
     let out = dig(port, "a.fwd.test");
-    assert!(out.contains("192.0.2.1"), "stale answer while upstream is down: {out}");
+    assert!(
+        out.contains("192.0.2.1"),
+        "stale answer while upstream is down: {out}"
+    );
 
     // The upstream comes back on the same address: answers again once the SERVFAIL
     // expires, without a restart.
@@ -471,7 +492,11 @@ fn dns_upstream_disappears_and_comes_back() {
     let ok = wait_for(Duration::from_secs(10), || {
         dig(port, "b.fwd.test").contains("192.0.2.2").then_some(())
     });
-    assert!(ok.is_some(), "upstream back, still failing:\n{}", b.log_text());
+    assert!(
+        ok.is_some(),
+        "upstream back, still failing:\n{}",
+        b.log_text()
+    );
     assert!(dig(port, "c.fwd.test").contains("192.0.2.3"));
 }
 
@@ -480,8 +505,11 @@ fn agent_clock_two_minutes_off_still_online_and_skew_reported() {
     let faketime = require("faketime", "faketime");
     let mut b = Bastion::init("skew");
     b.edit_config(|c| {
-        c.replace("heartbeat_interval = \"10s\"", "heartbeat_interval = \"1s\"")
-            .replace("heartbeat_timeout = \"35s\"", "heartbeat_timeout = \"4s\"")
+        c.replace(
+            "heartbeat_interval = \"10s\"",
+            "heartbeat_interval = \"1s\"",
+        )
+        .replace("heartbeat_timeout = \"35s\"", "heartbeat_timeout = \"4s\"")
     });
     b.start();
     let mut a = Agent::new("late01");
@@ -503,7 +531,10 @@ fn agent_clock_two_minutes_off_still_online_and_skew_reported() {
     std::thread::sleep(Duration::from_secs(6));
     let agent = b.agent("late01").unwrap();
     assert_eq!(agent["state"], "online");
-    assert!(agent["last_seen"].as_i64().unwrap() > first, "heartbeats stopped");
+    assert!(
+        agent["last_seen"].as_i64().unwrap() > first,
+        "heartbeats stopped"
+    );
     // The skew is reported, with its size.
     let log = strip_ansi(&a.log_text());
     let line = log
@@ -577,7 +608,10 @@ fn sigkill_under_smtp_load_ten_times_loses_and_duplicates_nothing() {
     });
     let got = subjects(&sink_dir);
     let missing: Vec<_> = acked.iter().filter(|s| !got.contains_key(*s)).collect();
-    assert!(ok.is_some(), "acknowledged mail missing at the sink: {missing:?}");
+    assert!(
+        ok.is_some(),
+        "acknowledged mail missing at the sink: {missing:?}"
+    );
     // Never spooled twice: every copy of a message carries the same queue id. A copy
     // stored twice can only be a redelivery: the bastion killed after the smarthost took
     // the message but before its 250 was read and the spool file removed (SMTP's
@@ -585,7 +619,11 @@ fn sigkill_under_smtp_load_ten_times_loses_and_duplicates_nothing() {
     // delivery in flight at each kill (concurrency 4).
     let ids = queue_ids(&sink_dir);
     for (subject, set) in &ids {
-        assert_eq!(set.len(), 1, "{subject} was spooled more than once: {set:?}");
+        assert_eq!(
+            set.len(),
+            1,
+            "{subject} was spooled more than once: {set:?}"
+        );
     }
     let dups: Vec<_> = got.iter().filter(|(_, &n)| n > 1).collect();
     let extra: usize = dups.iter().map(|(_, &n)| n - 1).sum();

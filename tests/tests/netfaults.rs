@@ -104,12 +104,7 @@ impl Link {
             if let Some(ns) = ns {
                 a.extend(["-n".into(), ns.to_string()]);
             }
-            a.extend(
-                [
-                    "qdisc", "add", "dev", dev, "root", "netem", "delay",
-                ]
-                .map(String::from),
-            );
+            a.extend(["qdisc", "add", "dev", dev, "root", "netem", "delay"].map(String::from));
             a.push(format!("{delay_ms}ms"));
             a.push("loss".into());
             a.push(format!("{loss_pct}%"));
@@ -119,7 +114,11 @@ impl Link {
         let o = netem(&self.outer, None);
         if o.status.success() {
             let o2 = netem(&self.inner, Some(&self.ns));
-            assert!(o2.status.success(), "{}", String::from_utf8_lossy(&o2.stderr));
+            assert!(
+                o2.status.success(),
+                "{}",
+                String::from_utf8_lossy(&o2.stderr)
+            );
             return "netem";
         }
         eprintln!(
@@ -130,11 +129,25 @@ impl Link {
         let o = run(
             &tc,
             &[
-                "qdisc", "add", "dev", &self.outer, "root", "tbf", "rate", "64kbit", "burst",
-                "4kb", "latency", "400ms",
+                "qdisc",
+                "add",
+                "dev",
+                &self.outer,
+                "root",
+                "tbf",
+                "rate",
+                "64kbit",
+                "burst",
+                "4kb",
+                "latency",
+                "400ms",
             ],
         );
-        assert!(o.status.success(), "tc tbf: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "tc tbf: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         // Random loss, in the agent's namespace only (the rules go with it).
         let nft = require("nft", "nftables").display().to_string();
         let rules = format!(
@@ -144,16 +157,32 @@ impl Link {
             .args(["netns", "exec", &self.ns, &nft, &rules])
             .output()
             .unwrap();
-        assert!(o.status.success(), "nft: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         "tbf+nftables"
     }
 
     fn heal(&self) {
         let tc = require("tc", "iproute2").display().to_string();
         let _ = run(&tc, &["qdisc", "del", "dev", &self.outer, "root"]);
-        let _ = run(&tc, &["-n", &self.ns, "qdisc", "del", "dev", &self.inner, "root"]);
+        let _ = run(
+            &tc,
+            &["-n", &self.ns, "qdisc", "del", "dev", &self.inner, "root"],
+        );
         let _ = Command::new(require("ip", "iproute2"))
-            .args(["netns", "exec", &self.ns, "nft", "delete", "table", "inet", "bastide_loss"])
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "bastide_loss",
+            ])
             .output();
     }
 }
@@ -176,8 +205,11 @@ fn agent_in_a_namespace_survives_loss_goes_offline_on_a_cut_and_returns() {
     let link = Link::new();
     let mut b = Bastion::init_agents_on("netf", &link.host_ip);
     b.edit_config(|c| {
-        c.replace("heartbeat_interval = \"10s\"", "heartbeat_interval = \"1s\"")
-            .replace("heartbeat_timeout = \"35s\"", "heartbeat_timeout = \"5s\"")
+        c.replace(
+            "heartbeat_interval = \"10s\"",
+            "heartbeat_interval = \"1s\"",
+        )
+        .replace("heartbeat_timeout = \"35s\"", "heartbeat_timeout = \"5s\"")
     });
     b.start();
     let exec = link.exec();

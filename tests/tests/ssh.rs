@@ -86,6 +86,13 @@ impl Sshd {
             ),
         )
         .unwrap();
+        // A host certificate next to the key (made by tests that use a host CA) is served.
+        let cert = PathBuf::from(format!("{}-cert.pub", host_key.display()));
+        if cert.exists() {
+            let mut text = std::fs::read_to_string(&cfg).unwrap();
+            text.push_str(&format!("HostCertificate {}\n", cert.display()));
+            std::fs::write(&cfg, text).unwrap();
+        }
         let log = dir.join("sshd.log");
         let child = Command::new(sshd)
             .args(["-D", "-e", "-f"])
@@ -158,6 +165,21 @@ impl Env {
             public(&bob),
             public(&ca)
         );
+        // "@HOST_CA@" in `extra` stands for a host CA made here, which signs the target's
+        // host key (for web01, its FQDN and 127.0.0.1).
+        let extra = if extra.contains("@HOST_CA@") {
+            let hca = d.join("host_ca");
+            new_key(&hca);
+            sign(
+                &hca,
+                &host_key,
+                "web01-host",
+                &["-h", "-n", "web01,web01.proj.test,127.0.0.1"],
+            );
+            extra.replace("@HOST_CA@", &public(&hca))
+        } else {
+            extra.to_string()
+        };
         let sshd = Sshd::start(d, &host_key, &authorized);
 
         let mut b = Bastion::init("proj");
@@ -1092,4 +1114,52 @@ fn a_target_that_never_reads_does_not_stall_the_connection_for_long() {
     let _ = master.kill();
     let _ = master.wait();
     step(t0, "done");
+}
+
+#[test]
+fn host_certificates_through_cert_authority_known_hosts() {
+    let env = Env::new("host_cert_authorities = [\"@HOST_CA@\"]");
+    let all = env.b.cli_ok(&["ssh", "known-hosts"]);
+    let ca_lines: Vec<&str> = all
+        .lines()
+        .filter(|l| l.starts_with("@cert-authority "))
+        .collect();
+    assert_eq!(ca_lines.len(), 1, "{all}");
+    assert!(
+        ca_lines[0].contains("web01") && ca_lines[0].contains("*.proj.test"),
+        "{all}"
+    );
+    // Only the @cert-authority line: the target's own key is not listed, so strict checking
+    // can only succeed through its host certificate.
+    let kh = env.dir.path().join("ca_known_hosts");
+    std::fs::write(&kh, format!("{}\n", ca_lines[0])).unwrap();
+    let cfg = env.client_config("alice", &env.alice, "");
+    let target = |host_key_algorithms: &str| {
+        Command::new("ssh")
+            .arg("-F")
+            .arg(&cfg)
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", kh.display()))
+            .args([
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                &format!("HostKeyAlgorithms={host_key_algorithms}"),
+                "-J",
+                &env.jump("alice"),
+                "-p",
+                &env.sshd.port.to_string(),
+                "root@web01",
+                "echo ca-ok",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = target("ssh-ed25519-cert-v01@openssh.com");
+    assert!(o.status.success(), "{}\n{}", out_str(&o), env.logs());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "ca-ok");
+    // The plain key alone is not trusted by that file: the CA line is what made it work.
+    let o = target("ssh-ed25519");
+    assert!(!o.status.success(), "{}", out_str(&o));
 }

@@ -12,7 +12,11 @@ use super::DnsConfig;
 pub struct Harness(Arc<Resolver>);
 
 impl Harness {
-    pub fn new(dns_toml: &str, zone: &str, agents: Vec<(String, Vec<IpAddr>)>) -> Result<Self, String> {
+    pub fn new(
+        dns_toml: &str,
+        zone: &str,
+        agents: Vec<(String, Vec<IpAddr>)>,
+    ) -> Result<Self, String> {
         let cfg: DnsConfig = toml::from_str(dns_toml).map_err(|e| e.to_string())?;
         let settings = cfg.settings(Some(zone)).map_err(|p| format!("{p:?}"))?;
         let z = build(&settings, &agents, 1);

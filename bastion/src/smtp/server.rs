@@ -578,7 +578,9 @@ impl Session<'_> {
                 if super::spool::is_disk_full(&e) {
                     self.reply("452 4.3.1 Insufficient system storage: message not queued, try again later");
                 } else {
-                    self.reply("451 4.3.0 Local error in processing: message not queued, try again");
+                    self.reply(
+                        "451 4.3.0 Local error in processing: message not queued, try again",
+                    );
                 }
             }
         }

@@ -615,6 +615,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn disk_full_is_recognised_through_context() {
+        let e = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            .context("writing /spool/tmp/x.msg");
+        assert!(is_disk_full(&e));
+        let e = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::EIO)).context("x");
+        assert!(!is_disk_full(&e));
+    }
+
+    #[test]
+    fn a_failed_create_never_removes_an_existing_file() {
+        let d = std::env::temp_dir().join(format!("bastide-spool-w-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("exists.msg");
+        std::fs::write(&p, b"x").unwrap();
+        // create_new fails on an existing file: that file is not ours and must stay.
+        assert!(write_synced(&p, b"y").is_err());
+        assert!(p.exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
     fn encode_decode_round_trip_and_truncation() {
         let meta = Meta {
             id: new_id(),
