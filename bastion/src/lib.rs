@@ -20,6 +20,8 @@ pub mod smtp;
 pub mod ssh;
 pub mod store;
 pub mod tls;
+pub mod logs;
+pub mod syslog;
 
 /// Version string reported by `--version`, in logs and to agents.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
