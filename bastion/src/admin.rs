@@ -171,8 +171,7 @@ async fn serve_one(stream: UnixStream, ctx: AdminCtx) -> Result<()> {
         .context("timed out reading request")??;
     let response = match serde_json::from_str::<AdminRequest>(&line) {
         Ok(AdminRequest::Logs(q)) => {
-            metrics::counter!(crate::metrics::names::ADMIN_REQUESTS, "result" => "ok")
-                .increment(1);
+            metrics::counter!(crate::metrics::names::ADMIN_REQUESTS, "result" => "ok").increment(1);
             return logs_stream(q, ctx.logs, reader.into_inner().into_inner(), wr).await;
         }
         Ok(req) => {
@@ -271,7 +270,9 @@ async fn handle(req: AdminRequest, ctx: AdminCtx) -> Result<serde_json::Value> {
             AdminRequest::Reload => serde_json::Value::Null,
             AdminRequest::Status => {
                 let mut v = status(&registry, mail.as_ref(), cfg.as_deref())?;
-                v["logs"] = logs.as_ref().map_or(serde_json::Value::Null, |l| l.status());
+                v["logs"] = logs
+                    .as_ref()
+                    .map_or(serde_json::Value::Null, |l| l.status());
                 v
             }
             // Answered by `logs_stream` before reaching here.
@@ -402,7 +403,9 @@ async fn logs_stream(
         }),
     };
     let Some(logs) = logs else {
-        let v = end(Err(anyhow::anyhow!("the log store is off (no [logs] table)")))?;
+        let v = end(Err(anyhow::anyhow!(
+            "the log store is off (no [logs] table)"
+        )))?;
         return send(&mut wr, &v).await;
     };
     let filter = match Filter::new(&q) {
@@ -420,7 +423,10 @@ async fn logs_stream(
     });
     let mut n = 0u64;
     while let Some(line) = rx.recv().await {
-        if send(&mut wr, &serde_json::json!({ "line": line })).await.is_err() {
+        if send(&mut wr, &serde_json::json!({ "line": line }))
+            .await
+            .is_err()
+        {
             return Ok(());
         }
         n += 1;

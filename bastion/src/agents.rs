@@ -369,8 +369,7 @@ impl Agent for Service {
             ));
         };
         let acks =
-            crate::logs::ingest::ship(logs, id.name, req.into_inner(), self.shutdown.clone())
-                .await;
+            crate::logs::ingest::ship(logs, id.name, req.into_inner(), self.shutdown.clone()).await;
         Ok(Response::new(Box::pin(acks)))
     }
 }

@@ -432,4 +432,37 @@ mod tests {
         let e = Config::load(&f).unwrap_err().to_string();
         assert!(e.contains("bogus"), "{e}");
     }
+
+    #[test]
+    fn logs_and_syslog_problems_are_named() {
+        let dir = std::env::temp_dir().join(format!("bastide-cfg-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("b.toml");
+        std::fs::write(
+            &f,
+            "project = \"p\"\nstate_dir = \"/x\"\n[syslog]\nallow_agents = false\nmax_message_bytes = 10\n",
+        )
+        .unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(e.contains("b.toml: syslog: needs a [logs] table"), "{e}");
+        assert!(e.contains("syslog.udp: no listener"), "{e}");
+        assert!(e.contains("syslog.allow:"), "{e}");
+        assert!(e.contains("syslog.max_message_bytes"), "{e}");
+        std::fs::write(
+            &f,
+            "project = \"p\"\nstate_dir = \"/x\"\n[logs]\ndir = \"rel\"\n[logs.forward]\ntarget = \"nohost\"\nprotocol = \"tls\"\n",
+        )
+        .unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(e.contains("logs.dir"), "{e}");
+        assert!(e.contains("logs.forward.target"), "{e}");
+        assert!(e.contains("logs.forward.ca_file"), "{e}");
+        std::fs::write(
+            &f,
+            "project = \"p\"\nstate_dir = \"/x\"\n[logs]\nbogus = 1\n",
+        )
+        .unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
 }

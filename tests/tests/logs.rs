@@ -32,11 +32,16 @@ struct Syslog {
 
 /// A bastion with `[logs]` and `[syslog]` (UDP and TCP on free ports) plus `extra` config.
 fn bastion_with_syslog(extra: &str) -> Syslog {
+    bastion_with("", extra)
+}
+
+/// The same, with `syslog_extra` lines in the `[syslog]` table.
+fn bastion_with(syslog_extra: &str, extra: &str) -> Syslog {
     let mut b = Bastion::init("proj");
     let (udp, tcp) = (free_port(), free_port());
     b.edit_config(|c| {
         format!(
-            "{c}\n[syslog]\nudp = [\"127.0.0.1:{udp}\"]\ntcp = [\"127.0.0.1:{tcp}\"]\nallow = [\"127.0.0.0/8\"]\nmax_message_bytes = 8192\n\n[logs]\nretention_days = 30\n{extra}"
+            "{c}\n[syslog]\nudp = [\"127.0.0.1:{udp}\"]\ntcp = [\"127.0.0.1:{tcp}\"]\nallow = [\"127.0.0.0/8\"]\nmax_message_bytes = 8192\n{syslog_extra}\n\n[logs]\nretention_days = 30\n{extra}"
         )
     });
     b.start();
@@ -117,11 +122,39 @@ fn logger_over_udp_and_tcp_is_stored_per_host() {
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
-    let run = |args: Vec<String>| logger(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
-    run(with(&udp, &["-d", "--rfc5424", "-t", "app5424", "-p", "auth.warning", "udp-5424-token"]));
-    run(with(&udp, &["-d", "--rfc3164", "-t", "app3164", "udp-3164-token"]));
-    run(with(&tcp, &["-T", "--rfc5424", "-t", "tcpapp", "tcp-5424-token"]));
-    run(with(&tcp, &["-T", "--octet-count", "--rfc3164", "-t", "octet", "tcp-octet-3164-token"]));
+    let run =
+        |args: Vec<String>| logger(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
+    run(with(
+        &udp,
+        &[
+            "-d",
+            "--rfc5424",
+            "-t",
+            "app5424",
+            "-p",
+            "auth.warning",
+            "udp-5424-token",
+        ],
+    ));
+    run(with(
+        &udp,
+        &["-d", "--rfc3164", "-t", "app3164", "udp-3164-token"],
+    ));
+    run(with(
+        &tcp,
+        &["-T", "--rfc5424", "-t", "tcpapp", "tcp-5424-token"],
+    ));
+    run(with(
+        &tcp,
+        &[
+            "-T",
+            "--octet-count",
+            "--rfc3164",
+            "-t",
+            "octet",
+            "tcp-octet-3164-token",
+        ],
+    ));
 
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap()
@@ -130,7 +163,10 @@ fn logger_over_udp_and_tcp_is_stored_per_host() {
     let (host, line) = wait_line(b, "udp-5424-token");
     assert_eq!(host, hostname, "filed under the sender's hostname");
     let f: Vec<&str> = line.splitn(5, ' ').collect();
-    assert!(f[0].ends_with('Z') && f[0].contains('T'), "RFC 3339 UTC: {line}");
+    assert!(
+        f[0].ends_with('Z') && f[0].contains('T'),
+        "RFC 3339 UTC: {line}"
+    );
     assert_eq!(f[1], hostname);
     assert!(f[2].starts_with("app5424"), "{line}");
     assert_eq!(f[3], "auth.warning", "{line}");
@@ -142,14 +178,27 @@ fn logger_over_udp_and_tcp_is_stored_per_host() {
     let (_, line) = wait_line(b, "tcp-octet-3164-token");
     assert!(line.contains(" octet"), "{line}");
     let day = line[..10].to_string();
-    assert!(store_dir(b).join(&hostname).join(format!("{day}.log")).is_file());
+    assert!(store_dir(b)
+        .join(&hostname)
+        .join(format!("{day}.log"))
+        .is_file());
 
     // A 100 KiB line (TCP, newline framing) is cut at max_message_bytes and counted.
     let mut big = b"big-line-token ".to_vec();
     big.resize(100 * 1024, b'x');
     big.push(b'\n');
     logger(
-        &["--server", "127.0.0.1", "--port", &tcp, "-T", "-S", "200000", "-t", "big"],
+        &[
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &tcp,
+            "-T",
+            "-S",
+            "200000",
+            "-t",
+            "big",
+        ],
         Some(&big),
     );
     let (_, line) = wait_line(b, "big-line-token");
@@ -169,13 +218,22 @@ fn logger_over_udp_and_tcp_is_stored_per_host() {
     let (host, line) = wait_line(b, "invalid-utf8-token");
     assert_eq!(host, "latin1host");
     assert!(line.contains("caf\u{fffd} invalid-utf8-token"), "{line}");
-    assert_eq!(metric(b, "bastide_logs_invalid_utf8_total{source=\"tcp\"}"), 1.0);
+    assert_eq!(
+        metric(b, "bastide_logs_invalid_utf8_total{source=\"tcp\"}"),
+        1.0
+    );
     let (host, line) = wait_line(b, "escape-token");
     assert_eq!(host, "___.._etc");
-    assert!(line.starts_with("2026-11-27T10:00:00.000Z ___.._etc evil user.notice"), "{line}");
+    assert!(
+        line.starts_with("2026-11-27T10:00:00.000Z ___.._etc evil user.notice"),
+        "{line}"
+    );
     assert!(!b.dir.path().join("etc").exists(), "escaped the store");
     for e in std::fs::read_dir(store_dir(b)).unwrap().flatten() {
-        assert!(e.file_type().unwrap().is_dir(), "only host directories in the store");
+        assert!(
+            e.file_type().unwrap().is_dir(),
+            "only host directories in the store"
+        );
     }
     let (host, _) = wait_line(b, "unparsed-token");
     assert_eq!(host, "127.0.0.1");
@@ -205,7 +263,14 @@ fn logger_over_udp_and_tcp_is_stored_per_host() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     logger(
-        &["--server", "127.0.0.1", "--port", &tcp, "-T", "live-token now"],
+        &[
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &tcp,
+            "-T",
+            "live-token now",
+        ],
         None,
     );
     let mut out = follow.stdout.take().unwrap();
@@ -244,13 +309,15 @@ fn rsyslog(config: &str) -> Rsyslog {
     let conf = dir.path().join("rsyslog.conf");
     std::fs::write(
         &conf,
-        format!(
-            "global(workDirectory=\"{}\")\n{config}\n",
-            work.display()
-        ),
+        format!("global(workDirectory=\"{}\")\n{config}\n", work.display()),
     )
     .unwrap();
-    let check = Command::new(&bin).arg("-N1").arg("-f").arg(&conf).output().unwrap();
+    let check = Command::new(&bin)
+        .arg("-N1")
+        .arg("-f")
+        .arg(&conf)
+        .output()
+        .unwrap();
     assert!(
         check.status.success(),
         "rsyslog config: {}",
@@ -282,7 +349,16 @@ fn rsyslog_omfwd_reaches_the_store() {
     // rsyslog needs a moment to open its input; resend until the first line arrives.
     let got = wait_for(Duration::from_secs(20), || {
         logger(
-            &["--server", "127.0.0.1", "--port", &input.to_string(), "-d", "-t", "via", "rsyslog-probe"],
+            &[
+                "--server",
+                "127.0.0.1",
+                "--port",
+                &input.to_string(),
+                "-d",
+                "-t",
+                "via",
+                "rsyslog-probe",
+            ],
             None,
         );
         stored(&s.b)
@@ -290,23 +366,91 @@ fn rsyslog_omfwd_reaches_the_store() {
             .any(|(_, l)| l.contains("rsyslog-probe"))
             .then_some(())
     });
-    assert!(got.is_some(), "rsyslog never forwarded:\n{}", s.b.log_text());
+    assert!(
+        got.is_some(),
+        "rsyslog never forwarded:\n{}",
+        s.b.log_text()
+    );
     for i in 0..50 {
         logger(
-            &["--server", "127.0.0.1", "--port", &input.to_string(), "-d", "-t", "via", &format!("rsyslog-line-{i}-end")],
+            &[
+                "--server",
+                "127.0.0.1",
+                "--port",
+                &input.to_string(),
+                "-d",
+                "-t",
+                "via",
+                &format!("rsyslog-line-{i}-end"),
+            ],
             None,
         );
     }
     let all = wait_for(Duration::from_secs(20), || {
         let lines = stored(&s.b);
         (0..50)
-            .all(|i| lines.iter().any(|(_, l)| l.contains(&format!("rsyslog-line-{i}-end"))))
+            .all(|i| {
+                lines
+                    .iter()
+                    .any(|(_, l)| l.contains(&format!("rsyslog-line-{i}-end")))
+            })
             .then_some(lines)
     })
     .expect("all 50 lines through rsyslog");
-    let (_, line) = all.iter().find(|(_, l)| l.contains("rsyslog-line-7-end")).unwrap();
+    let (_, line) = all
+        .iter()
+        .find(|(_, l)| l.contains("rsyslog-line-7-end"))
+        .unwrap();
     assert!(line.contains(" via "), "app kept through rsyslog: {line}");
     assert!(metric(&s.b, "bastide_logs_events_total{source=\"tcp\"}") >= 50.0);
+}
+
+/// RFC 5425: rsyslog's gtls driver verifies the bastion's server certificate against the
+/// bastion's CA and sends octet-counted frames over TLS.
+#[test]
+fn rsyslog_over_tls_reaches_the_store() {
+    let tls = free_port();
+    let s = bastion_with(&format!("tls = [\"127.0.0.1:{tls}\"]"), "");
+    let gtls = std::path::Path::new("/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so");
+    assert!(
+        gtls.exists(),
+        "rsyslog's TLS driver is required by this test: apt-get install -y rsyslog-gnutls"
+    );
+    let input = free_port();
+    let ca = s.b.state_dir().join("agent-ca.crt");
+    let _r = rsyslog(&format!(
+        "global(DefaultNetstreamDriverCAFile=\"{}\")\n\
+         module(load=\"imudp\")\ninput(type=\"imudp\" address=\"127.0.0.1\" port=\"{input}\")\n\
+         action(type=\"omfwd\" target=\"127.0.0.1\" port=\"{tls}\" protocol=\"tcp\" \
+         StreamDriver=\"gtls\" StreamDriverMode=\"1\" StreamDriverAuthMode=\"x509/name\" \
+         StreamDriverPermittedPeers=\"localhost\" template=\"RSYSLOG_SyslogProtocol23Format\")",
+        ca.display()
+    ));
+    let got = wait_for(Duration::from_secs(20), || {
+        logger(
+            &[
+                "--server",
+                "127.0.0.1",
+                "--port",
+                &input.to_string(),
+                "-d",
+                "-t",
+                "secure",
+                "over-tls-token",
+            ],
+            None,
+        );
+        stored(&s.b)
+            .into_iter()
+            .find(|(_, l)| l.contains("over-tls-token"))
+    });
+    let (_, line) = got.unwrap_or_else(|| panic!("nothing over TLS:\n{}", s.b.log_text()));
+    assert!(line.contains(" secure"), "{line}");
+    assert!(metric(&s.b, "bastide_logs_events_total{source=\"tls\"}") >= 1.0);
+    assert_eq!(
+        metric(&s.b, "bastide_logs_events_total{source=\"tcp\"}"),
+        0.0
+    );
 }
 
 #[test]
@@ -317,7 +461,11 @@ fn forwarding_delivers_after_the_collector_comes_back() {
     ));
     let mut t = TcpStream::connect(format!("127.0.0.1:{}", s.tcp)).unwrap();
     for i in 0..20 {
-        writeln!(t, "<14>1 2026-11-27T10:00:00.000Z fwdhost app 42 - - forwarded-{i}-end").unwrap();
+        writeln!(
+            t,
+            "<14>1 2026-11-27T10:00:00.000Z fwdhost app 42 - - forwarded-{i}-end"
+        )
+        .unwrap();
     }
     drop(t);
     wait_line(&s.b, "forwarded-19-end");
@@ -328,11 +476,16 @@ fn forwarding_delivers_after_the_collector_comes_back() {
 
     let l = TcpListener::bind(format!("127.0.0.1:{collector}")).unwrap();
     let (mut conn, _) = l.accept().unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut got = Vec::new();
     let start = Instant::now();
     while !String::from_utf8_lossy(&got).contains("forwarded-19-end") {
-        assert!(start.elapsed() < Duration::from_secs(15), "not delivered: {}", String::from_utf8_lossy(&got));
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "not delivered: {}",
+            String::from_utf8_lossy(&got)
+        );
         let mut buf = [0u8; 8192];
         let n = conn.read(&mut buf).unwrap();
         assert!(n > 0, "collector connection closed");
@@ -424,11 +577,19 @@ fn agent_batches_are_stored_exactly_once() {
     let acks = rt.block_on(ship(
         &s.b,
         &shipper,
-        vec![batch(epoch, 1, 100), batch(epoch, 2, 100), batch(epoch, 2, 100), batch(epoch, 3, 100)],
+        vec![
+            batch(epoch, 1, 100),
+            batch(epoch, 2, 100),
+            batch(epoch, 2, 100),
+            batch(epoch, 3, 100),
+        ],
     ));
     assert_eq!(acks, vec![1, 2, 2, 3]);
     for seq in 1..=3 {
-        assert_eq!(count(&s.b, "shipper", &format!("batch {seq} line 99 end")), 1);
+        assert_eq!(
+            count(&s.b, "shipper", &format!("batch {seq} line 99 end")),
+            1
+        );
     }
     let (_, line) = wait_line(&s.b, "batch 1 line 0 end");
     assert_eq!(
@@ -444,11 +605,19 @@ fn agent_batches_are_stored_exactly_once() {
     let acks = rt.block_on(ship(
         &s.b,
         &shipper,
-        vec![batch(epoch, 2, 100), batch(epoch, 3, 100), batch(epoch, 4, 100)],
+        vec![
+            batch(epoch, 2, 100),
+            batch(epoch, 3, 100),
+            batch(epoch, 4, 100),
+        ],
     ));
     assert_eq!(acks, vec![2, 3, 4]);
     for seq in 1..=4 {
-        assert_eq!(count(&s.b, "shipper", &format!("batch {seq} line 42 end")), 1, "seq {seq}");
+        assert_eq!(
+            count(&s.b, "shipper", &format!("batch {seq} line 42 end")),
+            1,
+            "seq {seq}"
+        );
     }
     // A new epoch (wiped agent buffer) starts again at 1.
     let acks = rt.block_on(ship(&s.b, &shipper, vec![batch(epoch + 1, 1, 1)]));
@@ -463,7 +632,11 @@ fn agent_batches_are_stored_exactly_once() {
     vm.start();
     assert!(s.b.wait_state("vm1", "online", Duration::from_secs(20)));
     let mut t = TcpStream::connect(format!("127.0.0.1:{}", s.tcp)).unwrap();
-    writeln!(t, "<13>1 2026-11-27T10:00:00.000Z claimed-name app - - - from-agent-address").unwrap();
+    writeln!(
+        t,
+        "<13>1 2026-11-27T10:00:00.000Z claimed-name app - - - from-agent-address"
+    )
+    .unwrap();
     drop(t);
     let (host, _) = wait_line(&s.b, "from-agent-address");
     assert_eq!(host, "vm1");

@@ -323,7 +323,15 @@ mod tests {
 
     #[test]
     fn hosts_never_escape() {
-        for bad in ["../../etc", "..", ".", "/etc/passwd", ".state", "a/../../b", ""] {
+        for bad in [
+            "../../etc",
+            "..",
+            ".",
+            "/etc/passwd",
+            ".state",
+            "a/../../b",
+            "",
+        ] {
             let h = sanitize_host(bad);
             assert!(!h.contains('/'), "{h}");
             assert!(!h.starts_with('.'), "{h}");

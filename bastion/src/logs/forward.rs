@@ -97,10 +97,7 @@ impl ForwardConfig {
         let mut bad = |k: &str, r: String| p.push((format!("logs.forward.{k}"), r));
         match self.target.rsplit_once(':') {
             Some((h, port)) if !h.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
-            _ => bad(
-                "target",
-                format!("{:?} is not host:port", self.target),
-            ),
+            _ => bad("target", format!("{:?} is not host:port", self.target)),
         }
         if self.protocol == Protocol::Tls {
             match &self.ca_file {
@@ -185,7 +182,10 @@ impl Queue {
         for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let e = e?;
             let name = e.file_name().to_string_lossy().to_string();
-            if let Some(n) = name.strip_suffix(".seg").and_then(|n| n.parse::<u64>().ok()) {
+            if let Some(n) = name
+                .strip_suffix(".seg")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
                 let len = e.metadata().map(|m| m.len()).unwrap_or(0);
                 total += len;
                 segments.insert(n, (len, 0));
@@ -267,7 +267,11 @@ impl Queue {
             q.segments.remove(&old);
             q.total = q.total.saturating_sub(len);
             counters().forward_dropped.fetch_add(frames, Relaxed);
-            warn!(segment = old, bytes = len, "logs.forward: queue full: oldest segment dropped");
+            warn!(
+                segment = old,
+                bytes = len,
+                "logs.forward: queue full: oldest segment dropped"
+            );
         }
         counters().forward_queue_bytes.store(q.total, Relaxed);
         Ok(())
@@ -329,7 +333,10 @@ fn save_cursor(dir: &Path, c: (u64, u64)) {
 trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
 
-async fn connect(cfg: &ForwardConfig, tls: Option<&tokio_rustls::TlsConnector>) -> Result<Box<dyn Conn>> {
+async fn connect(
+    cfg: &ForwardConfig,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> Result<Box<dyn Conn>> {
     let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&cfg.target))
         .await
         .context("connect timed out")??;
@@ -337,7 +344,10 @@ async fn connect(cfg: &ForwardConfig, tls: Option<&tokio_rustls::TlsConnector>) 
     match tls {
         None => Ok(Box::new(tcp)),
         Some(c) => {
-            let name = cfg.server_name.clone().unwrap_or_else(|| cfg.host().to_string());
+            let name = cfg
+                .server_name
+                .clone()
+                .unwrap_or_else(|| cfg.host().to_string());
             let sn = rustls::pki_types::ServerName::try_from(name)
                 .context("logs.forward.server_name")?;
             let s = tokio::time::timeout(Duration::from_secs(10), c.connect(sn, tcp))
@@ -467,11 +477,15 @@ pub async fn run(cfg: ForwardConfig, queue: Queue, shutdown: CancellationToken) 
             }
             if pos == 0 {
                 // A frame longer than one read, or garbage: skip the rest of the segment.
-                warn!(segment = cursor.0, "logs.forward: unreadable queue data skipped");
+                warn!(
+                    segment = cursor.0,
+                    "logs.forward: unreadable queue data skipped"
+                );
                 cursor.1 = end;
                 continue;
             }
-            let w = tokio::time::timeout(Duration::from_secs(30), conn.write_all(&buf[..pos])).await;
+            let w =
+                tokio::time::timeout(Duration::from_secs(30), conn.write_all(&buf[..pos])).await;
             match w {
                 Ok(Ok(())) => {
                     cursor.1 += pos as u64;

@@ -59,7 +59,11 @@ pub fn format_batch(agent: &str, batch: &LogBatch, max_event: usize) -> Chunk {
             }
         }
         bytes += msg.len() as u64;
-        let ts = if e.timestamp_ms > 0 { e.timestamp_ms } else { now };
+        let ts = if e.timestamp_ms > 0 {
+            e.timestamp_ms
+        } else {
+            now
+        };
         let app = if e.app.is_empty() {
             e.source.rsplit('/').next().unwrap_or("")
         } else {
@@ -155,24 +159,29 @@ pub async fn ship(
             let (epoch, seq) = (batch.epoch, batch.seq);
             let name2 = name.clone();
             // Formatting a large batch is CPU work: off the async workers.
-            let chunk = match tokio::task::spawn_blocking(move || {
-                format_batch(&name2, &batch, max_event)
-            })
-            .await
-            {
-                Ok(c) => c,
-                Err(_) => break,
-            };
+            let chunk =
+                match tokio::task::spawn_blocking(move || format_batch(&name2, &batch, max_event))
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(_) => break,
+                };
             let mark = Mark {
                 agent: name.clone(),
                 epoch,
                 seq,
             };
-            let chunks = if chunk.lines == 0 { vec![] } else { vec![chunk] };
+            let chunks = if chunk.lines == 0 {
+                vec![]
+            } else {
+                vec![chunk]
+            };
             let done = match store.submit(chunks, Some(mark)).await {
                 Ok(d) => d,
                 Err(e) => {
-                    let _ = reader_tx.send(Err(Status::unavailable(e.to_string()))).await;
+                    let _ = reader_tx
+                        .send(Err(Status::unavailable(e.to_string())))
+                        .await;
                     break;
                 }
             };

@@ -58,7 +58,12 @@ impl Counters {
         let mut v = Vec::new();
         let per = |v: &mut Vec<_>, name, help, arr: &[AtomicU64; 4]| {
             for (i, s) in SOURCES.iter().enumerate() {
-                v.push((name, help, format!("{{source=\"{s}\"}}"), arr[i].load(Relaxed) as f64));
+                v.push((
+                    name,
+                    help,
+                    format!("{{source=\"{s}\"}}"),
+                    arr[i].load(Relaxed) as f64,
+                ));
             }
         };
         per(

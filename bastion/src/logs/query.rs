@@ -156,7 +156,9 @@ pub fn scan(dir: &Path, f: &Filter, emit: &mut dyn FnMut(String) -> bool) -> Res
             if f.host_ok(host) {
                 match open_lines(path) {
                     Ok(r) => readers.push(r),
-                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "logs query: skipping a file"),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "logs query: skipping a file")
+                    }
                 }
             }
         }

@@ -34,8 +34,8 @@ fn gzip(path: &Path) -> Result<()> {
     {
         let mut input =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let out = std::fs::File::create(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
+        let out =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut enc = flate2::write::GzEncoder::new(out, flate2::Compression::default());
         std::io::copy(&mut input, &mut enc).context("compressing")?;
         let mut out = enc.finish().context("compressing")?;
@@ -61,7 +61,11 @@ pub fn pass(dir: &Path, cfg: &LogsConfig, now_ms: i64) -> Result<Pass> {
         if host.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
-        for f in std::fs::read_dir(host.path()).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(host.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let p = f.path();
             let name = f.file_name().to_string_lossy().to_string();
             if name.ends_with(".log.gz.tmp") {
@@ -181,9 +185,18 @@ mod tests {
         let r = pass(&dir, &cfg(4, 0, 2), now).unwrap();
         assert_eq!(r.deleted, 2);
         assert_eq!(r.compressed, 4); // today-2 and today-3, two hosts
-        assert!(dir.join("a").join(format!("{}.log.gz", day_name(today - 2))).exists());
-        assert!(!dir.join("a").join(format!("{}.log", day_name(today - 2))).exists());
-        assert!(dir.join("a").join(format!("{}.log", day_name(today - 1))).exists());
+        assert!(dir
+            .join("a")
+            .join(format!("{}.log.gz", day_name(today - 2)))
+            .exists());
+        assert!(!dir
+            .join("a")
+            .join(format!("{}.log", day_name(today - 2)))
+            .exists());
+        assert!(dir
+            .join("a")
+            .join(format!("{}.log", day_name(today - 1)))
+            .exists());
         // The compressed file still reads back.
         let f = crate::logs::query::Filter::new(&Default::default()).unwrap();
         let mut n = 0;
@@ -204,7 +217,13 @@ mod tests {
             .sum();
         let r = pass(&dir, &cfg(0, today_bytes + 100, 0), now).unwrap();
         assert_eq!(r.bytes, today_bytes);
-        assert!(dir.join("a").join(format!("{}.log", day_name(today))).exists());
-        assert!(!dir.join("a").join(format!("{}.log", day_name(today - 1))).exists());
+        assert!(dir
+            .join("a")
+            .join(format!("{}.log", day_name(today)))
+            .exists());
+        assert!(!dir
+            .join("a")
+            .join(format!("{}.log", day_name(today - 1)))
+            .exists());
     }
 }

@@ -173,11 +173,7 @@ impl State {
     fn checkpoint(&self) -> Checkpoint {
         Checkpoint {
             gen: self.gen,
-            lengths: self
-                .lengths
-                .iter()
-                .map(|(k, v)| (k.clone(), *v))
-                .collect(),
+            lengths: self.lengths.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             marks: self
                 .marks
                 .iter()
@@ -298,7 +294,11 @@ impl Store {
     }
 
     /// Stores and waits for durability.
-    pub async fn write(&self, chunks: Vec<Chunk>, mark: Option<Mark>) -> Result<Stored, StoreError> {
+    pub async fn write(
+        &self,
+        chunks: Vec<Chunk>,
+        mark: Option<Mark>,
+    ) -> Result<Stored, StoreError> {
         self.submit(chunks, mark)
             .await?
             .await
@@ -463,7 +463,9 @@ impl Writer {
     fn record(&mut self, r: &Record) -> Result<()> {
         let mut line = serde_json::to_vec(r)?;
         line.push(b'\n');
-        self.journal.write_all(&line).context("writing the journal")?;
+        self.journal
+            .write_all(&line)
+            .context("writing the journal")?;
         self.journal.sync_data().context("fsync the journal")
     }
 
@@ -536,7 +538,9 @@ impl Writer {
             f.write_all(data)
                 .with_context(|| format!("writing {rel}"))?;
             f.sync_data().with_context(|| format!("fsync {rel}"))?;
-            let len = f.seek(SeekFrom::End(0)).with_context(|| format!("seek {rel}"))?;
+            let len = f
+                .seek(SeekFrom::End(0))
+                .with_context(|| format!("seek {rel}"))?;
             lengths.push((rel.clone(), len));
         }
 
@@ -584,14 +588,13 @@ impl Writer {
             }
             self.open.insert(rel.to_string(), f);
         }
-        self.open
-            .get_mut(rel)
-            .context("store file handle vanished")
+        self.open.get_mut(rel).context("store file handle vanished")
     }
 
     /// Writes the checkpoint and empties the journal.
     fn compact(&mut self) -> Result<()> {
-        self.state.prune(super::format::day_of(super::format::now_ms()));
+        self.state
+            .prune(super::format::day_of(super::format::now_ms()));
         let ck = serde_json::to_vec(&self.state.checkpoint())?;
         crate::fsutil::write_atomic(&self.dir.join(STATE_DIR).join(CHECKPOINT), &ck, 0o600)?;
         self.journal.set_len(0).context("truncating the journal")?;
@@ -637,15 +640,21 @@ pub(crate) mod tests {
         let dir = tempfile_dir();
         let s = open(&dir);
         assert_eq!(
-            s.write(vec![chunk("web1", 20_000, "a\n")], mark(1)).await.unwrap(),
+            s.write(vec![chunk("web1", 20_000, "a\n")], mark(1))
+                .await
+                .unwrap(),
             Stored::Written
         );
         assert_eq!(
-            s.write(vec![chunk("web1", 20_000, "a\n")], mark(1)).await.unwrap(),
+            s.write(vec![chunk("web1", 20_000, "a\n")], mark(1))
+                .await
+                .unwrap(),
             Stored::Duplicate
         );
         assert_eq!(
-            s.write(vec![chunk("web1", 20_000, "b\n")], mark(2)).await.unwrap(),
+            s.write(vec![chunk("web1", 20_000, "b\n")], mark(2))
+                .await
+                .unwrap(),
             Stored::Written
         );
         let text = std::fs::read_to_string(dir.join("web1/2024-10-04.log")).unwrap();
@@ -655,7 +664,9 @@ pub(crate) mod tests {
         std::thread::sleep(std::time::Duration::from_millis(100));
         let s = open(&dir);
         assert_eq!(
-            s.write(vec![chunk("web1", 20_000, "b\n")], mark(2)).await.unwrap(),
+            s.write(vec![chunk("web1", 20_000, "b\n")], mark(2))
+                .await
+                .unwrap(),
             Stored::Duplicate
         );
         assert_eq!(

@@ -94,7 +94,10 @@ impl SyslogConfig {
             bad("udp", "no listener: set at least one of udp, tcp, tls");
         }
         if self.allow.is_empty() && !self.allow_agents {
-            bad("allow", "empty while allow_agents is false: nobody could send");
+            bad(
+                "allow",
+                "empty while allow_agents is false: nobody could send",
+            );
         }
         if !(480..=16 * 1024 * 1024).contains(&self.max_message_bytes) {
             bad(
@@ -439,7 +442,11 @@ impl Framer {
             }
             let rest = &buf[pos..];
             if rest[0].is_ascii_digit() {
-                let digits = rest.iter().take(11).take_while(|b| b.is_ascii_digit()).count();
+                let digits = rest
+                    .iter()
+                    .take(11)
+                    .take_while(|b| b.is_ascii_digit())
+                    .count();
                 if digits == rest.len() && !eof {
                     break; // need more to decide
                 }
@@ -511,7 +518,13 @@ pub async fn run(
     }
     for l in sockets.tcp {
         info!(listen = %l.local_addr()?, "syslog TCP listening");
-        set.spawn(accept(ctx.clone(), l, None, limit.clone(), shutdown.clone()));
+        set.spawn(accept(
+            ctx.clone(),
+            l,
+            None,
+            limit.clone(),
+            shutdown.clone(),
+        ));
     }
     if !sockets.tls.is_empty() {
         let Some(tls) = tls else {
@@ -613,17 +626,19 @@ async fn accept(
             c.syslog_connections.fetch_add(1, Relaxed);
             match tls {
                 None => stream(ctx, tcp, peer, agent, Source::Tcp, shutdown).await,
-                Some(a) => match tokio::time::timeout(ctx.cfg.handshake_timeout, a.accept(tcp)).await {
-                    Ok(Ok(s)) => stream(ctx, s, peer, agent, Source::Tls, shutdown).await,
-                    Ok(Err(e)) => {
-                        c.syslog_refused.fetch_add(1, Relaxed);
-                        debug!(%peer, error = %e, "syslog TLS: handshake failed");
+                Some(a) => {
+                    match tokio::time::timeout(ctx.cfg.handshake_timeout, a.accept(tcp)).await {
+                        Ok(Ok(s)) => stream(ctx, s, peer, agent, Source::Tls, shutdown).await,
+                        Ok(Err(e)) => {
+                            c.syslog_refused.fetch_add(1, Relaxed);
+                            debug!(%peer, error = %e, "syslog TLS: handshake failed");
+                        }
+                        Err(_) => {
+                            c.syslog_refused.fetch_add(1, Relaxed);
+                            debug!(%peer, "syslog TLS: handshake timed out");
+                        }
                     }
-                    Err(_) => {
-                        c.syslog_refused.fetch_add(1, Relaxed);
-                        debug!(%peer, "syslog TLS: handshake timed out");
-                    }
-                },
+                }
             }
             c.syslog_connections.fetch_sub(1, Relaxed);
         });
@@ -706,7 +721,10 @@ mod tests {
         );
         let long = vec![b'x'; 50];
         let got = split(&[&long, &long, b"\n<1>ok\n"], 10);
-        assert_eq!(got, vec![("xxxxxxxxxx".into(), true), ("<1>ok".into(), false)]);
+        assert_eq!(
+            got,
+            vec![("xxxxxxxxxx".into(), true), ("<1>ok".into(), false)]
+        );
         // A line that starts with digits but no space is newline-framed.
         let got = split(&[b"2024-01-01 something\n"], 100);
         assert_eq!(got, vec![("2024-01-01 something".into(), false)]);
@@ -734,7 +752,11 @@ mod tests {
             all[0],
             "2024-02-29T01:02:03.123Z ___.._etc sshd[812] auth.info Accepted key\n"
         );
-        assert!(all[1].contains(" web2 cron[5] user.notice ran job\n"), "{}", all[1]);
+        assert!(
+            all[1].contains(" web2 cron[5] user.notice ran job\n"),
+            "{}",
+            all[1]
+        );
         assert_eq!(chunks[2].host.as_ref(), "10.0.0.9");
         assert!(
             all[2].ends_with(" 10.0.0.9 - user.notice garbage \u{fffd} without pri\n"),

@@ -52,7 +52,8 @@ fn main() -> Result<()> {
         })
         .collect();
     for t in threads {
-        t.join().map_err(|_| anyhow::anyhow!("generator thread panicked"))??;
+        t.join()
+            .map_err(|_| anyhow::anyhow!("generator thread panicked"))??;
     }
     let secs = start.elapsed().as_secs_f64();
     let total = a.lines * a.conns;
