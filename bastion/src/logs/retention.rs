@@ -68,9 +68,9 @@ pub fn pass(dir: &Path, cfg: &LogsConfig, now_ms: i64) -> Result<Pass> {
         {
             let p = f.path();
             let name = f.file_name().to_string_lossy().to_string();
-            if name.ends_with(".log.gz.tmp") {
-                let _ = std::fs::remove_file(&p);
-            } else if name.ends_with(".log") && p.with_extension("log.gz").exists() {
+            let leftover = name.ends_with(".log.gz.tmp")
+                || (name.ends_with(".log") && p.with_extension("log.gz").exists());
+            if leftover {
                 let _ = std::fs::remove_file(&p);
             }
         }

@@ -161,11 +161,14 @@ pub async fn bind(cfg: &SyslogConfig) -> Result<Sockets> {
     Ok(s)
 }
 
+/// Address -> Some(agent) when exactly one active agent has it, None when shared.
+type Owners = Arc<HashMap<IpAddr, Option<Arc<str>>>>;
+
 /// Who an address belongs to, derived from the registry snapshot (rebuilt when it changes).
 #[derive(Clone)]
 struct AgentAddrs {
     registry: Registry,
-    cache: Arc<Mutex<(Arc<Snapshot>, Arc<HashMap<IpAddr, Option<Arc<str>>>>)>>,
+    cache: Arc<Mutex<(Arc<Snapshot>, Owners)>>,
 }
 
 impl AgentAddrs {
@@ -179,7 +182,7 @@ impl AgentAddrs {
     }
 
     /// Address -> Some(agent) when exactly one active agent has it, None when shared.
-    fn get(&self) -> Arc<HashMap<IpAddr, Option<Arc<str>>>> {
+    fn get(&self) -> Owners {
         let snap = self.registry.snapshot();
         let mut c = match self.cache.lock() {
             Ok(c) => c,
