@@ -55,6 +55,9 @@ pub enum AdminRequest {
     Reload,
     /// One-screen summary of the running daemon.
     Status,
+    /// `bastide logs`: the answer is streamed, one `{"line": ...}` per event, then the
+    /// usual response line.
+    Logs(crate::logs::query::LogsQuery),
 }
 
 /// A reload asked through the socket, answered with its outcome.
@@ -70,6 +73,8 @@ pub struct AdminCtx {
     pub config: Option<tokio::sync::watch::Receiver<Arc<crate::config::Config>>>,
     /// Where reloads are asked (the daemon's main loop).
     pub reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
+    /// The log store, when `[logs]` is on.
+    pub logs: Option<crate::logs::Logs>,
 }
 
 impl AdminCtx {
@@ -79,6 +84,7 @@ impl AdminCtx {
             mail: None,
             config: None,
             reload: None,
+            logs: None,
         }
     }
 }
@@ -164,6 +170,10 @@ async fn serve_one(stream: UnixStream, ctx: AdminCtx) -> Result<()> {
         .await
         .context("timed out reading request")??;
     let response = match serde_json::from_str::<AdminRequest>(&line) {
+        Ok(AdminRequest::Logs(q)) => {
+            metrics::counter!(crate::metrics::names::ADMIN_REQUESTS, "result" => "ok").increment(1);
+            return logs_stream(q, ctx.logs, reader.into_inner().into_inner(), wr).await;
+        }
         Ok(req) => {
             let summary = format!("{req:?}");
             let r = handle(req, ctx).await;
@@ -216,6 +226,7 @@ async fn handle(req: AdminRequest, ctx: AdminCtx) -> Result<serde_json::Value> {
         registry,
         mail,
         config,
+        logs,
         ..
     } = ctx;
     let cfg = config.map(|c| c.borrow().clone());
@@ -257,7 +268,15 @@ async fn handle(req: AdminRequest, ctx: AdminCtx) -> Result<serde_json::Value> {
                 )?)
             }
             AdminRequest::Reload => serde_json::Value::Null,
-            AdminRequest::Status => status(&registry, mail.as_ref(), cfg.as_deref())?,
+            AdminRequest::Status => {
+                let mut v = status(&registry, mail.as_ref(), cfg.as_deref())?;
+                v["logs"] = logs
+                    .as_ref()
+                    .map_or(serde_json::Value::Null, |l| l.status());
+                v
+            }
+            // Answered by `logs_stream` before reaching here.
+            AdminRequest::Logs(_) => serde_json::Value::Null,
         })
     })
     .await
@@ -353,4 +372,135 @@ fn status(
             "offline_agents_expiring": expiring,
         },
     }))
+}
+
+/// Streams `bastide logs`: matching stored lines, then (with `follow`) live ones until the
+/// client goes away. Each event is one `{"line": "..."}` line; the last line is the usual
+/// response.
+async fn logs_stream(
+    q: crate::logs::query::LogsQuery,
+    logs: Option<crate::logs::Logs>,
+    mut rd: tokio::net::unix::OwnedReadHalf,
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+) -> Result<()> {
+    use crate::logs::query::{scan, Filter};
+    async fn send(wr: &mut tokio::net::unix::OwnedWriteHalf, v: &serde_json::Value) -> Result<()> {
+        let mut out = serde_json::to_vec(v)?;
+        out.push(b'\n');
+        wr.write_all(&out).await?;
+        Ok(())
+    }
+    let end = |r: Result<u64>| match r {
+        Ok(n) => serde_json::to_value(AdminResponse {
+            ok: true,
+            result: serde_json::json!({ "events": n }),
+            error: None,
+        }),
+        Err(e) => serde_json::to_value(AdminResponse {
+            ok: false,
+            result: serde_json::Value::Null,
+            error: Some(format!("{e:#}")),
+        }),
+    };
+    let Some(logs) = logs else {
+        let v = end(Err(anyhow::anyhow!(
+            "the log store is off (no [logs] table)"
+        )))?;
+        return send(&mut wr, &v).await;
+    };
+    let filter = match Filter::new(&q) {
+        Ok(f) => Arc::new(f),
+        Err(e) => return send(&mut wr, &end(Err(e))?).await,
+    };
+    // Subscribe before reading the files: a line committed meanwhile is shown (at worst
+    // twice), never missed.
+    let mut live = q.follow.then(|| logs.store.subscribe());
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
+    let dir = logs.store.dir().to_path_buf();
+    let f2 = filter.clone();
+    let scanner = tokio::task::spawn_blocking(move || {
+        scan(&dir, &f2, &mut |line| tx.blocking_send(line).is_ok())
+    });
+    let mut n = 0u64;
+    while let Some(line) = rx.recv().await {
+        if send(&mut wr, &serde_json::json!({ "line": line }))
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        n += 1;
+    }
+    let scanned = scanner.await.context("log scan task")?;
+    if let Err(e) = scanned {
+        return send(&mut wr, &end(Err(e))?).await;
+    }
+    if let Some(live) = live.as_mut() {
+        let mut probe = [0u8; 64];
+        loop {
+            tokio::select! {
+                // The client closing its end stops the stream.
+                r = rd.read(&mut probe) => if matches!(r, Ok(0) | Err(_)) { return Ok(()); },
+                g = live.recv() => match g {
+                    Ok(chunks) => {
+                        for c in chunks.iter() {
+                            for line in String::from_utf8_lossy(&c.data).lines() {
+                                if filter.line_ok(line).is_some() {
+                                    if send(&mut wr, &serde_json::json!({ "line": line })).await.is_err() {
+                                        return Ok(());
+                                    }
+                                    n += 1;
+                                }
+                            }
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => {
+                        let note = format!("(bastide: {k} groups of lines skipped: the output was too slow)");
+                        if send(&mut wr, &serde_json::json!({ "notice": note })).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Err(_) => break,
+                },
+            }
+        }
+    }
+    send(&mut wr, &end(Ok(n))?).await
+}
+
+/// Sends a streaming request (`Logs`): calls `each` with every event line's JSON, returns
+/// the final result.
+pub async fn call_stream(
+    socket: &Path,
+    req: &AdminRequest,
+    mut each: impl FnMut(serde_json::Value) -> Result<()>,
+) -> Result<serde_json::Value> {
+    let stream = UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "cannot reach the bastide daemon at {} (is it running?)",
+            socket.display()
+        )
+    })?;
+    let (rd, mut wr) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    wr.write_all(&line).await?;
+    let mut reader = BufReader::new(rd);
+    loop {
+        let mut resp = String::new();
+        if reader.read_line(&mut resp).await? == 0 {
+            bail!("the daemon closed the connection without answering");
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&resp).context("malformed answer from the daemon")?;
+        if v.get("ok").is_some() {
+            let resp: AdminResponse = serde_json::from_value(v)?;
+            return if resp.ok {
+                Ok(resp.result)
+            } else {
+                bail!("{}", resp.error.unwrap_or_else(|| "request failed".into()))
+            };
+        }
+        each(v)?;
+    }
 }

@@ -30,8 +30,9 @@ use crate::pki::AgentIdentity;
 use crate::registry::{EnrollError, Facts, Registry, RegistryError};
 use crate::tls::{AgentConn, ConnInfo};
 
-/// Largest gRPC message an agent may send (registration facts, CSRs, heartbeats).
-const MAX_MESSAGE: usize = 1024 * 1024;
+/// Largest gRPC message an agent may send: a log batch (registration facts, CSRs and
+/// heartbeats stay far below).
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// Serves the agents' endpoint on `listener` until `shutdown`.
 pub async fn run(
@@ -41,6 +42,7 @@ pub async fn run(
     tls: Arc<rustls::ServerConfig>,
     listener: TcpListener,
     shutdown: CancellationToken,
+    logs: Option<crate::logs::Logs>,
 ) -> Result<()> {
     let local = listener.local_addr().context("agents listener address")?;
     let (tx, rx) = mpsc::channel::<Result<AgentConn, std::io::Error>>(256);
@@ -97,6 +99,7 @@ pub async fn run(
         heartbeat_interval: cfg.heartbeat_interval,
         heartbeat_timeout: cfg.heartbeat_timeout,
         shutdown: shutdown.clone(),
+        logs,
     };
     info!(listen = %local, "agents endpoint listening");
     // No HTTP/2 keepalive pings: the session's heartbeats already prove liveness both ways,
@@ -117,6 +120,7 @@ struct Service {
     heartbeat_interval: Duration,
     heartbeat_timeout: Duration,
     shutdown: CancellationToken,
+    logs: Option<crate::logs::Logs>,
 }
 
 fn conn_info<T>(req: &Request<T>) -> Option<&ConnInfo> {
@@ -358,9 +362,14 @@ impl Agent for Service {
         req: Request<Streaming<LogBatch>>,
     ) -> Result<Response<Self::ShipLogsStream>, Status> {
         let id = identity(&req)?;
-        debug!(agent = %id.name, "log shipping refused: no log store yet");
-        Err(Status::unimplemented(
-            "this bastion does not store logs yet",
-        ))
+        let Some(logs) = self.logs.clone() else {
+            debug!(agent = %id.name, "log shipping refused: no [logs] table");
+            return Err(Status::failed_precondition(
+                "this bastion has no log store ([logs] is off)",
+            ));
+        };
+        let acks =
+            crate::logs::ingest::ship(logs, id.name, req.into_inner(), self.shutdown.clone()).await;
+        Ok(Response::new(Box::pin(acks)))
     }
 }

@@ -66,6 +66,39 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Read the log store (agents' logs and syslog) through the running daemon.
+    Logs(LogsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Host names to show, a glob ("web*").
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Start: a duration back from now ("1h", "2days") or a time ("2026-11-27T10:00:00Z").
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<i64>,
+    /// End: same forms as --since.
+    #[arg(long, value_parser = parse_time)]
+    pub until: Option<i64>,
+    /// Regular expression matched against the whole line.
+    #[arg(long)]
+    pub grep: Option<String>,
+    /// Keep printing new events as they are stored.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// One JSON object per event.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// "1h" (ago) or an RFC 3339 time, as ms since the epoch.
+fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(crate::logs::format::now_ms() - d.as_millis() as i64);
+    }
+    crate::logs::format::parse_ts(s)
+        .ok_or_else(|| format!("{s:?} is neither a duration (1h, 30m) nor an RFC 3339 time"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -198,6 +231,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Mail(ref m) => mail(&socket(&cli)?, m).await,
         Command::Ssh(ref c) => ssh(&cli, c).await,
         Command::Status { json } => status(&socket(&cli)?, json).await,
+        Command::Logs(ref a) => logs(&socket(&cli)?, a).await,
         Command::Reload => {
             admin::call(&socket(&cli)?, &AdminRequest::Reload).await?;
             println!("configuration reloaded");
@@ -498,6 +532,33 @@ async fn status(socket: &Path, json: bool) -> Result<()> {
         ),
         None => println!("mail queue    relay off"),
     }
+    if let Some(l) = v["logs"].as_object() {
+        println!(
+            "log store     {} bytes in {}, {} events received, {} duplicate batches{}",
+            l["store_bytes"],
+            l["dir"].as_str().unwrap_or("?"),
+            l["events_received"],
+            l["duplicate_batches"],
+            if l["store_failed"].as_bool() == Some(true) {
+                "  FAILED: restart to recover"
+            } else {
+                ""
+            }
+        );
+        if let Some(f) = l["forward"].as_object() {
+            println!(
+                "log forward   {} bytes queued, {}, {} sent, {} dropped",
+                f["queue_bytes"],
+                if f["connected"].as_bool() == Some(true) {
+                    "connected"
+                } else {
+                    "not connected"
+                },
+                f["sent"],
+                f["dropped"]
+            );
+        }
+    }
     let c = &v["certificates"];
     println!("agent CA      valid until {}", days(&c["ca_not_after"]));
     println!("server cert   valid until {}", days(&c["server_not_after"]));
@@ -510,5 +571,39 @@ async fn status(socket: &Path, json: bool) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+async fn logs(socket: &Path, a: &LogsArgs) -> Result<()> {
+    use std::io::Write;
+    let req = AdminRequest::Logs(crate::logs::query::LogsQuery {
+        host: a.host.clone(),
+        since_ms: a.since,
+        until_ms: a.until,
+        grep: a.grep.clone(),
+        follow: a.follow,
+    });
+    let stdout = std::io::stdout();
+    let json = a.json;
+    admin::call_stream(socket, &req, |v| {
+        let mut out = stdout.lock();
+        if let Some(line) = v["line"].as_str() {
+            if json {
+                match crate::logs::format::parse_line(line) {
+                    Some(p) => writeln!(out, "{}", serde_json::to_string(&p)?)?,
+                    None => writeln!(out, "{}", serde_json::json!({ "raw": line }))?,
+                }
+            } else {
+                writeln!(out, "{line}")?;
+            }
+            if a.follow {
+                out.flush()?;
+            }
+        } else if let Some(n) = v["notice"].as_str() {
+            eprintln!("{n}");
+        }
+        Ok(())
+    })
+    .await?;
     Ok(())
 }

@@ -51,6 +51,12 @@ pub struct Config {
     /// `[ssh]`: the jump host.
     #[serde(default)]
     pub ssh: Option<crate::ssh::SshConfig>,
+    /// `[logs]`: the log store (agents' logs and syslog).
+    #[serde(default)]
+    pub logs: Option<crate::logs::LogsConfig>,
+    /// `[syslog]`: the syslog receiver (needs `[logs]`).
+    #[serde(default)]
+    pub syslog: Option<crate::syslog::SyslogConfig>,
     /// Path of the file this was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -244,6 +250,17 @@ impl Config {
                 problems.push(format!("{file}: {p}"));
             }
         }
+        if let Some(l) = &self.logs {
+            for (key, reason) in l.validate(&self.state_dir) {
+                problems.push(format!("{file}: {key}: {reason}"));
+            }
+        }
+        if let Some(s) = &self.syslog {
+            for (key, reason) in s.validate(self.logs.is_some()) {
+                let key = key.trim_end_matches('.');
+                problems.push(format!("{file}: {key}: {reason}"));
+            }
+        }
         problems
     }
 }
@@ -318,6 +335,36 @@ stale_after = "5m"                # drop an agent's host metrics after this sile
 # groups = ["ops"]
 # agents = ["*"]
 # ports = [22]
+
+# Log store: agents ship their logs here, and [syslog] writes here too. Files are
+# <dir>/<host>/<YYYY-MM-DD>.log (UTC day of reception), one line per event.
+# [logs]
+# dir = "{dir}/logs"
+# retention_days = 90             # today included; 0 keeps everything
+# max_total_bytes = 0             # oldest days deleted beyond this; 0: no limit
+# compress_after_days = 2         # gzip older days (DAY.log.gz); 0: never
+# max_event_bytes = 65536         # longer agent messages are truncated (and counted)
+# retention_interval = "1h"
+#
+# Forward every event, as RFC 5424, to a central collector (bounded disk queue, retries).
+# [logs.forward]
+# target = "logs.example.org:6514"
+# protocol = "tls"                # or "tcp"
+# ca_file = "/etc/bastide/collector-ca.pem"
+# max_queue_bytes = 1073741824
+# retry_initial = "1s"
+# retry_max = "60s"
+
+# Syslog receiver for machines without an agent (needs [logs]).
+# [syslog]
+# udp = ["0.0.0.0:514"]
+# tcp = ["0.0.0.0:514"]           # octet-counting and newline framing
+# tls = ["0.0.0.0:6514"]          # RFC 5425, with the bastion's server certificate
+# allow = ["10.0.0.0/24"]         # enrolled agents' addresses are allowed too
+# allow_agents = true
+# max_message_bytes = 8192        # longer messages are truncated (and counted)
+# max_connections = 1024
+# idle_timeout = "1h"
 "#
     )
 }
@@ -380,6 +427,39 @@ mod tests {
         std::fs::write(
             &f,
             "project = \"p\"\nstate_dir = \"/x\"\n[dns]\nlisten = [\"127.0.0.1:53\"]\nbogus = 1\n",
+        )
+        .unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn logs_and_syslog_problems_are_named() {
+        let dir = std::env::temp_dir().join(format!("bastide-cfg-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("b.toml");
+        std::fs::write(
+            &f,
+            "project = \"p\"\nstate_dir = \"/x\"\n[syslog]\nallow_agents = false\nmax_message_bytes = 10\n",
+        )
+        .unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(e.contains("b.toml: syslog: needs a [logs] table"), "{e}");
+        assert!(e.contains("syslog.udp: no listener"), "{e}");
+        assert!(e.contains("syslog.allow:"), "{e}");
+        assert!(e.contains("syslog.max_message_bytes"), "{e}");
+        std::fs::write(
+            &f,
+            "project = \"p\"\nstate_dir = \"/x\"\n[logs]\ndir = \"rel\"\n[logs.forward]\ntarget = \"nohost\"\nprotocol = \"tls\"\n",
+        )
+        .unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(e.contains("logs.dir"), "{e}");
+        assert!(e.contains("logs.forward.target"), "{e}");
+        assert!(e.contains("logs.forward.ca_file"), "{e}");
+        std::fs::write(
+            &f,
+            "project = \"p\"\nstate_dir = \"/x\"\n[logs]\nbogus = 1\n",
         )
         .unwrap();
         let e = Config::load(&f).unwrap_err().to_string();

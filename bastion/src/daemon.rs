@@ -139,6 +139,31 @@ pub async fn serve(cfg: Config) -> Result<()> {
         )),
         None => None,
     };
+    // The log store is opened (and recovered) before anything can write to it.
+    let logs = match &cfg.logs {
+        Some(l) => Some(
+            crate::logs::Logs::open(l.clone(), &cfg.state_dir)
+                .with_context(|| format!("{}: logs", cfg.source.display()))?,
+        ),
+        None => None,
+    };
+    let syslog = match (&cfg.syslog, &logs) {
+        (Some(s), Some(_)) => {
+            let sockets = crate::syslog::bind(s)
+                .await
+                .with_context(|| format!("{}: syslog", cfg.source.display()))?;
+            let tls = if s.tls.is_empty() {
+                None
+            } else {
+                // RFC 5425: the bastion's server certificate, no client certificates.
+                let mut t = crate::tls::https_config(&cfg.pki_paths())?;
+                t.alpn_protocols.clear();
+                Some(Arc::new(t))
+            };
+            Some((s.clone(), sockets, tls))
+        }
+        _ => None,
+    };
     // The running configuration: services that can reload watch it, the admin socket reads it.
     let (current, _) = watch::channel(Arc::new(cfg.clone()));
     let (reload_tx, mut reload_rx) = mpsc::channel::<crate::admin::ReloadRequest>(4);
@@ -147,10 +172,11 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let mut set: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
     if let Some((acfg, listener, tls)) = agents {
         let (r, t, h) = (registry.clone(), root.child_token(), hosts.clone());
+        let l = logs.clone();
         set.spawn(async move {
             (
                 "agents",
-                crate::agents::run(acfg, r, h, tls, listener, t).await,
+                crate::agents::run(acfg, r, h, tls, listener, t, l).await,
             )
         });
     }
@@ -160,6 +186,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
             mail: smtp.as_ref().map(|(svc, _)| svc.handle()),
             dns: cfg.dns.is_some(),
             ssh: cfg.ssh.is_some(),
+            logs: logs.is_some(),
         };
         set.spawn(async move {
             (
@@ -189,7 +216,21 @@ pub async fn serve(cfg: Config) -> Result<()> {
         let (r, t) = (registry.clone(), root.child_token());
         set.spawn(async move { ("dns", crate::dns::run(dcfg, r, sockets, t).await) });
     }
+    if let Some(l) = &logs {
+        let (l, t) = (l.clone(), root.child_token());
+        set.spawn(async move { ("logs", crate::logs::run(l, t).await) });
+    }
+    if let (Some((scfg, sockets, tls)), Some(l)) = (syslog, &logs) {
+        let (r, t, store) = (registry.clone(), root.child_token(), l.store.clone());
+        set.spawn(async move {
+            (
+                "syslog",
+                crate::syslog::run(scfg, r, store, tls, sockets, t).await,
+            )
+        });
+    }
     let mut admin_ctx = crate::admin::AdminCtx::new(registry.clone());
+    admin_ctx.logs = logs.clone();
     admin_ctx.mail = smtp.as_ref().map(|(svc, _)| svc.handle());
     if let Some((svc, listener)) = smtp {
         let t = root.child_token();

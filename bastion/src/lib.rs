@@ -13,12 +13,14 @@ pub mod dns;
 pub mod fsutil;
 pub mod hostmetrics;
 pub mod logging;
+pub mod logs;
 pub mod metrics;
 pub mod pki;
 pub mod registry;
 pub mod smtp;
 pub mod ssh;
 pub mod store;
+pub mod syslog;
 pub mod tls;
 
 /// Version string reported by `--version`, in logs and to agents.

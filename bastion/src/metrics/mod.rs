@@ -127,6 +127,8 @@ pub struct Services {
     pub mail: Option<crate::smtp::MailHandle>,
     pub dns: bool,
     pub ssh: bool,
+    /// `[logs]` (and `[syslog]`) counters.
+    pub logs: bool,
 }
 
 /// Serves the metrics endpoint on `listener` until `shutdown`.

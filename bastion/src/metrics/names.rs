@@ -22,6 +22,26 @@ pub const ADMIN_REQUESTS: &str = "bastide_admin_requests_total";
 pub const SCRAPE_DURATION: &str = "bastide_metrics_scrape_duration_seconds";
 pub const SCRAPE_DENIED: &str = "bastide_metrics_scrapes_denied_total";
 
+// Logs and syslog (exported at scrape time from `logs::metrics::Counters`).
+pub const LOGS_EVENTS: &str = "bastide_logs_events_total";
+pub const LOGS_BYTES: &str = "bastide_logs_bytes_total";
+pub const LOGS_PARSE_FAILURES: &str = "bastide_logs_parse_failures_total";
+pub const LOGS_INVALID_UTF8: &str = "bastide_logs_invalid_utf8_total";
+pub const LOGS_TRUNCATED: &str = "bastide_logs_truncated_total";
+pub const LOGS_DUPLICATES: &str = "bastide_logs_duplicate_batches_total";
+pub const LOGS_COMMITS: &str = "bastide_logs_commits_total";
+pub const LOGS_COMMIT_SECONDS: &str = "bastide_logs_commit_seconds_total";
+pub const LOGS_STORE_FAILED: &str = "bastide_logs_store_failed";
+pub const LOGS_STORE_BYTES: &str = "bastide_logs_store_bytes";
+pub const LOGS_RETENTION_DELETED: &str = "bastide_logs_retention_deleted_files_total";
+pub const LOGS_COMPRESSED: &str = "bastide_logs_compressed_files_total";
+pub const SYSLOG_CONNECTIONS: &str = "bastide_syslog_connections";
+pub const SYSLOG_REFUSED: &str = "bastide_syslog_refused_total";
+pub const FORWARD_QUEUE_BYTES: &str = "bastide_logs_forward_queue_bytes";
+pub const FORWARD_SENT: &str = "bastide_logs_forward_sent_total";
+pub const FORWARD_DROPPED: &str = "bastide_logs_forward_dropped_total";
+pub const FORWARD_CONNECTED: &str = "bastide_logs_forward_connected";
+
 /// Buckets of every histogram (seconds): from 100 µs to 10 s.
 pub const BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,

@@ -212,6 +212,16 @@ pub fn services(out: &mut String, on: &super::Services) {
     if let Some(m) = &on.mail {
         smtp(out, m);
     }
+    if on.logs {
+        let mut last = "";
+        for (name, help, labels, v) in crate::logs::metrics::counters().export() {
+            if name != last {
+                family(out, name, kind(name), help);
+                last = name;
+            }
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    }
 }
 
 fn dns(out: &mut String) {
@@ -396,6 +406,7 @@ mod tests {
                 mail: None,
                 dns: true,
                 ssh: true,
+                logs: true,
             },
         );
         process(&mut out);
