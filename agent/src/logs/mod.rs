@@ -16,6 +16,8 @@ pub mod journal;
 pub mod multiline;
 pub mod shipper;
 pub mod tail;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
