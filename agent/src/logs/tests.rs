@@ -274,3 +274,63 @@ async fn source_list_changes_at_run_time_and_restart_resumes() {
     drop(b);
     shutdown.cancel();
 }
+
+/// Why journald cannot be used here, if it cannot.
+fn journald_unavailable() -> Option<String> {
+    if !std::path::Path::new("/run/systemd/journal/socket").exists() {
+        return Some("journald is not running on this machine (no /run/systemd/journal/socket; `systemctl is-system-running` says offline)".into());
+    }
+    let out = std::process::Command::new("journalctl").args(["-n1", "-q", "--no-pager"]).output().ok()?;
+    if !out.status.success() {
+        return Some(format!("journalctl -n1 failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    None
+}
+
+fn which(program: &str, package: &str) {
+    let found = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .any(|d| std::path::Path::new(d).join(program).is_file());
+    assert!(found, "{program} is required by this test: apt-get install -y {package}");
+}
+
+/// Lines sent with the real `systemd-cat` reach the buffer through the journal source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_cat_lines_reach_the_buffer_through_the_journal() {
+    which("systemd-cat", "systemd");
+    which("journalctl", "systemd");
+    if let Some(reason) = journald_unavailable() {
+        eprintln!("SKIPPED systemd_cat_lines_reach_the_buffer_through_the_journal: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = logs_cfg(dir.path(), 1 << 20);
+    let mut src = LogSourceConfig::file("/unused");
+    src.path = None;
+    src.journal = true;
+    src.start_at = config::StartAt::End;
+    let (_t, rx) = watch::channel(vec![src]);
+    let shutdown = CancellationToken::new();
+    let shared = start(dir.path(), &cfg, rx, shutdown.clone()).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tag = format!("bastide-test-{}", std::process::id());
+    let mut c = std::process::Command::new("systemd-cat")
+        .args(["-t", &tag, "-p", "warning"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(b"hello from the journal\n").unwrap();
+    assert!(c.wait().unwrap().success());
+    let found = wait_until(Duration::from_secs(20), || {
+        let b = shared.buffer.lock().unwrap();
+        (b.acked() + 1..=b.last_seq()).any(|s| {
+            b.read(s).unwrap().unwrap().events.iter().any(|e| {
+                e.app == tag && e.message == b"hello from the journal" && e.severity == 4
+            })
+        })
+    })
+    .await;
+    shutdown.cancel();
+    assert!(found, "the systemd-cat line did not reach the buffer");
+}
