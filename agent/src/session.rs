@@ -86,8 +86,15 @@ pub async fn run_with_log_sources(
     log_sources: tokio::sync::watch::Receiver<Vec<crate::logs::LogSourceConfig>>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let logs = crate::logs::start(state_dir, &cfg.logs, log_sources, shutdown.clone())
-        .context("starting the log pipeline")?;
+    // Logs must not take heartbeats and metrics down with them: without a usable buffer
+    // directory the agent runs on without shipping logs, and says so.
+    let logs = match crate::logs::start(state_dir, &cfg.logs, log_sources, shutdown.clone()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "log shipping disabled: cannot start the log pipeline");
+            None
+        }
+    };
     let mut backoff = Backoff::new(cfg.reconnect_initial, cfg.reconnect_max);
     loop {
         let mut st = State::load(state_dir)?;
@@ -137,7 +144,7 @@ fn mtls_config_of(st: &State) -> Result<rustls::ClientConfig> {
 async fn session_once(
     st: &mut State,
     cfg: &AgentConfig,
-    logs: &std::sync::Arc<crate::logs::Shared>,
+    logs: &Option<std::sync::Arc<crate::logs::Shared>>,
     shutdown: &CancellationToken,
     registered: &mut bool,
 ) -> Result<Outcome> {
@@ -171,11 +178,13 @@ async fn session_once(
     // Logs go on their own stream over the same connection; it ends with this session.
     let ship_cancel = shutdown.child_token();
     let _ship_guard = ship_cancel.clone().drop_guard();
-    tokio::spawn(crate::logs::shipper::run(
-        client.clone(),
-        logs.clone(),
-        ship_cancel,
-    ));
+    if let Some(logs) = logs {
+        tokio::spawn(crate::logs::shipper::run(
+            client.clone(),
+            logs.clone(),
+            ship_cancel,
+        ));
+    }
 
     let renew_in = Duration::from_secs((st.renew_at() - crate::unix_now()).max(0) as u64);
     let renew = tokio::time::sleep(renew_in);
@@ -215,7 +224,9 @@ async fn session_once(
                 let logs = logs.clone();
                 let collect = tokio::task::spawn_blocking(move || {
                     let mut batch = crate::hostmetrics::collect(&src);
-                    batch.families.extend(logs.metric_families());
+                    if let Some(logs) = logs {
+                        batch.families.extend(logs.metric_families());
+                    }
                     batch
                 });
                 // A hung filesystem must not stall the session.

@@ -82,14 +82,28 @@ fn assert_exactly_once(store: &Path, host: &str, n: u64, timeout: Duration) {
 
 /// Appends lines `seq=from..to` (padded to ~100 bytes) to `path`, `chunk` at a time with a
 /// pause, calling `between(i)` after each chunk.
-fn write_numbered(path: &Path, from: u64, to: u64, chunk: u64, pause: Duration, mut between: impl FnMut(u64)) {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+fn write_numbered(
+    path: &Path,
+    from: u64,
+    to: u64,
+    chunk: u64,
+    pause: Duration,
+    mut between: impl FnMut(u64),
+) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
     let mut i = from;
     while i < to {
         let end = (i + chunk).min(to);
         let mut buf = String::new();
         for n in i..end {
-            buf.push_str(&format!("seq={n:07} the quick brown fox jumps over the lazy dog {}\n", "x".repeat(40)));
+            buf.push_str(&format!(
+                "seq={n:07} the quick brown fox jumps over the lazy dog {}\n",
+                "x".repeat(40)
+            ));
         }
         f.write_all(buf.as_bytes()).unwrap();
         i = end;
@@ -103,7 +117,9 @@ fn write_numbered(path: &Path, from: u64, to: u64, chunk: u64, pause: Duration, 
 fn loss_test_200k_lines_through_two_bastion_sigkills() {
     let mut r = rig("logs-loss", "");
     r.agent.start();
-    assert!(r.bastion.wait_state("logs-loss", "online", Duration::from_secs(20)));
+    assert!(r
+        .bastion
+        .wait_state("logs-loss", "online", Duration::from_secs(20)));
     let path = r.logs.join("app.log");
     let mut kills = 0;
     let bastion = &mut r.bastion;
@@ -124,7 +140,9 @@ fn loss_test_200k_lines_through_two_bastion_sigkills() {
 fn bastion_down_for_a_while_agent_buffers_then_delivers() {
     let mut r = rig("logs-down", "");
     r.agent.start();
-    assert!(r.bastion.wait_state("logs-down", "online", Duration::from_secs(20)));
+    assert!(r
+        .bastion
+        .wait_state("logs-down", "online", Duration::from_secs(20)));
     r.bastion.stop();
     let path = r.logs.join("app.log");
     write_numbered(&path, 0, 20_000, 1_000, Duration::from_millis(50), |_| {});
@@ -155,7 +173,9 @@ fn bastion_down_for_a_while_agent_buffers_then_delivers() {
 fn agent_sigkill_mid_stream_resumes_from_checkpoint() {
     let mut r = rig("logs-akill", "");
     r.agent.start();
-    assert!(r.bastion.wait_state("logs-akill", "online", Duration::from_secs(20)));
+    assert!(r
+        .bastion
+        .wait_state("logs-akill", "online", Duration::from_secs(20)));
     let path = r.logs.join("app.log");
     let agent = &mut r.agent;
     write_numbered(&path, 0, 60_000, 2_000, Duration::from_millis(30), |i| {
@@ -173,7 +193,9 @@ fn agent_sigkill_mid_stream_resumes_from_checkpoint() {
 fn rotation_by_rename_and_copytruncate_while_writing() {
     let mut r = rig("logs-rot", "");
     r.agent.start();
-    assert!(r.bastion.wait_state("logs-rot", "online", Duration::from_secs(20)));
+    assert!(r
+        .bastion
+        .wait_state("logs-rot", "online", Duration::from_secs(20)));
     let path = r.logs.join("app.log");
     let mut n = 0;
     for round in 0..6 {
@@ -187,7 +209,12 @@ fn rotation_by_rename_and_copytruncate_while_writing() {
             // loss of copytruncate is between copy and truncate).
             std::thread::sleep(Duration::from_millis(500));
             std::fs::copy(&path, r.logs.join(format!("app.log.{round}"))).unwrap();
-            std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(0)
+                .unwrap();
         }
     }
     assert_exactly_once(&r.store, "logs-rot", n, Duration::from_secs(60));
@@ -202,12 +229,19 @@ fn full_agent_buffer_applies_backpressure_and_loses_nothing() {
         "buffer_max_bytes = 1048576\nbatch_max_bytes = 65536\n",
     );
     r.agent.start();
-    assert!(r.bastion.wait_state("logs-full", "online", Duration::from_secs(20)));
+    assert!(r
+        .bastion
+        .wait_state("logs-full", "online", Duration::from_secs(20)));
     r.bastion.stop();
     let path = r.logs.join("app.log");
     write_numbered(&path, 0, 40_000, 4_000, Duration::from_millis(10), |_| {});
     assert!(
-        wait_for(Duration::from_secs(20), || r.agent.log_text().contains("log buffer full").then_some(())).is_some(),
+        wait_for(Duration::from_secs(20), || r
+            .agent
+            .log_text()
+            .contains("log buffer full")
+            .then_some(()))
+        .is_some(),
         "no backpressure:\n{}",
         r.agent.log_text()
     );
@@ -223,7 +257,9 @@ fn java_stack_trace_is_one_event_and_the_last_is_flushed_after_timeout() {
         format!("{c}multiline_start = '^\\d{{4}}-'\nmultiline_timeout = \"500ms\"\n")
     });
     r.agent.start();
-    assert!(r.bastion.wait_state("logs-ml", "online", Duration::from_secs(20)));
+    assert!(r
+        .bastion
+        .wait_state("logs-ml", "online", Duration::from_secs(20)));
     std::fs::write(
         r.logs.join("java.log"),
         "2026-11-27 10:00:00 ERROR seq=1 boom\njava.lang.IllegalStateException: bad\n\tat a.B.c(B.java:1)\n\tat a.B.main(B.java:9)\n2026-11-27 10:00:01 INFO seq=2 last\n",
@@ -233,7 +269,10 @@ fn java_stack_trace_is_one_event_and_the_last_is_flushed_after_timeout() {
         let n = stored_numbers(&r.store, "logs-ml");
         (n.len() == 2).then_some(n)
     });
-    assert!(got.is_some(), "both events (the last one by timeout) expected");
+    assert!(
+        got.is_some(),
+        "both events (the last one by timeout) expected"
+    );
     let text = log_store_lines(&r.store, "logs-ml").join("\n");
     assert!(text.contains("B.java:9"), "{text}");
 }
@@ -249,13 +288,24 @@ fn systemd_cat_lines_reach_the_store_through_the_journal() {
         return;
     }
     let mut r = rig("logs-journal", "");
-    r.agent.edit_config(|c| format!("{c}\n[[logs.sources]]\njournal = true\nstart_at = \"end\"\n"));
+    r.agent
+        .edit_config(|c| format!("{c}\n[[logs.sources]]\njournal = true\nstart_at = \"end\"\n"));
     r.agent.start();
-    assert!(r.bastion.wait_state("logs-journal", "online", Duration::from_secs(20)));
+    assert!(r
+        .bastion
+        .wait_state("logs-journal", "online", Duration::from_secs(20)));
     std::thread::sleep(Duration::from_secs(2));
     let tag = format!("bastide-test-{}", std::process::id());
-    let mut c = Command::new(cat).args(["-t", &tag]).stdin(std::process::Stdio::piped()).spawn().unwrap();
-    c.stdin.take().unwrap().write_all(b"hello seq=0 from the journal\n").unwrap();
+    let mut c = Command::new(cat)
+        .args(["-t", &tag])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello seq=0 from the journal\n")
+        .unwrap();
     assert!(c.wait().unwrap().success());
     let start = Instant::now();
     let found = wait_for(Duration::from_secs(30), || {
@@ -263,7 +313,11 @@ fn systemd_cat_lines_reach_the_store_through_the_journal() {
             .into_iter()
             .find(|l| l.contains(&tag) && l.contains("hello seq=0"))
     });
-    assert!(found.is_some(), "not in the store after {:?}", start.elapsed());
+    assert!(
+        found.is_some(),
+        "not in the store after {:?}",
+        start.elapsed()
+    );
 }
 
 /// Why journald cannot be used here, if it cannot.
@@ -271,9 +325,15 @@ pub fn journald_unavailable() -> Option<String> {
     if !Path::new("/run/systemd/journal/socket").exists() {
         return Some("journald is not running on this machine (no /run/systemd/journal/socket; `systemctl is-system-running` says offline)".into());
     }
-    let out = Command::new("journalctl").args(["-n1", "-q", "--no-pager"]).output().ok()?;
+    let out = Command::new("journalctl")
+        .args(["-n1", "-q", "--no-pager"])
+        .output()
+        .ok()?;
     if !out.status.success() {
-        return Some(format!("journalctl -n1 failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Some(format!(
+            "journalctl -n1 failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     None
 }

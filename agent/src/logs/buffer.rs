@@ -152,7 +152,10 @@ impl Buffer {
             let h = &data[off..off + HEADER];
             let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
             let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-            if len < HEADER || off + len > data.len() || crc32fast::hash(&data[off + 8..off + len]) != crc {
+            if len < HEADER
+                || off + len > data.len()
+                || crc32fast::hash(&data[off + 8..off + len]) != crc
+            {
                 break;
             }
             let seq = u64::from_le_bytes(h[8..16].try_into()?);
@@ -343,7 +346,9 @@ impl Buffer {
             return Ok(None);
         };
         let rec = self.record(&e)?;
-        Ok(Some(LogBatch::decode(&rec[HEADER + e.meta_len as usize..])?))
+        Ok(Some(LogBatch::decode(
+            &rec[HEADER + e.meta_len as usize..],
+        )?))
     }
 
     /// The metadata of the unacknowledged batches after `seq`, oldest first (to replay the
@@ -457,7 +462,10 @@ mod tests {
             .collect();
         assert_eq!(seqs.last(), Some(&5));
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
-        assert_eq!(b.read(3).unwrap().unwrap().events[0].message[..6], *b"line 3");
+        assert_eq!(
+            b.read(3).unwrap().unwrap().events[0].message[..6],
+            *b"line 3"
+        );
         let metas = b.metas_after(3).unwrap();
         assert_eq!(metas, vec![(4, b"m".to_vec()), (5, b"m".to_vec())]);
         assert_eq!(b.append(&[ev(6, 10)], b"").unwrap(), Ok(6));
@@ -475,11 +483,8 @@ mod tests {
         let max = 256 << 10;
         let mut b = Buffer::open(d.path(), max).unwrap();
         let mut seqs = Vec::new();
-        loop {
-            match b.append(&[ev(0, 10_000)], b"").unwrap() {
-                Ok(s) => seqs.push(s),
-                Err(Full) => break,
-            }
+        while let Ok(s) = b.append(&[ev(0, 10_000)], b"").unwrap() {
+            seqs.push(s);
             assert!(seqs.len() < 1000);
         }
         assert!(b.disk_bytes() <= max);
@@ -492,7 +497,7 @@ mod tests {
             .sum();
         assert_eq!(on_disk, b.disk_bytes());
         b.ack(seqs[seqs.len() / 2]).unwrap();
-        assert!(matches!(b.append(&[ev(0, 10_000)], b"").unwrap(), Ok(_)));
+        assert!(b.append(&[ev(0, 10_000)], b"").unwrap().is_ok());
     }
 
     #[test]
@@ -514,7 +519,10 @@ mod tests {
         assert_eq!(b.append(&[ev(9, 10)], b"").unwrap(), Ok(4));
         drop(b);
         let b = Buffer::open(d.path(), 1 << 20).unwrap();
-        assert_eq!(b.read(4).unwrap().unwrap().events[0].message[..6], *b"line 9");
+        assert_eq!(
+            b.read(4).unwrap().unwrap().events[0].message[..6],
+            *b"line 9"
+        );
         // A flipped byte inside a record is caught by its checksum.
         drop(b);
         let mut data = fs::read(&seg).unwrap();

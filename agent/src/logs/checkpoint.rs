@@ -75,12 +75,24 @@ pub struct FilePos {
 /// One change to the checkpoints, carried next to the events it covers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Update {
-    File { source: String, pos: FilePos },
+    File {
+        source: String,
+        pos: FilePos,
+    },
     /// The file was fully read and closed (rotated away or deleted).
-    FileDone { source: String, dev: u64, ino: u64 },
-    Journal { source: String, cursor: String },
+    FileDone {
+        source: String,
+        dev: u64,
+        ino: u64,
+    },
+    Journal {
+        source: String,
+        cursor: String,
+    },
     /// The source finished its first scan: `start_at` no longer applies to it.
-    Seen { source: String },
+    Seen {
+        source: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -104,7 +116,9 @@ pub fn file_key(source: &str, dev: u64, ino: u64) -> String {
 impl Checkpoints {
     pub fn load(path: &Path) -> Result<Self> {
         match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{}: corrupt", path.display())),
+            Ok(b) => {
+                serde_json::from_slice(&b).with_context(|| format!("{}: corrupt", path.display()))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }

@@ -48,9 +48,7 @@ pub fn parse_entry(line: &[u8], max_message: usize) -> Result<Entry, String> {
     let Value::Object(o) = v else {
         return Err("not a JSON object".into());
     };
-    let cursor = field_str(&o, "__CURSOR")
-        .ok_or("no __CURSOR")?
-        .to_string();
+    let cursor = field_str(&o, "__CURSOR").ok_or("no __CURSOR")?.to_string();
     let mut message = field_bytes(o.get("MESSAGE"));
     let truncated = message.len() > max_message;
     message.truncate(max_message);
@@ -98,7 +96,11 @@ async fn read_line_bounded<R: AsyncBufRead + Unpin>(
     loop {
         let avail = r.fill_buf().await?;
         if avail.is_empty() {
-            return Ok(if buf.is_empty() && fits { None } else { Some(fits) });
+            return Ok(if buf.is_empty() && fits {
+                None
+            } else {
+                Some(fits)
+            });
         }
         let (take, done) = match memchr::memchr(b'\n', avail) {
             Some(i) => (i + 1, true),
@@ -134,7 +136,13 @@ pub async fn run(
     let limit = max_line * 6 + (16 << 10);
     loop {
         let mut cmd = tokio::process::Command::new("journalctl");
-        cmd.args(["--follow", "--output=json", "--all", "--no-pager", "--quiet"]);
+        cmd.args([
+            "--follow",
+            "--output=json",
+            "--all",
+            "--no-pager",
+            "--quiet",
+        ]);
         match &cursor {
             Some(c) => {
                 cmd.arg(format!("--after-cursor={c}"));
@@ -168,7 +176,13 @@ pub async fn run(
         };
         if first {
             first = false;
-            if tx.send(Item::Update(Update::Seen { source: source.clone() })).await.is_err() {
+            if tx
+                .send(Item::Update(Update::Seen {
+                    source: source.clone(),
+                }))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -187,9 +201,13 @@ pub async fn run(
                 Ok(Some(true)) => match parse_entry(&line, max_line) {
                     Ok(e) => {
                         got_any = true;
-                        stats.lines_read_journal.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        stats
+                            .lines_read_journal
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if e.truncated {
-                            stats.truncated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            stats
+                                .truncated
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         cursor = Some(e.cursor.clone());
                         let item = Item::Event {
@@ -217,7 +235,7 @@ pub async fn run(
         let mut msg = Vec::new();
         let _ = (&mut err).take(4096).read_to_end(&mut msg).await;
         failures = if got_any { 1 } else { failures + 1 };
-        if failures <= 3 || failures % 100 == 0 {
+        if failures <= 3 || failures.is_multiple_of(100) {
             warn!(status = ?status.ok(), stderr = %String::from_utf8_lossy(&msg).trim(), "journalctl exited: restarting it after the last stored cursor");
         } else {
             info!("journalctl exited again");
@@ -272,10 +290,19 @@ mod tests {
         let data = b"short\nxxxxxxxxxxxxxxxxxxxxxxxx\nlast".to_vec();
         let mut r = BufReader::with_capacity(4, &data[..]);
         let mut buf = Vec::new();
-        assert_eq!(read_line_bounded(&mut r, &mut buf, 10).await.unwrap(), Some(true));
+        assert_eq!(
+            read_line_bounded(&mut r, &mut buf, 10).await.unwrap(),
+            Some(true)
+        );
         assert_eq!(buf, b"short\n");
-        assert_eq!(read_line_bounded(&mut r, &mut buf, 10).await.unwrap(), Some(false));
-        assert_eq!(read_line_bounded(&mut r, &mut buf, 10).await.unwrap(), Some(true));
+        assert_eq!(
+            read_line_bounded(&mut r, &mut buf, 10).await.unwrap(),
+            Some(false)
+        );
+        assert_eq!(
+            read_line_bounded(&mut r, &mut buf, 10).await.unwrap(),
+            Some(true)
+        );
         assert_eq!(buf, b"last");
         assert_eq!(read_line_bounded(&mut r, &mut buf, 10).await.unwrap(), None);
     }

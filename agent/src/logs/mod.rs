@@ -141,7 +141,10 @@ impl Shared {
         let age = oldest
             .map(|t| (now_ms() - t).max(0) as f64 / 1000.0)
             .unwrap_or(0.0);
-        let fam = |name: &str, help: &str, ty: MetricType, samples: Vec<(Vec<(&str, &str)>, f64)>| MetricFamily {
+        let fam = |name: &str,
+                   help: &str,
+                   ty: MetricType,
+                   samples: Vec<(Vec<(&str, &str)>, f64)>| MetricFamily {
             name: name.to_string(),
             help: help.to_string(),
             r#type: ty as i32,
@@ -167,22 +170,87 @@ impl Shared {
             lost.push((vec![("reason", reason)], *n as f64));
         }
         vec![
-            fam(names::LINES_READ, "Lines read from log sources.", Counter, vec![
-                (vec![("source_kind", "file")], c(&s.lines_read_file)),
-                (vec![("source_kind", "journal")], c(&s.lines_read_journal)),
-            ]),
-            fam(names::EVENTS_BUFFERED, "Log events written to the on-disk buffer.", Counter, vec![(vec![], c(&s.events_buffered))]),
-            fam(names::EVENTS_SHIPPED, "Log events acknowledged by the bastion.", Counter, vec![(vec![], c(&s.events_shipped))]),
-            fam(names::BATCHES_SHIPPED, "Log batches sent to the bastion (resends included).", Counter, vec![(vec![], c(&s.batches_shipped))]),
-            fam(names::TRUNCATED, "Log lines or events cut at the configured maximum size.", Counter, vec![(vec![], c(&s.truncated))]),
-            fam(names::LOST, "Log data lost, by reason (a file truncated or rotated away before it was read).", Counter, lost),
-            fam(names::LOST_BYTES, "Known lower bound of the bytes of log data lost.", Counter, vec![(vec![], c(&s.lost_bytes))]),
-            fam(names::BACKPRESSURE, "Times the log sources were paused because the buffer was full.", Counter, vec![(vec![], c(&s.backpressure))]),
-            fam(names::BUFFER_BYTES, "Bytes of the on-disk log buffer.", Gauge, vec![(vec![], disk as f64)]),
-            fam(names::BUFFER_MAX_BYTES, "Configured bound of the on-disk log buffer.", Gauge, vec![(vec![], max as f64)]),
-            fam(names::BUFFER_BATCHES, "Log batches buffered and not yet acknowledged.", Gauge, vec![(vec![], batches as f64)]),
-            fam(names::BUFFER_EVENTS, "Log events buffered and not yet acknowledged.", Gauge, vec![(vec![], events as f64)]),
-            fam(names::BUFFER_AGE, "Age of the oldest unacknowledged log batch.", Gauge, vec![(vec![], age)]),
+            fam(
+                names::LINES_READ,
+                "Lines read from log sources.",
+                Counter,
+                vec![
+                    (vec![("source_kind", "file")], c(&s.lines_read_file)),
+                    (vec![("source_kind", "journal")], c(&s.lines_read_journal)),
+                ],
+            ),
+            fam(
+                names::EVENTS_BUFFERED,
+                "Log events written to the on-disk buffer.",
+                Counter,
+                vec![(vec![], c(&s.events_buffered))],
+            ),
+            fam(
+                names::EVENTS_SHIPPED,
+                "Log events acknowledged by the bastion.",
+                Counter,
+                vec![(vec![], c(&s.events_shipped))],
+            ),
+            fam(
+                names::BATCHES_SHIPPED,
+                "Log batches sent to the bastion (resends included).",
+                Counter,
+                vec![(vec![], c(&s.batches_shipped))],
+            ),
+            fam(
+                names::TRUNCATED,
+                "Log lines or events cut at the configured maximum size.",
+                Counter,
+                vec![(vec![], c(&s.truncated))],
+            ),
+            fam(
+                names::LOST,
+                "Log data lost, by reason (a file truncated or rotated away before it was read).",
+                Counter,
+                lost,
+            ),
+            fam(
+                names::LOST_BYTES,
+                "Known lower bound of the bytes of log data lost.",
+                Counter,
+                vec![(vec![], c(&s.lost_bytes))],
+            ),
+            fam(
+                names::BACKPRESSURE,
+                "Times the log sources were paused because the buffer was full.",
+                Counter,
+                vec![(vec![], c(&s.backpressure))],
+            ),
+            fam(
+                names::BUFFER_BYTES,
+                "Bytes of the on-disk log buffer.",
+                Gauge,
+                vec![(vec![], disk as f64)],
+            ),
+            fam(
+                names::BUFFER_MAX_BYTES,
+                "Configured bound of the on-disk log buffer.",
+                Gauge,
+                vec![(vec![], max as f64)],
+            ),
+            fam(
+                names::BUFFER_BATCHES,
+                "Log batches buffered and not yet acknowledged.",
+                Gauge,
+                vec![(vec![], batches as f64)],
+            ),
+            fam(
+                names::BUFFER_EVENTS,
+                "Log events buffered and not yet acknowledged.",
+                Gauge,
+                vec![(vec![], events as f64)],
+            ),
+            fam(
+                names::BUFFER_AGE,
+                "Age of the oldest unacknowledged log batch.",
+                Gauge,
+                vec![(vec![], age)],
+            ),
         ]
     }
 }
@@ -235,7 +303,14 @@ pub fn start(
         ck_path,
         shutdown.clone(),
     ));
-    tokio::spawn(manage_sources(cfg.clone(), sources, tx, shared.stats.clone(), ckpts, shutdown));
+    tokio::spawn(manage_sources(
+        cfg.clone(),
+        sources,
+        tx,
+        shared.stats.clone(),
+        ckpts,
+        shutdown,
+    ));
     Ok(shared)
 }
 
@@ -285,8 +360,14 @@ async fn manage_sources(
                 ));
             } else {
                 match tail::FileTailer::new(&s, cfg.max_line_bytes, &snapshot, stats.clone())
-                    .and_then(|t| Ok(tail::spawn(t, cfg.poll_interval, tx.clone(), token.clone())?))
-                {
+                    .and_then(|t| {
+                        Ok(tail::spawn(
+                            t,
+                            cfg.poll_interval,
+                            tx.clone(),
+                            token.clone(),
+                        )?)
+                    }) {
                     Ok(_) => {}
                     Err(e) => {
                         warn!(source = %id, error = %format!("{e:#}"), "cannot start log source");
@@ -360,10 +441,10 @@ async fn batcher(
                 if p.deadline.is_none() {
                     p.deadline = Some(tokio::time::Instant::now() + cfg.batch_timeout);
                 }
-                if p.events.len() >= cfg.batch_max_events || p.bytes >= cfg.batch_max_bytes {
-                    if !flush(&mut p, &shared, &ckpts, &ck_path, &shutdown).await {
-                        break;
-                    }
+                if (p.events.len() >= cfg.batch_max_events || p.bytes >= cfg.batch_max_bytes)
+                    && !flush(&mut p, &shared, &ckpts, &ck_path, &shutdown).await
+                {
+                    break;
                 }
             }
             _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => {
@@ -450,7 +531,9 @@ async fn flush(
         shared.stats.events_buffered.fetch_add(n, Relaxed);
     }
     let snapshot = {
-        let Ok(mut c) = ckpts.lock() else { return false };
+        let Ok(mut c) = ckpts.lock() else {
+            return false;
+        };
         for u in updates {
             c.apply(u);
         }

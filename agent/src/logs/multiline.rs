@@ -149,11 +149,24 @@ mod tests {
     #[test]
     fn continuation_resets_the_timeout_and_caps_size() {
         let t0 = Instant::now();
-        let mut j = Joiner::new(Some(Regex::new(r"^\S").unwrap()), Duration::from_secs(1), 16);
+        let mut j = Joiner::new(
+            Some(Regex::new(r"^\S").unwrap()),
+            Duration::from_secs(1),
+            16,
+        );
         assert!(j.push(b"start", false, 6, t0).is_none());
-        assert!(j.push(b"  more", false, 13, t0 + Duration::from_millis(900)).is_none());
+        assert!(j
+            .push(b"  more", false, 13, t0 + Duration::from_millis(900))
+            .is_none());
         assert!(j.flush_due(t0 + Duration::from_millis(1500)).is_none());
-        assert!(j.push(b"  and a long tail", false, 31, t0 + Duration::from_millis(1600)).is_none());
+        assert!(j
+            .push(
+                b"  and a long tail",
+                false,
+                31,
+                t0 + Duration::from_millis(1600)
+            )
+            .is_none());
         let e = j.flush_due(t0 + Duration::from_secs(3)).unwrap();
         assert_eq!(e.message.len(), 16);
         assert!(e.truncated);

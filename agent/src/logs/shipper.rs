@@ -80,7 +80,10 @@ pub async fn run(client: AgentClient<Channel>, shared: Arc<Shared>, cancel: Canc
 }
 
 /// One `ShipLogs` stream, until it fails.
-pub async fn ship_once(mut client: AgentClient<Channel>, shared: &Arc<Shared>) -> Result<(), ShipError> {
+pub async fn ship_once(
+    mut client: AgentClient<Channel>,
+    shared: &Arc<Shared>,
+) -> Result<(), ShipError> {
     let (tx, rx) = mpsc::channel::<LogBatch>(4);
     // The sender runs beside the call: a server may wait for the first batch before it
     // answers with its response headers.
@@ -163,7 +166,10 @@ async fn send_loop(shared: Arc<Shared>, tx: mpsc::Sender<LogBatch>) {
         if tx.send(batch).await.is_err() {
             return;
         }
-        shared.stats.batches_shipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared
+            .stats
+            .batches_shipped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         next += 1;
     }
 }

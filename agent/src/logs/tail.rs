@@ -159,7 +159,11 @@ impl FileTailer {
             partial_truncated: false,
             last_size: size,
             fp,
-            joiner: Joiner::new(self.multiline.clone(), self.multiline_timeout, self.max_line),
+            joiner: Joiner::new(
+                self.multiline.clone(),
+                self.multiline_timeout,
+                self.max_line,
+            ),
             rotated,
             idle_polls: 0,
         })
@@ -407,14 +411,27 @@ impl FileTailer {
             }
         }
         if let Some(j) = t.joiner.flush() {
-            let j = Joined { end_offset: end, ..j };
+            let j = Joined {
+                end_offset: end,
+                ..j
+            };
             return self.event(t, j, emit);
         }
         true
     }
 
-    fn line(&mut self, t: &mut Tailed, line: &[u8], truncated: bool, end: u64, now: Instant, emit: Emit) -> bool {
-        self.stats.lines_read_file.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    fn line(
+        &mut self,
+        t: &mut Tailed,
+        line: &[u8],
+        truncated: bool,
+        end: u64,
+        now: Instant,
+        emit: Emit,
+    ) -> bool {
+        self.stats
+            .lines_read_file
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         match t.joiner.push(line, truncated, end, now) {
             Some(j) => self.event(t, j, emit),
@@ -424,7 +441,9 @@ impl FileTailer {
 
     fn event(&mut self, t: &Tailed, j: Joined, emit: Emit) -> bool {
         if j.truncated {
-            self.stats.truncated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats
+                .truncated
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let ev = LogEvent {
             timestamp_ms: now_ms(),
@@ -435,7 +454,10 @@ impl FileTailer {
             message: j.message,
         };
         let update = self.position(t, j.end_offset);
-        if !emit(Item::Event { event: ev, update: Some(update) }) {
+        if !emit(Item::Event {
+            event: ev,
+            update: Some(update),
+        }) {
             self.closed = true;
             return false;
         }
@@ -491,13 +513,23 @@ mod tests {
             let stats = Arc::new(Stats::default());
             let ck = Checkpoints::default();
             let tailer = FileTailer::new(&cfg(dir.path()), 1024, &ck, stats.clone()).unwrap();
-            Self { dir, tailer, ck, events: Vec::new(), stats }
+            Self {
+                dir,
+                tailer,
+                ck,
+                events: Vec::new(),
+                stats,
+            }
         }
         fn path(&self, name: &str) -> PathBuf {
             self.dir.path().join(name)
         }
         fn write(&self, name: &str, s: &str) {
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(self.path(name)).unwrap();
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.path(name))
+                .unwrap();
             f.write_all(s.as_bytes()).unwrap();
         }
         /// Polls until nothing more comes (rotated files need a few idle polls to close);
@@ -520,7 +552,8 @@ mod tests {
             }
         }
         fn restart(&mut self) {
-            self.tailer = FileTailer::new(&cfg(self.dir.path()), 1024, &self.ck, self.stats.clone()).unwrap();
+            self.tailer =
+                FileTailer::new(&cfg(self.dir.path()), 1024, &self.ck, self.stats.clone()).unwrap();
         }
         fn take(&mut self) -> Vec<String> {
             std::mem::take(&mut self.events)
@@ -548,7 +581,11 @@ mod tests {
         let mut got = t.take();
         got.sort_by_key(|l| l[5..].parse::<usize>().unwrap());
         assert_eq!(got, lines(0..30));
-        assert_eq!(t.tailer.open_files(), 1, "the rotated file is closed once drained");
+        assert_eq!(
+            t.tailer.open_files(),
+            1,
+            "the rotated file is closed once drained"
+        );
         assert_eq!(t.ck.files.len(), 1);
     }
 
@@ -559,11 +596,21 @@ mod tests {
         t.poll(1);
         // copytruncate: copy (not matched by the glob), truncate in place, writer continues.
         std::fs::copy(t.path("app.log"), t.path("app.log.1")).unwrap();
-        std::fs::OpenOptions::new().write(true).open(t.path("app.log")).unwrap().set_len(0).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(t.path("app.log"))
+            .unwrap()
+            .set_len(0)
+            .unwrap();
         t.write("app.log", &text(10..12));
         t.poll(1);
         assert_eq!(t.take(), lines(0..12));
-        assert_eq!(t.stats.lost_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(
+            t.stats
+                .lost_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
         // Truncated and rewritten past the old offset between two polls: the fingerprint
         // of the first bytes tells.
         std::fs::write(t.path("app.log"), text(100..120)).unwrap();
@@ -572,9 +619,19 @@ mod tests {
         // Truncation of data never read: counted as lost.
         t.write("app.log", &text(0..5));
         t.tailer.files[0].last_size += 30; // as if seen by a poll that could not read it
-        std::fs::OpenOptions::new().write(true).open(t.path("app.log")).unwrap().set_len(0).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(t.path("app.log"))
+            .unwrap()
+            .set_len(0)
+            .unwrap();
         t.poll(1);
-        assert!(t.stats.lost_bytes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        assert!(
+            t.stats
+                .lost_bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        );
     }
 
     #[test]
@@ -610,7 +667,10 @@ mod tests {
         assert_eq!(t.take(), want);
         // Same inode, different first bytes while we were stopped: read from the start.
         t.restart();
-        let f = std::fs::OpenOptions::new().write(true).open(t.path("app.log")).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(t.path("app.log"))
+            .unwrap();
         f.write_at(b"LINE", 0).unwrap();
         t.poll(1);
         assert_eq!(t.take().len(), 16);
@@ -633,7 +693,10 @@ mod tests {
         let got = t.take();
         assert_eq!(got[0].len(), 1024);
         assert_eq!(got[1], "short");
-        assert_eq!(t.stats.truncated.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(
+            t.stats.truncated.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
     }
 
     #[test]

@@ -39,18 +39,27 @@ struct Fake {
 
 #[tonic::async_trait]
 impl Agent for Fake {
-    async fn register(&self, _: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        _: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
     type SessionStream = ReceiverStream<Result<BastionMessage, Status>>;
-    async fn session(&self, _: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        _: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         Err(Status::unimplemented("fake"))
     }
     async fn renew(&self, _: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
     type ShipLogsStream = ReceiverStream<Result<LogAck, Status>>;
-    async fn ship_logs(&self, req: Request<Streaming<LogBatch>>) -> Result<Response<Self::ShipLogsStream>, Status> {
+    async fn ship_logs(
+        &self,
+        req: Request<Streaming<LogBatch>>,
+    ) -> Result<Response<Self::ShipLogsStream>, Status> {
         if self.unimplemented {
             return Err(Status::unimplemented("ship_logs is not implemented"));
         }
@@ -72,13 +81,21 @@ impl Agent for Fake {
                     let mut s = store.lock().unwrap();
                     if s.seen.insert((b.epoch, b.seq)) {
                         for e in &b.events {
-                            s.messages.push(String::from_utf8_lossy(&e.message).to_string());
+                            s.messages
+                                .push(String::from_utf8_lossy(&e.message).to_string());
                         }
                     } else {
                         s.duplicate_batches += 1;
                     }
                 }
-                if tx.send(Ok(LogAck { epoch: b.epoch, seq: b.seq })).await.is_err() {
+                if tx
+                    .send(Ok(LogAck {
+                        epoch: b.epoch,
+                        seq: b.seq,
+                    }))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -141,7 +158,10 @@ async fn ships_through_cuts_and_backpressure_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("app.log");
     let cfg = logs_cfg(dir.path(), 64 << 10);
-    let (_src_tx, src_rx) = watch::channel(vec![LogSourceConfig::file(&format!("{}/*.log", dir.path().display()))]);
+    let (_src_tx, src_rx) = watch::channel(vec![LogSourceConfig::file(&format!(
+        "{}/*.log",
+        dir.path().display()
+    ))]);
     let shutdown = CancellationToken::new();
     let shared = start(dir.path(), &cfg, src_rx, shutdown.clone()).unwrap();
 
@@ -154,7 +174,12 @@ async fn ships_through_cuts_and_backpressure_exactly_once() {
         }
     }
     assert!(
-        wait_until(Duration::from_secs(10), || shared.stats.backpressure.load(Ordering::Relaxed) > 0).await,
+        wait_until(Duration::from_secs(10), || shared
+            .stats
+            .backpressure
+            .load(Ordering::Relaxed)
+            > 0)
+        .await,
         "the buffer never filled"
     );
     let disk = shared.buffer.lock().unwrap().disk_bytes();
@@ -168,11 +193,24 @@ async fn ships_through_cuts_and_backpressure_exactly_once() {
     let stop = CancellationToken::new();
     let server = tokio::spawn(serve(fake.clone(), listener, stop.clone()));
     let ship_cancel = CancellationToken::new();
-    let ship = tokio::spawn(shipper::run(client(addr).await, shared.clone(), ship_cancel.clone()));
+    let ship = tokio::spawn(shipper::run(
+        client(addr).await,
+        shared.clone(),
+        ship_cancel.clone(),
+    ));
 
     // Part way, the whole server goes away (connection dropped) and comes back on the same
     // port; the session would reconnect and start a new shipper.
-    assert!(wait_until(Duration::from_secs(30), || fake.store.lock().unwrap().messages.len() > N / 4).await);
+    assert!(
+        wait_until(Duration::from_secs(30), || fake
+            .store
+            .lock()
+            .unwrap()
+            .messages
+            .len()
+            > N / 4)
+        .await
+    );
     stop.cancel();
     ship_cancel.cancel();
     let _ = ship.await;
@@ -181,21 +219,48 @@ async fn ships_through_cuts_and_backpressure_exactly_once() {
     let stop = CancellationToken::new();
     let server = tokio::spawn(serve(fake.clone(), listener, stop.clone()));
     let ship_cancel = CancellationToken::new();
-    let ship = tokio::spawn(shipper::run(client(addr).await, shared.clone(), ship_cancel.clone()));
+    let ship = tokio::spawn(shipper::run(
+        client(addr).await,
+        shared.clone(),
+        ship_cancel.clone(),
+    ));
 
     assert!(
-        wait_until(Duration::from_secs(60), || fake.store.lock().unwrap().messages.len() >= N).await,
+        wait_until(Duration::from_secs(60), || fake
+            .store
+            .lock()
+            .unwrap()
+            .messages
+            .len()
+            >= N)
+        .await,
         "only {} of {N} lines arrived",
         fake.store.lock().unwrap().messages.len()
     );
     // Everything acknowledged: the buffer empties.
-    assert!(wait_until(Duration::from_secs(5), || shared.buffer.lock().unwrap().pending().0 == 0).await);
+    assert!(
+        wait_until(Duration::from_secs(5), || shared
+            .buffer
+            .lock()
+            .unwrap()
+            .pending()
+            .0
+            == 0)
+        .await
+    );
     {
         let s = fake.store.lock().unwrap();
-        assert_eq!(numbers(&s), (0..N).collect::<Vec<_>>(), "a line lost or repeated");
+        assert_eq!(
+            numbers(&s),
+            (0..N).collect::<Vec<_>>(),
+            "a line lost or repeated"
+        );
         assert!(s.streams >= 3, "streams: {}", s.streams);
     }
-    assert_eq!(shared.stats.events_shipped.load(Ordering::Relaxed), N as u64);
+    assert_eq!(
+        shared.stats.events_shipped.load(Ordering::Relaxed),
+        N as u64
+    );
     let fams = shared.metric_families();
     let read = fams.iter().find(|f| f.name == names::LINES_READ).unwrap();
     assert_eq!(read.samples[0].value, N as f64);
@@ -211,7 +276,10 @@ async fn bastion_without_log_store_keeps_the_buffer() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = logs_cfg(dir.path(), 1 << 20);
     std::fs::write(dir.path().join("a.log"), "one\ntwo\n").unwrap();
-    let (_src_tx, src_rx) = watch::channel(vec![LogSourceConfig::file(&format!("{}/*.log", dir.path().display()))]);
+    let (_src_tx, src_rx) = watch::channel(vec![LogSourceConfig::file(&format!(
+        "{}/*.log",
+        dir.path().display()
+    ))]);
     let shutdown = CancellationToken::new();
     let shared = start(dir.path(), &cfg, src_rx, shutdown.clone()).unwrap();
     assert!(wait_until(Duration::from_secs(10), || *shared.appended.borrow() >= 1).await);
@@ -238,10 +306,22 @@ async fn source_list_changes_at_run_time_and_restart_resumes() {
     let cfg = logs_cfg(dir.path(), 1 << 20);
     std::fs::write(dir.path().join("a.log"), "a1\n").unwrap();
     std::fs::write(dir.path().join("b.txt"), "b1\n").unwrap();
-    let (src_tx, src_rx) = watch::channel(vec![LogSourceConfig::file(&format!("{}/*.log", dir.path().display()))]);
+    let (src_tx, src_rx) = watch::channel(vec![LogSourceConfig::file(&format!(
+        "{}/*.log",
+        dir.path().display()
+    ))]);
     let shutdown = CancellationToken::new();
     let shared = start(dir.path(), &cfg, src_rx, shutdown.clone()).unwrap();
-    assert!(wait_until(Duration::from_secs(10), || shared.buffer.lock().unwrap().pending().1 == 1).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || shared
+            .buffer
+            .lock()
+            .unwrap()
+            .pending()
+            .1
+            == 1)
+        .await
+    );
     // A pushed list adds a source: its file is read too.
     src_tx
         .send(vec![
@@ -249,17 +329,40 @@ async fn source_list_changes_at_run_time_and_restart_resumes() {
             LogSourceConfig::file(&format!("{}/*.txt", dir.path().display())),
         ])
         .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || shared.buffer.lock().unwrap().pending().1 == 2).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || shared
+            .buffer
+            .lock()
+            .unwrap()
+            .pending()
+            .1
+            == 2)
+        .await
+    );
     shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(shared);
 
     // Restarted: nothing is read twice; new lines are.
-    std::fs::OpenOptions::new().append(true).open(dir.path().join("a.log")).unwrap().write_all(b"a2\n").unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("a.log"))
+        .unwrap()
+        .write_all(b"a2\n")
+        .unwrap();
     let (_t, src_rx) = watch::channel(src_tx.borrow().clone());
     let shutdown = CancellationToken::new();
     let shared = start(dir.path(), &cfg, src_rx, shutdown.clone()).unwrap();
-    assert!(wait_until(Duration::from_secs(10), || shared.buffer.lock().unwrap().pending().1 == 3).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || shared
+            .buffer
+            .lock()
+            .unwrap()
+            .pending()
+            .1
+            == 3)
+        .await
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let b = shared.buffer.lock().unwrap();
     assert_eq!(b.pending().1, 3);
@@ -280,9 +383,15 @@ fn journald_unavailable() -> Option<String> {
     if !std::path::Path::new("/run/systemd/journal/socket").exists() {
         return Some("journald is not running on this machine (no /run/systemd/journal/socket; `systemctl is-system-running` says offline)".into());
     }
-    let out = std::process::Command::new("journalctl").args(["-n1", "-q", "--no-pager"]).output().ok()?;
+    let out = std::process::Command::new("journalctl")
+        .args(["-n1", "-q", "--no-pager"])
+        .output()
+        .ok()?;
     if !out.status.success() {
-        return Some(format!("journalctl -n1 failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Some(format!(
+            "journalctl -n1 failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     None
 }
@@ -292,7 +401,10 @@ fn which(program: &str, package: &str) {
         .unwrap_or_default()
         .split(':')
         .any(|d| std::path::Path::new(d).join(program).is_file());
-    assert!(found, "{program} is required by this test: apt-get install -y {package}");
+    assert!(
+        found,
+        "{program} is required by this test: apt-get install -y {package}"
+    );
 }
 
 /// Lines sent with the real `systemd-cat` reach the buffer through the journal source.
@@ -320,17 +432,22 @@ async fn systemd_cat_lines_reach_the_buffer_through_the_journal() {
         .stdin(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    c.stdin.take().unwrap().write_all(b"hello from the journal\n").unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello from the journal\n")
+        .unwrap();
     assert!(c.wait().unwrap().success());
-    let found = wait_until(Duration::from_secs(20), || {
-        let b = shared.buffer.lock().unwrap();
-        (b.acked() + 1..=b.last_seq()).any(|s| {
-            b.read(s).unwrap().unwrap().events.iter().any(|e| {
-                e.app == tag && e.message == b"hello from the journal" && e.severity == 4
+    let found =
+        wait_until(Duration::from_secs(20), || {
+            let b = shared.buffer.lock().unwrap();
+            (b.acked() + 1..=b.last_seq()).any(|s| {
+                b.read(s).unwrap().unwrap().events.iter().any(|e| {
+                    e.app == tag && e.message == b"hello from the journal" && e.severity == 4
+                })
             })
         })
-    })
-    .await;
+        .await;
     shutdown.cancel();
     assert!(found, "the systemd-cat line did not reach the buffer");
 }
