@@ -337,3 +337,71 @@ pub fn journald_unavailable() -> Option<String> {
     }
     None
 }
+
+/// Runs whether or not the bastion stores logs: the agent reads and buffers a file and its
+/// `bastide_agent_log_*` families reach the bastion's per-agent metrics, which promtool
+/// accepts.
+#[test]
+fn agent_log_metrics_reach_the_bastion() {
+    let promtool = require("promtool", "prometheus");
+    let mut bastion = Bastion::init("logsm");
+    bastion.start();
+    let mut agent = Agent::new("logs-metrics");
+    agent.enroll_ok(&bastion, &bastion.token(&[]));
+    let logs = agent.dir.path().join("app");
+    std::fs::create_dir_all(&logs).unwrap();
+    let lines: String = (0..500).map(|i| format!("seq={i} hello\n")).collect();
+    std::fs::write(logs.join("app.log"), lines).unwrap();
+    agent.edit_config(|c| {
+        format!(
+            "{c}\n[logs]\nbatch_timeout = \"100ms\"\npoll_interval = \"50ms\"\n[[logs.sources]]\npath = \"{}/*.log\"\n",
+            logs.display()
+        )
+    });
+    agent.start();
+    assert!(bastion.wait_state("logs-metrics", "online", Duration::from_secs(20)));
+    let text = wait_for(Duration::from_secs(30), || {
+        let (status, t) =
+            bastide_tests::http_get(&bastion.metrics_addr, "/metrics/agents/logs-metrics", None);
+        (status == 200
+            && t.contains("bastide_agent_log_lines_read_total{source_kind=\"file\"} 500")
+            && t.contains("bastide_agent_log_events_buffered_total 500"))
+        .then_some(t)
+    })
+    .unwrap_or_else(|| panic!("log metrics not seen; agent log:\n{}", agent.log_text()));
+    for fam in [
+        "bastide_agent_log_buffer_bytes",
+        "bastide_agent_log_buffer_age_seconds",
+        "bastide_agent_log_events_shipped_total",
+        "bastide_agent_log_lost_bytes_total",
+        "bastide_agent_log_backpressure_total",
+    ] {
+        assert!(text.contains(fam), "{fam} missing:\n{text}");
+    }
+    let ours: String = text
+        .lines()
+        .filter(|l| l.contains("bastide_agent_log_"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mut c = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(ours.as_bytes()).unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{ours}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Stopping cleanly keeps the agent's exit status 0 with the log pipeline running.
+    assert!(
+        agent.stop().is_some_and(|s| s.success()),
+        "{}",
+        agent.log_text()
+    );
+}
