@@ -33,6 +33,9 @@ pub struct LogsConfig {
     pub poll_interval: Duration,
     #[serde(default)]
     pub sources: Vec<LogSourceConfig>,
+    /// The journalctl program of journal sources.
+    #[serde(default = "default_journalctl")]
+    pub journalctl: PathBuf,
 }
 
 /// Where a source starts when the agent has no checkpoint for it yet (its first run).
@@ -147,6 +150,9 @@ fn default_max_line_bytes() -> usize {
 fn default_poll_interval() -> Duration {
     Duration::from_millis(250)
 }
+fn default_journalctl() -> PathBuf {
+    PathBuf::from("journalctl")
+}
 fn default_multiline_timeout() -> Duration {
     Duration::from_secs(1)
 }
@@ -165,6 +171,7 @@ impl Default for LogsConfig {
             max_line_bytes: default_max_line_bytes(),
             poll_interval: default_poll_interval(),
             sources: Vec::new(),
+            journalctl: default_journalctl(),
         }
     }
 }

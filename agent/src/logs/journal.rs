@@ -120,6 +120,7 @@ async fn read_line_bounded<R: AsyncBufRead + Unpin>(
 
 /// Follows the journal until `cancel`; events and cursors go to `tx`.
 pub async fn run(
+    journalctl: std::path::PathBuf,
     cfg: LogSourceConfig,
     ckpts: Checkpoints,
     max_line: usize,
@@ -135,7 +136,7 @@ pub async fn run(
     // JSON escaping and byte arrays can take several bytes per message byte.
     let limit = max_line * 6 + (16 << 10);
     loop {
-        let mut cmd = tokio::process::Command::new("journalctl");
+        let mut cmd = tokio::process::Command::new(&journalctl);
         cmd.args([
             "--follow",
             "--output=json",

@@ -119,9 +119,10 @@ impl Shared {
     pub fn ack(&self, seq: u64) -> Result<()> {
         let mut b = self.lock();
         let n = b.ack(seq)?;
+        // Counted under the lock, so the counter never lags what the buffer shows.
+        self.stats.events_shipped.fetch_add(n, Relaxed);
         let acked = b.acked();
         drop(b);
-        self.stats.events_shipped.fetch_add(n, Relaxed);
         self.acked.send_replace(acked);
         Ok(())
     }
@@ -351,6 +352,7 @@ async fn manage_sources(
             let snapshot = ckpts.lock().map(|c| c.clone()).unwrap_or_default();
             if s.journal {
                 tokio::spawn(journal::run(
+                    cfg.journalctl.clone(),
                     s.clone(),
                     snapshot,
                     cfg.max_line_bytes,

@@ -451,3 +451,68 @@ async fn systemd_cat_lines_reach_the_buffer_through_the_journal() {
     shutdown.cancel();
     assert!(found, "the systemd-cat line did not reach the buffer");
 }
+
+fn buffered_messages(shared: &Shared) -> Vec<String> {
+    let b = shared.buffer.lock().unwrap();
+    let mut out = Vec::new();
+    for s in b.acked() + 1..=b.last_seq() {
+        for e in b.read(s).unwrap().unwrap().events {
+            out.push(String::from_utf8_lossy(&e.message).to_string());
+        }
+    }
+    out
+}
+
+/// The journal source restarts `journalctl` after the stored cursor (a stand-in script
+/// records its arguments and plays journal JSON).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_cursor_is_checkpointed_and_resumed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let args = dir.path().join("args");
+    let script = dir.path().join("journalctl");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {args}\ncase \"$*\" in\n*after-cursor=c2*) printf '%s\\n' '{{\"__CURSOR\":\"c3\",\"MESSAGE\":[116,104,114,101,101],\"PRIORITY\":\"2\"}}' ;;\n*) printf '%s\\n%s\\n' '{{\"__CURSOR\":\"c1\",\"MESSAGE\":\"one\"}}' '{{\"__CURSOR\":\"c2\",\"MESSAGE\":\"two\",\"SYSLOG_IDENTIFIER\":\"app\"}}' ;;\nesac\nexec sleep 30\n",
+            args = args.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cfg = logs_cfg(dir.path(), 1 << 20);
+    cfg.journalctl = script;
+    let mut src = LogSourceConfig::file("/unused");
+    src.path = None;
+    src.journal = true;
+    let (_t, rx) = watch::channel(vec![src.clone()]);
+    let shutdown = CancellationToken::new();
+    let shared = start(dir.path(), &cfg, rx, shutdown.clone()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || buffered_messages(&shared).len()
+            == 2)
+        .await
+    );
+    assert_eq!(buffered_messages(&shared), vec!["one", "two"]);
+    shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(shared);
+
+    let (_t, rx) = watch::channel(vec![src]);
+    let shutdown = CancellationToken::new();
+    let shared = start(dir.path(), &cfg, rx, shutdown.clone()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || buffered_messages(&shared).len()
+            == 3)
+        .await
+    );
+    assert_eq!(buffered_messages(&shared), vec!["one", "two", "three"]);
+    let calls = std::fs::read_to_string(&args).unwrap();
+    let calls: Vec<&str> = calls.lines().collect();
+    assert!(
+        calls[0].contains("--boot") && calls[0].contains("--output=json"),
+        "{calls:?}"
+    );
+    assert!(calls[1].contains("--after-cursor=c2"), "{calls:?}");
+    shutdown.cancel();
+}
