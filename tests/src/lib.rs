@@ -448,11 +448,6 @@ impl Agent {
         std::fs::write(&self.config, f(text)).expect("write agent config");
     }
 
-    /// SIGKILL without waiting for a clean exit (the process is reaped).
-    pub fn kill9(&mut self) {
-        self.kill();
-    }
-
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

@@ -180,7 +180,8 @@ fn agent_sigkill_mid_stream_resumes_from_checkpoint() {
     let agent = &mut r.agent;
     write_numbered(&path, 0, 60_000, 2_000, Duration::from_millis(30), |i| {
         if i == 20_000 || i == 40_000 {
-            agent.kill9();
+            // SIGKILL (Child::kill).
+            agent.kill();
             std::thread::sleep(Duration::from_millis(500));
             agent.start();
         }

@@ -106,6 +106,8 @@ pub struct Shared {
     pub acked: watch::Sender<u64>,
     pub stats: Arc<Stats>,
     pub epoch: u64,
+    /// "No log store on the bastion" was reported (once per agent run, not per session).
+    pub(crate) no_store_reported: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -293,6 +295,7 @@ pub fn start(
         acked: watch::Sender::new(buffer.acked()),
         buffer: Mutex::new(buffer),
         stats: Arc::new(Stats::default()),
+        no_store_reported: std::sync::atomic::AtomicBool::new(false),
     });
     let (tx, rx) = mpsc::channel::<Item>(256);
     let ckpts = Arc::new(Mutex::new(ckpts));

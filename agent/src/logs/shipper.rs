@@ -48,7 +48,6 @@ fn classify(s: tonic::Status) -> ShipError {
 /// channel with a growing delay; a bastion without log store is asked again every 30s and
 /// reported once.
 pub async fn run(client: AgentClient<Channel>, shared: Arc<Shared>, cancel: CancellationToken) {
-    let mut warned_no_store = false;
     let mut backoff = crate::session::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         let r = tokio::select! {
@@ -57,8 +56,10 @@ pub async fn run(client: AgentClient<Channel>, shared: Arc<Shared>, cancel: Canc
         };
         let delay = match r {
             Err(ShipError::NoLogStore) => {
-                if !warned_no_store {
-                    warned_no_store = true;
+                if !shared
+                    .no_store_reported
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
                     warn!("the bastion has no log store yet: logs stay in the agent's buffer, asking again every 30s");
                 } else {
                     debug!("the bastion still has no log store");
