@@ -2,6 +2,7 @@
 # Benchmark (c) of issue 6: bastide-agent CPU and RSS while it follows a file written at
 # RATE lines/s (200-byte lines) and ships them to a local bastion, and when idle.
 # Usage: bench/logs/agent-cost.sh [WINDOW_SECONDS] [RATE] [RUNS]
+# BASTIDE=path/to/bastide picks the bastion binary (it is not what is measured here).
 # When the bastion has no log store (ShipLogs unimplemented), the agent still reads,
 # batches and fsyncs everything into its disk buffer; the script says which case it ran.
 set -euo pipefail
@@ -9,27 +10,32 @@ cd "$(dirname "$0")/../.."
 WINDOW=${1:-20}
 RATE=${2:-10000}
 RUNS=${3:-3}
-cargo build --release --quiet -p bastide -p bastide-agent
+if [ -z "${BASTIDE:-}" ]; then
+  cargo build --release --quiet -p bastide -p bastide-agent
+  BASTIDE=$PWD/target/release/bastide
+else
+  cargo build --release --quiet -p bastide-agent
+fi
 B=$PWD/target/release
 D=$(mktemp -d /tmp/bastide-lbench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXIT
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 AP=$(port); MP=$(port)
-"$B/bastide" init --dir "$D/st" --project bench >/dev/null
+"$BASTIDE" init --dir "$D/st" --project bench >/dev/null
 sed -i "s/0.0.0.0:4443/127.0.0.1:$AP/; s/127.0.0.1:9469/127.0.0.1:$MP/" "$D/st/bastide.toml"
 # TODO(lead): the log store key chosen on the logs-bastion branch ([logs] dir assumed).
 cp "$D/st/bastide.toml" "$D/st/bastide.toml.orig"
 printf '\n[logs]\ndir = "%s"\n' "$D/store" >> "$D/st/bastide.toml"
-if ! "$B/bastide" --config "$D/st/bastide.toml" check-config >/dev/null 2>&1; then
+if ! "$BASTIDE" --config "$D/st/bastide.toml" check-config >/dev/null 2>&1; then
   cp "$D/st/bastide.toml.orig" "$D/st/bastide.toml"
   STORE="no (this bastion has no [logs] store: the agent buffers only)"
 else
   STORE="yes ($D/store)"
 fi
-"$B/bastide" --config "$D/st/bastide.toml" serve 2>"$D/bastide.log" &
+"$BASTIDE" --config "$D/st/bastide.toml" serve 2>"$D/bastide.log" &
 sleep 1
-T=$("$B/bastide" --config "$D/st/bastide.toml" token create 2>/dev/null)
-"$B/bastide-agent" enroll --bastion 127.0.0.1:$AP --token "$T" --ca-pin "$("$B/bastide" ca-pin --dir "$D/st")" --name bench --state-dir "$D/ag" >/dev/null
+T=$("$BASTIDE" --config "$D/st/bastide.toml" token create 2>/dev/null)
+"$B/bastide-agent" enroll --bastion 127.0.0.1:$AP --token "$T" --ca-pin "$("$BASTIDE" ca-pin --dir "$D/st")" --name bench --state-dir "$D/ag" >/dev/null
 mkdir -p "$D/app"
 cat > "$D/ag.toml" <<CONF
 metrics_interval = "15s"
