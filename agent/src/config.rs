@@ -27,6 +27,9 @@ pub struct AgentConfig {
     /// How often host metrics are collected and shipped ("0s" turns them off).
     #[serde(default = "default_metrics_interval", with = "humantime_serde")]
     pub metrics_interval: Duration,
+    /// Log sources, buffer and batching (`[logs]`, `[[logs.sources]]`).
+    #[serde(default)]
+    pub logs: crate::logs::LogsConfig,
 }
 
 fn default_metrics_interval() -> Duration {
@@ -52,6 +55,7 @@ impl Default for AgentConfig {
             reconnect_initial: default_reconnect_initial(),
             reconnect_max: default_reconnect_max(),
             metrics_interval: default_metrics_interval(),
+            logs: crate::logs::LogsConfig::default(),
         }
     }
 }
@@ -74,6 +78,10 @@ impl AgentConfig {
                 "{}: reconnect_initial must be positive and at most reconnect_max",
                 path.display()
             );
+        }
+        let problems = cfg.logs.validate();
+        if !problems.is_empty() {
+            bail!("{}: {}", path.display(), problems.join("; "));
         }
         Ok(cfg)
     }

@@ -7,6 +7,7 @@ pub mod enroll;
 pub mod facts;
 pub mod fsutil;
 pub mod hostmetrics;
+pub mod logs;
 pub mod session;
 pub mod state;
 pub mod tls;

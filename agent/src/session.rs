@@ -73,6 +73,28 @@ fn humantime_rfc3339(t: i64) -> String {
 
 /// Runs until `shutdown`, or until a fatal condition (expired or revoked certificate).
 pub async fn run(state_dir: &Path, cfg: &AgentConfig, shutdown: CancellationToken) -> Result<()> {
+    // The log source list from the local file; a pushed configuration replaces it through
+    // this channel (keep the sender alive for the agent's lifetime).
+    let (_log_sources, log_sources_rx) = tokio::sync::watch::channel(cfg.logs.sources.clone());
+    run_with_log_sources(state_dir, cfg, log_sources_rx, shutdown).await
+}
+
+/// [`run`], with the log sources taken from `log_sources` (changes apply at run time).
+pub async fn run_with_log_sources(
+    state_dir: &Path,
+    cfg: &AgentConfig,
+    log_sources: tokio::sync::watch::Receiver<Vec<crate::logs::LogSourceConfig>>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    // Logs must not take heartbeats and metrics down with them: without a usable buffer
+    // directory the agent runs on without shipping logs, and says so.
+    let logs = match crate::logs::start(state_dir, &cfg.logs, log_sources, shutdown.clone()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "log shipping disabled: cannot start the log pipeline");
+            None
+        }
+    };
     let mut backoff = Backoff::new(cfg.reconnect_initial, cfg.reconnect_max);
     loop {
         let mut st = State::load(state_dir)?;
@@ -84,7 +106,7 @@ pub async fn run(state_dir: &Path, cfg: &AgentConfig, shutdown: CancellationToke
             .into());
         }
         let mut registered = false;
-        match session_once(&mut st, cfg, &shutdown, &mut registered).await {
+        match session_once(&mut st, cfg, &logs, &shutdown, &mut registered).await {
             Ok(Outcome::Shutdown) => return Ok(()),
             Ok(Outcome::Renewed) => {
                 backoff.reset();
@@ -122,6 +144,7 @@ fn mtls_config_of(st: &State) -> Result<rustls::ClientConfig> {
 async fn session_once(
     st: &mut State,
     cfg: &AgentConfig,
+    logs: &Option<std::sync::Arc<crate::logs::Shared>>,
     shutdown: &CancellationToken,
     registered: &mut bool,
 ) -> Result<Outcome> {
@@ -152,6 +175,16 @@ async fn session_once(
         .context("opening session")?
         .into_inner();
     info!(name = %reg.name, project = %reg.project, heartbeat_secs = interval.as_secs(), "connected to the bastion");
+    // Logs go on their own stream over the same connection; it ends with this session.
+    let ship_cancel = shutdown.child_token();
+    let _ship_guard = ship_cancel.clone().drop_guard();
+    if let Some(logs) = logs {
+        tokio::spawn(crate::logs::shipper::run(
+            client.clone(),
+            logs.clone(),
+            ship_cancel,
+        ));
+    }
 
     let renew_in = Duration::from_secs((st.renew_at() - crate::unix_now()).max(0) as u64);
     let renew = tokio::time::sleep(renew_in);
@@ -188,7 +221,14 @@ async fn session_once(
             }
             _ = metrics_tick.tick(), if metrics_on => {
                 let src = crate::hostmetrics::Sources::default();
-                let collect = tokio::task::spawn_blocking(move || crate::hostmetrics::collect(&src));
+                let logs = logs.clone();
+                let collect = tokio::task::spawn_blocking(move || {
+                    let mut batch = crate::hostmetrics::collect(&src);
+                    if let Some(logs) = logs {
+                        batch.families.extend(logs.metric_families());
+                    }
+                    batch
+                });
                 // A hung filesystem must not stall the session.
                 match tokio::time::timeout(Duration::from_secs(5), collect).await {
                     Ok(Ok(batch)) => {

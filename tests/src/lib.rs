@@ -514,3 +514,34 @@ impl Agent {
         self
     }
 }
+impl Agent {
+    /// Rewrites the agent's configuration file (takes effect at the next start).
+    pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config).expect("read agent config");
+        std::fs::write(&self.config, f(text)).expect("write agent config");
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// Every line of a host's files in the bastion's log store (`<dir>/<host>/*.log`).
+pub fn log_store_lines(store_dir: &Path, host: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(store_dir.join(host)) else {
+        return out;
+    };
+    let mut files: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    for f in files {
+        if let Ok(b) = std::fs::read(&f) {
+            out.extend(String::from_utf8_lossy(&b).lines().map(str::to_string));
+        }
+    }
+    out
+}

@@ -1,0 +1,176 @@
+//! Streams the buffer to the bastion over `ShipLogs`, on the session's mTLS channel: from
+//! the oldest unacknowledged batch, in sequence order, with a bounded window of batches in
+//! flight; each acknowledgement deletes what it covers. Reconnecting is the session's job:
+//! the shipper lives as long as one session and retries its stream within it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bastide_proto::v1::agent_client::AgentClient;
+use bastide_proto::v1::LogBatch;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use super::Shared;
+
+/// Batches sent ahead of the last acknowledgement.
+const WINDOW: u64 = 16;
+/// How often to ask again a bastion without a log store.
+const NO_STORE_RETRY: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Error)]
+pub enum ShipError {
+    #[error("the bastion has no log store (ShipLogs unimplemented)")]
+    NoLogStore,
+    #[error("log stream: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("the bastion closed the log stream")]
+    Closed,
+    #[error("acknowledgement for epoch {got}, ours is {ours}")]
+    WrongEpoch { got: u64, ours: u64 },
+    #[error("log buffer: {0:#}")]
+    Buffer(anyhow::Error),
+}
+
+fn classify(s: tonic::Status) -> ShipError {
+    if s.code() == tonic::Code::Unimplemented {
+        ShipError::NoLogStore
+    } else {
+        ShipError::Status(s)
+    }
+}
+
+/// Ships until `cancel` (the session ended). Errors of one stream are retried on the same
+/// channel with a growing delay; a bastion without log store is asked again every 30s and
+/// reported once.
+pub async fn run(client: AgentClient<Channel>, shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut backoff = crate::session::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        let r = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = ship_once(client.clone(), &shared) => r,
+        };
+        let delay = match r {
+            Err(ShipError::NoLogStore) => {
+                if !shared
+                    .no_store_reported
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    warn!("the bastion has no log store yet: logs stay in the agent's buffer, asking again every 30s");
+                } else {
+                    debug!("the bastion still has no log store");
+                }
+                NO_STORE_RETRY
+            }
+            Err(e) => {
+                let d = backoff.next_delay();
+                warn!(error = %e, retry_in_ms = d.as_millis() as u64, "log stream ended");
+                d
+            }
+            Ok(()) => return,
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One `ShipLogs` stream, until it fails.
+pub async fn ship_once(
+    mut client: AgentClient<Channel>,
+    shared: &Arc<Shared>,
+) -> Result<(), ShipError> {
+    let (tx, rx) = mpsc::channel::<LogBatch>(4);
+    // The sender runs beside the call: a server may wait for the first batch before it
+    // answers with its response headers.
+    let sender = tokio::spawn(send_loop(shared.clone(), tx));
+    let _abort = AbortOnDrop(sender);
+    let mut acks = client
+        .ship_logs(ReceiverStream::new(rx))
+        .await
+        .map_err(classify)?
+        .into_inner();
+    let mut announced = false;
+    loop {
+        match acks.message().await {
+            Ok(Some(ack)) => {
+                if ack.epoch != shared.epoch {
+                    return Err(ShipError::WrongEpoch {
+                        got: ack.epoch,
+                        ours: shared.epoch,
+                    });
+                }
+                if !announced {
+                    announced = true;
+                    info!(acked = ack.seq, "the bastion acknowledges log batches");
+                }
+                let s = shared.clone();
+                tokio::task::spawn_blocking(move || s.ack(ack.seq))
+                    .await
+                    .map_err(|e| ShipError::Buffer(e.into()))?
+                    .map_err(ShipError::Buffer)?;
+            }
+            Ok(None) => return Err(ShipError::Closed),
+            Err(s) => return Err(classify(s)),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn send_loop(shared: Arc<Shared>, tx: mpsc::Sender<LogBatch>) {
+    let mut appended = shared.appended.subscribe();
+    let mut acked = shared.acked.subscribe();
+    let mut next = *acked.borrow_and_update() + 1;
+    loop {
+        let a = *acked.borrow_and_update();
+        next = next.max(a + 1);
+        let last = *appended.borrow_and_update();
+        if next > last {
+            if appended.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if next - a > WINDOW {
+            if acked.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let s = shared.clone();
+        let seq = next;
+        let batch = match tokio::task::spawn_blocking(move || s.read(seq)).await {
+            Ok(Ok(Some(b))) => b,
+            // Acknowledged meanwhile: the loop moves past it.
+            Ok(Ok(None)) => {
+                next += 1;
+                continue;
+            }
+            Ok(Err(e)) => {
+                warn!(seq, error = %format!("{e:#}"), "cannot read a buffered log batch");
+                return;
+            }
+            Err(_) => return,
+        };
+        if tx.send(batch).await.is_err() {
+            return;
+        }
+        shared
+            .stats
+            .batches_shipped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        next += 1;
+    }
+}
