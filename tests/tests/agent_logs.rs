@@ -1,9 +1,6 @@
 //! Agent log shipping end to end: the real `bastide-agent` tails files (and the journal) and
 //! ships them to the real `bastide`, whose log store must hold every line exactly once
 //! through bastion crashes, bastion downtime, agent crashes, rotation and a full buffer.
-//!
-//! These need the bastion's log store (branch logs-bastion); until it is merged the bastion
-//! answers ShipLogs with Unimplemented and the agent only buffers, so they are ignored.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -113,7 +110,6 @@ fn write_numbered(
 }
 
 #[test]
-#[ignore = "needs the bastion log store (logs-bastion branch)"]
 fn loss_test_200k_lines_through_two_bastion_sigkills() {
     let mut r = rig("logs-loss", "");
     r.agent.start();
@@ -136,7 +132,6 @@ fn loss_test_200k_lines_through_two_bastion_sigkills() {
 }
 
 #[test]
-#[ignore = "needs the bastion log store (logs-bastion branch)"]
 fn bastion_down_for_a_while_agent_buffers_then_delivers() {
     let mut r = rig("logs-down", "");
     r.agent.start();
@@ -169,7 +164,6 @@ fn bastion_down_for_a_while_agent_buffers_then_delivers() {
 }
 
 #[test]
-#[ignore = "needs the bastion log store (logs-bastion branch)"]
 fn agent_sigkill_mid_stream_resumes_from_checkpoint() {
     let mut r = rig("logs-akill", "");
     r.agent.start();
@@ -190,7 +184,6 @@ fn agent_sigkill_mid_stream_resumes_from_checkpoint() {
 }
 
 #[test]
-#[ignore = "needs the bastion log store (logs-bastion branch)"]
 fn rotation_by_rename_and_copytruncate_while_writing() {
     let mut r = rig("logs-rot", "");
     r.agent.start();
@@ -222,7 +215,6 @@ fn rotation_by_rename_and_copytruncate_while_writing() {
 }
 
 #[test]
-#[ignore = "needs the bastion log store (logs-bastion branch)"]
 fn full_agent_buffer_applies_backpressure_and_loses_nothing() {
     // 40,000 lines of ~100 bytes (4 MB) against a 1 MiB buffer.
     let mut r = rig(
@@ -251,7 +243,6 @@ fn full_agent_buffer_applies_backpressure_and_loses_nothing() {
 }
 
 #[test]
-#[ignore = "needs the bastion log store (logs-bastion branch)"]
 fn java_stack_trace_is_one_event_and_the_last_is_flushed_after_timeout() {
     let mut r = rig("logs-ml", "");
     r.agent.edit_config(|c| {
@@ -281,7 +272,6 @@ fn java_stack_trace_is_one_event_and_the_last_is_flushed_after_timeout() {
 /// journald: where it does not run (containers, CI without systemd), this prints why and
 /// returns; every other failure fails.
 #[test]
-#[ignore = "needs the bastion log store (logs-bastion branch)"]
 fn systemd_cat_lines_reach_the_store_through_the_journal() {
     let cat = require("systemd-cat", "systemd");
     if let Some(reason) = journald_unavailable() {
