@@ -20,6 +20,7 @@ pub mod smtp;
 pub mod ssh;
 pub mod store;
 pub mod tls;
+pub mod sdnotify;
 
 /// Version string reported by `--version`, in logs and to agents.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
