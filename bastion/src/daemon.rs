@@ -225,7 +225,12 @@ pub async fn serve(cfg: Config) -> Result<()> {
     info!(project = %cfg.project, version = crate::VERSION, "bastide ready");
     // Only now: every listener above is bound, so a unit ordered after us can connect.
     crate::sdnotify::ready("serving");
-    let mut watchdog = crate::sdnotify::watchdog_interval().map(tokio::time::interval);
+    let mut watchdog = crate::sdnotify::watchdog_interval().map(|period| {
+        let mut i = tokio::time::interval(period);
+        // A late tick is not made up with a burst of pings.
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
