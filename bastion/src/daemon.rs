@@ -325,4 +325,3 @@ fn reload(
     crate::sdnotify::ready("serving");
     outcome
 }
-

@@ -16,11 +16,11 @@ pub mod logging;
 pub mod metrics;
 pub mod pki;
 pub mod registry;
+pub mod sdnotify;
 pub mod smtp;
 pub mod ssh;
 pub mod store;
 pub mod tls;
-pub mod sdnotify;
 
 /// Version string reported by `--version`, in logs and to agents.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

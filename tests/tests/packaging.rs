@@ -110,7 +110,10 @@ fn debs_install_users_directories_conffiles_and_binaries() {
     let f: Vec<&str> = pw.trim().split(':').collect();
     assert_eq!(f[5], "/var/lib/bastide", "{pw}");
     assert_eq!(f[6], "/usr/sbin/nologin", "{pw}");
-    assert!(f[2].parse::<u32>().unwrap() < 1000, "not a system uid: {pw}");
+    assert!(
+        f[2].parse::<u32>().unwrap() < 1000,
+        "not a system uid: {pw}"
+    );
     run(Command::new("getent").args(["group", "_bastide"]));
 
     // State, spool and log directories with tight modes.
@@ -148,13 +151,17 @@ fn debs_install_users_directories_conffiles_and_binaries() {
 
     // The agent's configuration is a conffile (kept on upgrade when edited); the shipped one
     // is valid as it is (the first-boot test runs the agent with it).
-    let conffiles = stdout(&run(
-        Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", "bastide-agent"]),
-    ));
+    let conffiles = stdout(&run(Command::new("dpkg-query").args([
+        "-W",
+        "-f=${Conffiles}",
+        "bastide-agent",
+    ])));
     assert!(conffiles.contains("/etc/bastide/agent.toml"), "{conffiles}");
     // Nothing of the bastion's is a conffile: its configuration comes from `bastide init`.
     let server_files = stdout(&run(Command::new("dpkg").args(["-L", "bastide"])));
-    assert!(server_files.lines().all(|l| !l.starts_with("/etc/bastide/")));
+    assert!(server_files
+        .lines()
+        .all(|l| !l.starts_with("/etc/bastide/")));
 
     // Nothing enabled that an admin has not configured: the bastion is installed disabled;
     // the agent's units are enabled but gated by conditions on enrollment settings.
@@ -258,6 +265,21 @@ fn lintian_reports_no_errors() {
     assert!(out.status.success(), "lintian: {}\n{text}", out.status);
 }
 
+/// Debian's python3 with a module from a Debian package (not whatever python3 is first on
+/// PATH, which may lack it).
+fn debian_python(module: &str, package: &str) -> PathBuf {
+    let python = PathBuf::from("/usr/bin/python3");
+    let ok = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "/usr/bin/python3 with {module} is required by this test: apt-get install -y {package}"
+    );
+    python
+}
+
 /// A unit file's `Key=` values, in order (enough of systemd's syntax for our own units).
 fn unit_values(unit: &str, key: &str) -> Vec<String> {
     let text = std::fs::read_to_string(format!("{UNITS}/{unit}")).unwrap();
@@ -303,28 +325,37 @@ fn expand_exec(line: &str, env: &HashMap<String, String>) -> Vec<String> {
 #[test]
 fn first_boot_enrollment_from_cloud_init_user_data() {
     debs();
-    let python = require("python3", "python3-yaml");
+    let python = debian_python("yaml", "python3-yaml");
     let mut b = Bastion::init("boot");
     b.start();
     let out = b.cli(&["token", "create", "--cloud-init", "--labels", "role=web"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let user_data = stdout(&out);
     assert!(user_data.starts_with("#cloud-config\n"), "{user_data}");
     // Valid YAML with the cloud-config structure the example documents.
     let tmp = tempfile::tempdir().unwrap();
     let ud = tmp.path().join("user-data");
     std::fs::write(&ud, &user_data).unwrap();
-    let parsed = run(Command::new(&python).arg("-c").arg(
-        "import json,sys,yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
-    )
-    .arg(&ud));
+    let parsed = run(Command::new(&python)
+        .arg("-c")
+        .arg("import json,sys,yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))")
+        .arg(&ud));
     let doc: serde_json::Value = serde_json::from_slice(&parsed.stdout).unwrap();
     let file = &doc["write_files"][0];
     assert_eq!(file["permissions"], "0600");
     assert_eq!(doc["packages"][0], "bastide-agent");
     assert_eq!(
         doc["runcmd"][0],
-        serde_json::json!(["systemctl", "start", "--no-block", "bastide-agent-enroll.service"])
+        serde_json::json!([
+            "systemctl",
+            "start",
+            "--no-block",
+            "bastide-agent-enroll.service"
+        ])
     );
     let env_path = file["path"].as_str().unwrap();
     let unit = "bastide-agent-enroll.service";
@@ -351,7 +382,10 @@ fn first_boot_enrollment_from_cloud_init_user_data() {
 
     let exec = expand_exec(&unit_values(unit, "ExecStart")[0], &env);
     assert_eq!(exec[0], "/usr/bin/bastide-agent");
-    assert!(!exec.iter().any(|a| a == &env["BASTIDE_TOKEN"]), "token on the command line");
+    assert!(
+        !exec.iter().any(|a| a == &env["BASTIDE_TOKEN"]),
+        "token on the command line"
+    );
     let enroll = |exec: &[String]| {
         run(Command::new(&exec[0])
             .args(&exec[1..])
@@ -361,7 +395,10 @@ fn first_boot_enrollment_from_cloud_init_user_data() {
     };
     let first = stdout(&enroll(&exec));
     assert!(first.contains("enrolled as"), "{first}");
-    assert!(state.join("cert.pem").is_file(), "no certificate where the agent unit's condition looks");
+    assert!(
+        state.join("cert.pem").is_file(),
+        "no certificate where the agent unit's condition looks"
+    );
     // A second run (the condition aside) changes nothing.
     assert!(stdout(&enroll(&exec)).contains("already enrolled"));
     let name = first
@@ -375,7 +412,10 @@ fn first_boot_enrollment_from_cloud_init_user_data() {
     let unit = "bastide-agent.service";
     assert_eq!(unit_values(unit, "StateDirectory"), ["bastide-agent"]);
     let exec = expand_exec(&unit_values(unit, "ExecStart")[0], &env);
-    assert!(exec.contains(&"/etc/bastide/agent.toml".to_string()), "{exec:?}");
+    assert!(
+        exec.contains(&"/etc/bastide/agent.toml".to_string()),
+        "{exec:?}"
+    );
     let log = tmp.path().join("agent.log");
     let mut agent = Command::new(&exec[0])
         .args(&exec[1..])
@@ -403,13 +443,21 @@ fn first_boot_enrollment_from_cloud_init_user_data() {
 #[test]
 fn cloud_init_needs_a_dialable_bastion_address() {
     let mut b = Bastion::init("ci");
-    b.edit_config(|c| c.replace(&b.agents_addr, &b.agents_addr.replace("127.0.0.1", "0.0.0.0")));
+    b.edit_config(|c| {
+        c.replace(
+            &b.agents_addr,
+            &b.agents_addr.replace("127.0.0.1", "0.0.0.0"),
+        )
+    });
     b.start();
     let out = b.cli(&["token", "create", "--cloud-init"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--bastion"));
     let list = b.cli_ok(&["token", "list", "--json"]);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&list).unwrap(), serde_json::json!([]));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&list).unwrap(),
+        serde_json::json!([])
+    );
     let out = b.cli_ok(&[
         "token",
         "create",
@@ -417,8 +465,17 @@ fn cloud_init_needs_a_dialable_bastion_address() {
         "--bastion",
         "bastion.example.org:4443",
     ]);
-    assert!(out.contains("BASTIDE_BASTION=bastion.example.org:4443\n"), "{out}");
-    let bad = b.cli(&["token", "create", "--cloud-init", "--bastion", "x; rm -rf /"]);
+    assert!(
+        out.contains("BASTIDE_BASTION=bastion.example.org:4443\n"),
+        "{out}"
+    );
+    let bad = b.cli(&[
+        "token",
+        "create",
+        "--cloud-init",
+        "--bastion",
+        "x; rm -rf /",
+    ]);
     assert!(!bad.status.success());
 }
 
@@ -432,7 +489,8 @@ impl Notify {
     fn bind(dir: &Path) -> (Self, PathBuf) {
         let path = dir.join("notify.sock");
         let sock = UnixDatagram::bind(&path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         (
             Self {
                 sock,
@@ -490,7 +548,12 @@ fn sd_notify_ready_after_listeners_watchdog_reload_stopping() {
     let (mut notify, path) = Notify::bind(b.dir.path());
     let mut child = spawn_notified(&b, &path, "400000");
     let ready = notify.wait("READY=1", Duration::from_secs(20));
-    assert!(ready.is_some(), "no READY=1: {:?}\n{}", notify.seen, b.log_text());
+    assert!(
+        ready.is_some(),
+        "no READY=1: {:?}\n{}",
+        notify.seen,
+        b.log_text()
+    );
     std::net::TcpStream::connect(&b.agents_addr).expect("agents listener bound at READY");
     std::net::TcpStream::connect(&b.metrics_addr).expect("metrics listener bound at READY");
     std::os::unix::net::UnixStream::connect(b.state_dir().join("admin.sock"))
@@ -501,7 +564,10 @@ fn sd_notify_ready_after_listeners_watchdog_reload_stopping() {
     let start = Instant::now();
     let mut pings = 0;
     while start.elapsed() < Duration::from_secs(1) {
-        if notify.wait("WATCHDOG=1", Duration::from_millis(300)).is_some() {
+        if notify
+            .wait("WATCHDOG=1", Duration::from_millis(300))
+            .is_some()
+        {
             pings += 1;
         }
     }
@@ -510,7 +576,9 @@ fn sd_notify_ready_after_listeners_watchdog_reload_stopping() {
     kill(child.id(), "-HUP");
     let reloading = notify.wait("RELOADING=1", Duration::from_secs(10));
     assert!(
-        reloading.as_deref().is_some_and(|m| m.contains("MONOTONIC_USEC=")),
+        reloading
+            .as_deref()
+            .is_some_and(|m| m.contains("MONOTONIC_USEC=")),
         "{reloading:?} {:?}",
         notify.seen
     );
@@ -546,7 +614,7 @@ fn sd_notify_ready_after_listeners_watchdog_reload_stopping() {
 /// real tools accept what they render: rsyslogd -N1 the forwarding rule, postconf the relay.
 #[test]
 fn packaging_templates_render_and_rsyslog_accepts_them() {
-    let python = require("python3", "python3-jinja2");
+    let python = debian_python("jinja2", "python3-jinja2");
     let rsyslogd = require("rsyslogd", "rsyslog");
     let postconf = require("postconf", "postfix");
     let dir = workspace().join("packaging/templates");
@@ -583,11 +651,20 @@ fn packaging_templates_render_and_rsyslog_accepts_them() {
     let rendered: HashMap<String, String> = names.iter().map(|n| (n.clone(), render(n))).collect();
 
     let resolved = &rendered["resolved-bastide.conf.j2"];
-    assert!(resolved.contains("[Resolve]\nDNS=10.0.0.1\nDomains=~. proj.example.org\n"), "{resolved}");
+    assert!(
+        resolved.contains("[Resolve]\nDNS=10.0.0.1\nDomains=~. proj.example.org\n"),
+        "{resolved}"
+    );
     let resolv = &rendered["resolv.conf.j2"];
-    assert!(resolv.contains("nameserver 10.0.0.1\nsearch proj.example.org\n"), "{resolv}");
+    assert!(
+        resolv.contains("nameserver 10.0.0.1\nsearch proj.example.org\n"),
+        "{resolv}"
+    );
     let remotes = &rendered["nullmailer-remotes.j2"];
-    assert!(remotes.ends_with("\n10.0.0.1 smtp --port=25\n"), "{remotes}");
+    assert!(
+        remotes.ends_with("\n10.0.0.1 smtp --port=25\n"),
+        "{remotes}"
+    );
 
     // rsyslog parses the forwarding rule (with a work directory for its disk queue).
     let conf = tmp.path().join("rsyslog.conf");
@@ -608,7 +685,10 @@ fn packaging_templates_render_and_rsyslog_accepts_them() {
         .output()
         .unwrap();
     let text = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && !text.contains("error"), "rsyslogd -N1: {text}");
+    assert!(
+        out.status.success() && !text.contains("error"),
+        "rsyslogd -N1: {text}"
+    );
 
     // The postfix fragment, applied the way its header says, sets relayhost.
     let pf = tmp.path().join("postfix");
@@ -618,7 +698,14 @@ fn packaging_templates_render_and_rsyslog_accepts_them() {
         .lines()
         .filter(|l| !l.starts_with('#'))
         .collect();
-    run(Command::new(&postconf).arg("-c").arg(&pf).arg("-e").arg(&line));
-    let got = run(Command::new(&postconf).arg("-c").arg(&pf).args(["-h", "relayhost"]));
+    run(Command::new(&postconf)
+        .arg("-c")
+        .arg(&pf)
+        .arg("-e")
+        .arg(&line));
+    let got = run(Command::new(&postconf)
+        .arg("-c")
+        .arg(&pf)
+        .args(["-h", "relayhost"]));
     assert_eq!(stdout(&got).trim(), "[10.0.0.1]:25");
 }
