@@ -560,10 +560,10 @@ fn sd_notify_ready_after_listeners_watchdog_reload_stopping() {
         .expect("admin socket bound at READY");
     assert!(ready.unwrap().contains("STATUS="));
 
-    // Pings every 200 ms: about 5 in a second (not none, not a flood).
+    // Pings every 200 ms: about 7 in 1.5 s (some, however loaded the machine; never a flood).
     let start = Instant::now();
     let mut pings = 0;
-    while start.elapsed() < Duration::from_secs(1) {
+    while start.elapsed() < Duration::from_millis(1500) {
         if notify
             .wait("WATCHDOG=1", Duration::from_millis(300))
             .is_some()
@@ -571,7 +571,7 @@ fn sd_notify_ready_after_listeners_watchdog_reload_stopping() {
             pings += 1;
         }
     }
-    assert!((3..=8).contains(&pings), "{pings} watchdog pings in 1 s");
+    assert!((3..=12).contains(&pings), "{pings} watchdog pings in 1.5 s");
 
     kill(child.id(), "-HUP");
     let reloading = notify.wait("RELOADING=1", Duration::from_secs(10));
