@@ -373,7 +373,10 @@ fn cloud_init_settings(cli: &Cli, bastion: Option<&str>) -> Result<(String, Stri
         },
     };
     // Values go into a shell-style environment file: refuse what would need quoting.
-    if bastion.is_empty()
+    let port_ok = bastion
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !port_ok
         || !bastion
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || ".-:[]_".contains(c))
@@ -393,7 +396,7 @@ pub fn cloud_init_user_data(bastion: &str, token: &str, pin: &str, expires: &str
     format!(
         r#"#cloud-config
 # Bastide: enroll this VM with its bastion at first boot.
-# The token is single-use and valid until {expires}.
+# The enrollment token is valid until {expires}.
 write_files:
   - path: /run/bastide-agent/enroll.env
     owner: root:root
