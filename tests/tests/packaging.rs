@@ -469,14 +469,14 @@ fn cloud_init_needs_a_dialable_bastion_address() {
         out.contains("BASTIDE_BASTION=bastion.example.org:4443\n"),
         "{out}"
     );
-    let bad = b.cli(&[
-        "token",
-        "create",
-        "--cloud-init",
-        "--bastion",
+    for bad in [
         "x; rm -rf /",
-    ]);
-    assert!(!bad.status.success());
+        "bastion.example.org",
+        "bastion.example.org:99999",
+    ] {
+        let out = b.cli(&["token", "create", "--cloud-init", "--bastion", bad]);
+        assert!(!out.status.success(), "{bad} accepted");
+    }
 }
 
 /// Notifications the daemon sends to a NOTIFY_SOCKET the test binds.
