@@ -14,9 +14,17 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use bastide_tests::{bin, require, wait_for, workspace, Bastion};
+use bastide_tests::{bin, require, wait_for, Bastion};
 
 const UNITS: &str = "/usr/lib/systemd/system";
+
+/// This checkout (from the test crate itself: packaging/ must be the one under test).
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd
