@@ -154,8 +154,17 @@ pub enum TokenCmd {
         /// certificate is revoked.
         #[arg(long)]
         replace: bool,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "cloud_init")]
         json: bool,
+        /// Print a cloud-init user-data document that installs bastide-agent and enrolls the
+        /// VM at first boot (token, bastion address and CA pin filled in).
+        #[arg(long)]
+        cloud_init: bool,
+        /// HOST:PORT the VMs dial to reach this bastion (with --cloud-init; default:
+        /// agents.listen when it is a specific address). The host must be one of the
+        /// server certificate's names (`bastide init --san`).
+        #[arg(long, requires = "cloud_init")]
+        bastion: Option<String>,
     },
     /// List tokens (never their secrets).
     List {
@@ -226,7 +235,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("{}: configuration OK", cli.config.display());
             Ok(())
         }
-        Command::Token(ref t) => token(&socket(&cli)?, t).await,
+        Command::Token(ref t) => token(&cli, t).await,
         Command::Agents(ref a) => agents(&socket(&cli)?, a).await,
         Command::Mail(ref m) => mail(&socket(&cli)?, m).await,
         Command::Ssh(ref c) => ssh(&cli, c).await,
@@ -308,7 +317,8 @@ fn ago(t: Option<i64>) -> String {
     }
 }
 
-async fn token(socket: &Path, cmd: &TokenCmd) -> Result<()> {
+async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<()> {
+    let socket = &socket(cli)?;
     match cmd {
         TokenCmd::Create {
             ttl,
@@ -317,7 +327,14 @@ async fn token(socket: &Path, cmd: &TokenCmd) -> Result<()> {
             labels,
             replace,
             json,
+            cloud_init,
+            bastion,
         } => {
+            // Everything the user-data needs is found before a token is spent on it.
+            let enroll = match cloud_init {
+                true => Some(cloud_init_settings(cli, bastion.as_deref())?),
+                false => None,
+            };
             let spec = TokenSpec {
                 ttl_secs: ttl.as_secs().max(1),
                 uses: *uses,
@@ -327,7 +344,13 @@ async fn token(socket: &Path, cmd: &TokenCmd) -> Result<()> {
             };
             let v = admin::call(socket, &AdminRequest::TokenCreate(spec)).await?;
             let t: CreatedToken = serde_json::from_value(v)?;
-            if *json {
+            if let Some((bastion, pin)) = enroll {
+                print!(
+                    "{}",
+                    cloud_init_user_data(&bastion, &t.token, &pin, &ts(t.expires))
+                );
+                eprintln!("token {} valid until {}", t.id, ts(t.expires));
+            } else if *json {
                 println!("{}", serde_json::to_string_pretty(&t)?);
             } else {
                 println!("{}", t.token);
@@ -364,6 +387,66 @@ async fn token(socket: &Path, cmd: &TokenCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The bastion address VMs dial and the CA pin, for `token create --cloud-init`.
+fn cloud_init_settings(cli: &Cli, bastion: Option<&str>) -> Result<(String, String)> {
+    let cfg = Config::parse_file(&cli.config)?;
+    let bastion = match bastion {
+        Some(b) => b.to_string(),
+        None => match &cfg.agents {
+            Some(a) if !a.listen.ip().is_unspecified() => a.listen.to_string(),
+            Some(a) => bail!(
+                "agents.listen is {}: pass --bastion HOST:PORT, the address VMs dial",
+                a.listen
+            ),
+            None => bail!(
+                "{}: no [agents] table: agents cannot enroll",
+                cli.config.display()
+            ),
+        },
+    };
+    // Values go into a shell-style environment file: refuse what would need quoting.
+    let port_ok = bastion
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !port_ok
+        || !bastion
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-:[]_".contains(c))
+    {
+        bail!("--bastion {bastion:?}: expected HOST:PORT");
+    }
+    let paths = crate::pki::PkiPaths::new(&cfg.state_dir);
+    let pin = crate::pki::spki_pin(&crate::pki::read_cert_pem(&paths.ca_cert)?)?;
+    Ok((bastion, pin))
+}
+
+/// A cloud-init user-data document: the enrollment settings go to /run (tmpfs, so the
+/// token never reaches the VM's disk), the agent package is installed, and enrollment is
+/// started (the units are enabled, so a VM whose image already has the package enrolls at
+/// boot without the runcmd). Same layout as packaging/cloud-init/user-data.yaml.
+pub fn cloud_init_user_data(bastion: &str, token: &str, pin: &str, expires: &str) -> String {
+    format!(
+        r#"#cloud-config
+# Bastide: enroll this VM with its bastion at first boot.
+# The enrollment token is valid until {expires}.
+write_files:
+  - path: /run/bastide-agent/enroll.env
+    owner: root:root
+    permissions: "0600"
+    content: |
+      BASTIDE_BASTION={bastion}
+      BASTIDE_TOKEN={token}
+      BASTIDE_CA_PIN={pin}
+      BASTIDE_ENROLL_ARGS=
+# The bastide-agent package must be in an apt source of the image (see the README).
+packages:
+  - bastide-agent
+runcmd:
+  - [systemctl, start, --no-block, bastide-agent-enroll.service]
+"#
+    )
 }
 
 fn labels_str(l: &BTreeMap<String, String>) -> String {

@@ -264,6 +264,14 @@ pub async fn serve(cfg: Config) -> Result<()> {
         });
     }
     info!(project = %cfg.project, version = crate::VERSION, "bastide ready");
+    // Only now: every listener above is bound, so a unit ordered after us can connect.
+    crate::sdnotify::ready("serving");
+    let mut watchdog = crate::sdnotify::watchdog_interval().map(|period| {
+        let mut i = tokio::time::interval(period);
+        // A late tick is not made up with a burst of pings.
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -277,6 +285,12 @@ pub async fn serve(cfg: Config) -> Result<()> {
             Some(req) = reload_rx.recv() => {
                 let _ = req.send(reload(&cfg.source, &registry, &current));
             }
+            _ = async {
+                match watchdog.as_mut() {
+                    Some(w) => { w.tick().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => crate::sdnotify::watchdog(),
             done = set.join_next() => match done {
                 Some(Ok((name, Ok(())))) => {
                     if !root.is_cancelled() {
@@ -297,6 +311,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
             },
         }
     }
+    crate::sdnotify::stopping();
     root.cancel();
     let drained = tokio::time::timeout(GRACE, async {
         while let Some(r) = set.join_next().await {
@@ -332,7 +347,8 @@ fn reload(
     current: &watch::Sender<Arc<Config>>,
 ) -> Result<(), String> {
     let path: PathBuf = path.to_path_buf();
-    match Config::load(&path) {
+    crate::sdnotify::reloading();
+    let outcome = match Config::load(&path) {
         Ok(new) => {
             registry.set_settings(settings(&new));
             current.send_replace(Arc::new(new));
@@ -345,5 +361,8 @@ fn reload(
                 "reload refused, the running configuration stays: {e}"
             ))
         }
-    }
+    };
+    // READY again whatever the outcome: a refused reload leaves the old configuration serving.
+    crate::sdnotify::ready("serving");
+    outcome
 }

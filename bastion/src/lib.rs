@@ -17,6 +17,7 @@ pub mod logs;
 pub mod metrics;
 pub mod pki;
 pub mod registry;
+pub mod sdnotify;
 pub mod smtp;
 pub mod ssh;
 pub mod store;
