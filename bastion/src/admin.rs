@@ -55,6 +55,14 @@ pub enum AdminRequest {
     Reload,
     /// One-screen summary of the running daemon.
     Status,
+    /// Effective variables and files of one agent, from the tree on disk.
+    ConfigRender {
+        agent: String,
+    },
+    /// Validate the tree and render every agent, changing nothing.
+    ConfigCheck,
+    /// Reload the tree now and push what changed.
+    ConfigReload,
 }
 
 /// A reload asked through the socket, answered with its outcome.
@@ -70,6 +78,8 @@ pub struct AdminCtx {
     pub config: Option<tokio::sync::watch::Receiver<Arc<crate::config::Config>>>,
     /// Where reloads are asked (the daemon's main loop).
     pub reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
+    /// The configuration push service, when `[config_push]` is on.
+    pub config_push: Option<crate::config_push::ConfigPushHandle>,
 }
 
 impl AdminCtx {
@@ -79,6 +89,7 @@ impl AdminCtx {
             mail: None,
             config: None,
             reload: None,
+            config_push: None,
         }
     }
 }
@@ -212,10 +223,24 @@ async fn handle(req: AdminRequest, ctx: AdminCtx) -> Result<serde_json::Value> {
             Err(e) => Err(anyhow::anyhow!(e)),
         };
     }
+    if let AdminRequest::ConfigReload = req {
+        let Some(cp) = ctx.config_push else {
+            bail!("configuration push is off (no [config_push] table)");
+        };
+        let s = cp.reload().await?;
+        if !s.errors.is_empty() {
+            bail!(
+                "the tree was refused, the last good one stays:\n{}",
+                s.errors.join("\n")
+            );
+        }
+        return Ok(serde_json::to_value(s)?);
+    }
     let AdminCtx {
         registry,
         mail,
         config,
+        config_push,
         ..
     } = ctx;
     let cfg = config.map(|c| c.borrow().clone());
@@ -258,6 +283,19 @@ async fn handle(req: AdminRequest, ctx: AdminCtx) -> Result<serde_json::Value> {
             }
             AdminRequest::Reload => serde_json::Value::Null,
             AdminRequest::Status => status(&registry, mail.as_ref(), cfg.as_deref())?,
+            AdminRequest::ConfigRender { .. } | AdminRequest::ConfigCheck => {
+                let Some(cp) = config_push else {
+                    bail!("configuration push is off (no [config_push] table)");
+                };
+                match req {
+                    AdminRequest::ConfigRender { agent } => match cp.render_view(&agent) {
+                        Ok(v) => serde_json::to_value(v)?,
+                        Err(e) => bail!("{}", e.join("\n")),
+                    },
+                    _ => serde_json::to_value(cp.check())?,
+                }
+            }
+            AdminRequest::ConfigReload => serde_json::Value::Null,
         })
     })
     .await

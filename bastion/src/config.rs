@@ -51,6 +51,9 @@ pub struct Config {
     /// `[ssh]`: the jump host.
     #[serde(default)]
     pub ssh: Option<crate::ssh::SshConfig>,
+    /// `[config_push]`: the environment tree rendered and pushed to agents.
+    #[serde(default)]
+    pub config_push: Option<crate::config_push::ConfigPushConfig>,
     /// Path of the file this was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -244,6 +247,16 @@ impl Config {
                 problems.push(format!("{file}: {p}"));
             }
         }
+        if let Some(c) = &self.config_push {
+            for (key, reason) in c.problems() {
+                problems.push(format!("{file}: {key}: {reason}"));
+            }
+            if self.agents.is_none() {
+                problems.push(format!(
+                    "{file}: config_push: needs the [agents] endpoint to push over"
+                ));
+            }
+        }
         problems
     }
 }
@@ -318,6 +331,15 @@ stale_after = "5m"                # drop an agent's host metrics after this sile
 # groups = ["ops"]
 # agents = ["*"]
 # ports = [22]
+
+# Configuration push: the environment tree (a git checkout) rendered per agent and pushed
+# over the agents' sessions. See "Configuration push" in the README.
+# [config_push]
+# dir = "/srv/env"
+# cloud = "ovh"
+# site = "gra"
+# instance = "production"
+# bastion_address = "10.0.0.1"   # how VMs reach the bastion (template variable)
 "#
     )
 }
