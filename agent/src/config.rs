@@ -27,6 +27,10 @@ pub struct AgentConfig {
     /// How often host metrics are collected and shipped ("0s" turns them off).
     #[serde(default = "default_metrics_interval", with = "humantime_serde")]
     pub metrics_interval: Duration,
+    /// `[config]`: what a configuration pushed by the bastion may do here (nothing by
+    /// default).
+    #[serde(default)]
+    pub config: crate::apply::PushPolicy,
 }
 
 fn default_metrics_interval() -> Duration {
@@ -52,6 +56,7 @@ impl Default for AgentConfig {
             reconnect_initial: default_reconnect_initial(),
             reconnect_max: default_reconnect_max(),
             metrics_interval: default_metrics_interval(),
+            config: crate::apply::PushPolicy::default(),
         }
     }
 }
@@ -68,6 +73,10 @@ impl AgentConfig {
                 "{}: metrics_interval must be at least 1s (or 0s to turn metrics off)",
                 path.display()
             );
+        }
+        let problems = cfg.config.problems();
+        if !problems.is_empty() {
+            bail!("{}: {}", path.display(), problems.join("; "));
         }
         if cfg.reconnect_initial.is_zero() || cfg.reconnect_max < cfg.reconnect_initial {
             bail!(

@@ -74,6 +74,7 @@ fn humantime_rfc3339(t: i64) -> String {
 /// Runs until `shutdown`, or until a fatal condition (expired or revoked certificate).
 pub async fn run(state_dir: &Path, cfg: &AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let mut backoff = Backoff::new(cfg.reconnect_initial, cfg.reconnect_max);
+    let applier = crate::apply::Applier::open(state_dir, cfg.config.clone());
     loop {
         let mut st = State::load(state_dir)?;
         if st.not_after <= crate::unix_now() {
@@ -84,7 +85,7 @@ pub async fn run(state_dir: &Path, cfg: &AgentConfig, shutdown: CancellationToke
             .into());
         }
         let mut registered = false;
-        match session_once(&mut st, cfg, &shutdown, &mut registered).await {
+        match session_once(&mut st, cfg, &applier, &shutdown, &mut registered).await {
             Ok(Outcome::Shutdown) => return Ok(()),
             Ok(Outcome::Renewed) => {
                 backoff.reset();
@@ -122,6 +123,7 @@ fn mtls_config_of(st: &State) -> Result<rustls::ClientConfig> {
 async fn session_once(
     st: &mut State,
     cfg: &AgentConfig,
+    applier: &crate::apply::Applier,
     shutdown: &CancellationToken,
     registered: &mut bool,
 ) -> Result<Outcome> {
@@ -136,6 +138,7 @@ async fn session_once(
             os: crate::facts::os(),
             agent_version: crate::VERSION.to_string(),
             ssh_host_keys: crate::facts::ssh_host_keys(&cfg.ssh_host_keys_dir),
+            config_revision: applier.applied_revision(),
         })
         .await
         .context("registration")?
@@ -162,8 +165,11 @@ async fn session_once(
     // is dead even if TCP has not noticed yet.
     let mut last_ack = tokio::time::Instant::now();
     // Host metrics: first batch right away, then every interval (never when turned off).
-    let metrics_on = !cfg.metrics_interval.is_zero();
-    let mut metrics_tick = tokio::time::interval(cfg.metrics_interval.max(Duration::from_secs(1)));
+    // The bastion may push another interval (configuration push): it applies at once.
+    let mut pushed = applier.settings();
+    let interval_of = |p: &crate::apply::PushedSettings| p.metrics_interval.unwrap_or(cfg.metrics_interval);
+    let mut metrics_every = interval_of(&pushed.borrow_and_update());
+    let mut metrics_tick = tokio::time::interval(metrics_every.max(Duration::from_secs(1)));
     metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -186,7 +192,16 @@ async fn session_once(
                     bail!("session stream closed");
                 }
             }
-            _ = metrics_tick.tick(), if metrics_on => {
+            Ok(()) = pushed.changed() => {
+                let every = interval_of(&pushed.borrow_and_update());
+                if every != metrics_every {
+                    info!(interval_secs = every.as_secs(), "host metrics interval changed by the bastion");
+                    metrics_every = every;
+                    metrics_tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+                    metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                }
+            }
+            _ = metrics_tick.tick(), if !metrics_every.is_zero() => {
                 let src = crate::hostmetrics::Sources::default();
                 let collect = tokio::task::spawn_blocking(move || crate::hostmetrics::collect(&src));
                 // A hung filesystem must not stall the session.
@@ -209,6 +224,7 @@ async fn session_once(
                             warn!(skew_secs = skew, "clock differs from the bastion's by over a minute");
                         }
                     }
+                    Some(bastion_message::Kind::Config(push)) => applier.handle(push, tx.clone()),
                     None => {}
                 },
                 Ok(None) => bail!("the bastion closed the session"),

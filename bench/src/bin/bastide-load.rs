@@ -276,6 +276,7 @@ async fn drive(
                     os: "load".into(),
                     agent_version: "load".into(),
                     ssh_host_keys: vec![],
+                    config_revision: String::new(),
                 })
                 .await?;
             let (tx, rx) = tokio::sync::mpsc::channel(4);
