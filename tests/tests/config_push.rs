@@ -403,8 +403,12 @@ fn offline_agent_gets_the_latest_revision_on_reconnect_and_no_needless_push() {
     s.tree.write_project("[vars]\nntp = \"while-offline-1\"\n");
     std::thread::sleep(Duration::from_millis(300));
     s.tree.write_project("[vars]\nntp = \"while-offline-2\"\n");
-    let a = wait_agent(&s, |a| a["config_desired"] != a["config_applied"]);
-    let desired = a["config_desired"].clone();
+    // The revision the tree now gives web8, as `config render` computes it from disk.
+    let view: Value =
+        serde_json::from_str(&s.bastion.cli_ok(&["config", "render", "web8", "--json"])).unwrap();
+    let desired = view["revision"].clone();
+    let a = wait_agent(&s, |a| a["config_desired"] == desired);
+    assert_ne!(a["config_applied"], desired);
     assert!(read(&ntp).contains("server project.ntp"));
     s.agent.start();
     wait_content(&s, &ntp, "server while-offline-2", Duration::from_secs(10));
