@@ -204,12 +204,11 @@ impl Applier {
         }
         let policy = self.inner.policy.clone();
         let files = push.files.clone();
-        let written =
-            match tokio::task::spawn_blocking(move || write_all(&policy, &files)).await {
-                Ok(Ok(w)) => w,
-                Ok(Err((file, e))) => return nack(&file, e),
-                Err(e) => return nack("", anyhow!("apply task failed: {e}")),
-            };
+        let written = match tokio::task::spawn_blocking(move || write_all(&policy, &files)).await {
+            Ok(Ok(w)) => w,
+            Ok(Err((file, e))) => return nack(&file, e),
+            Err(e) => return nack("", anyhow!("apply task failed: {e}")),
+        };
         // Actions of changed files, each once, in file order.
         let mut actions: Vec<(String, String)> = Vec::new();
         for w in &written {
@@ -301,7 +300,15 @@ impl Applier {
             Ok(())
         } else {
             let err = String::from_utf8_lossy(&out.stderr);
-            let tail: String = err.trim().chars().rev().take(300).collect::<Vec<_>>().into_iter().rev().collect();
+            let tail: String = err
+                .trim()
+                .chars()
+                .rev()
+                .take(300)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             Err(anyhow!("{} {}", out.status, tail))
         }
     }
@@ -334,7 +341,9 @@ fn allowed(policy: &PushPolicy, path: &Path) -> Result<()> {
     if !normal {
         return Err(anyhow!("not an absolute path without . or .."));
     }
-    let parent = path.parent().ok_or_else(|| anyhow!("no parent directory"))?;
+    let parent = path
+        .parent()
+        .ok_or_else(|| anyhow!("no parent directory"))?;
     let real_parent = parent
         .canonicalize()
         .with_context(|| format!("directory {} does not exist", parent.display()))?;
@@ -458,8 +467,16 @@ fn write_all(
 
 /// Atomic write: temporary file in the same directory, content, fsync, owner and mode,
 /// rename over the target, fsync of the directory.
-fn write_file(path: &Path, data: &[u8], mode: u32, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
-    let dir = path.parent().ok_or_else(|| anyhow!("no parent directory"))?;
+fn write_file(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| anyhow!("no parent directory"))?;
     let name = path
         .file_name()
         .ok_or_else(|| anyhow!("no file name"))?

@@ -167,7 +167,8 @@ async fn session_once(
     // Host metrics: first batch right away, then every interval (never when turned off).
     // The bastion may push another interval (configuration push): it applies at once.
     let mut pushed = applier.settings();
-    let interval_of = |p: &crate::apply::PushedSettings| p.metrics_interval.unwrap_or(cfg.metrics_interval);
+    let interval_of =
+        |p: &crate::apply::PushedSettings| p.metrics_interval.unwrap_or(cfg.metrics_interval);
     let mut metrics_every = interval_of(&pushed.borrow_and_update());
     let mut metrics_tick = tokio::time::interval(metrics_every.max(Duration::from_secs(1)));
     metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

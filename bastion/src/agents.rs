@@ -342,7 +342,9 @@ impl Agent for Service {
                         }
                         Some(agent_message::Kind::ConfigResult(r)) => match &push {
                             Some(p) => p.result(&id.name, &r),
-                            None => debug!(agent = %id.name, "configuration result without configuration push"),
+                            None => {
+                                debug!(agent = %id.name, "configuration result without configuration push")
+                            }
                         },
                         // Newer agents may send kinds this bastion does not know.
                         None => debug!(agent = %id.name, "ignoring unknown session message"),

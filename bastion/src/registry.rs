@@ -949,7 +949,9 @@ impl Registry {
         }
         if let Err(e) = lock(&self.inner.store).flush_config(&rows) {
             // Keep them dirty for the next flush.
-            lock(&self.inner.config).1.extend(rows.into_iter().map(|r| r.0));
+            lock(&self.inner.config)
+                .1
+                .extend(rows.into_iter().map(|r| r.0));
             return Err(e.into());
         }
         Ok(())

@@ -172,9 +172,9 @@ impl Store {
         match version.as_deref().map(|v| v.parse::<i64>()) {
             Some(Ok(v)) if v == SCHEMA_VERSION => Ok(store),
             Some(Ok(v)) if (1..SCHEMA_VERSION).contains(&v) => {
-                store
-                    .migrate(v)
-                    .map_err(|e| open_err(format!("migrating schema {v} to {SCHEMA_VERSION}: {e}")))?;
+                store.migrate(v).map_err(|e| {
+                    open_err(format!("migrating schema {v} to {SCHEMA_VERSION}: {e}"))
+                })?;
                 Ok(store)
             }
             Some(_) => Err(open_err(format!(
@@ -550,12 +550,20 @@ mod tests {
         let s = Store::open(&p).unwrap();
         let a = s.agents().unwrap();
         assert_eq!(
-            (a[0].config_desired.as_str(), a[0].config_applied.as_str(), a[0].config_error.as_str()),
+            (
+                a[0].config_desired.as_str(),
+                a[0].config_applied.as_str(),
+                a[0].config_error.as_str()
+            ),
             ("d", "a", "e")
         );
         let v: String = s
             .conn
-            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION.to_string());
     }

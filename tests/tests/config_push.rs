@@ -33,15 +33,18 @@ impl Tree {
                 out.join("ntp.conf").display().to_string()
             ),
         );
-        t.write("templates/ntp.conf.j2", "server {{ ntp }} iburst\n# {{ agent.name }} via {{ bastion.address }}\n");
+        t.write(
+            "templates/ntp.conf.j2",
+            "server {{ ntp }} iburst\n# {{ agent.name }} via {{ bastion.address }}\n",
+        );
         t.write_project("[vars]\nntp = \"project.ntp\"\n");
         t
     }
 
     fn project_dir(&self) -> PathBuf {
-        self.dir
-            .path()
-            .join(format!("clouds/c1/sites/s1/instances/prod/projects/{PROJECT}"))
+        self.dir.path().join(format!(
+            "clouds/c1/sites/s1/instances/prod/projects/{PROJECT}"
+        ))
     }
 
     fn write(&self, rel: &str, text: &str) {
@@ -154,7 +157,12 @@ fn in_sync(a: &Value) -> bool {
 fn project_change_reaches_the_agent_within_1s_host_overrides_and_deleting_restores() {
     let s = setup("web1", "", "");
     let ntp = s.out.join("ntp.conf");
-    wait_content(&s, &ntp, "server project.ntp iburst", Duration::from_secs(10));
+    wait_content(
+        &s,
+        &ntp,
+        "server project.ntp iburst",
+        Duration::from_secs(10),
+    );
     assert!(read(&ntp).contains("# web1 via 127.0.0.1"));
     let meta = std::fs::metadata(&ntp).unwrap();
     assert_eq!(meta.mode() & 0o7777, 0o640);
@@ -166,7 +174,9 @@ fn project_change_reaches_the_agent_within_1s_host_overrides_and_deleting_restor
         .write_project("[vars]\nntp = \"changed.ntp\"\n\n[agent]\nmetrics_interval = \"3s\"\n");
     let took = wait_content(&s, &ntp, "server changed.ntp", Duration::from_secs(5));
     assert!(took < Duration::from_secs(1), "took {took:?}");
-    let second = wait_agent(&s, |a| in_sync(a) && a["config_applied"] != first["config_applied"]);
+    let second = wait_agent(&s, |a| {
+        in_sync(a) && a["config_applied"] != first["config_applied"]
+    });
     // The pushed agent setting takes effect without a restart.
     assert!(
         wait_for(Duration::from_secs(5), || s
@@ -185,7 +195,9 @@ fn project_change_reaches_the_agent_within_1s_host_overrides_and_deleting_restor
     // Deleting the host override restores the project value, and the same revision.
     std::fs::remove_file(s.tree.host_file("web1")).unwrap();
     wait_content(&s, &ntp, "server changed.ntp", Duration::from_secs(5));
-    wait_agent(&s, |a| in_sync(a) && a["config_applied"] == second["config_applied"]);
+    wait_agent(&s, |a| {
+        in_sync(a) && a["config_applied"] == second["config_applied"]
+    });
 
     // The listing shows the revision; metrics count pushes and ACKs and show the agent in sync.
     let list = s.bastion.cli_ok(&["agents", "list"]);
@@ -194,9 +206,18 @@ fn project_change_reaches_the_agent_within_1s_host_overrides_and_deleting_restor
     let (code, body) = http_get(&s.bastion.metrics_addr, "/metrics", None);
     assert_eq!(code, 200);
     assert!(body.contains("bastide_config_pushes_total"), "{body}");
-    assert!(body.contains("bastide_config_results_total{result=\"ack\"}"), "{body}");
-    assert!(body.contains("bastide_agent_config_in_sync{agent=\"web1\"} 1"), "{body}");
-    assert!(body.contains("bastide_agents_config_out_of_sync 0"), "{body}");
+    assert!(
+        body.contains("bastide_config_results_total{result=\"ack\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("bastide_agent_config_in_sync{agent=\"web1\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("bastide_agents_config_out_of_sync 0"),
+        "{body}"
+    );
     assert!(
         body.contains(&format!(
             "bastide_agent_config_applied_info{{agent=\"web1\",revision=\"{rev}\"}} 1"
@@ -209,23 +230,32 @@ fn project_change_reaches_the_agent_within_1s_host_overrides_and_deleting_restor
 fn explain_names_the_level_that_set_each_key() {
     let s = setup("web2", "", "");
     std::fs::write(s.tree.host_file("web2"), "[vars]\nsite_note = \"h\"\n").unwrap();
-    let out = s
-        .bastion
-        .cli_ok(&["config", "render", "web2", "--explain"]);
+    let out = s.bastion.cli_ok(&["config", "render", "web2", "--explain"]);
     let line = |key: &str| {
         out.lines()
             .find(|l| l.starts_with(&format!("{key} ")))
             .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
             .to_string()
     };
-    assert!(line("vars.ntp").contains("# project: clouds/c1/sites/s1/instances/prod/projects/demo/project.toml"), "{out}");
+    assert!(
+        line("vars.ntp")
+            .contains("# project: clouds/c1/sites/s1/instances/prod/projects/demo/project.toml"),
+        "{out}"
+    );
     assert!(line("vars.site_note").contains("# host: "), "{out}");
-    assert!(line("files.ntp.mode").contains("# global: global.toml"), "{out}");
+    assert!(
+        line("files.ntp.mode").contains("# global: global.toml"),
+        "{out}"
+    );
     let plain = s.bastion.cli_ok(&["config", "render", "web2"]);
     assert!(plain.contains("ntp = \"project.ntp\""), "{plain}");
     assert!(plain.contains("server project.ntp iburst"), "{plain}");
     // Unknown agents are an error, not an empty render.
-    assert!(!s.bastion.cli(&["config", "render", "nope"]).status.success());
+    assert!(!s
+        .bastion
+        .cli(&["config", "render", "nope"])
+        .status
+        .success());
 }
 
 #[test]
@@ -262,7 +292,10 @@ fn template_error_is_reported_by_check_and_nothing_is_pushed() {
     s.tree.write("templates/ntp.conf.j2", "server {{ ntp }}\n");
     let out = s.bastion.cli(&["config", "check"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("no_such_var") || err.contains("undefined"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("no_such_var") || err.contains("undefined"),
+        "{err}"
+    );
     s.tree.write_project("[vars]\nntp = \"fixed.ntp\"\n");
     wait_content(&s, &ntp, "server fixed.ntp", Duration::from_secs(5));
 }
@@ -281,7 +314,10 @@ fn file_outside_the_allow_list_is_refused_and_the_fs_untouched() {
     ));
     let a = wait_agent(&s, |a| a["config_error"] != "");
     let err = a["config_error"].as_str().unwrap();
-    assert!(err.contains("passwd") && err.contains("allow_dirs"), "{err}");
+    assert!(
+        err.contains("passwd") && err.contains("allow_dirs"),
+        "{err}"
+    );
     assert_eq!(a["config_applied"], before["config_applied"]);
     assert_ne!(a["config_desired"], a["config_applied"]);
     // Nothing of the revision was applied, not even the allowed file.
@@ -289,8 +325,14 @@ fn file_outside_the_allow_list_is_refused_and_the_fs_untouched() {
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
     assert!(read(&ntp).contains("server project.ntp"));
     let (_, body) = http_get(&s.bastion.metrics_addr, "/metrics", None);
-    assert!(body.contains("bastide_config_results_total{result=\"nack\"}"), "{body}");
-    assert!(body.contains("bastide_agents_config_out_of_sync 1"), "{body}");
+    assert!(
+        body.contains("bastide_config_results_total{result=\"nack\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("bastide_agents_config_out_of_sync 1"),
+        "{body}"
+    );
     let list = s.bastion.cli_ok(&["agents", "list"]);
     assert!(list.contains("allow_dirs"), "{list}");
 }
@@ -310,7 +352,10 @@ fn on_change_action_not_in_the_local_allow_list_is_not_run() {
     );
     let a = wait_agent(&s, |a| a["config_error"] != "");
     let err = a["config_error"].as_str().unwrap();
-    assert!(err.contains("\\\"reload\\\"") || err.contains("reload"), "{err}");
+    assert!(
+        err.contains("\\\"reload\\\"") || err.contains("reload"),
+        "{err}"
+    );
     assert_eq!(a["config_applied"], "");
     std::thread::sleep(Duration::from_millis(300));
     assert!(!marker.exists(), "an action ran");
@@ -324,18 +369,24 @@ fn allowed_action_runs_once_per_change() {
     let s = setup(
         "web6",
         "on_change = \"chrony\"",
-        &format!("chrony = [\"/bin/sh\", \"-c\", \"echo ran >> {}\"]", marker.display()),
+        &format!(
+            "chrony = [\"/bin/sh\", \"-c\", \"echo ran >> {}\"]",
+            marker.display()
+        ),
     );
     let ntp = s.out.join("ntp.conf");
     wait_content(&s, &ntp, "server project.ntp", Duration::from_secs(10));
     let good = wait_agent(&s, in_sync);
     assert_eq!(read(&marker), "ran\n");
     // A change elsewhere in the tree that does not change this file runs nothing.
-    s.tree.write_project("[vars]\nntp = \"project.ntp\"\nunused = 1\n");
+    s.tree
+        .write_project("[vars]\nntp = \"project.ntp\"\nunused = 1\n");
     std::thread::sleep(Duration::from_millis(500));
     s.tree.write_project("[vars]\nntp = \"second.ntp\"\n");
     wait_content(&s, &ntp, "server second.ntp", Duration::from_secs(5));
-    wait_agent(&s, |a| in_sync(a) && a["config_applied"] != good["config_applied"]);
+    wait_agent(&s, |a| {
+        in_sync(a) && a["config_applied"] != good["config_applied"]
+    });
     assert_eq!(read(&marker), "ran\nran\n");
 }
 
@@ -344,7 +395,11 @@ fn failing_action_rolls_the_files_back_and_nacks() {
     let dir = tempfile::tempdir().unwrap();
     // The action refuses any configuration that mentions "bad" (as `chronyd -p` would).
     let check = dir.path().join("check.sh");
-    std::fs::write(&check, "#!/bin/sh\nif grep -q bad \"$1\"; then echo 'bad server' >&2; exit 4; fi\n").unwrap();
+    std::fs::write(
+        &check,
+        "#!/bin/sh\nif grep -q bad \"$1\"; then echo 'bad server' >&2; exit 4; fi\n",
+    )
+    .unwrap();
     std::fs::set_permissions(&check, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let s = setup_with_check("web7", &check);
     let ntp = s.out.join("ntp.conf");
@@ -358,7 +413,10 @@ fn failing_action_rolls_the_files_back_and_nacks() {
     ));
     let a = wait_agent(&s, |a| a["config_error"] != "");
     let err = a["config_error"].as_str().unwrap();
-    assert!(err.contains("bad server") && err.contains("restored"), "{err}");
+    assert!(
+        err.contains("bad server") && err.contains("restored"),
+        "{err}"
+    );
     assert_eq!(a["config_applied"], good["config_applied"]);
     // Rolled back: previous content, and the file the revision created is gone.
     assert!(read(&ntp).contains("server project.ntp"), "{}", read(&ntp));
@@ -388,7 +446,9 @@ fn setup_with_check(name: &str, check: &Path) -> Setup {
         out,
     };
     s.agent.start();
-    assert!(s.bastion.wait_state(name, "online", Duration::from_secs(20)));
+    assert!(s
+        .bastion
+        .wait_state(name, "online", Duration::from_secs(20)));
     s
 }
 
@@ -399,7 +459,9 @@ fn offline_agent_gets_the_latest_revision_on_reconnect_and_no_needless_push() {
     wait_content(&s, &ntp, "server project.ntp", Duration::from_secs(10));
     wait_agent(&s, in_sync);
     s.agent.stop();
-    assert!(s.bastion.wait_state("web8", "offline", Duration::from_secs(10)));
+    assert!(s
+        .bastion
+        .wait_state("web8", "offline", Duration::from_secs(10)));
     s.tree.write_project("[vars]\nntp = \"while-offline-1\"\n");
     std::thread::sleep(Duration::from_millis(300));
     s.tree.write_project("[vars]\nntp = \"while-offline-2\"\n");
@@ -418,7 +480,9 @@ fn offline_agent_gets_the_latest_revision_on_reconnect_and_no_needless_push() {
     // A restarted agent reports its applied revision: the bastion does not push it again.
     s.agent.stop();
     s.agent.start();
-    assert!(s.bastion.wait_state("web8", "online", Duration::from_secs(20)));
+    assert!(s
+        .bastion
+        .wait_state("web8", "online", Duration::from_secs(20)));
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         s.agent.log_text().matches("configuration applied").count(),

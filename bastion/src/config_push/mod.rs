@@ -242,7 +242,10 @@ impl ConfigPushHandle {
     fn render_all(
         &self,
         loaded: &Loaded,
-    ) -> (Vec<(Arc<AgentInfo>, serde_json::Value, PushMsg)>, Vec<String>) {
+    ) -> (
+        Vec<(Arc<AgentInfo>, serde_json::Value, PushMsg)>,
+        Vec<String>,
+    ) {
         let snap = self.inner.registry.snapshot();
         let mut out = Vec::new();
         let mut errors = Vec::new();
@@ -303,7 +306,10 @@ impl ConfigPushHandle {
         *lock(&self.inner.current) = Some(Arc::new(loaded));
         let changed = self.publish(out);
         metrics::counter!(names::CONFIG_RELOADS, "result" => "ok").increment(1);
-        info!(agents, files, changed, render_ms, "configuration tree loaded");
+        info!(
+            agents,
+            files, changed, render_ms, "configuration tree loaded"
+        );
         Summary {
             agents,
             files,
@@ -331,12 +337,10 @@ impl ConfigPushHandle {
         {
             let mut agents = lock(&self.inner.agents);
             for (a, facts, push) in out {
-                let entry = agents
-                    .entry(a.name.clone())
-                    .or_insert_with(|| AgentPush {
-                        facts: None,
-                        tx: watch::channel(None).0,
-                    });
+                let entry = agents.entry(a.name.clone()).or_insert_with(|| AgentPush {
+                    facts: None,
+                    tx: watch::channel(None).0,
+                });
                 entry.facts = Some(facts);
                 desired.push((a.name.clone(), Ok(push.revision.clone())));
                 let same = entry
@@ -452,10 +456,15 @@ impl ConfigPushHandle {
         let explain = leaves
             .into_iter()
             .map(|(k, v)| {
-                let o = r.merged.provenance.get(&k).cloned().unwrap_or(tree::Origin {
-                    level: "?".into(),
-                    file: "?".into(),
-                });
+                let o = r
+                    .merged
+                    .provenance
+                    .get(&k)
+                    .cloned()
+                    .unwrap_or(tree::Origin {
+                        level: "?".into(),
+                        file: "?".into(),
+                    });
                 (k, v.to_string(), o.level, o.file)
             })
             .collect();
@@ -633,4 +642,91 @@ pub fn print_render(v: &RenderView, explain: bool) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(name: &str, group: Option<&str>) -> AgentInfo {
+        AgentInfo {
+            name: name.into(),
+            labels: group
+                .map(|g| [("group".to_string(), g.to_string())].into())
+                .unwrap_or_default(),
+            revoked: false,
+            online: true,
+            hostname: name.into(),
+            addresses: vec!["10.0.0.7".parse().unwrap()],
+            os: "linux".into(),
+            agent_version: "t".into(),
+            ssh_host_keys: vec![],
+            enrolled_at: 0,
+            cert_serial: String::new(),
+            cert_not_after: 0,
+        }
+    }
+
+    /// The sample tree of the repository renders, and says what the README says it does.
+    #[test]
+    fn example_tree_renders() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/env");
+        let pos = Position {
+            cloud: "ovh".into(),
+            site: "gra".into(),
+            instance: "production".into(),
+            project: "demo".into(),
+        };
+        let tree = Tree::load(&root, &pos, "group").unwrap();
+        let tpl = Templates::compile(&tree).unwrap();
+        let bastion = serde_json::json!({
+            "project": "demo", "zone": "demo.example.org.", "address": "10.0.0.1",
+            "services": { "dns": { "host": "10.0.0.1", "port": 53 } },
+        });
+        let file = |r: &render::Rendered, path: &str| -> Option<String> {
+            r.push
+                .files
+                .iter()
+                .find(|f| f.path == path)
+                .map(|f| String::from_utf8_lossy(&f.content).to_string())
+        };
+        let web = agent("web01", None);
+        let r = render::render(
+            &tree,
+            &tpl,
+            &web,
+            &agent_facts(&web, Some("demo.example.org.")),
+            &bastion,
+        )
+        .unwrap();
+        let chrony = file(&r, "/etc/chrony/chrony.conf").unwrap();
+        assert!(chrony.contains("server 10.0.0.1 iburst"), "{chrony}");
+        assert!(file(&r, "/etc/rsyslog.d/90-bastide.conf").is_none());
+        assert_eq!(
+            file(&r, "/etc/mailname").unwrap(),
+            "web01.demo.example.org\n"
+        );
+        let resolv = file(&r, "/etc/resolv.conf").unwrap();
+        assert!(
+            resolv.contains("nameserver 10.0.0.1\nsearch demo.example.org\n"),
+            "{resolv}"
+        );
+        let s = r.push.settings.unwrap();
+        assert_eq!(s.metrics_interval_secs, Some(15));
+        assert_eq!(s.log_sources.len(), 2);
+        assert_eq!(r.merged.provenance["vars.ntp_servers"].level, "host");
+
+        let db = agent("db01", Some("db"));
+        let r = render::render(&tree, &tpl, &db, &agent_facts(&db, None), &bastion).unwrap();
+        assert!(file(&r, "/etc/chrony/chrony.conf")
+            .unwrap()
+            .contains("server ntp.ovh.net iburst"));
+        assert!(file(&r, "/etc/rsyslog.d/90-bastide.conf")
+            .unwrap()
+            .contains("@@10.0.0.1:514"));
+        assert!(file(&r, "/etc/resolv.conf")
+            .unwrap()
+            .contains("options edns0 timeout:1"));
+        assert_eq!(r.merged.provenance["vars.resolver.options"].level, "group");
+    }
 }

@@ -133,10 +133,7 @@ pub fn render(
             match file(spec, &ctx, templates, &at) {
                 Ok(f) => {
                     total += f.content.len();
-                    if files
-                        .iter()
-                        .any(|o: &ManagedFile| o.path == f.path)
-                    {
+                    if files.iter().any(|o: &ManagedFile| o.path == f.path) {
                         errors.push(format!("{at}: path {} is declared twice", f.path));
                     }
                     files.push(f);
@@ -193,7 +190,12 @@ fn string(t: &Table, key: &str, at: &str) -> Result<Option<String>, String> {
     }
 }
 
-fn file(spec: &Value, ctx: &JValue, templates: &Templates, at: &str) -> Result<ManagedFile, String> {
+fn file(
+    spec: &Value,
+    ctx: &JValue,
+    templates: &Templates,
+    at: &str,
+) -> Result<ManagedFile, String> {
     let Value::Table(t) = spec else {
         return Err(format!("{at}: must be a table"));
     };
@@ -226,7 +228,11 @@ fn file(spec: &Value, ctx: &JValue, templates: &Templates, at: &str) -> Result<M
             .env
             .render_str(&inline, ctx)
             .map_err(|e| format!("{at}: content: {}", describe(&e)))?,
-        _ => return Err(format!("{at}: exactly one of template and content is required")),
+        _ => {
+            return Err(format!(
+                "{at}: exactly one of template and content is required"
+            ))
+        }
     };
     let mode = match t.get("mode") {
         None => 0o644,
@@ -239,14 +245,17 @@ fn file(spec: &Value, ctx: &JValue, templates: &Templates, at: &str) -> Result<M
     };
     let name_ok = |s: &str| {
         s.len() <= 64
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     };
     let owner = string(t, "owner", at)?.unwrap_or_default();
     let group = string(t, "group", at)?.unwrap_or_default();
     let on_change = string(t, "on_change", at)?.unwrap_or_default();
-    for (k, v) in [("owner", &owner), ("group", &group), ("on_change", &on_change)] {
+    for (k, v) in [
+        ("owner", &owner),
+        ("group", &group),
+        ("on_change", &on_change),
+    ] {
         if !name_ok(v) {
             return Err(format!("{at}: {k} {v:?} is not a valid name"));
         }
@@ -379,7 +388,10 @@ log_sources = [{ path = "/var/log/*.log" }]
         let t = tree(
             GLOBAL,
             Some("[vars]\nntp = \"local\"\n"),
-            &[("chrony.j2", "server {{ ntp }} # {{ agent.name }} via {{ bastion.address }}\n")],
+            &[(
+                "chrony.j2",
+                "server {{ ntp }} # {{ agent.name }} via {{ bastion.address }}\n",
+            )],
         );
         let tpl = Templates::compile(&t).unwrap();
         let b = serde_json::json!({"address": "10.0.0.1"});
@@ -408,7 +420,10 @@ log_sources = [{ path = "/var/log/*.log" }]
         let tpl = Templates::compile(&t).unwrap();
         let a = agent("web1");
         let e = render(&t, &tpl, &a, &agent_facts(&a, None), &serde_json::json!({})).unwrap_err();
-        assert!(e[0].contains("global.toml") && e[0].contains("chrony.j2"), "{e:?}");
+        assert!(
+            e[0].contains("global.toml") && e[0].contains("chrony.j2"),
+            "{e:?}"
+        );
         assert!(e[0].contains("undefined"), "{e:?}");
 
         let bad = tree(GLOBAL, None, &[("chrony.j2", "{% if %}")]);

@@ -205,7 +205,12 @@ impl Tree {
     }
 }
 
-fn parse_level(root: &Path, rel: &str, level: Level, errors: &mut Vec<String>) -> Option<LevelFile> {
+fn parse_level(
+    root: &Path,
+    rel: &str,
+    level: Level,
+    errors: &mut Vec<String>,
+) -> Option<LevelFile> {
     let text = match read_bounded(&root.join(rel)) {
         Ok(t) => t,
         Err(e) => {
@@ -243,9 +248,7 @@ fn parse_level(root: &Path, rel: &str, level: Level, errors: &mut Vec<String>) -
 fn check_deletes(t: &Table, prefix: &str, rel: &str, errors: &mut Vec<String>) {
     for (k, v) in t {
         if k == DELETE_KEY {
-            let good = v
-                .as_array()
-                .is_some_and(|a| a.iter().all(|x| x.is_str()));
+            let good = v.as_array().is_some_and(|a| a.iter().all(|x| x.is_str()));
             if !good {
                 errors.push(format!(
                     "{rel}: {}: must be an array of key names",
@@ -430,7 +433,11 @@ mod tests {
             "p/project.toml",
             "[vars]\nntp = \"ntp.proj\"\n[vars.resolver]\nndots = 2\n",
         );
-        let h = layer(Level::Host, "p/hosts/web1.toml", "[vars.resolver]\nsearch = [\"b\", \"c\"]\n");
+        let h = layer(
+            Level::Host,
+            "p/hosts/web1.toml",
+            "[vars.resolver]\nsearch = [\"b\", \"c\"]\n",
+        );
         let m = merge(&[&g, &p, &h]);
         let vars = m.doc["vars"].as_table().unwrap();
         assert_eq!(vars["ntp"].as_str(), Some("ntp.proj"));
@@ -490,7 +497,10 @@ mod tests {
         // A fresh table never keeps a `_delete` key.
         let f = layer(Level::Host, "h", "[vars.b]\n_delete = [\"q\"]\nw = 1\n");
         let m = merge(&[&f]);
-        assert!(!m.doc["vars"]["b"].as_table().unwrap().contains_key(DELETE_KEY));
+        assert!(!m.doc["vars"]["b"]
+            .as_table()
+            .unwrap()
+            .contains_key(DELETE_KEY));
     }
 
     #[test]
@@ -537,7 +547,11 @@ mod tests {
         assert_eq!(m.provenance["vars.a"].level, "project");
 
         std::fs::write(dir.join("global.toml"), "[vars\n").unwrap();
-        std::fs::write(proj.join("hosts/h1.toml"), "bogus = 1\n[vars]\n_delete = 3\n").unwrap();
+        std::fs::write(
+            proj.join("hosts/h1.toml"),
+            "bogus = 1\n[vars]\n_delete = 3\n",
+        )
+        .unwrap();
         let e = Tree::load(&dir, &pos, "group").unwrap_err();
         assert!(e.iter().any(|e| e.starts_with("global.toml")), "{e:?}");
         assert!(e.iter().any(|e| e.contains("bogus")), "{e:?}");

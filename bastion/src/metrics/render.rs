@@ -106,7 +106,11 @@ pub fn agents(registry: &Registry, out: &mut String) {
 }
 
 /// Pushed configuration: the revision each agent applied, and how many lag behind.
-fn config(registry: &Registry, active: &[&std::sync::Arc<crate::registry::AgentInfo>], out: &mut String) {
+fn config(
+    registry: &Registry,
+    active: &[&std::sync::Arc<crate::registry::AgentInfo>],
+    out: &mut String,
+) {
     let states = registry.config_states();
     let mut out_of_sync = 0u64;
     family(
