@@ -314,6 +314,9 @@ impl Applier {
     }
 }
 
+/// Largest existing file a push may replace (its content is kept for a rollback).
+const MAX_EXISTING: u64 = 16 * 1024 * 1024;
+
 /// A file this revision changed, and what to put back.
 #[derive(Debug, Clone)]
 struct Written {
@@ -406,6 +409,12 @@ fn write_all(
             if !m.is_file() {
                 return Err(fail(anyhow!("exists and is not a regular file")));
             }
+            // Its content is kept in memory for a rollback: bounded.
+            if m.len() > MAX_EXISTING {
+                return Err(fail(anyhow!(
+                    "the existing file is larger than {MAX_EXISTING} bytes: not managed"
+                )));
+            }
         }
         plans.push(Plan {
             file: f,
@@ -482,11 +491,12 @@ fn write_file(
         .ok_or_else(|| anyhow!("no file name"))?
         .to_string_lossy();
     let tmp = dir.join(format!(".{name}.bastide-{}", std::process::id()));
+    // A stale temporary file (crash) is removed; create_new never follows a planted symlink.
+    let _ = fs::remove_file(&tmp);
     let result = (|| -> Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&tmp)
             .with_context(|| format!("creating {}", tmp.display()))?;
