@@ -169,6 +169,9 @@ struct Loaded {
 
 type Reload = oneshot::Sender<Summary>;
 
+/// An agent, the facts it was rendered with, and its push.
+type RenderedAgent = (Arc<AgentInfo>, serde_json::Value, PushMsg);
+
 struct Inner {
     cfg: ConfigPushConfig,
     pos: Position,
@@ -239,13 +242,7 @@ impl ConfigPushHandle {
     }
 
     /// Renders every active agent against `loaded`; all errors at once.
-    fn render_all(
-        &self,
-        loaded: &Loaded,
-    ) -> (
-        Vec<(Arc<AgentInfo>, serde_json::Value, PushMsg)>,
-        Vec<String>,
-    ) {
+    fn render_all(&self, loaded: &Loaded) -> (Vec<RenderedAgent>, Vec<String>) {
         let snap = self.inner.registry.snapshot();
         let mut out = Vec::new();
         let mut errors = Vec::new();
@@ -331,7 +328,7 @@ impl ConfigPushHandle {
     }
 
     /// Makes rendered pushes current; returns how many changed revision.
-    fn publish(&self, out: Vec<(Arc<AgentInfo>, serde_json::Value, PushMsg)>) -> usize {
+    fn publish(&self, out: Vec<RenderedAgent>) -> usize {
         let mut changed = 0;
         let mut desired = Vec::with_capacity(out.len());
         {
@@ -594,7 +591,7 @@ pub async fn run(handle: ConfigPushHandle, shutdown: CancellationToken) -> Resul
                 Err(_) => break,
             },
             _ = render_tick.tick(), if dirty.as_ref().is_none_or(|d| !d.is_empty()) => {
-                let names = std::mem::replace(&mut dirty, Some(HashSet::new()));
+                let names = dirty.replace(HashSet::new());
                 let h = handle.clone();
                 let _ = tokio::task::spawn_blocking(move || h.render_changed(names)).await;
             }
