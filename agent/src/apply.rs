@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use crate::fsutil::sync_dir;
 
 /// `[config]` of the agent's local configuration. Defaults allow nothing.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushPolicy {
     /// Directories pushed files may be written under (absolute).
@@ -44,6 +44,16 @@ pub struct PushPolicy {
 
 fn default_action_timeout() -> Duration {
     Duration::from_secs(60)
+}
+
+impl Default for PushPolicy {
+    fn default() -> Self {
+        Self {
+            allow_dirs: Vec::new(),
+            actions: BTreeMap::new(),
+            action_timeout: default_action_timeout(),
+        }
+    }
 }
 
 /// A command, run without a shell: a string is split on whitespace (no quoting), an array
