@@ -620,6 +620,14 @@ mod tests {
     }
 
     #[test]
+    fn absent_config_table_allows_nothing_with_the_default_timeout() {
+        let cfg: crate::config::AgentConfig = toml::from_str("").unwrap();
+        assert!(cfg.config.allow_dirs.is_empty() && cfg.config.actions.is_empty());
+        assert_eq!(cfg.config.action_timeout, Duration::from_secs(60));
+        assert!(cfg.config.problems().is_empty());
+    }
+
+    #[test]
     fn unknown_action_refuses_before_writing() {
         let d = tmpdir();
         let policy = PushPolicy {
