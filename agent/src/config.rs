@@ -30,6 +30,10 @@ pub struct AgentConfig {
     /// Log sources, buffer and batching (`[logs]`, `[[logs.sources]]`).
     #[serde(default)]
     pub logs: crate::logs::LogsConfig,
+    /// `[config]`: what a configuration pushed by the bastion may do here (nothing by
+    /// default).
+    #[serde(default)]
+    pub config: crate::apply::PushPolicy,
 }
 
 fn default_metrics_interval() -> Duration {
@@ -56,6 +60,7 @@ impl Default for AgentConfig {
             reconnect_max: default_reconnect_max(),
             metrics_interval: default_metrics_interval(),
             logs: crate::logs::LogsConfig::default(),
+            config: crate::apply::PushPolicy::default(),
         }
     }
 }
@@ -72,6 +77,10 @@ impl AgentConfig {
                 "{}: metrics_interval must be at least 1s (or 0s to turn metrics off)",
                 path.display()
             );
+        }
+        let problems = cfg.config.problems();
+        if !problems.is_empty() {
+            bail!("{}: {}", path.display(), problems.join("; "));
         }
         if cfg.reconnect_initial.is_zero() || cfg.reconnect_max < cfg.reconnect_initial {
             bail!(

@@ -1,6 +1,7 @@
 //! Bastide agent: enrolls a VM with its bastion (one-time token, pinned CA) and keeps an
 //! outgoing mutual-TLS gRPC session to it.
 
+pub mod apply;
 pub mod cli;
 pub mod config;
 pub mod enroll;

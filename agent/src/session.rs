@@ -11,12 +11,13 @@ use bastide_proto::v1::{
     agent_message, bastion_message, AgentMessage, Heartbeat, RegisterRequest, RenewRequest,
 };
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::AgentConfig;
+use crate::logs::LogSourceConfig;
 use crate::state::State;
 use crate::tls::{connect, is_revoked, mtls_config, probe_revoked};
 
@@ -86,9 +87,11 @@ pub async fn run_with_log_sources(
     log_sources: tokio::sync::watch::Receiver<Vec<crate::logs::LogSourceConfig>>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let applier = crate::apply::Applier::open(state_dir, cfg.config.clone());
+    let effective = follow_pushed_sources(log_sources, applier.log_sources(), &shutdown);
     // Logs must not take heartbeats and metrics down with them: without a usable buffer
     // directory the agent runs on without shipping logs, and says so.
-    let logs = match crate::logs::start(state_dir, &cfg.logs, log_sources, shutdown.clone()) {
+    let logs = match crate::logs::start(state_dir, &cfg.logs, effective, shutdown.clone()) {
         Ok(l) => Some(l),
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "log shipping disabled: cannot start the log pipeline");
@@ -106,7 +109,7 @@ pub async fn run_with_log_sources(
             .into());
         }
         let mut registered = false;
-        match session_once(&mut st, cfg, &logs, &shutdown, &mut registered).await {
+        match session_once(&mut st, cfg, &logs, &applier, &shutdown, &mut registered).await {
             Ok(Outcome::Shutdown) => return Ok(()),
             Ok(Outcome::Renewed) => {
                 backoff.reset();
@@ -130,6 +133,56 @@ pub async fn run_with_log_sources(
     }
 }
 
+/// The log sources in effect: the ones pushed by the bastion when it pushed any, else the
+/// local ones. Pushed sources are files (with an optional multiline rule); the journal stays a
+/// local decision.
+fn follow_pushed_sources(
+    mut local: watch::Receiver<Vec<LogSourceConfig>>,
+    mut pushed: watch::Receiver<Vec<bastide_proto::v1::LogSource>>,
+    shutdown: &CancellationToken,
+) -> watch::Receiver<Vec<LogSourceConfig>> {
+    fn effective(
+        local: &watch::Receiver<Vec<LogSourceConfig>>,
+        pushed: &watch::Receiver<Vec<bastide_proto::v1::LogSource>>,
+    ) -> Vec<LogSourceConfig> {
+        let pushed = pushed.borrow();
+        if pushed.is_empty() {
+            return local.borrow().clone();
+        }
+        pushed
+            .iter()
+            .map(|p| {
+                let mut s = LogSourceConfig::file(&p.path);
+                if !p.multiline_start.is_empty() {
+                    s.multiline_start = Some(p.multiline_start.clone());
+                }
+                s
+            })
+            .collect()
+    }
+    let (tx, rx) = watch::channel(effective(&local, &pushed));
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = local.changed() => if r.is_err() { return },
+                r = pushed.changed() => if r.is_err() { return },
+            }
+            let now = effective(&local, &pushed);
+            tx.send_if_modified(|cur| {
+                let changed = *cur != now;
+                if changed {
+                    info!(sources = now.len(), "log sources changed");
+                    *cur = now;
+                }
+                changed
+            });
+        }
+    });
+    rx
+}
+
 async fn probe(st: &State) -> bool {
     match mtls_config_of(st) {
         Ok(cfg) => probe_revoked(&st.meta.bastion, &st.meta.server_name, cfg).await,
@@ -145,6 +198,7 @@ async fn session_once(
     st: &mut State,
     cfg: &AgentConfig,
     logs: &Option<std::sync::Arc<crate::logs::Shared>>,
+    applier: &crate::apply::Applier,
     shutdown: &CancellationToken,
     registered: &mut bool,
 ) -> Result<Outcome> {
@@ -159,6 +213,7 @@ async fn session_once(
             os: crate::facts::os(),
             agent_version: crate::VERSION.to_string(),
             ssh_host_keys: crate::facts::ssh_host_keys(&cfg.ssh_host_keys_dir),
+            config_revision: applier.applied_revision(),
         })
         .await
         .context("registration")?
@@ -195,8 +250,12 @@ async fn session_once(
     // is dead even if TCP has not noticed yet.
     let mut last_ack = tokio::time::Instant::now();
     // Host metrics: first batch right away, then every interval (never when turned off).
-    let metrics_on = !cfg.metrics_interval.is_zero();
-    let mut metrics_tick = tokio::time::interval(cfg.metrics_interval.max(Duration::from_secs(1)));
+    // The bastion may push another interval (configuration push): it applies at once.
+    let mut pushed = applier.settings();
+    let interval_of =
+        |p: &crate::apply::PushedSettings| p.metrics_interval.unwrap_or(cfg.metrics_interval);
+    let mut metrics_every = interval_of(&pushed.borrow_and_update());
+    let mut metrics_tick = tokio::time::interval(metrics_every.max(Duration::from_secs(1)));
     metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -219,7 +278,16 @@ async fn session_once(
                     bail!("session stream closed");
                 }
             }
-            _ = metrics_tick.tick(), if metrics_on => {
+            Ok(()) = pushed.changed() => {
+                let every = interval_of(&pushed.borrow_and_update());
+                if every != metrics_every {
+                    info!(interval_secs = every.as_secs(), "host metrics interval changed by the bastion");
+                    metrics_every = every;
+                    metrics_tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+                    metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                }
+            }
+            _ = metrics_tick.tick(), if !metrics_every.is_zero() => {
                 let src = crate::hostmetrics::Sources::default();
                 let logs = logs.clone();
                 let collect = tokio::task::spawn_blocking(move || {
@@ -249,6 +317,7 @@ async fn session_once(
                             warn!(skew_secs = skew, "clock differs from the bastion's by over a minute");
                         }
                     }
+                    Some(bastion_message::Kind::Config(push)) => applier.handle(push, tx.clone()),
                     None => {}
                 },
                 Ok(None) => bail!("the bastion closed the session"),

@@ -58,6 +58,14 @@ pub enum AdminRequest {
     /// `bastide logs`: the answer is streamed, one `{"line": ...}` per event, then the
     /// usual response line.
     Logs(crate::logs::query::LogsQuery),
+    /// Effective variables and files of one agent, from the tree on disk.
+    ConfigRender {
+        agent: String,
+    },
+    /// Validate the tree and render every agent, changing nothing.
+    ConfigCheck,
+    /// Reload the tree now and push what changed.
+    ConfigReload,
 }
 
 /// A reload asked through the socket, answered with its outcome.
@@ -75,6 +83,8 @@ pub struct AdminCtx {
     pub reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
     /// The log store, when `[logs]` is on.
     pub logs: Option<crate::logs::Logs>,
+    /// The configuration push service, when `[config_push]` is on.
+    pub config_push: Option<crate::config_push::ConfigPushHandle>,
 }
 
 impl AdminCtx {
@@ -85,6 +95,7 @@ impl AdminCtx {
             config: None,
             reload: None,
             logs: None,
+            config_push: None,
         }
     }
 }
@@ -222,11 +233,25 @@ async fn handle(req: AdminRequest, ctx: AdminCtx) -> Result<serde_json::Value> {
             Err(e) => Err(anyhow::anyhow!(e)),
         };
     }
+    if let AdminRequest::ConfigReload = req {
+        let Some(cp) = ctx.config_push else {
+            bail!("configuration push is off (no [config_push] table)");
+        };
+        let s = cp.reload().await?;
+        if !s.errors.is_empty() {
+            bail!(
+                "the tree was refused, the last good one stays:\n{}",
+                s.errors.join("\n")
+            );
+        }
+        return Ok(serde_json::to_value(s)?);
+    }
     let AdminCtx {
         registry,
         mail,
         config,
         logs,
+        config_push,
         ..
     } = ctx;
     let cfg = config.map(|c| c.borrow().clone());
@@ -277,6 +302,19 @@ async fn handle(req: AdminRequest, ctx: AdminCtx) -> Result<serde_json::Value> {
             }
             // Answered by `logs_stream` before reaching here.
             AdminRequest::Logs(_) => serde_json::Value::Null,
+            AdminRequest::ConfigRender { .. } | AdminRequest::ConfigCheck => {
+                let Some(cp) = config_push else {
+                    bail!("configuration push is off (no [config_push] table)");
+                };
+                match req {
+                    AdminRequest::ConfigRender { agent } => match cp.render_view(&agent) {
+                        Ok(v) => serde_json::to_value(v)?,
+                        Err(e) => bail!("{}", e.join("\n")),
+                    },
+                    _ => serde_json::to_value(cp.check())?,
+                }
+            }
+            AdminRequest::ConfigReload => serde_json::Value::Null,
         })
     })
     .await

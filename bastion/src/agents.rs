@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::config::AgentsConfig;
+use crate::config_push::ConfigPushHandle;
 use crate::hostmetrics::HostMetrics;
 use crate::metrics::names;
 use crate::pki::AgentIdentity;
@@ -43,6 +44,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
     logs: Option<crate::logs::Logs>,
+    config_push: Option<ConfigPushHandle>,
 ) -> Result<()> {
     let local = listener.local_addr().context("agents listener address")?;
     let (tx, rx) = mpsc::channel::<Result<AgentConn, std::io::Error>>(256);
@@ -100,6 +102,7 @@ pub async fn run(
         heartbeat_timeout: cfg.heartbeat_timeout,
         shutdown: shutdown.clone(),
         logs,
+        config_push,
     };
     info!(listen = %local, "agents endpoint listening");
     // No HTTP/2 keepalive pings: the session's heartbeats already prove liveness both ways,
@@ -121,6 +124,7 @@ struct Service {
     heartbeat_timeout: Duration,
     shutdown: CancellationToken,
     logs: Option<crate::logs::Logs>,
+    config_push: Option<ConfigPushHandle>,
 }
 
 fn conn_info<T>(req: &Request<T>) -> Option<&ConnInfo> {
@@ -236,6 +240,7 @@ impl Agent for Service {
             os: r.os,
             agent_version: r.agent_version,
             ssh_host_keys: r.ssh_host_keys,
+            config_revision: r.config_revision,
         };
         let registry = self.registry.clone();
         let id2 = id.clone();
@@ -274,6 +279,8 @@ impl Agent for Service {
         let timeout = self.heartbeat_timeout;
         let shutdown = self.shutdown.clone();
         let hosts = self.hosts.clone();
+        let push = self.config_push.clone();
+        let mut push_rx = push.as_ref().map(|p| p.subscribe(&id.name));
         tokio::spawn(async move {
             let _guard = guard;
             let registry = _guard.registry.clone();
@@ -281,6 +288,20 @@ impl Agent for Service {
                 let msg = tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tx.closed() => break,
+                    // The newest rendered configuration, if this agent lacks it.
+                    r = async { push_rx.as_mut()?.changed().await.ok() }, if push_rx.is_some() => {
+                        match (r, &push, push_rx.as_mut()) {
+                            (Some(()), Some(p), Some(rx)) => {
+                                if let Some(m) = p.next_push(&id.name, rx) {
+                                    if tx.send(Ok(m)).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                            _ => push_rx = None,
+                        }
+                        continue;
+                    }
                     m = tokio::time::timeout(timeout, inbound.message()) => m,
                 };
                 match msg {
@@ -323,6 +344,12 @@ impl Agent for Service {
                                 }
                             }
                         }
+                        Some(agent_message::Kind::ConfigResult(r)) => match &push {
+                            Some(p) => p.result(&id.name, &r),
+                            None => {
+                                debug!(agent = %id.name, "configuration result without configuration push")
+                            }
+                        },
                         // Newer agents may send kinds this bastion does not know.
                         None => debug!(agent = %id.name, "ignoring unknown session message"),
                     },

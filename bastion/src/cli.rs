@@ -68,6 +68,9 @@ pub enum Command {
     },
     /// Read the log store (agents' logs and syslog) through the running daemon.
     Logs(LogsArgs),
+    /// Configuration push: the environment tree rendered for each agent.
+    #[command(subcommand)]
+    Config(ConfigCmd),
 }
 
 #[derive(Debug, Args)]
@@ -99,6 +102,23 @@ fn parse_time(s: &str) -> Result<i64, String> {
     }
     crate::logs::format::parse_ts(s)
         .ok_or_else(|| format!("{s:?} is neither a duration (1h, 30m) nor an RFC 3339 time"))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Print the effective variables and files of one agent (from the tree on disk).
+    Render {
+        agent: String,
+        /// Show, for each key, the level and file that set it.
+        #[arg(long)]
+        explain: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the whole tree and every template for every enrolled agent; all errors at once.
+    Check,
+    /// Reload the tree now and push what changed (the daemon also watches the tree).
+    Reload,
 }
 
 #[derive(Debug, Subcommand)]
@@ -246,7 +266,79 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("configuration reloaded");
             Ok(())
         }
+        Command::Config(ref c) => config_cmd(&socket(&cli)?, c).await,
     }
+}
+
+async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
+    use crate::config_push::{print_render, RenderView, Summary};
+    match cmd {
+        ConfigCmd::Render {
+            agent,
+            explain,
+            json,
+        } => {
+            let v = admin::call(
+                socket,
+                &AdminRequest::ConfigRender {
+                    agent: agent.clone(),
+                },
+            )
+            .await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let view: RenderView = serde_json::from_value(v)?;
+                print!("{}", print_render(&view, *explain));
+            }
+        }
+        ConfigCmd::Check => {
+            let s: Summary =
+                serde_json::from_value(admin::call(socket, &AdminRequest::ConfigCheck).await?)?;
+            if !s.errors.is_empty() {
+                for e in &s.errors {
+                    eprintln!("{e}");
+                }
+                bail!("{} error(s) in the configuration tree", s.errors.len());
+            }
+            println!(
+                "configuration tree OK: {} agent(s), {} file(s) rendered in {:.1} ms",
+                s.agents, s.files, s.render_ms
+            );
+        }
+        ConfigCmd::Reload => {
+            let s: Summary =
+                serde_json::from_value(admin::call(socket, &AdminRequest::ConfigReload).await?)?;
+            println!(
+                "configuration tree reloaded: {} agent(s), {} with a new revision ({:.1} ms)",
+                s.agents, s.changed, s.render_ms
+            );
+        }
+    }
+    Ok(())
+}
+
+fn config_column(a: &AgentStatus) -> String {
+    let short = |s: &str| s.chars().take(8).collect::<String>();
+    let mut out = if a.config_desired.is_empty() {
+        "-".to_string()
+    } else if a.config_desired == a.config_applied {
+        short(&a.config_applied)
+    } else {
+        format!(
+            "{}->{}",
+            if a.config_applied.is_empty() {
+                "none".to_string()
+            } else {
+                short(&a.config_applied)
+            },
+            short(&a.config_desired)
+        )
+    };
+    if !a.config_error.is_empty() {
+        out.push_str(&format!(" ({})", a.config_error));
+    }
+    out
 }
 
 fn socket(cli: &Cli) -> Result<PathBuf> {
@@ -465,19 +557,20 @@ async fn agents(socket: &Path, cmd: &AgentsCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
-                    "{:<20}  {:<8}  {:<24}  {:<12}  {:<10}  {:<8}  {:<20}",
+                    "{:<20}  {:<8}  {:<24}  {:<12}  {:<10}  {:<8}  {:<20}  CONFIG",
                     "NAME", "STATE", "ADDRESSES", "LABELS", "LAST-SEEN", "VERSION", "CERT-EXPIRES"
                 );
                 for a in list {
                     println!(
-                        "{:<20}  {:<8}  {:<24}  {:<12}  {:<10}  {:<8}  {:<20}",
+                        "{:<20}  {:<8}  {:<24}  {:<12}  {:<10}  {:<8}  {:<20}  {}",
                         a.name,
                         a.state,
                         a.addresses.join(","),
                         labels_str(&a.labels),
                         ago(a.last_seen),
                         a.agent_version,
-                        ts(a.cert_not_after)
+                        ts(a.cert_not_after),
+                        config_column(&a)
                     );
                 }
             }

@@ -57,6 +57,9 @@ pub struct Config {
     /// `[syslog]`: the syslog receiver (needs `[logs]`).
     #[serde(default)]
     pub syslog: Option<crate::syslog::SyslogConfig>,
+    /// `[config_push]`: the environment tree rendered and pushed to agents.
+    #[serde(default)]
+    pub config_push: Option<crate::config_push::ConfigPushConfig>,
     /// Path of the file this was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -261,6 +264,16 @@ impl Config {
                 problems.push(format!("{file}: {key}: {reason}"));
             }
         }
+        if let Some(c) = &self.config_push {
+            for (key, reason) in c.problems() {
+                problems.push(format!("{file}: {key}: {reason}"));
+            }
+            if self.agents.is_none() {
+                problems.push(format!(
+                    "{file}: config_push: needs the [agents] endpoint to push over"
+                ));
+            }
+        }
         problems
     }
 }
@@ -365,6 +378,14 @@ stale_after = "5m"                # drop an agent's host metrics after this sile
 # max_message_bytes = 8192        # longer messages are truncated (and counted)
 # max_connections = 1024
 # idle_timeout = "1h"
+# Configuration push: the environment tree (a git checkout) rendered per agent and pushed
+# over the agents' sessions. See "Configuration push" in the README.
+# [config_push]
+# dir = "/srv/env"
+# cloud = "ovh"
+# site = "gra"
+# instance = "production"
+# bastion_address = "10.0.0.1"   # how VMs reach the bastion (template variable)
 "#
     )
 }

@@ -170,13 +170,26 @@ pub async fn serve(cfg: Config) -> Result<()> {
 
     let root = CancellationToken::new();
     let mut set: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
+    let config_push = cfg.config_push.as_ref().map(|c| {
+        crate::config_push::ConfigPushHandle::new(
+            c.clone(),
+            &cfg.project,
+            cfg.zone.clone(),
+            crate::config_push::bastion_vars(&cfg),
+            registry.clone(),
+        )
+    });
+    if let Some(cp) = config_push.clone() {
+        let t = root.child_token();
+        set.spawn(async move { ("config_push", crate::config_push::run(cp, t).await) });
+    }
     if let Some((acfg, listener, tls)) = agents {
         let (r, t, h) = (registry.clone(), root.child_token(), hosts.clone());
-        let l = logs.clone();
+        let (l, cp) = (logs.clone(), config_push.clone());
         set.spawn(async move {
             (
                 "agents",
-                crate::agents::run(acfg, r, h, tls, listener, t, l).await,
+                crate::agents::run(acfg, r, h, tls, listener, t, l, cp).await,
             )
         });
     }
@@ -232,6 +245,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let mut admin_ctx = crate::admin::AdminCtx::new(registry.clone());
     admin_ctx.logs = logs.clone();
     admin_ctx.mail = smtp.as_ref().map(|(svc, _)| svc.handle());
+    admin_ctx.config_push = config_push.clone();
     if let Some((svc, listener)) = smtp {
         let t = root.child_token();
         set.spawn(async move { ("smtp", crate::smtp::run(svc, listener, t).await) });

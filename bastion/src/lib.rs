@@ -8,6 +8,7 @@ pub mod admin;
 pub mod agents;
 pub mod cli;
 pub mod config;
+pub mod config_push;
 pub mod daemon;
 pub mod dns;
 pub mod fsutil;

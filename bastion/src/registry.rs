@@ -3,7 +3,7 @@
 //! use, renewal and revocation all go through here, serialised by one lock so that a token's
 //! last use cannot be spent twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -85,6 +85,24 @@ pub struct AgentStatus {
     pub enrolled_at: i64,
     pub cert_serial: String,
     pub cert_not_after: i64,
+    /// Pushed configuration: revision wanted, revision applied, last error (empty: none).
+    #[serde(default)]
+    pub config_desired: String,
+    #[serde(default)]
+    pub config_applied: String,
+    #[serde(default)]
+    pub config_error: String,
+}
+
+/// Where an agent stands with its pushed configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigState {
+    /// Revision rendered for it (empty: nothing to push yet).
+    pub desired: String,
+    /// Revision it reported applied in full.
+    pub applied: String,
+    /// Last error: a NACK, or a render error on the bastion (empty: none).
+    pub error: String,
 }
 
 /// The admin view of a token (`bastide token list`); never the secret.
@@ -128,6 +146,8 @@ pub struct Facts {
     pub os: String,
     pub agent_version: String,
     pub ssh_host_keys: Vec<String>,
+    /// Configuration revision the agent has applied.
+    pub config_revision: String,
 }
 
 /// What an enrollment produced.
@@ -210,6 +230,9 @@ struct Inner {
     events: broadcast::Sender<RegistryEvent>,
     conns: Mutex<HashMap<String, HashMap<u64, CancellationToken>>>,
     next_conn: AtomicU64,
+    /// Pushed-configuration states, and the names changed since the last flush: results
+    /// arrive by thousands after a change, so they are written in batches, not one by one.
+    config: Mutex<(HashMap<String, ConfigState>, HashSet<String>)>,
 }
 
 /// Cheap to clone: every clone is the same registry.
@@ -261,6 +284,20 @@ impl Registry {
             .values()
             .filter_map(|a| a.last_seen.map(|t| (a.name.clone(), t)))
             .collect();
+        let config = state
+            .agents
+            .values()
+            .map(|a| {
+                (
+                    a.name.clone(),
+                    ConfigState {
+                        desired: a.config_desired.clone(),
+                        applied: a.config_applied.clone(),
+                        error: a.config_error.clone(),
+                    },
+                )
+            })
+            .collect();
         let (view, _) = watch::channel(Arc::new(Snapshot::default()));
         let (events, _) = broadcast::channel(4096);
         let reg = Self {
@@ -274,6 +311,7 @@ impl Registry {
                 events,
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
+                config: Mutex::new((config, HashSet::new())),
             }),
         };
         reg.publish();
@@ -741,6 +779,7 @@ impl Registry {
             changed.unwrap_or(true)
         };
         lock(&self.inner.last_seen).insert(id.name.clone(), now);
+        self.update_config(&id.name, |c| c.applied = clip(&facts.config_revision));
         if changed {
             self.publish();
         }
@@ -810,7 +849,8 @@ impl Registry {
         let snap = self.snapshot();
         snap.agents
             .values()
-            .map(|a| AgentStatus {
+            .map(|a| (a, self.config_state(&a.name).unwrap_or_default()))
+            .map(|(a, c)| AgentStatus {
                 name: a.name.clone(),
                 state: if a.revoked {
                     "revoked"
@@ -829,7 +869,91 @@ impl Registry {
                 enrolled_at: a.enrolled_at,
                 cert_serial: a.cert_serial.clone(),
                 cert_not_after: a.cert_not_after,
+                config_desired: c.desired,
+                config_applied: c.applied,
+                config_error: c.error,
             })
             .collect()
+    }
+
+    // ---- pushed configuration ----
+
+    fn update_config(&self, name: &str, f: impl FnOnce(&mut ConfigState)) {
+        if !self.read_state().agents.contains_key(name) {
+            return;
+        }
+        let mut g = lock(&self.inner.config);
+        let (states, dirty) = &mut *g;
+        let c = states.entry(name.to_string()).or_default();
+        let before = c.clone();
+        f(c);
+        if *c != before {
+            dirty.insert(name.to_string());
+        }
+    }
+
+    /// An agent's pushed-configuration state.
+    pub fn config_state(&self, name: &str) -> Option<ConfigState> {
+        lock(&self.inner.config).0.get(name).cloned()
+    }
+
+    /// Every agent's pushed-configuration state (for metrics).
+    pub fn config_states(&self) -> HashMap<String, ConfigState> {
+        lock(&self.inner.config).0.clone()
+    }
+
+    /// Records the revisions rendered for agents. A render error is kept as the last error
+    /// until the next successful render.
+    pub fn set_config_desired(&self, desired: &[(String, Result<String, String>)]) {
+        for (name, d) in desired {
+            self.update_config(name, |c| match d {
+                Ok(rev) => {
+                    c.desired = rev.clone();
+                    if c.error.starts_with("bastion: ") {
+                        c.error.clear();
+                    }
+                }
+                Err(e) => c.error = format!("bastion: {}", clip(e)),
+            });
+        }
+    }
+
+    /// Records an agent's answer to a push: ACK (applied in full) or NACK (nothing applied).
+    pub fn config_result(&self, name: &str, revision: &str, ok: bool, error: &str) {
+        self.update_config(name, |c| {
+            if ok {
+                c.applied = clip(revision);
+                c.error.clear();
+            } else {
+                c.error = clip(&format!("revision {}: {}", clip(revision), error));
+            }
+        });
+    }
+
+    /// Writes the changed pushed-configuration states to the store. Blocking.
+    pub fn flush_config(&self) -> Result<(), RegistryError> {
+        let rows: Vec<(String, String, String, String)> = {
+            let mut g = lock(&self.inner.config);
+            let (states, dirty) = &mut *g;
+            dirty
+                .drain()
+                .filter_map(|n| {
+                    states
+                        .get(&n)
+                        .map(|c| (n, c.desired.clone(), c.applied.clone(), c.error.clone()))
+                })
+                .collect()
+        };
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = lock(&self.inner.store).flush_config(&rows) {
+            // Keep them dirty for the next flush.
+            lock(&self.inner.config)
+                .1
+                .extend(rows.into_iter().map(|r| r.0));
+            return Err(e.into());
+        }
+        Ok(())
     }
 }

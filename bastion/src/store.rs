@@ -13,7 +13,16 @@ use std::path::Path;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use thiserror::Error;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// Schema migrations, each taking the store from version `i + 1` to `i + 2`; run in one
+/// transaction at open. Never edit a released step: add one.
+const MIGRATIONS: &[&str] = &[
+    // 2: pushed configuration revisions and the last apply error of each agent.
+    "ALTER TABLE agents ADD COLUMN config_desired TEXT NOT NULL DEFAULT '';
+     ALTER TABLE agents ADD COLUMN config_applied TEXT NOT NULL DEFAULT '';
+     ALTER TABLE agents ADD COLUMN config_error TEXT NOT NULL DEFAULT '';",
+];
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -56,6 +65,10 @@ pub struct AgentRow {
     pub cert_serial: String,
     pub cert_not_after: i64,
     pub token_id: String,
+    /// Pushed configuration: revision wanted, revision applied, last error (empty: none).
+    pub config_desired: String,
+    pub config_applied: String,
+    pub config_error: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,9 +130,11 @@ impl Store {
              COMMIT;",
         )?;
         store.conn.execute(
-            "INSERT INTO meta(key, value) VALUES ('schema_version', ?1)",
-            params![SCHEMA_VERSION.to_string()],
+            "INSERT INTO meta(key, value) VALUES ('schema_version', '1')",
+            [],
         )?;
+        let mut store = store;
+        store.migrate(1)?;
         Ok(store)
     }
 
@@ -153,15 +168,57 @@ impl Store {
             )
             .optional()
             .map_err(|e| open_err(format!("not a bastide registry: {e}")))?;
-        match version.as_deref() {
-            Some(v) if v == SCHEMA_VERSION.to_string() => Ok(store),
-            Some(v) => Err(open_err(format!(
-                "schema version {v}, this bastide knows {SCHEMA_VERSION}"
+        let mut store = store;
+        match version.as_deref().map(|v| v.parse::<i64>()) {
+            Some(Ok(v)) if v == SCHEMA_VERSION => Ok(store),
+            Some(Ok(v)) if (1..SCHEMA_VERSION).contains(&v) => {
+                store.migrate(v).map_err(|e| {
+                    open_err(format!("migrating schema {v} to {SCHEMA_VERSION}: {e}"))
+                })?;
+                Ok(store)
+            }
+            Some(_) => Err(open_err(format!(
+                "schema version {}, this bastide knows 1 to {SCHEMA_VERSION}",
+                version.unwrap_or_default()
             ))),
             None => Err(open_err(
                 "not a bastide registry (no schema version)".into(),
             )),
         }
+    }
+
+    /// Brings a store at schema `from` up to `SCHEMA_VERSION` in one transaction.
+    fn migrate(&mut self, from: i64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for v in from..SCHEMA_VERSION {
+            let step = MIGRATIONS
+                .get((v - 1) as usize)
+                .ok_or_else(|| StoreError::Corrupt(format!("no migration from schema {v}")))?;
+            tx.execute_batch(step)?;
+        }
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+            params![SCHEMA_VERSION.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Persists pushed-configuration states (kept in memory between flushes) in one
+    /// transaction: (name, desired, applied, error).
+    pub fn flush_config(&mut self, rows: &[(String, String, String, String)]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare(
+                "UPDATE agents SET config_desired = ?2, config_applied = ?3, config_error = ?4
+                 WHERE name = ?1",
+            )?;
+            for (name, d, a, e) in rows {
+                stmt.execute(params![name, d, a, e])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     fn pragmas(&self) -> Result<()> {
@@ -261,11 +318,13 @@ impl Store {
 
     const AGENT_COLS: &'static str = "name, labels, revoked, enrolled_at, hostname, addresses, os,
         agent_version, ssh_host_keys, last_seen, cert_serial, cert_not_after, token_id";
+    const CONFIG_COLS: &'static str = "config_desired, config_applied, config_error";
 
     pub fn agents(&self) -> Result<Vec<AgentRow>> {
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT {} FROM agents ORDER BY name",
-            Self::AGENT_COLS
+            "SELECT {}, {} FROM agents ORDER BY name",
+            Self::AGENT_COLS,
+            Self::CONFIG_COLS
         ))?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -280,6 +339,9 @@ impl Store {
                     cert_serial: r.get(10)?,
                     cert_not_after: r.get(11)?,
                     token_id: r.get(12)?,
+                    config_desired: r.get(13)?,
+                    config_applied: r.get(14)?,
+                    config_error: r.get(15)?,
                     ..AgentRow::default()
                 },
                 r.get::<_, String>(1)?,
@@ -451,5 +513,58 @@ mod tests {
         Store::create(&p).unwrap();
         assert!(Store::create(&p).is_err());
         Store::open(&p).unwrap();
+    }
+
+    #[test]
+    fn migrates_a_version_1_store() {
+        let dir = std::env::temp_dir().join(format!("bastide-store-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("r.sqlite");
+        {
+            // A store as version 1 of bastide left it.
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                 INSERT INTO meta VALUES ('schema_version', '1');
+                 CREATE TABLE tokens (id TEXT PRIMARY KEY, hash BLOB NOT NULL, created INTEGER NOT NULL,
+                    expires INTEGER NOT NULL, uses_left INTEGER NOT NULL, uses_total INTEGER NOT NULL,
+                    name_pattern TEXT, labels TEXT NOT NULL, replace INTEGER NOT NULL, revoked INTEGER NOT NULL);
+                 CREATE TABLE agents (name TEXT PRIMARY KEY, labels TEXT NOT NULL, revoked INTEGER NOT NULL,
+                    enrolled_at INTEGER NOT NULL, hostname TEXT NOT NULL, addresses TEXT NOT NULL,
+                    os TEXT NOT NULL, agent_version TEXT NOT NULL, ssh_host_keys TEXT NOT NULL,
+                    last_seen INTEGER, cert_serial TEXT NOT NULL, cert_not_after INTEGER NOT NULL,
+                    token_id TEXT NOT NULL);
+                 CREATE TABLE certs (serial TEXT PRIMARY KEY, agent TEXT NOT NULL, issued_at INTEGER NOT NULL,
+                    not_after INTEGER NOT NULL, revoked INTEGER NOT NULL);
+                 INSERT INTO agents VALUES ('web1', '{}', 0, 1, 'h', '[]', 'linux', '1', '[]', NULL, 's', 2, 't');",
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(&p).unwrap();
+        let a = s.agents().unwrap();
+        assert_eq!(a[0].name, "web1");
+        assert_eq!(a[0].config_applied, "");
+        s.flush_config(&[("web1".into(), "d".into(), "a".into(), "e".into())])
+            .unwrap();
+        drop(s);
+        let s = Store::open(&p).unwrap();
+        let a = s.agents().unwrap();
+        assert_eq!(
+            (
+                a[0].config_desired.as_str(),
+                a[0].config_applied.as_str(),
+                a[0].config_error.as_str()
+            ),
+            ("d", "a", "e")
+        );
+        let v: String = s
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION.to_string());
     }
 }

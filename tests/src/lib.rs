@@ -550,3 +550,28 @@ pub fn log_store_lines(store_dir: &Path, host: &str) -> Vec<String> {
     }
     out
 }
+// ---- configuration push ----
+
+impl Bastion {
+    /// Turns on `[config_push]` over the tree at `dir`, position cloud c1 / site s1 /
+    /// instance prod (the project is the bastion's).
+    pub fn enable_config_push(&self, dir: &Path) {
+        self.edit_config(|c| {
+            format!(
+                "{c}\n[config_push]\ndir = {:?}\ncloud = \"c1\"\nsite = \"s1\"\ninstance = \"prod\"\nbastion_address = \"127.0.0.1\"\ndebounce = \"50ms\"\n",
+                dir.display().to_string()
+            )
+        });
+    }
+}
+
+impl Agent {
+    /// Appends TOML (tables) to the agent's local configuration.
+    pub fn append_config(&self, text: &str) {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config)
+            .expect("agent config");
+        writeln!(f, "{text}").expect("append agent config");
+    }
+}

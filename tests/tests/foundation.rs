@@ -447,6 +447,7 @@ fn registration_is_recorded_under_the_certificate_name() {
                 os: "test".into(),
                 agent_version: "9.9".into(),
                 ssh_host_keys: vec!["garbage key".into()],
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -21,6 +21,10 @@ pub const METRICS_DROPPED: &str = "bastide_agent_metrics_samples_dropped_total";
 pub const ADMIN_REQUESTS: &str = "bastide_admin_requests_total";
 pub const SCRAPE_DURATION: &str = "bastide_metrics_scrape_duration_seconds";
 pub const SCRAPE_DENIED: &str = "bastide_metrics_scrapes_denied_total";
+pub const CONFIG_PUSHES: &str = "bastide_config_pushes_total";
+pub const CONFIG_RESULTS: &str = "bastide_config_results_total";
+pub const CONFIG_RELOADS: &str = "bastide_config_reloads_total";
+pub const CONFIG_RENDER_DURATION: &str = "bastide_config_render_duration_seconds";
 
 // Logs and syslog (exported at scrape time from `logs::metrics::Counters`).
 pub const LOGS_EVENTS: &str = "bastide_logs_events_total";
@@ -94,5 +98,25 @@ pub fn describe() {
         SCRAPE_DENIED,
         Unit::Count,
         "Metrics requests refused by reason (network, token)."
+    );
+    describe_counter!(
+        CONFIG_PUSHES,
+        Unit::Count,
+        "Configuration revisions sent to agents."
+    );
+    describe_counter!(
+        CONFIG_RESULTS,
+        Unit::Count,
+        "Agents' answers to configuration pushes by result (ack, nack)."
+    );
+    describe_counter!(
+        CONFIG_RELOADS,
+        Unit::Count,
+        "Loads of the environment tree by result (ok, refused)."
+    );
+    describe_histogram!(
+        CONFIG_RENDER_DURATION,
+        Unit::Seconds,
+        "Time to load the environment tree and render every agent."
     );
 }

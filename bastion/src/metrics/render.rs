@@ -102,6 +102,59 @@ pub fn agents(registry: &Registry, out: &mut String) {
         );
         out.push_str("1\n");
     }
+    config(registry, &active, out);
+}
+
+/// Pushed configuration: the revision each agent applied, and how many lag behind.
+fn config(
+    registry: &Registry,
+    active: &[&std::sync::Arc<crate::registry::AgentInfo>],
+    out: &mut String,
+) {
+    let states = registry.config_states();
+    let mut out_of_sync = 0u64;
+    family(
+        out,
+        "bastide_agent_config_applied_info",
+        "gauge",
+        "Configuration revision the agent applied last (label revision), value 1.",
+    );
+    for a in active {
+        let Some(c) = states.get(&a.name) else {
+            continue;
+        };
+        if c.desired != c.applied && !c.desired.is_empty() {
+            out_of_sync += 1;
+        }
+        if !c.applied.is_empty() {
+            agent_label(
+                out,
+                "bastide_agent_config_applied_info",
+                &a.name,
+                &[("revision", c.applied.as_str())],
+            );
+            out.push_str("1\n");
+        }
+    }
+    family(
+        out,
+        "bastide_agent_config_in_sync",
+        "gauge",
+        "Whether the agent applied the configuration revision rendered for it (1) or not (0).",
+    );
+    for a in active {
+        if let Some(c) = states.get(&a.name).filter(|c| !c.desired.is_empty()) {
+            agent_label(out, "bastide_agent_config_in_sync", &a.name, &[]);
+            out.push_str(if c.desired == c.applied { "1\n" } else { "0\n" });
+        }
+    }
+    family(
+        out,
+        "bastide_agents_config_out_of_sync",
+        "gauge",
+        "Active agents that have not applied the configuration revision rendered for them.",
+    );
+    let _ = writeln!(out, "bastide_agents_config_out_of_sync {out_of_sync}");
 }
 
 /// process_* metrics of this process, read from /proc/self.

@@ -46,6 +46,31 @@ struct Args {
     /// scrapes of /metrics/agents.
     #[arg(long, default_value_t = 0)]
     metrics_series: usize,
+    /// Configuration push: serve an environment tree, have every simulated agent ACK what it
+    /// is pushed, then time N changes of the tree until every agent got the new revision.
+    #[arg(long, default_value_t = 0)]
+    config_rounds: usize,
+}
+
+/// When each simulated agent received a configuration push (this round).
+static PUSHES: std::sync::Mutex<Vec<Instant>> = std::sync::Mutex::new(Vec::new());
+
+fn write_tree(env: &std::path::Path, round: usize) -> Result<()> {
+    let proj = env.join("clouds/c/sites/s/instances/i/projects/load");
+    std::fs::create_dir_all(&proj)?;
+    std::fs::create_dir_all(env.join("templates"))?;
+    std::fs::write(
+        env.join("global.toml"),
+        "[vars]\nntp = [\"a.pool\", \"b.pool\"]\n[files.chrony]\npath = \"/etc/chrony/chrony.conf\"\ntemplate = \"chrony.j2\"\non_change = \"chrony\"\n[files.resolv]\npath = \"/etc/resolv.conf\"\ncontent = \"nameserver {{ bastion.address }}\\nsearch {{ agent.name }}.load\\n\"\n[agent]\nmetrics_interval = \"15s\"\n",
+    )?;
+    std::fs::write(
+        env.join("templates/chrony.j2"),
+        "# round {{ round }} for {{ agent.name }} ({{ agent.addresses | join(',') }})\n{% for s in ntp %}server {{ s }} iburst\n{% endfor %}{% for i in range(20) %}# filler line {{ i }} {{ agent.name }}\n{% endfor %}",
+    )?;
+    let tmp = proj.join(".project.toml.tmp");
+    std::fs::write(&tmp, format!("[vars]\nround = {round}\n"))?;
+    std::fs::rename(&tmp, proj.join("project.toml"))?;
+    Ok(())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -121,6 +146,10 @@ fn main() -> Result<()> {
         bail!("init: {}", String::from_utf8_lossy(&out.stderr));
     }
     let cfg = state.join("bastide.toml");
+    let env = dir.path().join("env");
+    if args.config_rounds > 0 {
+        write_tree(&env, 0)?;
+    }
     let addr = format!("127.0.0.1:{}", free_port()?);
     let metrics_addr = format!("127.0.0.1:{}", free_port()?);
     let text = std::fs::read_to_string(&cfg)?
@@ -140,6 +169,14 @@ fn main() -> Result<()> {
                 args.heartbeat.as_secs().max(1) * 4
             ),
         );
+    let text = if args.config_rounds > 0 {
+        format!(
+            "{text}\n[config_push]\ndir = {:?}\ncloud = \"c\"\nsite = \"s\"\ninstance = \"i\"\nbastion_address = \"127.0.0.1\"\n",
+            env.display().to_string()
+        )
+    } else {
+        text
+    };
     std::fs::write(&cfg, text)?;
     let log = std::fs::File::create(dir.path().join("bastide.log"))?;
     let mut child = Command::new(&bastide)
@@ -186,6 +223,9 @@ fn main() -> Result<()> {
         .build()?;
     let result = rt.block_on(drive(&args, &addr, &pin, &token, pid, &cli, rss0));
     let result = result.and_then(|()| {
+        if args.config_rounds > 0 {
+            config_bench(&args, &env, &cli, &metrics_addr)?;
+        }
         if args.metrics_series > 0 {
             scrape_bench(&metrics_addr, args.agents)
         } else {
@@ -276,6 +316,7 @@ async fn drive(
                     os: "load".into(),
                     agent_version: "load".into(),
                     ssh_host_keys: vec![],
+                    config_revision: String::new(),
                 })
                 .await?;
             let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -290,9 +331,28 @@ async fn drive(
                 })
                 .await?;
             }
+            let tx2 = tx.clone();
             tokio::spawn(async move {
-                while let Ok(Some(_)) = inbound.message().await {
-                    acks.fetch_add(1, Ordering::Relaxed);
+                use bastide_proto::v1::{bastion_message, ConfigResult};
+                while let Ok(Some(m)) = inbound.message().await {
+                    match m.kind {
+                        Some(bastion_message::Kind::Config(p)) => {
+                            if let Ok(mut v) = PUSHES.lock() {
+                                v.push(Instant::now());
+                            }
+                            let ack = AgentMessage {
+                                kind: Some(agent_message::Kind::ConfigResult(ConfigResult {
+                                    revision: p.revision,
+                                    ok: true,
+                                    ..Default::default()
+                                })),
+                            };
+                            let _ = tx2.send(ack).await;
+                        }
+                        _ => {
+                            acks.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
             });
             // Spread heartbeats over the interval, as real agents started at random times.
@@ -405,6 +465,104 @@ fn synthetic_batch(series: usize) -> bastide_proto::v1::MetricsBatch {
         timestamp_ms: now,
         families,
     }
+}
+
+/// Changes the tree `config_rounds` times; each time, measures how long until every agent
+/// received its new revision (and ACKed it at once), and until the bastion counted every
+/// agent in sync again. Render time per agent comes from `bastide config check`.
+fn config_bench(
+    args: &Args,
+    env: &std::path::Path,
+    cli: &dyn Fn(&[&str]) -> Result<String>,
+    metrics_addr: &str,
+) -> Result<()> {
+    let n = args.agents;
+    let out_of_sync = || -> Option<u64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(metrics_addr).ok()?;
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix("bastide_agents_config_out_of_sync "))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    // Initial revisions were pushed at connection: wait until all are in.
+    let t = Instant::now();
+    while out_of_sync() != Some(0) {
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("agents never got in sync: {:?} out of sync", out_of_sync());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut p50s = Vec::new();
+    let mut p99s = Vec::new();
+    let mut alls = Vec::new();
+    let mut syncs = Vec::new();
+    for round in 1..=args.config_rounds {
+        PUSHES.lock().map_err(|_| anyhow::anyhow!("lock"))?.clear();
+        std::thread::sleep(Duration::from_millis(500));
+        let t0 = Instant::now();
+        write_tree(env, round)?;
+        let mut all_in = None;
+        loop {
+            let got = PUSHES.lock().map(|v| v.len()).unwrap_or(0);
+            if got >= n && all_in.is_none() {
+                all_in = Some(t0.elapsed());
+            }
+            if all_in.is_some() && out_of_sync() == Some(0) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                bail!("round {round}: only {got} of {n} agents got the new revision");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let synced = t0.elapsed();
+        let mut lat: Vec<Duration> = PUSHES
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lock"))?
+            .iter()
+            .map(|t| t.duration_since(t0))
+            .collect();
+        lat.sort();
+        let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
+        println!(
+            "config round {round}: push received p50 {:.0} ms, p99 {:.0} ms, all {:.0} ms; bastion saw all ACKs by {:.0} ms",
+            pct(0.5).as_secs_f64() * 1000.0,
+            pct(0.99).as_secs_f64() * 1000.0,
+            all_in.unwrap_or_default().as_secs_f64() * 1000.0,
+            synced.as_secs_f64() * 1000.0
+        );
+        p50s.push(pct(0.5));
+        p99s.push(pct(0.99));
+        alls.push(all_in.unwrap_or_default());
+        syncs.push(synced);
+    }
+    let med = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1000.0
+    };
+    println!(
+        "config push ({n} agents, median of {} rounds): p50 {:.0} ms, p99 {:.0} ms, last agent {:.0} ms, all ACKs at the bastion {:.0} ms",
+        args.config_rounds,
+        med(&mut p50s),
+        med(&mut p99s),
+        med(&mut alls),
+        med(&mut syncs)
+    );
+    let check = cli(&["config", "check"])?;
+    let ms: f64 = check
+        .split(" in ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    println!(
+        "config render          {ms:.1} ms for {n} agents ({:.1} us per agent, tree load included)",
+        ms * 1000.0 / n as f64
+    );
+    Ok(())
 }
 
 /// Times scrapes of /metrics/agents (median of 5) and reports their size.

@@ -1,0 +1,641 @@
+//! Applying a configuration pushed by the bastion, within what the local configuration allows
+//! (the bastion cannot change it): files only under `[config] allow_dirs`, actions only those
+//! named in `[config.actions]`. Everything is checked before anything is written; each
+//! changed file is written atomically (temporary file in the same directory, fsync, owner and
+//! mode, rename, fsync of the directory), unchanged files are left alone (mtime kept). If an
+//! `on_change` action fails, the revision's files are restored to their previous content and
+//! the revision is refused (NACK). The applied revision and its agent settings are kept in
+//! the state directory, so that a restarted agent reports it and keeps its settings.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use bastide_proto::v1::{
+    agent_message, AgentMessage, AgentSettings, ConfigPush, ConfigResult, LogSource, ManagedFile,
+};
+use prost::Message;
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch, Mutex};
+use tracing::{info, warn};
+
+use crate::fsutil::sync_dir;
+
+/// `[config]` of the agent's local configuration. Defaults allow nothing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushPolicy {
+    /// Directories pushed files may be written under (absolute).
+    #[serde(default)]
+    pub allow_dirs: Vec<PathBuf>,
+    /// Actions a pushed file may name as `on_change`: name -> command.
+    #[serde(default)]
+    pub actions: BTreeMap<String, Action>,
+    /// Longest an action may run before it counts as failed.
+    #[serde(default = "default_action_timeout", with = "humantime_serde")]
+    pub action_timeout: Duration,
+}
+
+fn default_action_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for PushPolicy {
+    fn default() -> Self {
+        Self {
+            allow_dirs: Vec::new(),
+            actions: BTreeMap::new(),
+            action_timeout: default_action_timeout(),
+        }
+    }
+}
+
+/// A command, run without a shell: a string is split on whitespace (no quoting), an array
+/// is taken as is. For shell syntax, say so: `["/bin/sh", "-c", "..."]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Action {
+    Line(String),
+    Argv(Vec<String>),
+}
+
+impl Action {
+    pub fn argv(&self) -> Vec<String> {
+        match self {
+            Action::Line(s) => s.split_whitespace().map(str::to_string).collect(),
+            Action::Argv(v) => v.clone(),
+        }
+    }
+}
+
+impl PushPolicy {
+    /// Problems of the local policy, for the config loader.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for d in &self.allow_dirs {
+            if !d.is_absolute() || d.components().any(|c| matches!(c, Component::ParentDir)) {
+                out.push(format!(
+                    "config.allow_dirs: {} must be absolute, without ..",
+                    d.display()
+                ));
+            }
+        }
+        for (name, a) in &self.actions {
+            let argv = a.argv();
+            if argv.is_empty() || !Path::new(&argv[0]).is_absolute() {
+                out.push(format!(
+                    "config.actions.{name}: the command must start with an absolute program path"
+                ));
+            }
+        }
+        if self.action_timeout.is_zero() {
+            out.push("config.action_timeout: must be positive".into());
+        }
+        out
+    }
+}
+
+/// Settings the bastion pushed, as in force now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PushedSettings {
+    /// Host metrics interval; `None`: the local setting.
+    pub metrics_interval: Option<Duration>,
+    /// Log sources (path glob, multi-line start regex); empty: the local ones. The log
+    /// shipper follows [`Applier::log_sources`].
+    pub log_sources: Vec<LogSource>,
+}
+
+impl From<&AgentSettings> for PushedSettings {
+    fn from(s: &AgentSettings) -> Self {
+        Self {
+            metrics_interval: s
+                .metrics_interval_secs
+                .map(|n| Duration::from_secs(u64::from(n))),
+            log_sources: s.log_sources.clone(),
+        }
+    }
+}
+
+struct Inner {
+    policy: PushPolicy,
+    state_file: PathBuf,
+    /// Serialises applies: a push arriving during an apply waits for it.
+    applying: Mutex<()>,
+    applied: std::sync::Mutex<String>,
+    settings: watch::Sender<PushedSettings>,
+    log_sources: watch::Sender<Vec<LogSource>>,
+}
+
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Applier {
+    inner: Arc<Inner>,
+}
+
+impl Applier {
+    /// Loads the last applied revision and settings from the state directory.
+    pub fn open(state_dir: &Path, policy: PushPolicy) -> Self {
+        let state_file = state_dir.join("config-applied.pb");
+        let saved = fs::read(&state_file)
+            .ok()
+            .and_then(|b| ConfigPush::decode(b.as_slice()).ok())
+            .unwrap_or_default();
+        let settings = PushedSettings::from(&saved.settings.unwrap_or_default());
+        let (log_sources, _) = watch::channel(settings.log_sources.clone());
+        let (settings, _) = watch::channel(settings);
+        Self {
+            inner: Arc::new(Inner {
+                policy,
+                state_file,
+                applying: Mutex::new(()),
+                applied: std::sync::Mutex::new(saved.revision),
+                settings,
+                log_sources,
+            }),
+        }
+    }
+
+    /// The revision applied last (empty: none).
+    pub fn applied_revision(&self) -> String {
+        self.inner
+            .applied
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default()
+    }
+
+    /// The pushed settings, now and as they change.
+    pub fn settings(&self) -> watch::Receiver<PushedSettings> {
+        self.inner.settings.subscribe()
+    }
+
+    /// The pushed log sources, now and as they change (for the log shipper).
+    pub fn log_sources(&self) -> watch::Receiver<Vec<LogSource>> {
+        self.inner.log_sources.subscribe()
+    }
+
+    /// Applies `push` in the background and sends the ACK or NACK on `tx`; the session keeps
+    /// running (heartbeats) while actions run.
+    pub fn handle(&self, push: ConfigPush, tx: mpsc::Sender<AgentMessage>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _one = this.inner.applying.lock().await;
+            let result = this.apply(push).await;
+            let m = AgentMessage {
+                kind: Some(agent_message::Kind::ConfigResult(result)),
+            };
+            let _ = tx.send(m).await;
+        });
+    }
+
+    async fn apply(&self, push: ConfigPush) -> ConfigResult {
+        let revision = push.revision.clone();
+        let nack = |file: &str, e: anyhow::Error| {
+            warn!(revision = %revision, file = %file, error = %format!("{e:#}"), "configuration refused");
+            ConfigResult {
+                revision: revision.clone(),
+                ok: false,
+                file: file.to_string(),
+                error: format!("{e:#}"),
+            }
+        };
+        if push.revision == self.applied_revision() {
+            return ConfigResult {
+                revision,
+                ok: true,
+                ..ConfigResult::default()
+            };
+        }
+        let policy = self.inner.policy.clone();
+        let files = push.files.clone();
+        let written = match tokio::task::spawn_blocking(move || write_all(&policy, &files)).await {
+            Ok(Ok(w)) => w,
+            Ok(Err((file, e))) => return nack(&file, e),
+            Err(e) => return nack("", anyhow!("apply task failed: {e}")),
+        };
+        // Actions of changed files, each once, in file order.
+        let mut actions: Vec<(String, String)> = Vec::new();
+        for w in &written {
+            if !w.on_change.is_empty() && !actions.iter().any(|(a, _)| *a == w.on_change) {
+                actions.push((w.on_change.clone(), w.path.display().to_string()));
+            }
+        }
+        for (name, file) in actions {
+            if let Err(e) = self.run_action(&name).await {
+                let undo = written.clone();
+                let restored = tokio::task::spawn_blocking(move || rollback(&undo)).await;
+                let e = match restored {
+                    Ok(Ok(())) => e.context(format!(
+                        "action {name:?} failed: the revision's files were restored"
+                    )),
+                    Ok(Err(r)) => e.context(format!(
+                        "action {name:?} failed, and restoring the files failed too: {r:#}"
+                    )),
+                    Err(r) => e.context(format!("action {name:?} failed; rollback task: {r}")),
+                };
+                return nack(&file, e);
+            }
+        }
+        let mut saved = push.clone();
+        saved.files.clear();
+        let state_file = self.inner.state_file.clone();
+        let persisted = tokio::task::spawn_blocking(move || {
+            crate::fsutil::write_atomic(&state_file, &saved.encode_to_vec(), 0o600)
+        })
+        .await;
+        if !matches!(persisted, Ok(Ok(()))) {
+            warn!(revision = %revision, "could not record the applied revision in the state directory");
+        }
+        if let Ok(mut g) = self.inner.applied.lock() {
+            *g = revision.clone();
+        }
+        let settings = PushedSettings::from(&push.settings.unwrap_or_default());
+        self.inner.log_sources.send_if_modified(|l| {
+            let changed = *l != settings.log_sources;
+            if changed {
+                *l = settings.log_sources.clone();
+            }
+            changed
+        });
+        self.inner.settings.send_if_modified(|s| {
+            let changed = *s != settings;
+            if changed {
+                *s = settings;
+            }
+            changed
+        });
+        info!(revision = %revision, changed_files = written.len(), "configuration applied");
+        ConfigResult {
+            revision,
+            ok: true,
+            ..ConfigResult::default()
+        }
+    }
+
+    async fn run_action(&self, name: &str) -> Result<()> {
+        let argv = self
+            .inner
+            .policy
+            .actions
+            .get(name)
+            .map(Action::argv)
+            .ok_or_else(|| anyhow!("action {name:?} is not in the local [config.actions]"))?;
+        let (prog, args) = argv
+            .split_first()
+            .ok_or_else(|| anyhow!("action {name:?} is empty"))?;
+        info!(action = %name, "running on_change action");
+        let child = tokio::process::Command::new(prog)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {prog}"))?;
+        let out = tokio::time::timeout(self.inner.policy.action_timeout, child.wait_with_output())
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "timed out after {}s",
+                    self.inner.policy.action_timeout.as_secs()
+                )
+            })??;
+        if out.status.success() {
+            Ok(())
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let tail: String = err
+                .trim()
+                .chars()
+                .rev()
+                .take(300)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            Err(anyhow!("{} {}", out.status, tail))
+        }
+    }
+}
+
+/// Largest existing file a push may replace (its content is kept for a rollback).
+const MAX_EXISTING: u64 = 16 * 1024 * 1024;
+
+/// A file this revision changed, and what to put back.
+#[derive(Debug, Clone)]
+struct Written {
+    path: PathBuf,
+    on_change: String,
+    /// Previous content and (mode, uid, gid); `None`: the file did not exist.
+    previous: Option<(Vec<u8>, u32, u32, u32)>,
+}
+
+/// Resolved target of one managed file.
+struct Plan<'a> {
+    file: &'a ManagedFile,
+    path: PathBuf,
+    uid: Option<u32>,
+    gid: Option<u32>,
+}
+
+/// Whether `path` (lexically normal, absolute) is inside an allowed directory, also once
+/// symbolic links in its directory are resolved.
+fn allowed(policy: &PushPolicy, path: &Path) -> Result<()> {
+    let normal = path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !normal {
+        return Err(anyhow!("not an absolute path without . or .."));
+    }
+    let parent = path
+        .parent()
+        .ok_or_else(|| anyhow!("no parent directory"))?;
+    let real_parent = parent
+        .canonicalize()
+        .with_context(|| format!("directory {} does not exist", parent.display()))?;
+    for d in &policy.allow_dirs {
+        let real_dir = d.canonicalize().unwrap_or_else(|_| d.clone());
+        if path.starts_with(d) && real_parent.starts_with(&real_dir) {
+            return Ok(());
+        }
+    }
+    Err(anyhow!(
+        "outside the directories this agent allows ([config] allow_dirs)"
+    ))
+}
+
+/// Checks every file, then writes those whose content differs. On a write error, what was
+/// written is restored. Returns the files changed, or the failing file and why.
+fn write_all(
+    policy: &PushPolicy,
+    files: &[ManagedFile],
+) -> std::result::Result<Vec<Written>, (String, anyhow::Error)> {
+    let mut plans = Vec::with_capacity(files.len());
+    for f in files {
+        let fail = |e: anyhow::Error| (f.path.clone(), e);
+        let path = PathBuf::from(&f.path);
+        allowed(policy, &path).map_err(fail)?;
+        if !f.on_change.is_empty() && !policy.actions.contains_key(&f.on_change) {
+            return Err(fail(anyhow!(
+                "on_change action {:?} is not in the local [config.actions]: nothing applied",
+                f.on_change
+            )));
+        }
+        if f.mode > 0o7777 {
+            return Err(fail(anyhow!("invalid mode {:o}", f.mode)));
+        }
+        let uid = if f.owner.is_empty() {
+            None
+        } else {
+            Some(
+                nix::unistd::User::from_name(&f.owner)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| fail(anyhow!("unknown user {:?}", f.owner)))?
+                    .uid
+                    .as_raw(),
+            )
+        };
+        let gid = if f.group.is_empty() {
+            None
+        } else {
+            Some(
+                nix::unistd::Group::from_name(&f.group)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| fail(anyhow!("unknown group {:?}", f.group)))?
+                    .gid
+                    .as_raw(),
+            )
+        };
+        if let Ok(m) = fs::symlink_metadata(&path) {
+            if !m.is_file() {
+                return Err(fail(anyhow!("exists and is not a regular file")));
+            }
+            // Its content is kept in memory for a rollback: bounded.
+            if m.len() > MAX_EXISTING {
+                return Err(fail(anyhow!(
+                    "the existing file is larger than {MAX_EXISTING} bytes: not managed"
+                )));
+            }
+        }
+        plans.push(Plan {
+            file: f,
+            path,
+            uid,
+            gid,
+        });
+    }
+    let mut written: Vec<Written> = Vec::new();
+    for p in plans {
+        let previous = match fs::read(&p.path) {
+            Ok(content) => {
+                let m = fs::metadata(&p.path).map_err(|e| (p.file.path.clone(), e.into()));
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = rollback(&written);
+                        return Err(e);
+                    }
+                };
+                Some((content, m.mode() & 0o7777, m.uid(), m.gid()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                let _ = rollback(&written);
+                return Err((p.file.path.clone(), e.into()));
+            }
+        };
+        if let Some((content, mode, uid, gid)) = &previous {
+            if *content == p.file.content {
+                // Same content: never rewritten; fix only owner and mode if they differ.
+                let want_uid = p.uid.unwrap_or(*uid);
+                let want_gid = p.gid.unwrap_or(*gid);
+                if *mode != p.file.mode {
+                    let _ = fs::set_permissions(&p.path, fs::Permissions::from_mode(p.file.mode));
+                }
+                if want_uid != *uid || want_gid != *gid {
+                    let _ = std::os::unix::fs::chown(&p.path, Some(want_uid), Some(want_gid));
+                }
+                continue;
+            }
+        }
+        let (uid, gid) = match &previous {
+            Some((_, _, u, g)) => (p.uid.or(Some(*u)), p.gid.or(Some(*g))),
+            None => (p.uid, p.gid),
+        };
+        if let Err(e) = write_file(&p.path, &p.file.content, p.file.mode, uid, gid) {
+            let _ = rollback(&written);
+            return Err((p.file.path.clone(), e));
+        }
+        written.push(Written {
+            path: p.path,
+            on_change: p.file.on_change.clone(),
+            previous,
+        });
+    }
+    Ok(written)
+}
+
+/// Atomic write: temporary file in the same directory, content, fsync, owner and mode,
+/// rename over the target, fsync of the directory.
+fn write_file(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| anyhow!("no parent directory"))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("no file name"))?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.bastide-{}", std::process::id()));
+    // A stale temporary file (crash) is removed; create_new never follows a planted symlink.
+    let _ = fs::remove_file(&tmp);
+    let result = (|| -> Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(data)?;
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::fchown(&f, uid, gid).context("setting owner")?;
+        }
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.sync_all()?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    sync_dir(dir)
+}
+
+/// Puts back what `written` replaced, last first; files that did not exist are removed.
+fn rollback(written: &[Written]) -> Result<()> {
+    let mut first_err = None;
+    for w in written.iter().rev() {
+        let r = match &w.previous {
+            Some((content, mode, uid, gid)) => {
+                write_file(&w.path, content, *mode, Some(*uid), Some(*gid))
+            }
+            None => fs::remove_file(&w.path)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| sync_dir(w.path.parent().unwrap_or(Path::new("/")))),
+        };
+        if let Err(e) = r {
+            warn!(file = %w.path.display(), error = %format!("{e:#}"), "rollback of a file failed");
+            first_err.get_or_insert(e);
+        }
+    }
+    match first_err {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("bastide-apply-{}", rand::random::<u64>()));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn file(path: &Path, content: &str, on_change: &str) -> ManagedFile {
+        ManagedFile {
+            path: path.display().to_string(),
+            content: content.as_bytes().to_vec(),
+            owner: String::new(),
+            group: String::new(),
+            mode: 0o640,
+            on_change: on_change.into(),
+        }
+    }
+
+    #[test]
+    fn refuses_outside_the_allow_list_and_symlink_escapes() {
+        let d = tmpdir();
+        let allowed_dir = d.join("etc");
+        let outside = d.join("outside");
+        fs::create_dir_all(&allowed_dir).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, allowed_dir.join("link")).unwrap();
+        let policy = PushPolicy {
+            allow_dirs: vec![allowed_dir.clone()],
+            ..PushPolicy::default()
+        };
+        let ok = [file(&allowed_dir.join("a.conf"), "x", "")];
+        assert_eq!(write_all(&policy, &ok).unwrap().len(), 1);
+        for bad in [
+            outside.join("b.conf"),
+            allowed_dir.join("link/c.conf"),
+            PathBuf::from(format!("{}/../outside/d.conf", allowed_dir.display())),
+        ] {
+            let e = write_all(&policy, &[file(&bad, "x", "")]).unwrap_err();
+            assert_eq!(e.0, bad.display().to_string());
+        }
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+        // Nothing is allowed by default.
+        assert!(write_all(&PushPolicy::default(), &ok).is_err());
+    }
+
+    #[test]
+    fn unchanged_content_is_not_rewritten_and_rollback_restores() {
+        let d = tmpdir();
+        let policy = PushPolicy {
+            allow_dirs: vec![d.clone()],
+            ..PushPolicy::default()
+        };
+        let a = d.join("a.conf");
+        let b = d.join("b.conf");
+        fs::write(&a, "old").unwrap();
+        let w = write_all(&policy, &[file(&a, "new", ""), file(&b, "fresh", "")]).unwrap();
+        assert_eq!(w.len(), 2);
+        assert_eq!(fs::metadata(&a).unwrap().mode() & 0o7777, 0o640);
+        let ino = fs::metadata(&a).unwrap().ino();
+        let again = write_all(&policy, &[file(&a, "new", ""), file(&b, "fresh", "")]).unwrap();
+        assert!(again.is_empty());
+        assert_eq!(fs::metadata(&a).unwrap().ino(), ino);
+        rollback(&w).unwrap();
+        assert_eq!(fs::read_to_string(&a).unwrap(), "old");
+        assert!(!b.exists());
+    }
+
+    #[test]
+    fn absent_config_table_allows_nothing_with_the_default_timeout() {
+        let cfg: crate::config::AgentConfig = toml::from_str("").unwrap();
+        assert!(cfg.config.allow_dirs.is_empty() && cfg.config.actions.is_empty());
+        assert_eq!(cfg.config.action_timeout, Duration::from_secs(60));
+        assert!(cfg.config.problems().is_empty());
+    }
+
+    #[test]
+    fn unknown_action_refuses_before_writing() {
+        let d = tmpdir();
+        let policy = PushPolicy {
+            allow_dirs: vec![d.clone()],
+            ..PushPolicy::default()
+        };
+        let e = write_all(&policy, &[file(&d.join("a"), "x", "reload")]).unwrap_err();
+        assert!(format!("{:#}", e.1).contains("reload"));
+        assert!(!d.join("a").exists());
+    }
+}

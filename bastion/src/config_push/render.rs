@@ -1,0 +1,442 @@
+//! Rendering one agent's desired state: its merged layers, its registry facts and the
+//! bastion's own addresses go into minijinja templates (undefined variables are errors), and
+//! the result is a `ConfigPush` whose revision is a hash of its whole content.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bastide_proto::v1::{AgentSettings, ConfigPush, LogSource, ManagedFile};
+use minijinja::syntax::SyntaxConfig;
+use minijinja::value::Serde;
+use minijinja::{Environment, UndefinedBehavior, Value as JValue};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use toml::{Table, Value};
+
+use super::tree::{merge, normal_absolute, Merged, Tree};
+use crate::registry::AgentInfo;
+
+/// Bounds on what one agent is sent (the agent's gRPC limit is 4 MiB per message).
+pub const MAX_FILES: usize = 256;
+pub const MAX_TOTAL: usize = 3 * 1024 * 1024;
+pub const MAX_LOG_SOURCES: usize = 64;
+
+/// The compiled templates of a tree.
+pub struct Templates {
+    env: Environment<'static>,
+}
+
+impl Templates {
+    /// Compiles every template; every syntax error is reported.
+    pub fn compile(tree: &Tree) -> Result<Self, Vec<String>> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        // Config files are not HTML.
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+        let mut errors = Vec::new();
+        match SyntaxConfig::builder().keep_trailing_newline(true).build() {
+            Ok(syntax) => env.set_syntax(syntax),
+            Err(e) => errors.push(format!("template syntax: {e}")),
+        }
+        for (name, src) in &tree.templates {
+            if let Err(e) = env.add_template_owned(name.clone(), src.clone()) {
+                errors.push(format!("templates/{name}: {}", describe(&e)));
+            }
+        }
+        if errors.is_empty() {
+            Ok(Self { env })
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+fn describe(e: &minijinja::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// What one agent gets, plus how it was derived (for `config render`).
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub push: ConfigPush,
+    pub merged: Merged,
+}
+
+/// The registry facts of an agent, as the template variable `agent`.
+pub fn agent_facts(a: &AgentInfo, zone: Option<&str>) -> serde_json::Value {
+    let fqdn = zone
+        .map(|z| format!("{}.{}", a.name, z.trim_end_matches('.')))
+        .unwrap_or_default();
+    serde_json::json!({
+        "name": a.name,
+        "hostname": a.hostname,
+        "fqdn": fqdn,
+        "addresses": a.addresses.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+        "labels": a.labels,
+        "os": a.os,
+    })
+}
+
+/// Renders one agent. `bastion` is the template variable describing the bastion.
+pub fn render(
+    tree: &Tree,
+    templates: &Templates,
+    agent: &AgentInfo,
+    facts: &serde_json::Value,
+    bastion: &serde_json::Value,
+) -> Result<Rendered, Vec<String>> {
+    let merged = merge(&tree.layers(&agent.name, &agent.labels));
+    let mut errors = Vec::new();
+    let empty = Table::new();
+    let vars = merged
+        .doc
+        .get("vars")
+        .and_then(Value::as_table)
+        .unwrap_or(&empty);
+    for reserved in ["agent", "bastion"] {
+        if vars.contains_key(reserved) {
+            errors.push(format!(
+                "vars.{reserved}: reserved for the {}'s facts",
+                reserved
+            ));
+        }
+    }
+    let mut ctx: BTreeMap<String, JValue> = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), JValue::from(Serde(v))))
+        .collect();
+    ctx.insert("agent".into(), JValue::from(Serde(facts)));
+    ctx.insert("bastion".into(), JValue::from(Serde(bastion)));
+    let ctx = JValue::from(ctx);
+
+    let origin = |key: &str| -> String {
+        merged
+            .provenance
+            .range(key.to_string()..)
+            .find(|(k, _)| k.starts_with(key))
+            .map(|(_, o)| o.file.clone())
+            .unwrap_or_else(|| "?".into())
+    };
+    let mut files = Vec::new();
+    let mut total = 0usize;
+    if let Some(decl) = merged.doc.get("files").and_then(Value::as_table) {
+        for (id, spec) in decl {
+            let key = super::tree::join("files", id);
+            let at = format!("{} ({key})", origin(&key));
+            match file(spec, &ctx, templates, &at) {
+                Ok(f) => {
+                    total += f.content.len();
+                    if files.iter().any(|o: &ManagedFile| o.path == f.path) {
+                        errors.push(format!("{at}: path {} is declared twice", f.path));
+                    }
+                    files.push(f);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+    if files.len() > MAX_FILES {
+        errors.push(format!("more than {MAX_FILES} files for {}", agent.name));
+    }
+    if total > MAX_TOTAL {
+        errors.push(format!(
+            "files for {} total {total} bytes, more than {MAX_TOTAL}",
+            agent.name
+        ));
+    }
+    let settings = match merged.doc.get("agent") {
+        Some(Value::Table(t)) => settings(t, &origin("agent")).unwrap_or_else(|e| {
+            errors.extend(e);
+            AgentSettings::default()
+        }),
+        _ => AgentSettings::default(),
+    };
+    if !errors.is_empty() {
+        return Err(errors
+            .into_iter()
+            .map(|e| format!("agent {}: {e}", agent.name))
+            .collect());
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut push = ConfigPush {
+        revision: String::new(),
+        files,
+        settings: Some(settings),
+    };
+    push.revision = revision(&push);
+    Ok(Rendered { push, merged })
+}
+
+/// A hash of the push's content (prost encodes our messages deterministically: no maps).
+pub fn revision(push: &ConfigPush) -> String {
+    let mut p = push.clone();
+    p.revision.clear();
+    let digest = Sha256::digest(p.encode_to_vec());
+    hex::encode(&digest[..8])
+}
+
+fn string(t: &Table, key: &str, at: &str) -> Result<Option<String>, String> {
+    match t.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(format!("{at}: {key} must be a string")),
+    }
+}
+
+fn file(
+    spec: &Value,
+    ctx: &JValue,
+    templates: &Templates,
+    at: &str,
+) -> Result<ManagedFile, String> {
+    let Value::Table(t) = spec else {
+        return Err(format!("{at}: must be a table"));
+    };
+    for k in t.keys() {
+        if !matches!(
+            k.as_str(),
+            "path" | "template" | "content" | "owner" | "group" | "mode" | "on_change"
+        ) {
+            return Err(format!(
+                "{at}: unknown key {k:?} (path, template, content, owner, group, mode, on_change)"
+            ));
+        }
+    }
+    let path = string(t, "path", at)?.ok_or_else(|| format!("{at}: path is required"))?;
+    if !normal_absolute(&path) {
+        return Err(format!(
+            "{at}: path {path:?} must be absolute, without . or .. components"
+        ));
+    }
+    let content = match (string(t, "template", at)?, string(t, "content", at)?) {
+        (Some(name), None) => {
+            let tpl = templates
+                .env
+                .get_template(&name)
+                .map_err(|_| format!("{at}: template {name:?} not found under templates/"))?;
+            tpl.render(ctx)
+                .map_err(|e| format!("{at}: templates/{name}: {}", describe(&e)))?
+        }
+        (None, Some(inline)) => templates
+            .env
+            .render_str(&inline, ctx)
+            .map_err(|e| format!("{at}: content: {}", describe(&e)))?,
+        _ => {
+            return Err(format!(
+                "{at}: exactly one of template and content is required"
+            ))
+        }
+    };
+    let mode = match t.get("mode") {
+        None => 0o644,
+        Some(Value::Integer(i)) if (0..=0o7777).contains(i) => *i as u32,
+        Some(Value::String(s)) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| format!("{at}: mode {s:?} is not an octal mode"))?,
+        Some(_) => return Err(format!("{at}: mode must be an octal string like \"0644\"")),
+    };
+    let name_ok = |s: &str| {
+        s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    };
+    let owner = string(t, "owner", at)?.unwrap_or_default();
+    let group = string(t, "group", at)?.unwrap_or_default();
+    let on_change = string(t, "on_change", at)?.unwrap_or_default();
+    for (k, v) in [
+        ("owner", &owner),
+        ("group", &group),
+        ("on_change", &on_change),
+    ] {
+        if !name_ok(v) {
+            return Err(format!("{at}: {k} {v:?} is not a valid name"));
+        }
+    }
+    Ok(ManagedFile {
+        path,
+        content: content.into_bytes(),
+        owner,
+        group,
+        mode,
+        on_change,
+    })
+}
+
+fn settings(t: &Table, at: &str) -> Result<AgentSettings, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut s = AgentSettings::default();
+    for (k, v) in t {
+        match (k.as_str(), v) {
+            ("metrics_interval", Value::String(d)) => match humantime::parse_duration(d) {
+                Ok(d) if d.is_zero() || d >= Duration::from_secs(1) => {
+                    s.metrics_interval_secs = Some(d.as_secs().min(u32::MAX as u64) as u32)
+                }
+                _ => errors.push(format!(
+                    "{at}: agent.metrics_interval {d:?} must be a duration of at least 1s, or 0s (off)"
+                )),
+            },
+            ("log_sources", Value::Array(list)) => {
+                if list.len() > MAX_LOG_SOURCES {
+                    errors.push(format!("{at}: more than {MAX_LOG_SOURCES} log sources"));
+                }
+                for (i, src) in list.iter().enumerate() {
+                    let ls = src.as_table().and_then(|t| {
+                        let path = t.get("path")?.as_str()?.to_string();
+                        let ml = match t.get("multiline_start") {
+                            None => String::new(),
+                            Some(v) => v.as_str()?.to_string(),
+                        };
+                        let extra = t
+                            .keys()
+                            .any(|k| k != "path" && k != "multiline_start");
+                        (!extra && path.starts_with('/')).then_some(LogSource {
+                            path,
+                            multiline_start: ml,
+                        })
+                    });
+                    match ls {
+                        Some(l) => s.log_sources.push(l),
+                        None => errors.push(format!(
+                            "{at}: agent.log_sources[{i}] must be {{ path = \"/abs/glob\", multiline_start = \"regex\" (optional) }}"
+                        )),
+                    }
+                }
+            }
+            _ => errors.push(format!(
+                "{at}: agent.{k}: unknown or mistyped setting (metrics_interval = \"15s\", log_sources = [...])"
+            )),
+        }
+    }
+    if errors.is_empty() {
+        Ok(s)
+    } else {
+        Err(errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config_push::tree::{Level, LevelFile};
+
+    fn agent(name: &str) -> AgentInfo {
+        AgentInfo {
+            name: name.into(),
+            labels: BTreeMap::new(),
+            revoked: false,
+            online: true,
+            hostname: name.into(),
+            addresses: vec!["10.0.0.5".parse().unwrap()],
+            os: "linux".into(),
+            agent_version: "t".into(),
+            ssh_host_keys: vec![],
+            enrolled_at: 0,
+            cert_serial: String::new(),
+            cert_not_after: 0,
+        }
+    }
+
+    fn tree(global: &str, host: Option<&str>, templates: &[(&str, &str)]) -> Tree {
+        let mut t = Tree {
+            group_label: "group".into(),
+            ..Tree::default()
+        };
+        t.common.push(LevelFile {
+            level: Level::Global,
+            file: "global.toml".into(),
+            doc: toml::from_str(global).unwrap(),
+        });
+        if let Some(h) = host {
+            t.hosts.insert(
+                "web1".into(),
+                LevelFile {
+                    level: Level::Host,
+                    file: "hosts/web1.toml".into(),
+                    doc: toml::from_str(h).unwrap(),
+                },
+            );
+        }
+        for (n, s) in templates {
+            t.templates.insert(n.to_string(), s.to_string());
+        }
+        t
+    }
+
+    const GLOBAL: &str = r#"
+[vars]
+ntp = "pool"
+[files.chrony]
+path = "/etc/chrony.conf"
+template = "chrony.j2"
+mode = "0640"
+on_change = "chrony"
+[agent]
+metrics_interval = "5s"
+log_sources = [{ path = "/var/log/*.log" }]
+"#;
+
+    #[test]
+    fn renders_with_vars_facts_and_bastion_and_hashes_the_result() {
+        let t = tree(
+            GLOBAL,
+            Some("[vars]\nntp = \"local\"\n"),
+            &[(
+                "chrony.j2",
+                "server {{ ntp }} # {{ agent.name }} via {{ bastion.address }}\n",
+            )],
+        );
+        let tpl = Templates::compile(&t).unwrap();
+        let b = serde_json::json!({"address": "10.0.0.1"});
+        let a = agent("web1");
+        let r = render(&t, &tpl, &a, &agent_facts(&a, None), &b).unwrap();
+        assert_eq!(r.push.files.len(), 1);
+        assert_eq!(r.push.files[0].mode, 0o640);
+        assert_eq!(
+            String::from_utf8_lossy(&r.push.files[0].content),
+            "server local # web1 via 10.0.0.1\n"
+        );
+        let s = r.push.settings.clone().unwrap();
+        assert_eq!(s.metrics_interval_secs, Some(5));
+        assert_eq!(s.log_sources.len(), 1);
+        let a2 = agent("web2");
+        let r2 = render(&t, &tpl, &a2, &agent_facts(&a2, None), &b).unwrap();
+        assert_ne!(r.push.revision, r2.push.revision);
+        let again = render(&t, &tpl, &a, &agent_facts(&a, None), &b).unwrap();
+        assert_eq!(r.push.revision, again.push.revision);
+        assert_eq!(r.push.revision.len(), 16);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_problem() {
+        let t = tree(GLOBAL, None, &[("chrony.j2", "{{ missing_var }}")]);
+        let tpl = Templates::compile(&t).unwrap();
+        let a = agent("web1");
+        let e = render(&t, &tpl, &a, &agent_facts(&a, None), &serde_json::json!({})).unwrap_err();
+        assert!(
+            e[0].contains("global.toml") && e[0].contains("chrony.j2"),
+            "{e:?}"
+        );
+        assert!(e[0].contains("undefined"), "{e:?}");
+
+        let bad = tree(GLOBAL, None, &[("chrony.j2", "{% if %}")]);
+        let e = Templates::compile(&bad).err().unwrap();
+        assert!(e[0].contains("templates/chrony.j2"), "{e:?}");
+
+        let t = tree(
+            "[files.x]\npath = \"relative\"\ncontent = \"x\"\n[files.y]\npath = \"/a/b\"\ncontent = \"y\"\nmode = \"99\"\n[agent]\nbogus = 1\n",
+            None,
+            &[],
+        );
+        let tpl = Templates::compile(&t).unwrap();
+        let e = render(&t, &tpl, &a, &agent_facts(&a, None), &serde_json::json!({})).unwrap_err();
+        assert_eq!(e.len(), 3, "{e:?}");
+    }
+}

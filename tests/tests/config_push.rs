@@ -1,0 +1,525 @@
+//! Configuration push with the real binaries over loopback: the bastion renders an environment
+//! tree per agent and pushes it over the agent's session; the agent applies it within its
+//! local allow-lists and ACKs or NACKs.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bastide_tests::{http_get, wait_for, Agent, Bastion};
+use serde_json::Value;
+use tempfile::TempDir;
+
+const PROJECT: &str = "demo";
+
+/// An environment tree: global and project levels, one managed file.
+struct Tree {
+    dir: TempDir,
+}
+
+impl Tree {
+    fn new(out: &Path, file_extra: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("bastide-env-")
+            .tempdir()
+            .unwrap();
+        let t = Tree { dir };
+        std::fs::create_dir_all(t.project_dir().join("hosts")).unwrap();
+        std::fs::create_dir_all(t.dir.path().join("templates")).unwrap();
+        t.write(
+            "global.toml",
+            &format!(
+                "[vars]\nntp = \"global.ntp\"\nsite_note = \"g\"\n\n[files.ntp]\npath = {:?}\ntemplate = \"ntp.conf.j2\"\nmode = \"0640\"\n{file_extra}\n",
+                out.join("ntp.conf").display().to_string()
+            ),
+        );
+        t.write(
+            "templates/ntp.conf.j2",
+            "server {{ ntp }} iburst\n# {{ agent.name }} via {{ bastion.address }}\n",
+        );
+        t.write_project("[vars]\nntp = \"project.ntp\"\n");
+        t
+    }
+
+    fn project_dir(&self) -> PathBuf {
+        self.dir.path().join(format!(
+            "clouds/c1/sites/s1/instances/prod/projects/{PROJECT}"
+        ))
+    }
+
+    fn write(&self, rel: &str, text: &str) {
+        let p = self.dir.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        // Atomic, as git checkout or an editor's save would be.
+        let tmp = p.with_extension("tmp~");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+    }
+
+    fn write_project(&self, text: &str) {
+        let rel = format!("clouds/c1/sites/s1/instances/prod/projects/{PROJECT}/project.toml");
+        self.write(&rel, text);
+    }
+
+    fn host_file(&self, name: &str) -> PathBuf {
+        self.project_dir().join(format!("hosts/{name}.toml"))
+    }
+}
+
+/// A running bastion with config push and one running agent allowed to write under `out`.
+struct Setup {
+    bastion: Bastion,
+    agent: Agent,
+    tree: Tree,
+    out: PathBuf,
+}
+
+fn setup(name: &str, file_extra: &str, actions: &str) -> Setup {
+    let mut bastion = Bastion::init(PROJECT);
+    let agent = Agent::new(name);
+    let out = agent.dir.path().join("etc");
+    std::fs::create_dir_all(&out).unwrap();
+    let tree = Tree::new(&out, file_extra);
+    bastion.enable_config_push(tree.dir.path());
+    bastion.start();
+    agent.append_config(&format!(
+        "[config]\nallow_dirs = [{:?}]\n[config.actions]\n{actions}\n",
+        out.display().to_string()
+    ));
+    let token = bastion.token(&[]);
+    agent.enroll_ok(&bastion, &token);
+    let mut s = Setup {
+        bastion,
+        agent,
+        tree,
+        out,
+    };
+    s.agent.start();
+    assert!(
+        s.bastion
+            .wait_state(name, "online", Duration::from_secs(20)),
+        "agent did not come online:\n{}",
+        s.agent.log_text()
+    );
+    s
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// Waits until `path` holds `needle`; the time it took.
+fn wait_content(s: &Setup, path: &Path, needle: &str, timeout: Duration) -> Duration {
+    let t = Instant::now();
+    let ok = wait_for_fast(timeout, || read(path).contains(needle));
+    assert!(
+        ok,
+        "{} never contained {needle:?} (has {:?})\nagent:\n{}\nbastion:\n{}",
+        path.display(),
+        read(path),
+        s.agent.log_text(),
+        s.bastion.log_text()
+    );
+    t.elapsed()
+}
+
+fn wait_for_fast(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+/// Waits until the registry shows `pred` for the agent; the agent's JSON.
+fn wait_agent(s: &Setup, pred: impl Fn(&Value) -> bool) -> Value {
+    wait_for(Duration::from_secs(10), || {
+        s.bastion.agent(&s.agent.name).filter(|a| pred(a))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "agent state never matched: {:?}\nagent:\n{}\nbastion:\n{}",
+            s.bastion.agent(&s.agent.name),
+            s.agent.log_text(),
+            s.bastion.log_text()
+        )
+    })
+}
+
+fn in_sync(a: &Value) -> bool {
+    a["config_desired"] != "" && a["config_desired"] == a["config_applied"]
+}
+
+#[test]
+fn project_change_reaches_the_agent_within_1s_host_overrides_and_deleting_restores() {
+    let s = setup("web1", "", "");
+    let ntp = s.out.join("ntp.conf");
+    wait_content(
+        &s,
+        &ntp,
+        "server project.ntp iburst",
+        Duration::from_secs(10),
+    );
+    assert!(read(&ntp).contains("# web1 via 127.0.0.1"));
+    let meta = std::fs::metadata(&ntp).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o640);
+    let first = wait_agent(&s, in_sync);
+    assert_eq!(first["config_error"], "");
+
+    // A project-level change reaches the running agent's file within 1 s.
+    s.tree
+        .write_project("[vars]\nntp = \"changed.ntp\"\n\n[agent]\nmetrics_interval = \"3s\"\n");
+    let took = wait_content(&s, &ntp, "server changed.ntp", Duration::from_secs(5));
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let second = wait_agent(&s, |a| {
+        in_sync(a) && a["config_applied"] != first["config_applied"]
+    });
+    // The pushed agent setting takes effect without a restart.
+    assert!(
+        wait_for(Duration::from_secs(5), || s
+            .agent
+            .log_text()
+            .contains("host metrics interval changed by the bastion")
+            .then_some(()))
+        .is_some(),
+        "{}",
+        s.agent.log_text()
+    );
+
+    // A host-level value overrides the project's.
+    std::fs::write(s.tree.host_file("web1"), "[vars]\nntp = \"host.ntp\"\n").unwrap();
+    wait_content(&s, &ntp, "server host.ntp", Duration::from_secs(5));
+    // Deleting the host override restores the project value, and the same revision.
+    std::fs::remove_file(s.tree.host_file("web1")).unwrap();
+    wait_content(&s, &ntp, "server changed.ntp", Duration::from_secs(5));
+    wait_agent(&s, |a| {
+        in_sync(a) && a["config_applied"] == second["config_applied"]
+    });
+
+    // The listing shows the revision; metrics count pushes and ACKs and show the agent in sync.
+    let list = s.bastion.cli_ok(&["agents", "list"]);
+    let rev = second["config_applied"].as_str().unwrap();
+    assert!(list.contains(&rev[..8]), "{list}");
+    let (code, body) = http_get(&s.bastion.metrics_addr, "/metrics", None);
+    assert_eq!(code, 200);
+    assert!(body.contains("bastide_config_pushes_total"), "{body}");
+    assert!(
+        body.contains("bastide_config_results_total{result=\"ack\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("bastide_agent_config_in_sync{agent=\"web1\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("bastide_agents_config_out_of_sync 0"),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!(
+            "bastide_agent_config_applied_info{{agent=\"web1\",revision=\"{rev}\"}} 1"
+        )),
+        "{body}"
+    );
+}
+
+#[test]
+fn explain_names_the_level_that_set_each_key() {
+    let s = setup("web2", "", "");
+    std::fs::write(s.tree.host_file("web2"), "[vars]\nsite_note = \"h\"\n").unwrap();
+    let out = s.bastion.cli_ok(&["config", "render", "web2", "--explain"]);
+    let line = |key: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{key} ")))
+            .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
+            .to_string()
+    };
+    assert!(
+        line("vars.ntp")
+            .contains("# project: clouds/c1/sites/s1/instances/prod/projects/demo/project.toml"),
+        "{out}"
+    );
+    assert!(line("vars.site_note").contains("# host: "), "{out}");
+    assert!(
+        line("files.ntp.mode").contains("# global: global.toml"),
+        "{out}"
+    );
+    let plain = s.bastion.cli_ok(&["config", "render", "web2"]);
+    assert!(plain.contains("ntp = \"project.ntp\""), "{plain}");
+    assert!(plain.contains("server project.ntp iburst"), "{plain}");
+    // Unknown agents are an error, not an empty render.
+    assert!(!s
+        .bastion
+        .cli(&["config", "render", "nope"])
+        .status
+        .success());
+}
+
+#[test]
+fn template_error_is_reported_by_check_and_nothing_is_pushed() {
+    let s = setup("web3", "", "");
+    let ntp = s.out.join("ntp.conf");
+    wait_content(&s, &ntp, "server project.ntp", Duration::from_secs(10));
+    let before = wait_agent(&s, in_sync);
+    assert!(s.bastion.cli_ok(&["config", "check"]).contains("OK"));
+
+    // A syntax error in the template and an undefined variable in a new file: both reported.
+    s.tree.write("templates/ntp.conf.j2", "server {{ ntp }\n");
+    s.tree.write_project(&format!(
+        "[vars]\nntp = \"broken.ntp\"\n[files.other]\npath = {:?}\ncontent = \"{{{{ no_such_var }}}}\"\n",
+        s.out.join("other.conf").display().to_string()
+    ));
+    let out = s.bastion.cli(&["config", "check"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("templates/ntp.conf.j2"), "{err}");
+    // The reload through the CLI is refused with the errors too.
+    let out = s.bastion.cli(&["config", "reload"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("last good one stays"));
+    // Nothing pushed: the file and the revisions stay.
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(read(&ntp).contains("server project.ntp"));
+    assert!(!s.out.join("other.conf").exists());
+    let after = s.bastion.agent("web3").unwrap();
+    assert_eq!(after["config_desired"], before["config_desired"]);
+    assert_eq!(after["config_applied"], before["config_applied"]);
+
+    // Fixing the template alone leaves the undefined variable: still refused, one error.
+    s.tree.write("templates/ntp.conf.j2", "server {{ ntp }}\n");
+    let out = s.bastion.cli(&["config", "check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no_such_var") || err.contains("undefined"),
+        "{err}"
+    );
+    s.tree.write_project("[vars]\nntp = \"fixed.ntp\"\n");
+    wait_content(&s, &ntp, "server fixed.ntp", Duration::from_secs(5));
+}
+
+#[test]
+fn file_outside_the_allow_list_is_refused_and_the_fs_untouched() {
+    let s = setup("web4", "", "");
+    let ntp = s.out.join("ntp.conf");
+    wait_content(&s, &ntp, "server project.ntp", Duration::from_secs(10));
+    let before = wait_agent(&s, in_sync);
+    let outside = s.agent.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    s.tree.write_project(&format!(
+        "[vars]\nntp = \"new.ntp\"\n[files.evil]\npath = {:?}\ncontent = \"owned\"\n",
+        outside.join("passwd").display().to_string()
+    ));
+    let a = wait_agent(&s, |a| a["config_error"] != "");
+    let err = a["config_error"].as_str().unwrap();
+    assert!(
+        err.contains("passwd") && err.contains("allow_dirs"),
+        "{err}"
+    );
+    assert_eq!(a["config_applied"], before["config_applied"]);
+    assert_ne!(a["config_desired"], a["config_applied"]);
+    // Nothing of the revision was applied, not even the allowed file.
+    assert!(!outside.join("passwd").exists());
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    assert!(read(&ntp).contains("server project.ntp"));
+    let (_, body) = http_get(&s.bastion.metrics_addr, "/metrics", None);
+    assert!(
+        body.contains("bastide_config_results_total{result=\"nack\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("bastide_agents_config_out_of_sync 1"),
+        "{body}"
+    );
+    let list = s.bastion.cli_ok(&["agents", "list"]);
+    assert!(list.contains("allow_dirs"), "{list}");
+}
+
+#[test]
+fn on_change_action_not_in_the_local_allow_list_is_not_run() {
+    // The tree names "reload"; the agent only knows "other".
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("ran");
+    let s = setup(
+        "web5",
+        "on_change = \"reload\"",
+        &format!(
+            "other = [\"/bin/sh\", \"-c\", \"touch {}\"]",
+            marker.display()
+        ),
+    );
+    let a = wait_agent(&s, |a| a["config_error"] != "");
+    let err = a["config_error"].as_str().unwrap();
+    assert!(
+        err.contains("\\\"reload\\\"") || err.contains("reload"),
+        "{err}"
+    );
+    assert_eq!(a["config_applied"], "");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!marker.exists(), "an action ran");
+    assert!(!s.out.join("ntp.conf").exists());
+}
+
+#[test]
+fn allowed_action_runs_once_per_change() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("ran");
+    let s = setup(
+        "web6",
+        "on_change = \"chrony\"",
+        &format!(
+            "chrony = [\"/bin/sh\", \"-c\", \"echo ran >> {}\"]",
+            marker.display()
+        ),
+    );
+    let ntp = s.out.join("ntp.conf");
+    wait_content(&s, &ntp, "server project.ntp", Duration::from_secs(10));
+    let good = wait_agent(&s, in_sync);
+    assert_eq!(read(&marker), "ran\n");
+    // A change elsewhere in the tree that does not change this file runs nothing.
+    s.tree
+        .write_project("[vars]\nntp = \"project.ntp\"\nunused = 1\n");
+    std::thread::sleep(Duration::from_millis(500));
+    s.tree.write_project("[vars]\nntp = \"second.ntp\"\n");
+    wait_content(&s, &ntp, "server second.ntp", Duration::from_secs(5));
+    wait_agent(&s, |a| {
+        in_sync(a) && a["config_applied"] != good["config_applied"]
+    });
+    assert_eq!(read(&marker), "ran\nran\n");
+}
+
+#[test]
+fn failing_action_rolls_the_files_back_and_nacks() {
+    let dir = tempfile::tempdir().unwrap();
+    // The action refuses any configuration that mentions "bad" (as `chronyd -p` would).
+    let check = dir.path().join("check.sh");
+    std::fs::write(
+        &check,
+        "#!/bin/sh\nif grep -q bad \"$1\"; then echo 'bad server' >&2; exit 4; fi\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&check, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let s = setup_with_check("web7", &check);
+    let ntp = s.out.join("ntp.conf");
+    let other = s.out.join("other.conf");
+    wait_content(&s, &ntp, "server project.ntp", Duration::from_secs(10));
+    let good = wait_agent(&s, in_sync);
+
+    s.tree.write_project(&format!(
+        "[vars]\nntp = \"bad.ntp\"\n[files.other]\npath = {:?}\ncontent = \"new file\"\n",
+        other.display().to_string()
+    ));
+    let a = wait_agent(&s, |a| a["config_error"] != "");
+    let err = a["config_error"].as_str().unwrap();
+    assert!(
+        err.contains("bad server") && err.contains("restored"),
+        "{err}"
+    );
+    assert_eq!(a["config_applied"], good["config_applied"]);
+    // Rolled back: previous content, and the file the revision created is gone.
+    assert!(read(&ntp).contains("server project.ntp"), "{}", read(&ntp));
+    assert!(!other.exists());
+}
+
+fn setup_with_check(name: &str, check: &Path) -> Setup {
+    let mut bastion = Bastion::init(PROJECT);
+    let agent = Agent::new(name);
+    let out = agent.dir.path().join("etc");
+    std::fs::create_dir_all(&out).unwrap();
+    let tree = Tree::new(&out, "on_change = \"check\"");
+    bastion.enable_config_push(tree.dir.path());
+    bastion.start();
+    agent.append_config(&format!(
+        "[config]\nallow_dirs = [{:?}]\n[config.actions]\ncheck = [{:?}, {:?}]\n",
+        out.display().to_string(),
+        check.display().to_string(),
+        out.join("ntp.conf").display().to_string()
+    ));
+    let token = bastion.token(&[]);
+    agent.enroll_ok(&bastion, &token);
+    let mut s = Setup {
+        bastion,
+        agent,
+        tree,
+        out,
+    };
+    s.agent.start();
+    assert!(s
+        .bastion
+        .wait_state(name, "online", Duration::from_secs(20)));
+    s
+}
+
+#[test]
+fn offline_agent_gets_the_latest_revision_on_reconnect_and_no_needless_push() {
+    let mut s = setup("web8", "", "");
+    let ntp = s.out.join("ntp.conf");
+    wait_content(&s, &ntp, "server project.ntp", Duration::from_secs(10));
+    wait_agent(&s, in_sync);
+    s.agent.stop();
+    assert!(s
+        .bastion
+        .wait_state("web8", "offline", Duration::from_secs(10)));
+    s.tree.write_project("[vars]\nntp = \"while-offline-1\"\n");
+    std::thread::sleep(Duration::from_millis(300));
+    s.tree.write_project("[vars]\nntp = \"while-offline-2\"\n");
+    // The revision the tree now gives web8, as `config render` computes it from disk.
+    let view: Value =
+        serde_json::from_str(&s.bastion.cli_ok(&["config", "render", "web8", "--json"])).unwrap();
+    let desired = view["revision"].clone();
+    let a = wait_agent(&s, |a| a["config_desired"] == desired);
+    assert_ne!(a["config_applied"], desired);
+    assert!(read(&ntp).contains("server project.ntp"));
+    s.agent.start();
+    wait_content(&s, &ntp, "server while-offline-2", Duration::from_secs(10));
+    wait_agent(&s, |a| in_sync(a) && a["config_applied"] == desired);
+    let applied = s.agent.log_text().matches("configuration applied").count();
+
+    // A restarted agent reports its applied revision: the bastion does not push it again.
+    s.agent.stop();
+    s.agent.start();
+    assert!(s
+        .bastion
+        .wait_state("web8", "online", Duration::from_secs(20)));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        s.agent.log_text().matches("configuration applied").count(),
+        applied,
+        "{}",
+        s.agent.log_text()
+    );
+    wait_agent(&s, |a| in_sync(a) && a["config_applied"] == desired);
+
+    // The revisions survive a bastion restart.
+    s.bastion.stop();
+    s.bastion.start();
+    let a = s.bastion.agent("web8").unwrap();
+    assert_eq!(a["config_applied"], desired);
+}
+
+#[test]
+fn unchanged_content_is_never_rewritten() {
+    let s = setup("web9", "", "");
+    let ntp = s.out.join("ntp.conf");
+    wait_content(&s, &ntp, "server project.ntp", Duration::from_secs(10));
+    let rev1 = wait_agent(&s, in_sync)["config_applied"].clone();
+    let m1 = std::fs::metadata(&ntp).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    // A second file changes; the first one's content does not.
+    let second = s.out.join("motd");
+    s.tree.write_project(&format!(
+        "[vars]\nntp = \"project.ntp\"\n[files.motd]\npath = {:?}\ncontent = \"hello {{{{ agent.name }}}}\\n\"\n",
+        second.display().to_string()
+    ));
+    wait_content(&s, &second, "hello web9", Duration::from_secs(5));
+    wait_agent(&s, |a| in_sync(a) && a["config_applied"] != rev1);
+    let m2 = std::fs::metadata(&ntp).unwrap();
+    assert_eq!(m1.ino(), m2.ino(), "the file was replaced");
+    assert_eq!(
+        (m1.mtime(), m1.mtime_nsec()),
+        (m2.mtime(), m2.mtime_nsec()),
+        "the file was rewritten"
+    );
+}
