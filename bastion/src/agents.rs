@@ -35,17 +35,29 @@ use crate::tls::{AgentConn, ConnInfo};
 /// heartbeats stay far below).
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
+/// The services that receive from (logs) or send to (config) agents over this endpoint,
+/// when they are on.
+#[derive(Clone)]
+pub struct Peers {
+    pub hosts: HostMetrics,
+    pub logs: Option<crate::logs::Logs>,
+    pub config_push: Option<ConfigPushHandle>,
+}
+
 /// Serves the agents' endpoint on `listener` until `shutdown`.
 pub async fn run(
     cfg: AgentsConfig,
     registry: Registry,
-    hosts: HostMetrics,
+    peers: Peers,
     tls: Arc<rustls::ServerConfig>,
     listener: TcpListener,
     shutdown: CancellationToken,
-    logs: Option<crate::logs::Logs>,
-    config_push: Option<ConfigPushHandle>,
 ) -> Result<()> {
+    let Peers {
+        hosts,
+        logs,
+        config_push,
+    } = peers;
     let local = listener.local_addr().context("agents listener address")?;
     let (tx, rx) = mpsc::channel::<Result<AgentConn, std::io::Error>>(256);
     let acceptor = TlsAcceptor::from(tls);

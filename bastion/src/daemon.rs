@@ -185,11 +185,15 @@ pub async fn serve(cfg: Config) -> Result<()> {
     }
     if let Some((acfg, listener, tls)) = agents {
         let (r, t, h) = (registry.clone(), root.child_token(), hosts.clone());
-        let (l, cp) = (logs.clone(), config_push.clone());
+        let peers = crate::agents::Peers {
+            hosts: h,
+            logs: logs.clone(),
+            config_push: config_push.clone(),
+        };
         set.spawn(async move {
             (
                 "agents",
-                crate::agents::run(acfg, r, h, tls, listener, t, l, cp).await,
+                crate::agents::run(acfg, r, peers, tls, listener, t).await,
             )
         });
     }

@@ -365,7 +365,7 @@ impl Queue {
     pub fn has_room(&self, size: u64) -> bool {
         match nix::sys::statvfs::statvfs(&self.root) {
             Ok(s) => {
-                let free = (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64);
+                let free = s.blocks_available().saturating_mul(s.fragment_size());
                 free >= size.saturating_add(MIN_FREE)
             }
             Err(_) => true,
