@@ -343,8 +343,7 @@ impl Queue {
     pub fn has_room(&self, size: u64) -> bool {
         match nix::sys::statvfs::statvfs(&self.root) {
             Ok(s) => {
-                let free =
-                    u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size()));
+                let free = s.blocks_available().saturating_mul(s.fragment_size());
                 free >= size.saturating_add(MIN_FREE)
             }
             Err(_) => true,
