@@ -417,7 +417,7 @@ fn rsyslog_over_tls_reaches_the_store() {
         "rsyslog's TLS driver is required by this test: apt-get install -y rsyslog-gnutls"
     );
     let input = free_port();
-    let ca = s.b.state_dir().join("agent-ca.crt");
+    let ca = s.b.state_dir().join("pki").join("agent-ca.crt");
     let _r = rsyslog(&format!(
         "global(DefaultNetstreamDriverCAFile=\"{}\")\n\
          module(load=\"imudp\")\ninput(type=\"imudp\" address=\"127.0.0.1\" port=\"{input}\")\n\
