@@ -661,3 +661,47 @@ fn shipping_without_a_log_store_is_refused() {
     });
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
 }
+
+/// Issue 7's counter check: N lines sent by `logger` raise the events counter by exactly N
+/// (not "at least"), once every line is in the store.
+#[test]
+fn logger_lines_raise_the_events_counter_by_exactly_n() {
+    const N: usize = 40;
+    let s = bastion_with_syslog("");
+    let b = &s.b;
+    let series = "bastide_logs_events_total{source=\"tcp\"}";
+    let before = metric(b, series);
+    let lines: String = (0..N).map(|i| format!("counted line {i}\n")).collect();
+    logger(
+        &[
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &s.tcp.to_string(),
+            "--tcp",
+            "--octet-count",
+            "-t",
+            "counter",
+        ],
+        Some(lines.as_bytes()),
+    );
+    let stored_n = wait_for(Duration::from_secs(20), || {
+        let n = stored(b)
+            .iter()
+            .filter(|(_, l)| l.contains("counted line "))
+            .count();
+        (n == N).then_some(n)
+    });
+    assert_eq!(stored_n, Some(N), "{}", b.log_text());
+    let after = wait_for(Duration::from_secs(5), || {
+        let v = metric(b, series);
+        (v - before >= N as f64).then_some(v)
+    })
+    .unwrap_or_else(|| metric(b, series));
+    assert_eq!(
+        after - before,
+        N as f64,
+        "events counter moved by {}",
+        after - before
+    );
+}
