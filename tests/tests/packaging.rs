@@ -630,9 +630,11 @@ fn packaging_templates_render_and_rsyslog_accepts_them() {
     let vars = serde_json::json!({
         "bastion": {
             "zone": "proj.example.org",
-            "dns": {"host": "10.0.0.1", "port": 53},
-            "smtp": {"host": "10.0.0.1", "port": 25},
-            "syslog": {"host": "10.0.0.1", "port": 514, "protocol": "tcp"},
+            "services": {
+                "dns": {"host": "10.0.0.1", "port": 53},
+                "smtp": {"host": "10.0.0.1", "port": 25},
+                "syslog": {"host": "10.0.0.1", "port": 514, "protocol": "tcp"},
+            },
         },
         "agent": {"name": "web01"},
     });

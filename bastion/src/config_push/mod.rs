@@ -129,6 +129,20 @@ pub fn bastion_vars(cfg: &crate::config::Config) -> serde_json::Value {
     if let Some(m) = &cfg.metrics {
         services.insert("metrics".into(), endpoint(m.listen));
     }
+    // Where a VM's rsyslog forwards to: TCP when the receiver has it (no loss on a full
+    // socket buffer), else UDP.
+    if let Some(s) = &cfg.syslog {
+        let (addr, protocol) = match (s.tcp.first(), s.udp.first()) {
+            (Some(t), _) => (Some(*t), "tcp"),
+            (None, Some(u)) => (Some(*u), "udp"),
+            _ => (None, ""),
+        };
+        if let Some(a) = addr {
+            let mut e = endpoint(a);
+            e["protocol"] = serde_json::json!(protocol);
+            services.insert("syslog".into(), e);
+        }
+    }
     serde_json::json!({
         "project": cfg.project,
         "zone": cfg.zone.clone().unwrap_or_default(),
@@ -678,7 +692,10 @@ mod tests {
         let tpl = Templates::compile(&tree).unwrap();
         let bastion = serde_json::json!({
             "project": "demo", "zone": "demo.example.org.", "address": "10.0.0.1",
-            "services": { "dns": { "host": "10.0.0.1", "port": 53 } },
+            "services": {
+                "dns": { "host": "10.0.0.1", "port": 53 },
+                "syslog": { "host": "10.0.0.1", "port": 514, "protocol": "tcp" },
+            },
         });
         let file = |r: &render::Rendered, path: &str| -> Option<String> {
             r.push
@@ -720,7 +737,7 @@ mod tests {
             .contains("server ntp.ovh.net iburst"));
         assert!(file(&r, "/etc/rsyslog.d/90-bastide.conf")
             .unwrap()
-            .contains("@@10.0.0.1:514"));
+            .contains(r#"target="10.0.0.1" port="514" protocol="tcp""#));
         assert!(file(&r, "/etc/resolv.conf")
             .unwrap()
             .contains("options edns0 timeout:1"));
