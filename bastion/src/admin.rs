@@ -321,20 +321,33 @@ async fn handle(req: AdminRequest, ctx: AdminCtx) -> Result<serde_json::Value> {
     .context("admin task")?
 }
 
+/// Connects to the daemon and sends one request line; the answer is read from the result.
+async fn send_request(
+    socket: &Path,
+    req: &AdminRequest,
+) -> Result<(
+    BufReader<tokio::net::unix::OwnedReadHalf>,
+    tokio::net::unix::OwnedWriteHalf,
+)> {
+    let stream = UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "cannot reach the bastide daemon at {} (is it running?)",
+            socket.display()
+        )
+    })?;
+    let (rd, mut wr) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    wr.write_all(&line).await?;
+    // The caller keeps the write half open until it has read the answer: dropping it sends
+    // EOF, which the daemon may take for a client gone away.
+    Ok((BufReader::new(rd), wr))
+}
+
 /// Sends one request to the daemon and returns its result, or its error as an `Err`.
 pub async fn call(socket: &Path, req: &AdminRequest) -> Result<serde_json::Value> {
     let fut = async {
-        let stream = UnixStream::connect(socket).await.with_context(|| {
-            format!(
-                "cannot reach the bastide daemon at {} (is it running?)",
-                socket.display()
-            )
-        })?;
-        let (rd, mut wr) = stream.into_split();
-        let mut line = serde_json::to_vec(req)?;
-        line.push(b'\n');
-        wr.write_all(&line).await?;
-        let mut reader = BufReader::new(rd);
+        let (mut reader, _wr) = send_request(socket, req).await?;
         let mut resp = String::new();
         reader.read_line(&mut resp).await?;
         if resp.is_empty() {
@@ -513,17 +526,7 @@ pub async fn call_stream(
     req: &AdminRequest,
     mut each: impl FnMut(serde_json::Value) -> Result<()>,
 ) -> Result<serde_json::Value> {
-    let stream = UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "cannot reach the bastide daemon at {} (is it running?)",
-            socket.display()
-        )
-    })?;
-    let (rd, mut wr) = stream.into_split();
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    wr.write_all(&line).await?;
-    let mut reader = BufReader::new(rd);
+    let (mut reader, _wr) = send_request(socket, req).await?;
     loop {
         let mut resp = String::new();
         if reader.read_line(&mut resp).await? == 0 {

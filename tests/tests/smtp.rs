@@ -1483,3 +1483,48 @@ fn partial_recipient_refusal_delivers_the_others_once_and_bounces_only_the_refus
     assert!(state.contains("bad@example.net"), "{state}");
     assert_eq!(metric(&b, "bastide_smtp_bounced_total"), 1);
 }
+
+/// `tls = "opportunistic"`: STARTTLS (certificate checked against `ca_file`) when the
+/// smarthost offers it, plaintext when it does not; and a plain HELO client (RFC 821 style,
+/// `swaks --protocol SMTP`) is served like an EHLO one.
+#[test]
+fn opportunistic_tls_upgrades_when_offered_and_helo_clients_are_served() {
+    for (mode, want_tls) in [("starttls", true), ("none", false)] {
+        let b = Bastion::init("mailp");
+        let port = free_port();
+        let ca = b.state_dir().join("pki/agent-ca.crt");
+        let host = Smarthost::start(&b, mode, &[]);
+        relay_config(
+            &b,
+            port,
+            "",
+            &format!(
+                "port = {}\ntls = \"opportunistic\"\nca_file = \"{}\"",
+                host.port,
+                ca.display()
+            ),
+        );
+        let mut b = b;
+        b.start();
+        let o = swaks(
+            port,
+            &[
+                "--protocol",
+                "SMTP",
+                "--from",
+                "a@example.com",
+                "--to",
+                "b@example.com",
+                "--header",
+                &format!("Subject: opportunistic {mode}"),
+            ],
+        );
+        assert_ok(&o);
+        let t = transcript(&o);
+        assert!(t.contains("-> HELO web01"), "HELO was not used:\n{t}");
+        let got = host.wait(1);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0["tls"], want_tls, "smarthost {mode}: {}", got[0].0);
+        assert!(got[0].1.contains(&format!("Subject: opportunistic {mode}")));
+    }
+}
