@@ -1,0 +1,3 @@
+//! Code shared by the bastion (`bastide`) and the agent (`bastide-agent`).
+
+pub mod fsutil;
