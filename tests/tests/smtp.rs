@@ -1187,14 +1187,13 @@ fn smarthost_implicit_tls_with_auth() {
     assert_eq!(got[0].0["rcpt_tos"], serde_json::json!(["b@example.com"]));
 }
 
-#[test]
-fn tls_required_never_plaintext_never_auth_never_an_untrusted_certificate() {
-    // A smarthost offering AUTH but no STARTTLS: with tls = "required" nothing is sent,
-    // not even AUTH.
+/// Relays one message with `tls = "required"` through a smarthost offering `smarthost_tls`
+/// and AUTH; waits until it is deferred twice with an error naming `error_word`.
+fn deferred_with_tls_required(smarthost_tls: &str, error_word: &str) -> (Bastion, Smarthost) {
     let mut b = Bastion::init("mailp");
     let port = free_port();
     let pw = password_file(&b, "hunter2", 0o600);
-    let host = Smarthost::start(&b, "none", &["--auth", "bastion:hunter2"]);
+    let host = Smarthost::start(&b, smarthost_tls, &["--auth", "bastion:hunter2"]);
     relay_config(
         &b,
         port,
@@ -1220,9 +1219,17 @@ fn tls_required_never_plaintext_never_auth_never_an_untrusted_certificate() {
             .as_str()
             .unwrap()
             .to_ascii_lowercase()
-            .contains("tls"),
+            .contains(error_word),
         "{m}"
     );
+    (b, host)
+}
+
+#[test]
+fn tls_required_never_plaintext_never_auth_never_an_untrusted_certificate() {
+    // A smarthost offering AUTH but no STARTTLS: with tls = "required" nothing is sent,
+    // not even AUTH.
+    let (b, host) = deferred_with_tls_required("none", "tls");
     assert!(host.count("connect") >= 2);
     assert_eq!(host.count("auth-command"), 0, "{:?}", host.events());
     assert_eq!(host.count("mail"), 0, "{:?}", host.events());
@@ -1230,38 +1237,7 @@ fn tls_required_never_plaintext_never_auth_never_an_untrusted_certificate() {
 
     // A smarthost with STARTTLS whose certificate is not trusted (no ca_file: the system
     // roots do not know the bastion's test CA): deferred, nothing sent.
-    let mut b = Bastion::init("mailp");
-    let port = free_port();
-    let pw = password_file(&b, "hunter2", 0o600);
-    let host = Smarthost::start(&b, "starttls", &["--auth", "bastion:hunter2"]);
-    relay_config(
-        &b,
-        port,
-        "",
-        &format!(
-            "port = {}\ntls = \"required\"\nusername = \"bastion\"\npassword_file = \"{}\"",
-            host.port,
-            pw.display()
-        ),
-    );
-    b.start();
-    assert_ok(&swaks(
-        port,
-        &["--from", "a@example.com", "--to", "b@example.com"],
-    ));
-    let m = wait_for(Duration::from_secs(15), || {
-        let m = queue(&b)["messages"][0].clone();
-        (m["attempts"].as_u64().unwrap_or(0) >= 2).then_some(m)
-    })
-    .expect("deferred twice");
-    assert!(
-        m["last_error"]
-            .as_str()
-            .unwrap()
-            .to_ascii_lowercase()
-            .contains("certificate"),
-        "{m}"
-    );
+    let (_b, host) = deferred_with_tls_required("starttls", "certificate");
     assert_eq!(host.count("auth-command"), 0, "{:?}", host.events());
     assert_eq!(host.count("mail"), 0, "{:?}", host.events());
 }
