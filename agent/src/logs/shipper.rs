@@ -74,7 +74,7 @@ pub async fn run(client: AgentClient<Channel>, shared: Arc<Shared>, cancel: Canc
             }
             Err(ShipError::Status(s)) if s.code() == tonic::Code::ResourceExhausted => {
                 let d = backoff.next_delay();
-                warn!(error = %s.message(), retry_in_ms = d.as_millis() as u64,
+                warn!(code = ?s.code(), error = %s.message(), retry_in_ms = d.as_millis() as u64,
                     "the bastion refused a log batch (its log store is full): keeping every batch in the buffer");
                 d
             }

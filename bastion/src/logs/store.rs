@@ -56,7 +56,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use super::format::day_name;
 use super::metrics::{counters, Source};
@@ -457,8 +457,16 @@ struct Writer {
     journal_len: u64,
     /// Agents with a batch refused for lack of space, until their next stream.
     refused: HashSet<String>,
-    /// Since when the filesystem is full, and how many syslog events were dropped since.
-    full: Option<(std::time::Instant, u64, std::time::Instant)>,
+    /// Set while the filesystem is full.
+    full: Option<Full>,
+}
+
+struct Full {
+    since: std::time::Instant,
+    /// Syslog events dropped since, and how many of them were logged.
+    dropped: u64,
+    reported: u64,
+    last_report: Option<std::time::Instant>,
 }
 
 /// Why a group did not commit: `full` when only space is missing (rolled back, retried).
@@ -524,11 +532,11 @@ impl Writer {
                     c.commit_micros
                         .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                     if committed.wrote {
-                        if let Some((since, dropped, _)) = self.full.take() {
+                        if let Some(full) = self.full.take() {
                             c.store_full.store(0, Ordering::Relaxed);
                             info!(
-                                full_for_ms = since.elapsed().as_millis() as u64,
-                                syslog_events_dropped = dropped,
+                                full_for_ms = full.since.elapsed().as_millis() as u64,
+                                syslog_events_dropped = full.dropped,
                                 "log store: space is available again, writing resumed"
                             );
                         }
@@ -595,23 +603,29 @@ impl Writer {
         }
         c.store_full.store(1, Ordering::Relaxed);
         let now = std::time::Instant::now();
-        match &mut self.full {
-            None => {
-                self.full = Some((now, dropped, now));
-                warn!(error = %msg, syslog_events_dropped = dropped,
-                    "log store: filesystem full: agent batches refused (agents keep them and retry), syslog lines dropped; retrying with every new write");
+        let full = self.full.get_or_insert_with(|| {
+            warn!(error = %msg,
+                "log store: filesystem full: agent batches refused (agents keep them and retry), syslog lines dropped; every new write tries again");
+            Full {
+                since: now,
+                dropped: 0,
+                reported: 0,
+                last_report: None,
             }
-            Some((since, total, last)) => {
-                *total += dropped;
-                if dropped > 0 {
-                    debug!(syslog_events_dropped = dropped, "log store full: syslog lines dropped");
-                }
-                if last.elapsed() >= FULL_REPORT {
-                    *last = now;
-                    warn!(full_for_ms = since.elapsed().as_millis() as u64, syslog_events_dropped = *total,
-                        "log store: filesystem still full");
-                }
-            }
+        });
+        full.dropped += dropped;
+        // Drops are reported as they start, then at most every FULL_REPORT.
+        if full.dropped > full.reported
+            && full.last_report.is_none_or(|t| t.elapsed() >= FULL_REPORT)
+        {
+            warn!(
+                syslog_events_dropped = full.dropped - full.reported,
+                syslog_events_dropped_total = full.dropped,
+                full_for_ms = full.since.elapsed().as_millis() as u64,
+                "log store full: syslog lines dropped (counted in bastide_logs_dropped_events_total)"
+            );
+            full.reported = full.dropped;
+            full.last_report = Some(now);
         }
     }
 
