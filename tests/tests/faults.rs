@@ -149,7 +149,11 @@ fn spool_disk_full_answers_452_and_recovers() {
     let got = wait_for(Duration::from_secs(30), || {
         (sink_subjects(&sink_dir).len() >= n && queue_len(&b) == 0).then_some(())
     });
-    assert!(got.is_some(), "delivered {:?} of {n}", sink_subjects(&sink_dir));
+    assert!(
+        got.is_some(),
+        "delivered {:?} of {n}",
+        sink_subjects(&sink_dir)
+    );
     for (subject, data) in &accepted {
         let stored = body_of(&sink_dir, subject).expect("delivered");
         assert_eq!(sha(&stored), sha(data), "{subject} corrupted");
@@ -527,9 +531,15 @@ fn log_store_disk_full_refuses_batches_agents_keep_them_and_all_arrive_once_spac
     // Before: stored exactly once.
     write_numbered(&app, 0, 2_000, 500, Duration::from_millis(20), |_| {});
     let ok = wait_for(Duration::from_secs(30), || {
-        numbers_problem(&store, "full1", 2_000, false).is_none().then_some(())
+        numbers_problem(&store, "full1", 2_000, false)
+            .is_none()
+            .then_some(())
     });
-    assert!(ok.is_some(), "{:?}", numbers_problem(&store, "full1", 2_000, false));
+    assert!(
+        ok.is_some(),
+        "{:?}",
+        numbers_problem(&store, "full1", 2_000, false)
+    );
 
     eprintln!("stage: 2000 stored at {:?}", t0.elapsed());
     // The filesystem fills up to the last byte.
@@ -554,7 +564,11 @@ fn log_store_disk_full_refuses_batches_agents_keep_them_and_all_arrive_once_spac
     assert!(alog.contains("ResourceExhausted"), "{alog}");
     assert!(alog.contains("filesystem is full"), "{alog}");
     assert_eq!(b.metric("bastide_logs_store_full"), Some(1.0));
-    assert!(b.metric("bastide_logs_refused_batches_total").unwrap_or(0.0) >= 1.0);
+    assert!(
+        b.metric("bastide_logs_refused_batches_total")
+            .unwrap_or(0.0)
+            >= 1.0
+    );
 
     eprintln!("stage: syslog at {:?}", t0.elapsed());
     // Syslog while full: dropped, counted, logged, no crash.
@@ -625,7 +639,9 @@ fn log_store_disk_full_refuses_batches_agents_keep_them_and_all_arrive_once_spac
     std::fs::remove_file(&filler).unwrap();
     let back = Instant::now();
     let ok = wait_for(Duration::from_secs(60), || {
-        numbers_problem(&store, "full1", total, false).is_none().then_some(())
+        numbers_problem(&store, "full1", total, false)
+            .is_none()
+            .then_some(())
     });
     assert!(
         ok.is_some(),

@@ -88,9 +88,14 @@ fn sigkill_under_mixed_load_ten_times_loses_and_duplicates_nothing() {
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     let from = n.load(Ordering::SeqCst);
-                    write_numbered(&path, from, from + 100, 100, Duration::from_millis(50), |i| {
-                        n.store(i, Ordering::SeqCst)
-                    });
+                    write_numbered(
+                        &path,
+                        from,
+                        from + 100,
+                        100,
+                        Duration::from_millis(50),
+                        |i| n.store(i, Ordering::SeqCst),
+                    );
                 }
             })
         })
@@ -152,10 +157,7 @@ fn sigkill_under_mixed_load_ten_times_loses_and_duplicates_nothing() {
         restarts.push(t.elapsed());
         // The stores opened cleanly.
         let log = b.log_text()[before..].to_string();
-        assert!(
-            log.contains("log store recovered"),
-            "round {round}: {log}"
-        );
+        assert!(log.contains("log store recovered"), "round {round}: {log}");
         for bad in [
             "shorter than its committed length",
             "corrupt spool file",
@@ -178,7 +180,11 @@ fn sigkill_under_mixed_load_ten_times_loses_and_duplicates_nothing() {
         }
         // No message was spooled twice.
         for (subject, ids) in sink_queue_ids(&sink_dir) {
-            assert_eq!(ids.len(), 1, "round {round}: {subject} spooled twice: {ids:?}");
+            assert_eq!(
+                ids.len(),
+                1,
+                "round {round}: {subject} spooled twice: {ids:?}"
+            );
         }
     }
     // Load continues briefly on the last bastion, then stops.
@@ -194,7 +200,9 @@ fn sigkill_under_mixed_load_ten_times_loses_and_duplicates_nothing() {
         let n = n.load(Ordering::SeqCst);
         assert!(n >= 1_000, "{name}: too little log load ({n} lines)");
         let ok = wait_for(Duration::from_secs(120), || {
-            numbers_problem(&store, name, n, false).is_none().then_some(())
+            numbers_problem(&store, name, n, false)
+                .is_none()
+                .then_some(())
         });
         assert!(
             ok.is_some(),
@@ -207,14 +215,21 @@ fn sigkill_under_mixed_load_ten_times_loses_and_duplicates_nothing() {
     // SMTP's at-least-once window (killed after the sink's 250, before the spool file was
     // removed; at most one per delivery in flight at each kill, concurrency 4).
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() >= 10, "too little mail load: {} acked", acked.len());
+    assert!(
+        acked.len() >= 10,
+        "too little mail load: {} acked",
+        acked.len()
+    );
     let ok = wait_for(Duration::from_secs(60), || {
         let got = sink_subjects(&sink_dir);
         (acked.iter().all(|s| got.contains_key(s)) && b.mail_queue_len() == 0).then_some(())
     });
     let got = sink_subjects(&sink_dir);
     let missing: Vec<_> = acked.iter().filter(|s| !got.contains_key(*s)).collect();
-    assert!(ok.is_some(), "acknowledged mail missing at the sink: {missing:?}");
+    assert!(
+        ok.is_some(),
+        "acknowledged mail missing at the sink: {missing:?}"
+    );
     for (subject, ids) in sink_queue_ids(&sink_dir) {
         assert_eq!(ids.len(), 1, "{subject} spooled twice: {ids:?}");
     }

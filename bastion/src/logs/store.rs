@@ -645,11 +645,7 @@ impl Writer {
                 f.sync_all().with_context(|| format!("fsync {rel}"))?;
             }
         }
-        let jl = self
-            .journal
-            .metadata()
-            .context("stat the journal")?
-            .len();
+        let jl = self.journal.metadata().context("stat the journal")?.len();
         if jl > self.journal_len {
             self.journal
                 .set_len(self.journal_len)
