@@ -146,8 +146,16 @@ fn rotation_by_rename_and_copytruncate_while_writing() {
             std::fs::rename(&path, r.logs.join(format!("app.log.{round}"))).unwrap();
         } else {
             // copytruncate, after letting the agent catch up (the documented window of
-            // loss of copytruncate is between copy and truncate).
-            std::thread::sleep(Duration::from_millis(500));
+            // loss of copytruncate is between copy and truncate): wait until everything
+            // written so far is stored rather than a fixed time, which a loaded machine
+            // overruns.
+            assert!(
+                wait_for(Duration::from_secs(30), || {
+                    (stored_numbers(&r.store, "logs-rot").len() as u64 >= n).then_some(())
+                })
+                .is_some(),
+                "the agent did not catch up before copytruncate"
+            );
             std::fs::copy(&path, r.logs.join(format!("app.log.{round}"))).unwrap();
             std::fs::OpenOptions::new()
                 .write(true)
