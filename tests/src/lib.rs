@@ -31,7 +31,29 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        // Cargo gives a test process the variables of the crate under test; build scripts
+        // that watch them (ring's `rerun-if-env-changed=CARGO_MANIFEST_DIR`, ...) would see
+        // them change and rebuild half the tree, here and again at the next plain build.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_BIN_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&k.as_ref())
+            {
+                build.env_remove(k.as_ref());
+            }
+        }
+        let status = build
             .current_dir(workspace())
             // The same selection as `cargo test --workspace`, so that features unify the
             // same way and this is a no-op right after that command's own build.
@@ -545,7 +567,13 @@ pub fn log_store_lines(store_dir: &Path, host: &str) -> Vec<String> {
     files.sort();
     for f in files {
         if let Ok(b) = std::fs::read(&f) {
-            out.extend(String::from_utf8_lossy(&b).lines().map(str::to_string));
+            // Only whole lines: the bastion may be writing the last one right now.
+            out.extend(
+                String::from_utf8_lossy(&b)
+                    .split_inclusive('\n')
+                    .filter_map(|l| l.strip_suffix('\n'))
+                    .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string()),
+            );
         }
     }
     out
@@ -574,4 +602,410 @@ impl Agent {
             .expect("agent config");
         writeln!(f, "{text}").expect("append agent config");
     }
+}
+
+// ---- shared by the fault tests (faults, faults_mixed, agent_logs, config_push) ----
+
+/// Whether the tests run as root (mounts, smtp-sink's `-u`).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// A Postfix smtp-sink dumping every message to its own file, killed in Drop.
+pub struct Sink {
+    child: Child,
+}
+
+impl Sink {
+    /// Starts on 127.0.0.1:`port`, dumping into `dir` (kept across restarts of the sink).
+    pub fn start(port: u16, dir: &Path) -> Sink {
+        let prog = require("smtp-sink", "postfix");
+        std::fs::create_dir_all(dir).expect("sink dir");
+        let mut c = Command::new(prog);
+        if is_root() {
+            c.args(["-u", "root"]);
+        }
+        let child = c
+            .arg("-d")
+            .arg(format!("{}/%Y%m%d%H%M%S.", dir.display()))
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("100")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn smtp-sink");
+        assert!(
+            wait_for(Duration::from_secs(5), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .ok())
+            .is_some(),
+            "smtp-sink did not start"
+        );
+        Sink { child }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The files smtp-sink dumped into `dir`, sorted.
+pub fn sink_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Subject of every message the sink stored, with how many times it was stored.
+pub fn sink_subjects(dir: &Path) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for f in sink_files(dir) {
+        let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap_or_default()).to_string();
+        if let Some(s) = text.lines().find_map(|l| l.strip_prefix("Subject: ")) {
+            *m.entry(s.trim().to_string()).or_insert(0) += 1;
+        }
+    }
+    m
+}
+
+/// Bastide queue ids (from its Received: header) of every stored copy, by Subject.
+pub fn sink_queue_ids(
+    dir: &Path,
+) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut m: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        std::collections::BTreeMap::new();
+    for f in sink_files(dir) {
+        let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap_or_default()).to_string();
+        let subject = text.lines().find_map(|l| l.strip_prefix("Subject: "));
+        let id = text
+            .split("(Bastide) with ")
+            .nth(1)
+            .and_then(|s| s.split(" id ").nth(1))
+            .and_then(|s| s.split(|c: char| !c.is_ascii_hexdigit()).next());
+        if let (Some(s), Some(id)) = (subject, id) {
+            m.entry(s.trim().to_string())
+                .or_default()
+                .insert(id.to_string());
+        }
+    }
+    m
+}
+
+/// One message with swaks to 127.0.0.1:`port` (from load@example.com to sink@example.org).
+pub fn swaks(port: u16, args: &[&str]) -> Output {
+    Command::new(require("swaks", "swaks"))
+        .args([
+            "--server",
+            &format!("127.0.0.1:{port}"),
+            "--helo",
+            "web01",
+            "--timeout",
+            "10",
+            "--from",
+            "load@example.com",
+            "--to",
+            "sink@example.org",
+        ])
+        .args(args)
+        .output()
+        .expect("run swaks")
+}
+
+/// stdout then stderr of a peer program.
+pub fn transcript(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A tmpfs of a given size mounted on a fresh directory, unmounted in Drop. Needs root
+/// (CAP_SYS_ADMIN): without it the test fails and says so.
+pub struct Mount {
+    dir: TempDir,
+}
+
+impl Mount {
+    pub fn tmpfs(size: &str) -> Mount {
+        let dir = tempfile::Builder::new()
+            .prefix("bastide-fullfs-")
+            .tempdir()
+            .expect("tempdir");
+        let out = Command::new(require("mount", "mount"))
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "FAIL: cannot mount a {size} tmpfs for a full-disk test (root/CAP_SYS_ADMIN needed): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Bytes available.
+    pub fn free(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(self.path())
+            .output()
+            .expect("run df");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Writes a filler file leaving about `leave` bytes free; its path.
+    pub fn fill_leaving(&self, leave: u64) -> PathBuf {
+        let filler = self.path().join("filler");
+        let fill = self.free().saturating_sub(leave);
+        std::fs::write(&filler, vec![7u8; fill as usize]).expect("write filler");
+        filler
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+    }
+}
+
+impl Bastion {
+    /// Adds `[smtp]` on a free port relaying to 127.0.0.1:`sink_port` with fast retries
+    /// (`smtp_extra`: more keys of the `[smtp]` table); the SMTP port.
+    pub fn enable_smtp_relay(&self, sink_port: u16, smtp_extra: &str) -> u16 {
+        let port = free_port();
+        self.edit_config(|c| {
+            format!(
+                "{c}\n[smtp]\nlisten = \"127.0.0.1:{port}\"\nhostname = \"bastion.faults.test\"\nallow_networks = [\"127.0.0.1/32\"]\n{smtp_extra}\n\n[smtp.relay]\nhost = \"127.0.0.1\"\nport = {sink_port}\ntls = \"none\"\ntimeout = \"3s\"\nconcurrency = 4\nretry_initial = \"300ms\"\nretry_max = \"1s\"\n"
+            )
+        });
+        port
+    }
+
+    /// Turns the log store on in `dir` (default `<state>/logstore`) with `extra` keys of the
+    /// `[logs]` table; the store directory.
+    pub fn enable_log_store(&self, dir: Option<&Path>, extra: &str) -> PathBuf {
+        let dir = dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.state_dir().join("logstore"));
+        self.edit_config(|c| {
+            format!(
+                "{c}\n[logs]\ndir = {:?}\n{extra}\n",
+                dir.display().to_string()
+            )
+        });
+        dir
+    }
+
+    /// Messages in the mail spool (`bastide mail queue`).
+    pub fn mail_queue_len(&self) -> usize {
+        serde_json::from_str::<Value>(&self.cli_ok(&["mail", "queue", "--json"]))
+            .ok()
+            .and_then(|q| q["messages"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    }
+
+    /// The value of one series (`name{labels}` exactly as exported) on `/metrics`.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = http_get(&self.metrics_addr, "/metrics", None);
+        body.lines().find_map(|l| {
+            l.strip_prefix(series)
+                .filter(|v| v.starts_with(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+}
+
+/// Numbers `seq=N` found in the store for `host`, with their counts.
+pub fn stored_numbers(store: &Path, host: &str) -> std::collections::BTreeMap<u64, u32> {
+    let mut m = std::collections::BTreeMap::new();
+    for l in log_store_lines(store, host) {
+        if let Some(rest) = l.split("seq=").nth(1) {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if let Ok(n) = digits.parse::<u64>() {
+                *m.entry(n).or_insert(0) += 1;
+            }
+        }
+    }
+    m
+}
+
+/// What is wrong with `host`'s numbers in the store, if anything, for `0..n` (all of them)
+/// or, with `prefix`, for whatever prefix `0..k` is there: the first missing and repeated.
+pub fn numbers_problem(store: &Path, host: &str, n: u64, prefix: bool) -> Option<String> {
+    let got = stored_numbers(store, host);
+    let top = if prefix {
+        got.keys().next_back().map_or(0, |k| k + 1)
+    } else {
+        n
+    };
+    let missing: Vec<u64> = (0..top).filter(|i| !got.contains_key(i)).take(10).collect();
+    let repeated: Vec<(&u64, &u32)> = got.iter().filter(|(_, c)| **c > 1).take(10).collect();
+    let beyond = got.keys().filter(|k| **k >= top).count();
+    (!missing.is_empty() || !repeated.is_empty() || beyond > 0).then(|| {
+        format!(
+            "{host}: {} distinct of {top}; first missing {missing:?}; repeated {repeated:?}; {beyond} beyond",
+            got.len()
+        )
+    })
+}
+
+/// Appends lines `seq=from..to` (seven digits, padded to ~100 bytes) to `path`, `chunk` at
+/// a time with a pause, calling `between(i)` after each chunk.
+pub fn write_numbered(
+    path: &Path,
+    from: u64,
+    to: u64,
+    chunk: u64,
+    pause: Duration,
+    mut between: impl FnMut(u64),
+) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open numbered file");
+    let mut i = from;
+    while i < to {
+        let end = (i + chunk).min(to);
+        let mut buf = String::new();
+        for n in i..end {
+            buf.push_str(&format!(
+                "seq={n:07} the quick brown fox jumps over the lazy dog {}\n",
+                "x".repeat(40)
+            ));
+        }
+        f.write_all(buf.as_bytes()).expect("append numbered lines");
+        i = end;
+        between(i);
+        std::thread::sleep(pause);
+    }
+}
+
+/// An environment tree for `[config_push]` (global and project levels, one managed file
+/// `ntp.conf` under `out`), at position cloud c1 / site s1 / instance prod.
+pub struct EnvTree {
+    pub dir: TempDir,
+    pub project: String,
+}
+
+impl EnvTree {
+    pub fn new(project: &str, out: &Path, file_extra: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("bastide-env-")
+            .tempdir()
+            .expect("tempdir");
+        let t = EnvTree {
+            dir,
+            project: project.to_string(),
+        };
+        std::fs::create_dir_all(t.project_dir().join("hosts")).expect("tree dirs");
+        std::fs::create_dir_all(t.dir.path().join("templates")).expect("tree dirs");
+        t.write(
+            "global.toml",
+            &format!(
+                "[vars]\nntp = \"global.ntp\"\nsite_note = \"g\"\n\n[files.ntp]\npath = {:?}\ntemplate = \"ntp.conf.j2\"\nmode = \"0640\"\n{file_extra}\n",
+                out.join("ntp.conf").display().to_string()
+            ),
+        );
+        t.write(
+            "templates/ntp.conf.j2",
+            "server {{ ntp }} iburst\n# {{ agent.name }} via {{ bastion.address }}\n",
+        );
+        t.write_project("[vars]\nntp = \"project.ntp\"\n");
+        t
+    }
+
+    pub fn project_dir(&self) -> PathBuf {
+        self.dir.path().join(format!(
+            "clouds/c1/sites/s1/instances/prod/projects/{}",
+            self.project
+        ))
+    }
+
+    /// Writes a file of the tree atomically, as git checkout or an editor's save would.
+    pub fn write(&self, rel: &str, text: &str) {
+        let p = self.dir.path().join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("tree dir");
+        let tmp = p.with_extension("tmp~");
+        std::fs::write(&tmp, text).expect("write tree file");
+        std::fs::rename(&tmp, &p).expect("rename tree file");
+    }
+
+    pub fn write_project(&self, text: &str) {
+        let rel = format!(
+            "clouds/c1/sites/s1/instances/prod/projects/{}/project.toml",
+            self.project
+        );
+        self.write(&rel, text);
+    }
+
+    pub fn host_file(&self, name: &str) -> PathBuf {
+        self.project_dir().join(format!("hosts/{name}.toml"))
+    }
+}
+
+impl Agent {
+    /// Makes the agent follow `<agent dir>/app/*.log` with short batch and poll intervals
+    /// (`extra`: more keys of its `[logs]` table); that directory.
+    pub fn follow_logs(&self, extra: &str) -> PathBuf {
+        let logs = self.dir.path().join("app");
+        std::fs::create_dir_all(&logs).expect("app log dir");
+        self.edit_config(|c| {
+            format!(
+                "{c}\n[logs]\nbatch_timeout = \"100ms\"\npoll_interval = \"50ms\"\n{extra}\n[[logs.sources]]\npath = \"{}/*.log\"\n",
+                logs.display()
+            )
+        });
+        logs
+    }
+
+    /// Bytes in the agent's on-disk log buffer (`<state>/logs/seg-*`).
+    pub fn buffer_bytes(&self) -> u64 {
+        std::fs::read_dir(self.state_dir().join("logs"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("seg-"))
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// `logger` (util-linux) sending `msg` to 127.0.0.1:`port`, over TCP when `tcp`.
+pub fn logger_to(port: u16, tcp: bool, msg: &str) -> Output {
+    Command::new(require("logger", "bsdutils"))
+        .args(["-n", "127.0.0.1", "-P", &port.to_string()])
+        .arg(if tcp { "-T" } else { "-d" })
+        .args(["-S", "16384", "-t", "faults", msg])
+        .output()
+        .expect("run logger")
 }

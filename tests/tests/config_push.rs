@@ -6,65 +6,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bastide_tests::{http_get, wait_for, Agent, Bastion};
+use bastide_tests::{http_get, wait_for, Agent, Bastion, EnvTree as Tree};
 use serde_json::Value;
-use tempfile::TempDir;
 
 const PROJECT: &str = "demo";
-
-/// An environment tree: global and project levels, one managed file.
-struct Tree {
-    dir: TempDir,
-}
-
-impl Tree {
-    fn new(out: &Path, file_extra: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("bastide-env-")
-            .tempdir()
-            .unwrap();
-        let t = Tree { dir };
-        std::fs::create_dir_all(t.project_dir().join("hosts")).unwrap();
-        std::fs::create_dir_all(t.dir.path().join("templates")).unwrap();
-        t.write(
-            "global.toml",
-            &format!(
-                "[vars]\nntp = \"global.ntp\"\nsite_note = \"g\"\n\n[files.ntp]\npath = {:?}\ntemplate = \"ntp.conf.j2\"\nmode = \"0640\"\n{file_extra}\n",
-                out.join("ntp.conf").display().to_string()
-            ),
-        );
-        t.write(
-            "templates/ntp.conf.j2",
-            "server {{ ntp }} iburst\n# {{ agent.name }} via {{ bastion.address }}\n",
-        );
-        t.write_project("[vars]\nntp = \"project.ntp\"\n");
-        t
-    }
-
-    fn project_dir(&self) -> PathBuf {
-        self.dir.path().join(format!(
-            "clouds/c1/sites/s1/instances/prod/projects/{PROJECT}"
-        ))
-    }
-
-    fn write(&self, rel: &str, text: &str) {
-        let p = self.dir.path().join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        // Atomic, as git checkout or an editor's save would be.
-        let tmp = p.with_extension("tmp~");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &p).unwrap();
-    }
-
-    fn write_project(&self, text: &str) {
-        let rel = format!("clouds/c1/sites/s1/instances/prod/projects/{PROJECT}/project.toml");
-        self.write(&rel, text);
-    }
-
-    fn host_file(&self, name: &str) -> PathBuf {
-        self.project_dir().join(format!("hosts/{name}.toml"))
-    }
-}
 
 /// A running bastion with config push and one running agent allowed to write under `out`.
 struct Setup {
@@ -79,7 +24,7 @@ fn setup(name: &str, file_extra: &str, actions: &str) -> Setup {
     let agent = Agent::new(name);
     let out = agent.dir.path().join("etc");
     std::fs::create_dir_all(&out).unwrap();
-    let tree = Tree::new(&out, file_extra);
+    let tree = Tree::new(PROJECT, &out, file_extra);
     bastion.enable_config_push(tree.dir.path());
     bastion.start();
     agent.append_config(&format!(
@@ -428,7 +373,7 @@ fn setup_with_check(name: &str, check: &Path) -> Setup {
     let agent = Agent::new(name);
     let out = agent.dir.path().join("etc");
     std::fs::create_dir_all(&out).unwrap();
-    let tree = Tree::new(&out, "on_change = \"check\"");
+    let tree = Tree::new(PROJECT, &out, "on_change = \"check\"");
     bastion.enable_config_push(tree.dir.path());
     bastion.start();
     agent.append_config(&format!(

@@ -7,113 +7,39 @@
 //! `dig`, `faketime`. Mounting needs root (CAP_SYS_ADMIN); without it the test fails and says
 //! so.
 
-use std::collections::BTreeMap;
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bastide_tests::{free_port, require, wait_for, Agent, Bastion};
+use bastide_tests::{
+    free_port, log_store_lines, logger_to, numbers_problem, require, sink_files, sink_queue_ids,
+    sink_subjects, swaks, transcript, wait_for, write_numbered, Agent, Bastion, Mount, Sink,
+};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+fn queue(b: &Bastion) -> Value {
+    serde_json::from_str(&b.cli_ok(&["mail", "queue", "--json"])).unwrap()
 }
 
-/// A Postfix smtp-sink dumping every message to its own file.
-struct Sink {
-    child: Child,
+fn queue_len(b: &Bastion) -> usize {
+    b.mail_queue_len()
 }
 
-impl Sink {
-    /// Starts on `port`, dumping into `dir` (kept across restarts of the sink).
-    fn start(port: u16, dir: &Path) -> Sink {
-        let prog = require("smtp-sink", "postfix");
-        std::fs::create_dir_all(dir).unwrap();
-        let mut c = Command::new(prog);
-        if is_root() {
-            c.args(["-u", "root"]);
-        }
-        let child = c
-            .arg("-d")
-            .arg(format!("{}/%Y%m%d%H%M%S.", dir.display()))
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("100")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        assert!(
-            wait_for(Duration::from_secs(5), || TcpStream::connect((
-                "127.0.0.1",
-                port
-            ))
-            .ok())
-            .is_some(),
-            "smtp-sink did not start"
-        );
-        Sink { child }
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn dumped(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-/// Subject of every message the sink stored, with how many times it was stored.
-fn subjects(dir: &Path) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for f in dumped(dir) {
-        let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap_or_default()).to_string();
-        if let Some(s) = text.lines().find_map(|l| l.strip_prefix("Subject: ")) {
-            *m.entry(s.trim().to_string()).or_insert(0) += 1;
-        }
-    }
-    m
-}
-
-/// Bastide queue ids (from its Received: header) of every stored copy, by Subject.
-fn queue_ids(dir: &Path) -> BTreeMap<String, std::collections::BTreeSet<String>> {
-    let mut m: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
-    for f in dumped(dir) {
-        let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap_or_default()).to_string();
-        let subject = text.lines().find_map(|l| l.strip_prefix("Subject: "));
-        let id = text
-            .split("(Bastide) with ")
-            .nth(1)
-            .and_then(|s| s.split(" id ").nth(1))
-            .and_then(|s| s.split(|c: char| !c.is_ascii_hexdigit()).next());
-        if let (Some(s), Some(id)) = (subject, id) {
-            m.entry(s.trim().to_string())
-                .or_default()
-                .insert(id.to_string());
-        }
-    }
-    m
+/// A bastion relaying to 127.0.0.1:`sink_port` with fast retries; its SMTP port.
+fn mail_bastion(sink_port: u16, smtp_extra: &str) -> (Bastion, u16) {
+    let mut b = Bastion::init("faults");
+    let port = b.enable_smtp_relay(sink_port, smtp_extra);
+    b.start();
+    (b, port)
 }
 
 /// The body of the stored message whose Subject is `subject` (LF line ends, as smtp-sink
 /// stores lines).
 fn body_of(dir: &Path, subject: &str) -> Option<String> {
-    for f in dumped(dir) {
+    for f in sink_files(dir) {
         let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap_or_default()).to_string();
         let Some(at) = text.find(&format!("\nSubject: {subject}\n")) else {
             continue;
@@ -121,108 +47,6 @@ fn body_of(dir: &Path, subject: &str) -> Option<String> {
         return text[at..].split_once("\n\n").map(|(_, b)| b.to_string());
     }
     None
-}
-
-fn swaks(port: u16, args: &[&str]) -> Output {
-    Command::new(require("swaks", "swaks"))
-        .args([
-            "--server",
-            &format!("127.0.0.1:{port}"),
-            "--helo",
-            "web01",
-            "--timeout",
-            "10",
-            "--from",
-            "load@example.com",
-            "--to",
-            "sink@example.org",
-        ])
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn transcript(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn queue(b: &Bastion) -> Value {
-    serde_json::from_str(&b.cli_ok(&["mail", "queue", "--json"])).unwrap()
-}
-
-fn queue_len(b: &Bastion) -> usize {
-    queue(b)["messages"].as_array().map(Vec::len).unwrap_or(0)
-}
-
-/// A bastion relaying to 127.0.0.1:`sink_port` with fast retries; its SMTP port.
-fn mail_bastion(sink_port: u16, smtp_extra: &str) -> (Bastion, u16) {
-    let mut b = Bastion::init("faults");
-    let port = free_port();
-    b.edit_config(|c| {
-        format!(
-            "{c}\n[smtp]\nlisten = \"127.0.0.1:{port}\"\nhostname = \"bastion.faults.test\"\nallow_networks = [\"127.0.0.1/32\"]\n{smtp_extra}\n\n[smtp.relay]\nhost = \"127.0.0.1\"\nport = {sink_port}\ntls = \"none\"\ntimeout = \"3s\"\nconcurrency = 4\nretry_initial = \"300ms\"\nretry_max = \"1s\"\n"
-        )
-    });
-    b.start();
-    (b, port)
-}
-
-/// A tmpfs of `size` mounted on a fresh directory, unmounted in Drop.
-struct Mount {
-    dir: tempfile::TempDir,
-}
-
-impl Mount {
-    fn tmpfs(size: &str) -> Mount {
-        let dir = tempfile::Builder::new()
-            .prefix("bastide-spoolfs-")
-            .tempdir()
-            .unwrap();
-        let out = Command::new(require("mount", "mount"))
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "FAIL: cannot mount a {size} tmpfs for the full-disk test (root/CAP_SYS_ADMIN needed): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Mount { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn free(&self) -> u64 {
-        let out = Command::new("df")
-            .args(["--output=avail", "-B1"])
-            .arg(self.path())
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .nth(1)
-            .and_then(|l| l.trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.path()).status();
-    }
 }
 
 /// A message body of about `kib` KiB, distinct per `tag`.
@@ -323,14 +147,18 @@ fn spool_disk_full_answers_452_and_recovers() {
     let _sink = Sink::start(sink_port, &sink_dir);
     let n = accepted.len();
     let got = wait_for(Duration::from_secs(30), || {
-        (subjects(&sink_dir).len() >= n && queue_len(&b) == 0).then_some(())
+        (sink_subjects(&sink_dir).len() >= n && queue_len(&b) == 0).then_some(())
     });
-    assert!(got.is_some(), "delivered {:?} of {n}", subjects(&sink_dir));
+    assert!(
+        got.is_some(),
+        "delivered {:?} of {n}",
+        sink_subjects(&sink_dir)
+    );
     for (subject, data) in &accepted {
         let stored = body_of(&sink_dir, subject).expect("delivered");
         assert_eq!(sha(&stored), sha(data), "{subject} corrupted");
     }
-    let counts = subjects(&sink_dir);
+    let counts = sink_subjects(&sink_dir);
     assert!(counts.values().all(|&c| c == 1), "duplicates: {counts:?}");
     assert!(!b.log_text().contains("corrupt spool file"));
     eprintln!("disk-full test: {:?}", t0.elapsed());
@@ -344,7 +172,7 @@ fn smarthost_disappears_and_comes_back() {
     let sink = Sink::start(sink_port, &dir);
     let o = swaks(port, &["--header", "Subject: before"]);
     assert!(o.status.success(), "{}", transcript(&o));
-    assert!(wait_for(Duration::from_secs(10), || subjects(&dir)
+    assert!(wait_for(Duration::from_secs(10), || sink_subjects(&dir)
         .contains_key("before")
         .then_some(()))
     .is_some());
@@ -364,14 +192,14 @@ fn smarthost_disappears_and_comes_back() {
     // It comes back on the same address: everything is delivered, once.
     let _sink = Sink::start(sink_port, &dir);
     let ok = wait_for(Duration::from_secs(20), || {
-        (subjects(&dir).len() == 6 && queue_len(&b) == 0).then_some(())
+        (sink_subjects(&dir).len() == 6 && queue_len(&b) == 0).then_some(())
     });
     assert!(
         ok.is_some(),
         "after the smarthost came back: {:?}",
-        subjects(&dir)
+        sink_subjects(&dir)
     );
-    assert!(subjects(&dir).values().all(|&c| c == 1));
+    assert!(sink_subjects(&dir).values().all(|&c| c == 1));
 }
 
 /// unbound serving `fwd.test.` on a fixed loopback port (so that it can come back there).
@@ -603,10 +431,10 @@ fn sigkill_under_smtp_load_ten_times_loses_and_duplicates_nothing() {
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() >= 20, "too little load: {} acked", acked.len());
     let ok = wait_for(Duration::from_secs(60), || {
-        let got = subjects(&sink_dir);
+        let got = sink_subjects(&sink_dir);
         (acked.iter().all(|s| got.contains_key(s)) && queue_len(&b) == 0).then_some(())
     });
-    let got = subjects(&sink_dir);
+    let got = sink_subjects(&sink_dir);
     let missing: Vec<_> = acked.iter().filter(|s| !got.contains_key(*s)).collect();
     assert!(
         ok.is_some(),
@@ -617,7 +445,7 @@ fn sigkill_under_smtp_load_ten_times_loses_and_duplicates_nothing() {
     // the message but before its 250 was read and the spool file removed (SMTP's
     // at-least-once window, RFC 5321 section 6.1; Postfix has the same). At most one per
     // delivery in flight at each kill (concurrency 4).
-    let ids = queue_ids(&sink_dir);
+    let ids = sink_queue_ids(&sink_dir);
     for (subject, set) in &ids {
         assert_eq!(
             set.len(),
@@ -656,4 +484,194 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+/// Every line in the log store, whatever host it was filed under.
+fn all_store_lines(store: &Path) -> Vec<String> {
+    std::fs::read_dir(store)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|h| !h.starts_with('.'))
+                .flat_map(|h| log_store_lines(store, &h))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Fills the rest of the filesystem at `dir` to the last byte; the filler's path.
+fn fill_to_the_brim(dir: &Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let p = dir.join("brim");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let block = vec![9u8; 4096];
+    while f.write_all(&block).is_ok() {}
+    while f.write_all(&[9u8]).is_ok() {}
+    p
+}
+
+#[test]
+fn log_store_disk_full_refuses_batches_agents_keep_them_and_all_arrive_once_space_returns() {
+    let t0 = Instant::now();
+    let mnt = Mount::tmpfs("8m");
+    let mut b = Bastion::init("full");
+    let store = b.enable_log_store(Some(&mnt.path().join("logstore")), "");
+    let (udp, tcp) = (free_port(), free_port());
+    b.edit_config(|c| {
+        format!("{c}\n[syslog]\nudp = [\"127.0.0.1:{udp}\"]\ntcp = [\"127.0.0.1:{tcp}\"]\nallow = [\"127.0.0.0/8\"]\n")
+    });
+    b.start();
+    let mut a = Agent::new("full1");
+    a.enroll_ok(&b, &b.token(&[]));
+    let logs = a.follow_logs("");
+    a.start();
+    assert!(b.wait_state("full1", "online", Duration::from_secs(20)));
+    let app = logs.join("app.log");
+
+    // Before: stored exactly once.
+    write_numbered(&app, 0, 2_000, 500, Duration::from_millis(20), |_| {});
+    let ok = wait_for(Duration::from_secs(30), || {
+        numbers_problem(&store, "full1", 2_000, false)
+            .is_none()
+            .then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "{:?}",
+        numbers_problem(&store, "full1", 2_000, false)
+    );
+
+    eprintln!("stage: 2000 stored at {:?}", t0.elapsed());
+    // The filesystem fills up to the last byte.
+    let filler = mnt.fill_leaving(64 * 1024);
+    let brim = fill_to_the_brim(mnt.path());
+    let total = 12_000;
+    write_numbered(&app, 2_000, total, 1_000, Duration::from_millis(20), |_| {});
+    let refused = wait_for(Duration::from_secs(20), || {
+        (b.log_text().contains("log store: filesystem full")
+            && strip_ansi(&a.log_text()).contains("its log store is full"))
+        .then_some(())
+    });
+    assert!(
+        refused.is_some(),
+        "no refusal:\nbastion:\n{}\nagent:\n{}",
+        b.log_text(),
+        a.log_text()
+    );
+    eprintln!("stage: refused at {:?}", t0.elapsed());
+    // The gRPC status says what happened.
+    let alog = strip_ansi(&a.log_text());
+    assert!(alog.contains("ResourceExhausted"), "{alog}");
+    assert!(alog.contains("filesystem is full"), "{alog}");
+    assert_eq!(b.metric("bastide_logs_store_full"), Some(1.0));
+    assert!(
+        b.metric("bastide_logs_refused_batches_total")
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+
+    eprintln!("stage: syslog at {:?}", t0.elapsed());
+    // Syslog while full: dropped, counted, logged, no crash.
+    // (6 KB each: a short line could still fit in the slack of the file's last block.)
+    let pad = "y".repeat(6_000);
+    for i in 0..10 {
+        for (port, tcp, kind) in [(udp, false, "udp"), (tcp, true, "tcp")] {
+            let o = logger_to(port, tcp, &format!("syslog-while-full {kind} {i} {pad}"));
+            assert!(o.status.success(), "{}", transcript(&o));
+        }
+    }
+    let dropped = wait_for(Duration::from_secs(10), || {
+        let u = b.metric("bastide_logs_dropped_events_total{source=\"udp\"}")?;
+        let t = b.metric("bastide_logs_dropped_events_total{source=\"tcp\"}")?;
+        (u >= 10.0 && t >= 10.0).then_some((u, t))
+    });
+    assert!(
+        dropped.is_some(),
+        "syslog drops not counted: udp {:?} tcp {:?}; stored: {:?}; free {}\n{}",
+        b.metric("bastide_logs_dropped_events_total{source=\"udp\"}"),
+        b.metric("bastide_logs_dropped_events_total{source=\"tcp\"}"),
+        all_store_lines(&store)
+            .iter()
+            .filter(|l| l.contains("syslog-while-full"))
+            .collect::<Vec<_>>(),
+        mnt.free(),
+        b.log_text()
+    );
+    assert!(
+        b.log_text().contains("syslog lines dropped"),
+        "drops not logged:\n{}",
+        b.log_text()
+    );
+
+    // A few seconds of being full: the agent backs off (no busy loop), keeps everything in
+    // its buffer, and nothing stored is damaged.
+    std::thread::sleep(Duration::from_secs(4));
+    let refusals = strip_ansi(&a.log_text())
+        .matches("its log store is full")
+        .count();
+    assert!(
+        (2..=8).contains(&refusals),
+        "{refusals} refusals in about 6 s: not backing off?\n{}",
+        a.log_text()
+    );
+    assert!(
+        a.buffer_bytes() > (total - 2_000) * 90,
+        "the agent dropped its buffer: {} bytes",
+        a.buffer_bytes()
+    );
+    assert_eq!(
+        numbers_problem(&store, "full1", 2_000, false),
+        None,
+        "the store changed while full"
+    );
+    assert!(
+        all_store_lines(&store)
+            .iter()
+            .all(|l| !l.contains("syslog-while-full")),
+        "a syslog line counted as dropped was stored"
+    );
+    assert!(b.pid().is_some());
+    assert_eq!(b.metric("bastide_logs_store_failed"), Some(0.0));
+
+    // Space returns: everything buffered arrives exactly once, nothing restarted.
+    let agent_pid = a.pid();
+    std::fs::remove_file(&brim).unwrap();
+    std::fs::remove_file(&filler).unwrap();
+    let back = Instant::now();
+    let ok = wait_for(Duration::from_secs(60), || {
+        numbers_problem(&store, "full1", total, false)
+            .is_none()
+            .then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "{:?}\nbastion:\n{}\nagent:\n{}",
+        numbers_problem(&store, "full1", total, false),
+        b.log_text(),
+        a.log_text()
+    );
+    let caught_up = back.elapsed();
+    assert_eq!(a.pid(), agent_pid);
+    assert!(b.log_text().contains("space is available again"));
+    assert_eq!(b.metric("bastide_logs_store_full"), Some(0.0));
+    assert!(logger_to(udp, false, "syslog-after-space").status.success());
+    assert!(wait_for(Duration::from_secs(10), || all_store_lines(&store)
+        .iter()
+        .any(|l| l.contains("syslog-after-space"))
+        .then_some(()))
+    .is_some());
+
+    // The store opens cleanly and still holds every line once.
+    assert!(b.stop().is_some_and(|s| s.success()), "{}", b.log_text());
+    let before = b.log_text().len();
+    b.start();
+    let log = b.log_text()[before..].to_string();
+    assert!(log.contains("log store recovered"), "{log}");
+    assert!(!log.contains("torn end of the journal"), "{log}");
+    assert!(!log.contains("shorter than its committed length"), "{log}");
+    assert_eq!(numbers_problem(&store, "full1", total, false), None);
+    eprintln!(
+        "log store disk-full test: {:?} in all, caught up {caught_up:?} after space returned, {refusals} refusals logged by the agent",
+        t0.elapsed()
+    );
 }

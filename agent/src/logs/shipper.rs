@@ -50,10 +50,16 @@ fn classify(s: tonic::Status) -> ShipError {
 pub async fn run(client: AgentClient<Channel>, shared: Arc<Shared>, cancel: CancellationToken) {
     let mut backoff = crate::session::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
+        let acked_before = *shared.acked.borrow();
         let r = tokio::select! {
             _ = cancel.cancelled() => return,
             r = ship_once(client.clone(), &shared) => r,
         };
+        // A stream that made progress before failing starts the delays over: one refusal
+        // an hour must not leave the shipper waiting the longest delay forever.
+        if *shared.acked.borrow() > acked_before {
+            backoff.reset();
+        }
         let delay = match r {
             Err(ShipError::NoLogStore) => {
                 if !shared
@@ -65,6 +71,12 @@ pub async fn run(client: AgentClient<Channel>, shared: Arc<Shared>, cancel: Canc
                     debug!("the bastion still has no log store");
                 }
                 NO_STORE_RETRY
+            }
+            Err(ShipError::Status(s)) if s.code() == tonic::Code::ResourceExhausted => {
+                let d = backoff.next_delay();
+                warn!(code = ?s.code(), error = %s.message(), retry_in_ms = d.as_millis() as u64,
+                    "the bastion refused a log batch (its log store is full): keeping every batch in the buffer");
+                d
             }
             Err(e) => {
                 let d = backoff.next_delay();

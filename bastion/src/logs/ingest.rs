@@ -92,6 +92,15 @@ pub fn format_batch(agent: &str, batch: &LogBatch, max_event: usize) -> Chunk {
     }
 }
 
+/// The gRPC status of a batch the store did not take: `RESOURCE_EXHAUSTED` when its
+/// filesystem is full, `UNAVAILABLE` otherwise; the agent keeps the batch either way.
+fn refusal(e: &StoreError) -> Status {
+    match e {
+        StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
+        _ => Status::unavailable(e.to_string()),
+    }
+}
+
 /// Serves one `ShipLogs` stream of `agent` (the certificate's name).
 pub async fn ship(
     logs: Logs,
@@ -129,6 +138,12 @@ pub async fn ship(
     let name = agent.clone();
     tokio::spawn(async move {
         let _guard = lock.lock().await;
+        // Every batch of the previous stream is queued by now: the writer may expect this
+        // agent's refused batches again.
+        if store.stream_started(&name).await.is_err() {
+            let _ = reader_tx.send(Err(refusal(&StoreError::Closed))).await;
+            return;
+        }
         info!(agent = %name, "log stream opened");
         loop {
             let msg = tokio::select! {
@@ -179,9 +194,7 @@ pub async fn ship(
             let done = match store.submit(chunks, Some(mark)).await {
                 Ok(d) => d,
                 Err(e) => {
-                    let _ = reader_tx
-                        .send(Err(Status::unavailable(e.to_string())))
-                        .await;
+                    let _ = reader_tx.send(Err(refusal(&e))).await;
                     break;
                 }
             };
@@ -207,8 +220,8 @@ pub async fn ship(
                     }
                 }
                 Ok(Err(e)) => {
-                    warn!(agent = %agent, error = %e, "log batch not stored");
-                    let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                    warn!(agent = %agent, epoch, seq, error = %e, "log batch not stored, refused (the agent keeps it and retries)");
+                    let _ = tx.send(Err(refusal(&e))).await;
                     break;
                 }
                 Err(_) => {

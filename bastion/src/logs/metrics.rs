@@ -40,6 +40,12 @@ pub struct Counters {
     pub forward_sent: AtomicU64,
     pub forward_dropped: AtomicU64,
     pub forward_connected: AtomicU64,
+    /// Syslog events not stored because the store's filesystem was full.
+    pub dropped: [AtomicU64; 4],
+    /// Agent batches refused because the store's filesystem was full (kept by the agent).
+    pub refused_batches: AtomicU64,
+    /// 1 while the last write found the store's filesystem full.
+    pub store_full: AtomicU64,
 }
 
 pub fn counters() -> &'static Counters {
@@ -176,6 +182,24 @@ impl Counters {
             names::FORWARD_CONNECTED,
             "1 while connected to the central collector.",
             &self.forward_connected,
+        );
+        per(
+            &mut v,
+            names::LOGS_DROPPED,
+            "Syslog events dropped because the log store's filesystem was full.",
+            &self.dropped,
+        );
+        one(
+            &mut v,
+            names::LOGS_REFUSED_BATCHES,
+            "Agent batches refused because the log store's filesystem was full (the agent keeps and resends them).",
+            &self.refused_batches,
+        );
+        one(
+            &mut v,
+            names::LOGS_STORE_FULL,
+            "1 while the log store's filesystem is full (writes are retried, no restart needed).",
+            &self.store_full,
         );
         v
     }

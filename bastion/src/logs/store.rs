@@ -29,11 +29,24 @@
 //! rename, fsync directory) once it passes a few MiB; records carry a generation number so a
 //! crash between the checkpoint and the journal truncation replays nothing twice.
 //!
+//! # A full filesystem
+//!
+//! `ENOSPC`/`EDQUOT` while writing a group is not fatal: the group is rolled back (its files
+//! truncated to their committed lengths, the journal to its last whole record), its agent
+//! batches are refused with [`StoreError::Full`] (the agent keeps them and retries), its
+//! syslog lines are counted as dropped, and the next group simply tries again, so the store
+//! recovers by itself once space returns. An agent with a refused batch has every later
+//! batch refused too until it opens a new stream (which resends from its oldest
+//! unacknowledged batch): otherwise a smaller later batch could be stored first and the
+//! refused one would then look like a duplicate. Any other write error, and every fsync
+//! error (after a failed fsync the page cache cannot be trusted), still stops the store
+//! until restart.
+//!
 //! Files are named by the day (UTC) the bastion *received* the events, as rsyslog's
 //! `%$YEAR%-%$MONTH%-%$DAY%` templates do; each line carries the event's own time. Past days
 //! are therefore never written again, which is what lets retention compress them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -46,7 +59,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::format::day_name;
-use super::metrics::counters;
+use super::metrics::{counters, Source};
 
 /// Directory (inside the store) of the journal and checkpoint; sanitised host names never
 /// start with a dot, so it cannot clash with a host.
@@ -99,12 +112,21 @@ pub enum StoreError {
     Failed(String),
     #[error("the log store is shutting down")]
     Closed,
+    /// The filesystem is full: nothing of the batch was stored; send it again later.
+    #[error("the log store's filesystem is full ({0}); batch not stored, retry later")]
+    Full(String),
 }
 
 struct Request {
     chunks: Vec<Chunk>,
     mark: Option<Mark>,
     done: Option<oneshot::Sender<Result<Stored, StoreError>>>,
+    /// Syslog chunks nobody waits for: where they came from, to count them if dropped.
+    source: Option<Source>,
+    /// A new stream of this agent starts: forget its refused batches (see the module doc).
+    restart: Option<String>,
+    /// Lines in `chunks` (counted as dropped if a syslog request cannot be stored).
+    lines: u64,
 }
 
 /// What the writer publishes after each commit, for `--follow` and forwarding.
@@ -227,6 +249,10 @@ impl Store {
             .append(true)
             .open(state_dir.join(JOURNAL))
             .with_context(|| format!("opening {}/{STATE_DIR}/{JOURNAL}", dir.display()))?;
+        let journal_len = journal
+            .metadata()
+            .with_context(|| format!("{}/{STATE_DIR}/{JOURNAL}", dir.display()))?
+            .len();
         let (tx, rx) = mpsc::channel(QUEUE);
         let (live, _) = broadcast::channel(1024);
         let mut writer = Writer {
@@ -237,6 +263,9 @@ impl Store {
             live: live.clone(),
             failed: Arc::new(AtomicBool::new(false)),
             forward,
+            journal_len,
+            refused: HashSet::new(),
+            full: None,
         };
         writer.compact()?;
         std::thread::Builder::new()
@@ -272,22 +301,46 @@ impl Store {
                 chunks,
                 mark,
                 done: Some(done),
+                source: None,
+                restart: None,
+                lines: 0,
             })
             .await
             .map_err(|_| StoreError::Closed)?;
         Ok(rx)
     }
 
-    /// Queues chunks nobody waits for (syslog).
-    pub async fn append(&self, chunks: Vec<Chunk>) -> Result<(), StoreError> {
+    /// Queues chunks nobody waits for (syslog from `source`).
+    pub async fn append(&self, source: Source, chunks: Vec<Chunk>) -> Result<(), StoreError> {
         if chunks.is_empty() {
             return Ok(());
         }
+        let lines = chunks.iter().map(|c| u64::from(c.lines)).sum();
         self.tx
             .send(Request {
                 chunks,
                 mark: None,
                 done: None,
+                source: Some(source),
+                restart: None,
+                lines,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Tells the writer that a new `ShipLogs` stream of `agent` starts (after every batch
+    /// of its previous stream was queued): batches refused while the disk was full are
+    /// expected again from here on.
+    pub async fn stream_started(&self, agent: &str) -> Result<(), StoreError> {
+        self.tx
+            .send(Request {
+                chunks: Vec::new(),
+                mark: None,
+                done: None,
+                source: None,
+                restart: Some(agent.to_string()),
+                lines: 0,
             })
             .await
             .map_err(|_| StoreError::Closed)
@@ -400,7 +453,54 @@ struct Writer {
     live: broadcast::Sender<Committed>,
     failed: Arc<AtomicBool>,
     forward: Option<super::forward::Queue>,
+    /// Length of the journal up to its last whole record.
+    journal_len: u64,
+    /// Agents with a batch refused for lack of space, until their next stream.
+    refused: HashSet<String>,
+    /// Set while the filesystem is full.
+    full: Option<Full>,
 }
+
+struct Full {
+    since: std::time::Instant,
+    /// Syslog events dropped since, and how many of them were logged.
+    dropped: u64,
+    reported: u64,
+    last_report: Option<std::time::Instant>,
+}
+
+/// Why a group did not commit: `full` when only space is missing (rolled back, retried).
+struct Fail {
+    full: bool,
+    err: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Fail {
+    fn from(e: E) -> Self {
+        Fail {
+            full: false,
+            err: e.into(),
+        }
+    }
+}
+
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// A write's error: `full` for ENOSPC/EDQUOT, fatal otherwise.
+fn write_fail(e: std::io::Error, what: String) -> Fail {
+    Fail {
+        full: is_full(&e),
+        err: anyhow::Error::new(e).context(what),
+    }
+}
+
+/// How often a still-full store says so.
+const FULL_REPORT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Request>) {
@@ -431,9 +531,19 @@ impl Writer {
                     c.commits.fetch_add(1, Ordering::Relaxed);
                     c.commit_micros
                         .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    if committed.wrote {
+                        if let Some(full) = self.full.take() {
+                            c.store_full.store(0, Ordering::Relaxed);
+                            info!(
+                                full_for_ms = full.since.elapsed().as_millis() as u64,
+                                syslog_events_dropped = full.dropped,
+                                "log store: space is available again, writing resumed"
+                            );
+                        }
+                    }
                     for (r, outcome) in group.into_iter().zip(committed.outcomes) {
                         if let Some(d) = r.done {
-                            let _ = d.send(Ok(outcome));
+                            let _ = d.send(outcome);
                         }
                     }
                     if let Some(chunks) = committed.chunks {
@@ -443,15 +553,16 @@ impl Writer {
                         let _ = self.live.send(chunks);
                     }
                 }
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    error!(error = %msg, "log store: write failed: refusing every write until restart (nothing unacknowledged is lost: agents keep their batches)");
-                    counters().store_failed.store(1, Ordering::Relaxed);
-                    self.failed.store(true, Ordering::Relaxed);
-                    for r in group {
-                        if let Some(d) = r.done {
-                            let _ = d.send(Err(StoreError::Failed(msg.clone())));
+                Err(fail) => {
+                    let msg = format!("{:#}", fail.err);
+                    if fail.full {
+                        if let Err(e) = self.rollback() {
+                            self.fatal(group, format!("{msg}; rolling back: {e:#}"));
+                            continue;
                         }
+                        self.refuse_full(group, msg);
+                    } else {
+                        self.fatal(group, msg);
                     }
                 }
             }
@@ -460,24 +571,120 @@ impl Writer {
         let _ = self.journal.sync_all();
     }
 
-    fn record(&mut self, r: &Record) -> Result<()> {
+    /// Stops the store until restart, refusing the group.
+    fn fatal(&mut self, group: Vec<Request>, msg: String) {
+        error!(error = %msg, "log store: write failed: refusing every write until restart (nothing unacknowledged is lost: agents keep their batches)");
+        counters().store_failed.store(1, Ordering::Relaxed);
+        self.failed.store(true, Ordering::Relaxed);
+        for r in group {
+            if let Some(d) = r.done {
+                let _ = d.send(Err(StoreError::Failed(msg.clone())));
+            }
+        }
+    }
+
+    /// Refuses a rolled-back group for lack of space: agents keep their batches (and
+    /// every later one is refused until they reconnect), syslog lines are dropped and counted.
+    fn refuse_full(&mut self, group: Vec<Request>, msg: String) {
+        let c = counters();
+        let mut dropped = 0u64;
+        for r in group {
+            if let (Some(src), None) = (r.source, &r.done) {
+                c.dropped[src as usize].fetch_add(r.lines, Ordering::Relaxed);
+                dropped += r.lines;
+            }
+            if let Some(m) = &r.mark {
+                self.refused.insert(m.agent.clone());
+                c.refused_batches.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(d) = r.done {
+                let _ = d.send(Err(StoreError::Full(msg.clone())));
+            }
+        }
+        c.store_full.store(1, Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        let full = self.full.get_or_insert_with(|| {
+            warn!(error = %msg,
+                "log store: filesystem full: agent batches refused (agents keep them and retry), syslog lines dropped; every new write tries again");
+            Full {
+                since: now,
+                dropped: 0,
+                reported: 0,
+                last_report: None,
+            }
+        });
+        full.dropped += dropped;
+        // Drops are reported as they start, then at most every FULL_REPORT.
+        if full.dropped > full.reported
+            && full.last_report.is_none_or(|t| t.elapsed() >= FULL_REPORT)
+        {
+            warn!(
+                syslog_events_dropped = full.dropped - full.reported,
+                syslog_events_dropped_total = full.dropped,
+                full_for_ms = full.since.elapsed().as_millis() as u64,
+                "log store full: syslog lines dropped (counted in bastide_logs_dropped_events_total)"
+            );
+            full.reported = full.dropped;
+            full.last_report = Some(now);
+        }
+    }
+
+    /// Undoes a group that failed for lack of space: files back to their committed
+    /// lengths, the journal back to its last whole record.
+    fn rollback(&mut self) -> Result<()> {
+        let rels: Vec<String> = self.open.keys().cloned().collect();
+        for rel in rels {
+            let Some(&len) = self.state.lengths.get(&rel) else {
+                continue;
+            };
+            let f = self.file(&rel)?;
+            let now = f.metadata().with_context(|| format!("stat {rel}"))?.len();
+            if now > len {
+                f.set_len(len)
+                    .with_context(|| format!("truncating {rel}"))?;
+                f.sync_all().with_context(|| format!("fsync {rel}"))?;
+            }
+        }
+        let jl = self.journal.metadata().context("stat the journal")?.len();
+        if jl > self.journal_len {
+            self.journal
+                .set_len(self.journal_len)
+                .context("truncating the journal")?;
+            self.journal.sync_all().context("fsync the journal")?;
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, r: &Record) -> Result<(), Fail> {
         let mut line = serde_json::to_vec(r)?;
         line.push(b'\n');
         self.journal
             .write_all(&line)
-            .context("writing the journal")?;
-        self.journal.sync_data().context("fsync the journal")
+            .map_err(|e| write_fail(e, "writing the journal".into()))?;
+        self.journal.sync_data().context("fsync the journal")?;
+        self.journal_len += line.len() as u64;
+        Ok(())
     }
 
-    fn commit(&mut self, group: &mut [Request]) -> Result<Commit> {
-        let mut outcomes = Vec::with_capacity(group.len());
+    fn commit(&mut self, group: &mut [Request]) -> Result<Commit, Fail> {
+        let mut outcomes: Vec<Result<Stored, StoreError>> = Vec::with_capacity(group.len());
         let mut marks: Vec<(String, u64, u64)> = Vec::new();
         let mut pending: HashMap<(String, u64), u64> = HashMap::new();
         let mut writes: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let mut all: Vec<Chunk> = Vec::new();
         let mut dup_batches = 0u64;
         for r in group.iter_mut() {
+            if let Some(a) = r.restart.take() {
+                self.refused.remove(&a);
+            }
             if let Some(m) = &r.mark {
+                if self.refused.contains(&m.agent) {
+                    outcomes.push(Err(StoreError::Full(
+                        "an earlier batch of this agent was refused; resend from it".into(),
+                    )));
+                    r.chunks.clear();
+                    continue;
+                }
                 let key = (m.agent.clone(), m.epoch);
                 let hwm = pending
                     .get(&key)
@@ -485,7 +692,7 @@ impl Writer {
                     .or_else(|| self.state.marks.get(&key).map(|x| x.0))
                     .unwrap_or(0);
                 if m.seq <= hwm {
-                    outcomes.push(Stored::Duplicate);
+                    outcomes.push(Ok(Stored::Duplicate));
                     dup_batches += 1;
                     continue;
                 }
@@ -496,7 +703,7 @@ impl Writer {
                 pending.insert(key, m.seq);
                 marks.push((m.agent.clone(), m.epoch, m.seq));
             }
-            outcomes.push(Stored::Written);
+            outcomes.push(Ok(Stored::Written));
             for c in r.chunks.drain(..) {
                 writes
                     .entry(c.rel_path())
@@ -536,7 +743,7 @@ impl Writer {
         for (rel, data) in &writes {
             let f = self.file(rel)?;
             f.write_all(data)
-                .with_context(|| format!("writing {rel}"))?;
+                .map_err(|e| write_fail(e, format!("writing {rel}")))?;
             f.sync_data().with_context(|| format!("fsync {rel}"))?;
             let len = f
                 .seek(SeekFrom::End(0))
@@ -554,16 +761,22 @@ impl Writer {
             self.record(&r)?;
             self.state.apply(r);
         }
-        if self.journal.metadata().map(|m| m.len()).unwrap_or(0) > COMPACT_AT {
-            self.compact()?;
+        if self.journal_len > COMPACT_AT {
+            // The group is durable whatever happens here: a failed compaction (no space
+            // for the checkpoint) is retried after a later group.
+            if let Err(e) = self.compact() {
+                warn!(error = %format!("{e:#}"), "log store: journal compaction failed; retried later");
+            }
         }
         if self.open.len() > MAX_OPEN {
             self.open.clear();
         }
-        let publish = !all.is_empty() && (self.live.receiver_count() > 0 || self.forward.is_some());
+        let wrote = !all.is_empty();
+        let publish = wrote && (self.live.receiver_count() > 0 || self.forward.is_some());
         Ok(Commit {
             outcomes,
             chunks: publish.then(|| Arc::new(all)),
+            wrote,
         })
     }
 
@@ -599,6 +812,7 @@ impl Writer {
         crate::fsutil::write_atomic(&self.dir.join(STATE_DIR).join(CHECKPOINT), &ck, 0o600)?;
         self.journal.set_len(0).context("truncating the journal")?;
         self.journal.sync_all().context("fsync the journal")?;
+        self.journal_len = 0;
         // Handles of past days are never needed again.
         self.open.clear();
         Ok(())
@@ -606,8 +820,10 @@ impl Writer {
 }
 
 struct Commit {
-    outcomes: Vec<Stored>,
+    outcomes: Vec<Result<Stored, StoreError>>,
     chunks: Option<Committed>,
+    /// Lines reached the disk (space is available).
+    wrote: bool,
 }
 
 #[cfg(test)]

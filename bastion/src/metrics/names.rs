@@ -45,6 +45,9 @@ pub const FORWARD_QUEUE_BYTES: &str = "bastide_logs_forward_queue_bytes";
 pub const FORWARD_SENT: &str = "bastide_logs_forward_sent_total";
 pub const FORWARD_DROPPED: &str = "bastide_logs_forward_dropped_total";
 pub const FORWARD_CONNECTED: &str = "bastide_logs_forward_connected";
+pub const LOGS_DROPPED: &str = "bastide_logs_dropped_events_total";
+pub const LOGS_REFUSED_BATCHES: &str = "bastide_logs_refused_batches_total";
+pub const LOGS_STORE_FULL: &str = "bastide_logs_store_full";
 
 /// Buckets of every histogram (seconds): from 100 µs to 10 s.
 pub const BUCKETS: &[f64] = &[

@@ -584,7 +584,7 @@ async fn udp(ctx: Ctx, sock: UdpSocket, shutdown: CancellationToken) {
             }
         }
         if let Some(b) = batch {
-            if ctx.store.append(b.finish()).await.is_err() {
+            if ctx.store.append(b.source, b.finish()).await.is_err() {
                 break;
             }
         }
@@ -677,7 +677,7 @@ async fn stream<S: AsyncRead + Unpin>(
         };
         let mut batch = Batch::new(source, peer.ip(), agent.clone());
         framer.frames(eof, &mut |frame, truncated| batch.handle(frame, truncated));
-        if ctx.store.append(batch.finish()).await.is_err() || eof {
+        if ctx.store.append(source, batch.finish()).await.is_err() || eof {
             break;
         }
     }
