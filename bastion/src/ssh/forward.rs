@@ -1,6 +1,8 @@
 //! The direct-tcpip pump: bytes both ways between an SSH channel and a TCP connection to
 //! the target, with half-close (EOF one way keeps the other flowing), an idle timeout, and
-//! the channel's flow control respected without blocking the rest of the connection.
+//! per-channel flow control: the client's window for a channel is re-opened only as its
+//! target takes the data, so a slow or stuck target stalls its own channel, never the
+//! connection's other channels.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,18 +27,32 @@ pub struct Traffic {
 /// Read size from the target: two of the client's usual 32 KiB packets per read.
 const READ_BUF: usize = 64 * 1024;
 
-/// Bytes from the client held for a target that is slower than the client. russh re-opens
-/// a channel's window as data arrives, not as it is consumed, and hands data to the
-/// channel through a bounded queue that its connection loop waits on: a channel that
-/// stops reading stalls every channel of the connection. So each channel is drained at
-/// once into this buffer; only when it is full does the channel stop reading (and the
-/// connection wait), for at most the stall timeout.
-const TARGET_BUFFER: usize = 8 * 1024 * 1024;
+/// Consumed bytes are handed back to the client's window in batches of this much (or half
+/// the window if smaller): each hand-back is one SSH_MSG_CHANNEL_WINDOW_ADJUST packet.
+/// OpenSSH re-opens its windows after about three packets (3 x 32 KiB); 256 KiB is 4096
+/// window adjustments per GiB, far below the data packets' cost, and a fraction of the
+/// 16 MiB window the client may still use meanwhile.
+const CREDIT_BATCH: u32 = 256 * 1024;
+
+/// How the channel's receive window is managed: russh (patched, see vendor/README.md) only
+/// re-opens it when `consumed` is called, so the client can never have more than `window`
+/// bytes in flight or buffered here for this channel, and a target that stops reading
+/// stalls this channel only.
+pub struct Window {
+    pub handle: russh::server::Handle,
+    pub id: russh::ChannelId,
+    /// The initial window (russh's `Config::window_size`).
+    pub size: u32,
+    /// The largest packet the client may send (`Config::maximum_packet_size`).
+    pub max_packet: u32,
+}
 
 /// Pumps until both directions are done, either side closes, the channel is idle for
 /// `idle`, or `stop` is cancelled. Closes the channel at the end.
+#[allow(clippy::too_many_arguments)]
 pub async fn pump(
     channel: Channel<Msg>,
+    window: Window,
     tcp: TcpStream,
     idle: Duration,
     stall: Duration,
@@ -61,23 +77,17 @@ pub async fn pump(
         }
     };
 
-    // Client to target: `drain` empties the channel into `buf` (up to TARGET_BUFFER),
-    // `feed` writes it to the target. `None` in the buffer is the client's EOF.
+    // Client to target: `drain` always empties the channel's queue at once into `buf` (so
+    // russh's connection loop never waits on this channel), `feed` writes it to the target
+    // and hands the consumed bytes back to the client's window. `None` in the buffer is the
+    // client's EOF. The buffer cannot exceed the window: a client that sends more than it
+    // was granted breaks the protocol and loses the channel.
+    let limit = window.size as usize + window.max_packet as usize;
+    let batch = CREDIT_BATCH.min(window.size / 2).max(1);
     let buf = std::sync::Mutex::new((std::collections::VecDeque::new(), 0usize));
-    let room = tokio::sync::Notify::new();
     let ready = tokio::sync::Notify::new();
     let drain = async {
         loop {
-            loop {
-                let full = buf.lock().map(|g| g.1 >= TARGET_BUFFER).unwrap_or(true);
-                if !full {
-                    break;
-                }
-                tokio::select! {
-                    _ = end.cancelled() => return,
-                    _ = room.notified() => {}
-                }
-            }
             let msg = tokio::select! {
                 _ = end.cancelled() => return,
                 m = rd.wait() => m,
@@ -85,9 +95,18 @@ pub async fn pump(
             match msg {
                 Some(ChannelMsg::Data { data }) => {
                     touch(&last);
-                    if let Ok(mut g) = buf.lock() {
-                        g.1 += data.len();
-                        g.0.push_back(Some(data));
+                    let over = match buf.lock() {
+                        Ok(mut g) => {
+                            g.1 += data.len();
+                            g.0.push_back(Some(data));
+                            g.1 > limit
+                        }
+                        Err(_) => true,
+                    };
+                    if over {
+                        set_why("client overran the channel window");
+                        end.cancel();
+                        return;
                     }
                     ready.notify_one();
                 }
@@ -109,6 +128,7 @@ pub async fn pump(
         }
     };
     let feed = async {
+        let mut owed: u32 = 0;
         loop {
             let next = buf.lock().ok().and_then(|mut g| g.0.pop_front());
             let Some(chunk) = next else {
@@ -148,7 +168,15 @@ pub async fn pump(
             if let Ok(mut g) = buf.lock() {
                 g.1 -= len;
             }
-            room.notify_one();
+            owed = owed.saturating_add(u32::try_from(len).unwrap_or(u32::MAX));
+            if owed >= batch {
+                if window.handle.channel_consumed(window.id, owed).await.is_err() {
+                    set_why("client gone");
+                    end.cancel();
+                    return;
+                }
+                owed = 0;
+            }
             traffic.to_target.fetch_add(len as u64, Ordering::Relaxed);
             counters
                 .bytes_to_target

@@ -178,6 +178,12 @@ fn preferred() -> Preferred {
     }
 }
 
+/// Each channel's receive window: at most this much client data is in flight or buffered
+/// per channel.
+const WINDOW: u32 = 16 * 1024 * 1024;
+/// The largest packet a client may send.
+const MAX_PACKET: u32 = 256 * 1024;
+
 /// russh's per-connection configuration.
 ///
 /// Window and packet sizes: russh defaults to a 2 MiB window and 32 KiB packets. A jump
@@ -198,8 +204,11 @@ fn russh_config(cfg: &SshConfig, host_key: PrivateKey) -> russh::server::Config 
         auth_rejection_time_initial: Some(Duration::ZERO),
         keys: vec![host_key],
         max_auth_attempts: cfg.max_auth_attempts,
-        window_size: 16 * 1024 * 1024,
-        maximum_packet_size: 256 * 1024,
+        window_size: WINDOW,
+        maximum_packet_size: MAX_PACKET,
+        // Per-channel flow control (vendor/README.md): a channel's window re-opens as its
+        // target takes the data (forward::pump), not as data arrives.
+        window_adjust_on_consume: true,
         channel_buffer_size: 64,
         event_buffer_size: 64,
         preferred: preferred(),
@@ -591,7 +600,7 @@ impl russh::server::Handler for Conn {
         _originator_address: &str,
         _originator_port: u32,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some(id) = self.identity.clone() else {
             reply
@@ -602,14 +611,21 @@ impl russh::server::Handler for Conn {
         let shared = self.shared.clone();
         let peer = self.peer;
         let host = host_to_connect.to_string();
+        let window = forward::Window {
+            handle: session.handle(),
+            id: channel.id(),
+            size: WINDOW,
+            max_packet: MAX_PACKET,
+        };
         tokio::spawn(async move {
-            jump(shared, id, peer, host, port_to_connect, channel, reply).await;
+            jump(shared, id, peer, host, port_to_connect, channel, window, reply).await;
         });
         Ok(())
     }
 }
 
 /// Decides, connects, pumps and audits one jump.
+#[allow(clippy::too_many_arguments)]
 async fn jump(
     shared: Arc<Shared>,
     id: auth::Identity,
@@ -617,6 +633,7 @@ async fn jump(
     host: String,
     port: u32,
     channel: Channel<Msg>,
+    window: forward::Window,
     reply: ChannelOpenHandle,
 ) {
     let live = shared.live();
@@ -736,6 +753,7 @@ async fn jump(
     let traffic = Arc::new(forward::Traffic::default());
     let why = forward::pump(
         channel,
+        window,
         tcp,
         live.policy.idle_timeout,
         live.policy.target_stall_timeout,

@@ -302,6 +302,37 @@ impl Encrypted {
         }
     }
 
+    /// (bastide patch) Consumer-driven flow control: data arrived, the window shrinks and is
+    /// not re-opened here.
+    pub fn deduct_window(&mut self, channel: ChannelId, len: usize) {
+        if let Some(channel) = self.channels.get_mut(&channel) {
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
+            channel.sender_window_size = channel.sender_window_size.saturating_sub(len);
+        }
+    }
+
+    /// (bastide patch) Consumer-driven flow control: the application has consumed `amount`
+    /// bytes of the channel; re-open the window by that much (never past `u32::MAX`, never
+    /// after our CHANNEL_CLOSE).
+    pub fn grant_window(&mut self, channel: ChannelId, amount: u32) -> Result<(), crate::Error> {
+        if let Some(channel) = self.channels.get_mut(&channel) {
+            if channel.pending_close {
+                return Ok(());
+            }
+            let amount = amount.min(u32::MAX - channel.sender_window_size);
+            if amount == 0 {
+                return Ok(());
+            }
+            push_packet!(self.write, {
+                self.write.push(msg::CHANNEL_WINDOW_ADJUST);
+                channel.recipient_channel.encode(&mut self.write)?;
+                amount.encode(&mut self.write)?;
+            });
+            channel.sender_window_size += amount;
+        }
+        Ok(())
+    }
+
     pub fn adjust_window_size(
         &mut self,
         channel: ChannelId,

@@ -99,6 +99,12 @@ pub struct Config {
     pub keepalive_max: usize,
     /// If active, invoke `set_nodelay(true)` on client sockets; disabled by default (i.e. Nagle's algorithm is active).
     pub nodelay: bool,
+    /// (bastide patch) Consumer-driven flow control. When false (russh's behaviour), a
+    /// channel's receive window is re-opened as soon as data arrives, so a consumer that
+    /// stops reading can only push back by blocking the whole connection. When true, the
+    /// window is only re-opened by [`Handle::channel_consumed`], which the application calls
+    /// once it has passed data on: a slow consumer stalls its own channel only.
+    pub window_adjust_on_consume: bool,
 }
 
 impl Default for Config {
@@ -126,6 +132,7 @@ impl Default for Config {
             keepalive_interval: None,
             keepalive_max: 3,
             nodelay: false,
+            window_adjust_on_consume: false,
         }
     }
 }
@@ -153,6 +160,7 @@ impl Debug for Config {
             .field("inactivity_timeout", &self.inactivity_timeout)
             .field("keepalive_interval", &self.keepalive_interval)
             .field("keepalive_max", &self.keepalive_max)
+            .field("window_adjust_on_consume", &self.window_adjust_on_consume)
             .finish()
     }
 }

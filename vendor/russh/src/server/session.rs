@@ -88,6 +88,11 @@ pub enum Msg {
         pending: PendingChannelOpen,
         result: Result<(), ChannelOpenFailure>,
     },
+    /// (bastide patch) See [`Handle::channel_consumed`].
+    ChannelConsumed {
+        id: ChannelId,
+        bytes: u32,
+    },
 }
 
 impl From<(ChannelId, ChannelMsg)> for Msg {
@@ -116,6 +121,16 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// (bastide patch) With [`Config::window_adjust_on_consume`], tells the session that
+    /// `bytes` of data received on channel `id` have been consumed, so the client may send
+    /// that much more (an SSH_MSG_CHANNEL_WINDOW_ADJUST). Batch calls: each one is a packet.
+    pub async fn channel_consumed(&self, id: ChannelId, bytes: u32) -> Result<(), ()> {
+        self.sender
+            .send(Msg::ChannelConsumed { id, bytes })
+            .await
+            .map_err(|_| ())
+    }
+
     /// Send data to the session referenced by this handler.
     pub async fn data(
         &self,
@@ -619,6 +634,11 @@ impl Session {
             }
             Msg::ChannelOpenReply { pending, result } => {
                 self.finalize_channel_open_reply(pending, result)?;
+            }
+            Msg::ChannelConsumed { id, bytes } => {
+                if let Some(ref mut enc) = self.common.encrypted {
+                    enc.grant_window(id, bytes)?;
+                }
             }
             other => {
                 // should be unreachable, since the receiver only gets
