@@ -1231,6 +1231,24 @@ fn a_target_that_stops_reading_stalls_only_its_own_channel() {
     };
     assert_eq!(hole_lines("start").len(), 1);
     assert!(hole_lines("end").is_empty(), "{:?}", hole_lines("end"));
+    step(
+        t0,
+        "A denied jump on the open connection is on disk before the client is told.",
+    );
+    let o = ssh(&["-W", "127.0.0.1:1", "alice@127.0.0.1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", out_str(&o));
+    let denied: Vec<_> = env
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["port"] == 1 && l["event"] == "denied")
+        .collect();
+    assert_eq!(denied.len(), 1, "{:?}", env.audit_lines());
+    assert_eq!(denied[0]["decision"], "denied");
+    assert!(denied[0]["end"].is_string() && denied[0]["start"].is_string());
+    assert!(master.try_wait().unwrap().is_none());
     // The client cannot close the stuck channel itself (OpenSSH sends EOF only once its
     // buffered input is sent, and the window stays closed); ending the connection ends
     // it, audited with what the target took.
