@@ -170,7 +170,12 @@ pub async fn pump(
             }
             owed = owed.saturating_add(u32::try_from(len).unwrap_or(u32::MAX));
             if owed >= batch {
-                if window.handle.channel_consumed(window.id, owed).await.is_err() {
+                if window
+                    .handle
+                    .channel_consumed(window.id, owed)
+                    .await
+                    .is_err()
+                {
                     set_why("client gone");
                     end.cancel();
                     return;

@@ -618,7 +618,17 @@ impl russh::server::Handler for Conn {
             max_packet: MAX_PACKET,
         };
         tokio::spawn(async move {
-            jump(shared, id, peer, host, port_to_connect, channel, window, reply).await;
+            jump(
+                shared,
+                id,
+                peer,
+                host,
+                port_to_connect,
+                channel,
+                window,
+                reply,
+            )
+            .await;
         });
         Ok(())
     }
