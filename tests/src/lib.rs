@@ -31,7 +31,29 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        // `cargo test` gives the test process the package's CARGO_MANIFEST_DIR, CARGO_PKG_*
+        // and so on; ring's build script reruns when CARGO_MANIFEST_DIR changes, so passing
+        // them on made this build rebuild ring and everything above it (minutes), and the
+        // next plain `cargo build` rebuild it all again.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k == "OUT_DIR"
+                || [
+                    "CARGO_MANIFEST_",
+                    "CARGO_PKG_",
+                    "CARGO_CRATE_",
+                    "CARGO_BIN_",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                ]
+                .iter()
+                .any(|p| k.starts_with(p))
+            {
+                build.env_remove(&*k);
+            }
+        }
+        let status = build
             .current_dir(workspace())
             // The same selection as `cargo test --workspace`, so that features unify the
             // same way and this is a no-op right after that command's own build.
