@@ -76,9 +76,8 @@ pub struct SshConfig {
     /// ...or after this long.
     #[serde(default = "default_rekey_interval", with = "humantime_serde")]
     pub rekey_interval: Duration,
-    /// A jump channel whose target accepts no byte for this long while its buffer
-    /// (`target_buffer` bytes) is full is closed: until then the whole connection waits
-    /// (russh re-opens a channel's window as data arrives, not as the target takes it).
+    /// A jump channel whose target accepts no byte for this long while data waits for it
+    /// is closed. Until then only that channel waits (per-channel windows, forward.rs).
     #[serde(default = "default_target_stall_timeout", with = "humantime_serde")]
     pub target_stall_timeout: Duration,
 }
