@@ -143,22 +143,25 @@ sessions_rss() { # pid list -> "rss_kib pss_kib"
 }
 descendants() { local c; for c in $(pgrep -P "$1"); do echo "$c"; descendants "$c"; done; }
 
+echo "load average at start: $(cut -d" " -f1-3 /proc/loadavg)"
 echo "bastide vs OpenSSH $(ssh -V 2>&1 | cut -d, -f1) as jump host; target sshd on 127.0.0.1:$TPORT; $(nproc) CPUs"
 echo "stream ${SIZE_MIB} MiB x $RUNS runs (median), $SETUPS sequential setups, $SESSIONS concurrent sessions"
 echo
 for cipher in $CIPHERS; do
   client_config "$cipher"
   echo "== cipher $cipher"
-  declare -A MBPS
-  for host in openssh bastide; do
-    j "$host" true # warm up
-    ts=()
-    for _ in $(seq "$RUNS"); do
+  declare -A MBPS TS=([openssh]="" [bastide]="")
+  for host in openssh bastide; do j "$host" true; done # warm up
+  # The hosts alternate run by run, so load changes on the (shared) machine hit both alike.
+  for _ in $(seq "$RUNS"); do
+    for host in openssh bastide; do
       t0=$(now); j "$host" 'cat > /dev/null' < "$W/blob"; t1=$(now)
-      ts+=("$(awk -v a="$t0" -v b="$t1" -v m="$SIZE_MIB" 'BEGIN { printf "%.1f", m / (b - a) }')")
+      TS[$host]+="$(awk -v a="$t0" -v b="$t1" -v m="$SIZE_MIB" 'BEGIN { printf "%.1f", m / (b - a) }') "
     done
-    MBPS[$host]=$(printf '%s\n' "${ts[@]}" | median)
-    printf '  %-8s stream %8s MiB/s (runs: %s)\n' "$host" "${MBPS[$host]}" "${ts[*]}"
+  done
+  for host in openssh bastide; do
+    MBPS[$host]=$(printf '%s\n' ${TS[$host]} | median)
+    printf '  %-8s stream %8s MiB/s (runs: %s)\n' "$host" "${MBPS[$host]}" "${TS[$host]% }"
   done
   echo "  ratio bastide/OpenSSH throughput: $(ratio "${MBPS[bastide]}" "${MBPS[openssh]}") (goal >= 1.0)"
   echo
@@ -221,3 +224,5 @@ for host in openssh bastide; do
   sleep 2
 done
 echo "  ratio bastide/OpenSSH per-session memory: $(ratio "${PER[bastide]}" "${PER[openssh]}") (goal < 1.0)"
+echo
+echo "load average at end: $(cut -d" " -f1-3 /proc/loadavg)"

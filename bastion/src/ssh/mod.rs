@@ -650,10 +650,11 @@ async fn jump(
             rec,
             "certificate lacks permit-port-forwarding".into(),
         );
+        // On disk before the client hears of it.
+        shared.audit.write(&rec).await;
         reply
             .reject(reject_with(format!("denied: {}", rec.reason)))
             .await;
-        shared.audit.write(&rec).await;
         return;
     }
     let snap = shared.registry.snapshot();
@@ -663,10 +664,11 @@ async fn jump(
             rec.agent = d.agent;
             rec.resolved = d.addr.map(|a| a.to_string());
             let rec = denied(&shared, rec, d.reason);
+            // On disk before the client hears of it.
+            shared.audit.write(&rec).await;
             reply
                 .reject(reject_with(format!("denied: {}", rec.reason)))
                 .await;
-            shared.audit.write(&rec).await;
             return;
         }
     };
@@ -682,13 +684,14 @@ async fn jump(
             id.admin, live.policy.max_sessions_per_admin
         );
         let rec = denied(&shared, rec, reason);
+        // On disk before the client hears of it.
+        shared.audit.write(&rec).await;
         reply
             .reject(ChannelOpenFailure::Other {
                 code: 4,
                 reason: rec.reason.clone(),
             })
             .await;
-        shared.audit.write(&rec).await;
         return;
     };
     let target = SocketAddr::new(allowed.addr, port as u16);
@@ -697,24 +700,26 @@ async fn jump(
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let rec = denied(&shared, rec, format!("connecting to {target} failed: {e}"));
+                // On disk before the client hears of it.
+                shared.audit.write(&rec).await;
                 reply
                     .reject(ChannelOpenFailure::Other {
                         code: 2,
                         reason: rec.reason.clone(),
                     })
                     .await;
-                shared.audit.write(&rec).await;
                 return;
             }
             Err(_) => {
                 let rec = denied(&shared, rec, format!("connecting to {target} timed out"));
+                // On disk before the client hears of it.
+                shared.audit.write(&rec).await;
                 reply
                     .reject(ChannelOpenFailure::Other {
                         code: 2,
                         reason: rec.reason.clone(),
                     })
                     .await;
-                shared.audit.write(&rec).await;
                 return;
             }
         };
