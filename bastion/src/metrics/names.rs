@@ -45,6 +45,8 @@ pub const FORWARD_QUEUE_BYTES: &str = "bastide_logs_forward_queue_bytes";
 pub const FORWARD_SENT: &str = "bastide_logs_forward_sent_total";
 pub const FORWARD_DROPPED: &str = "bastide_logs_forward_dropped_total";
 pub const FORWARD_CONNECTED: &str = "bastide_logs_forward_connected";
+/// Scrape-time gauge: active agents by configuration state (see `ConfigState::summary`).
+pub const AGENTS_CONFIG_STATE: &str = "bastide_agents_config_state";
 
 /// Buckets of every histogram (seconds): from 100 µs to 10 s.
 pub const BUCKETS: &[f64] = &[
