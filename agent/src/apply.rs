@@ -437,7 +437,9 @@ fn create_dirs(
             }
         }
         if !allowed(policy, path)?.is_empty() {
-            return Err(anyhow!("its parent directories vanished while being created"));
+            return Err(anyhow!(
+                "its parent directories vanished while being created"
+            ));
         }
         Ok(())
     })();
@@ -765,7 +767,11 @@ mod tests {
         // A regular file in the way is an error, not a directory.
         fs::write(allowed_dir.join("plain"), "x").unwrap();
         let e = write_all(&policy, &[file(&allowed_dir.join("plain/f"), "x", "")]).unwrap_err();
-        assert!(format!("{:#}", e.1).contains("not a directory"), "{:#}", e.1);
+        assert!(
+            format!("{:#}", e.1).contains("not a directory"),
+            "{:#}",
+            e.1
+        );
     }
 
     #[test]

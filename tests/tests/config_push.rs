@@ -541,8 +541,8 @@ fn missing_parent_directories_are_created_0755_under_the_allow_list() {
         assert!(m.is_dir());
         assert_eq!(m.mode() & 0o7777, 0o755, "{}", d.display());
     }
-    let rev = wait_agent(&s, |a| in_sync(a) && a["config_state"] == "in-sync")["config_applied"]
-        .clone();
+    let rev =
+        wait_agent(&s, |a| in_sync(a) && a["config_state"] == "in-sync")["config_applied"].clone();
 
     // A file dropped from the desired state stays in place (it is not managed any more).
     s.tree.write_project("[vars]\nntp = \"dropped.ntp\"\n");

@@ -460,9 +460,7 @@ impl ConfigPushHandle {
         let mut changed = 0;
         let mut agents = lock(&self.inner.agents);
         for (a, facts, inputs, push) in fresh {
-            let entry = agents
-                .entry(a.name.clone())
-                .or_insert_with(AgentPush::new);
+            let entry = agents.entry(a.name.clone()).or_insert_with(AgentPush::new);
             entry.inputs = Some((inputs, facts));
             let same = entry
                 .tx
@@ -485,11 +483,10 @@ impl ConfigPushHandle {
         let mut n = 0;
         for (name, e) in agents.iter() {
             let Some(c) = states.get(name) else { continue };
-            let current = e
-                .tx
-                .borrow()
-                .as_ref()
-                .is_some_and(|p| !c.desired.is_empty() && p.revision == c.desired);
+            let current =
+                e.tx.borrow()
+                    .as_ref()
+                    .is_some_and(|p| !c.desired.is_empty() && p.revision == c.desired);
             if current && c.desired != c.applied && e.tx.receiver_count() > 0 {
                 e.tx.send_modify(|_| {});
                 n += 1;

@@ -139,7 +139,9 @@ impl Base {
         if let Some(Value::Table(t)) = merged.doc.get("vars") {
             for reserved in ["agent", "bastion"] {
                 if t.contains_key(reserved) {
-                    errors.push(format!("vars.{reserved}: reserved for the {reserved}'s facts"));
+                    errors.push(format!(
+                        "vars.{reserved}: reserved for the {reserved}'s facts"
+                    ));
                 }
             }
             vars = t
@@ -588,5 +590,69 @@ log_sources = [{ path = "/var/log/*.log" }]
         let p = Prepared::new(t, &serde_json::json!({})).unwrap();
         let e = p.render(&a, &agent_facts(&a, None)).unwrap_err();
         assert_eq!(e.len(), 3, "{e:?}");
+    }
+
+    #[test]
+    fn shared_bases_render_like_a_full_merge_and_inputs_follow_each_agents_layers() {
+        let mut t = tree(
+            GLOBAL,
+            Some("[vars]\nntp = \"host\"\n"),
+            &[("chrony.j2", "server {{ ntp }} {{ agent.name }}\n")],
+        );
+        t.groups.insert(
+            "db".into(),
+            LevelFile {
+                level: Level::Group,
+                file: "groups/db.toml".into(),
+                doc: toml::from_str(
+                    "[vars]\nntp = \"group\"\n[files.motd]\npath = \"/etc/motd\"\ncontent = \"{{ ntp }} motd\"\n",
+                )
+                .unwrap(),
+                fingerprint: 3,
+            },
+        );
+        let b = serde_json::json!({});
+        let p = Prepared::new(t.clone(), &b).unwrap();
+        let mut db = agent("db1");
+        db.labels.insert("group".into(), "db".into());
+        let web1 = agent("web1");
+        let web2 = agent("web2");
+        for (a, ntp, files) in [(&db, "group", 2), (&web1, "host", 1), (&web2, "pool", 1)] {
+            let r = p.render(a, &agent_facts(a, None)).unwrap();
+            // The same as merging every layer of the agent from scratch.
+            let full = merge(&t.layers(&a.name, &a.labels));
+            assert_eq!(r.merged.doc, full.doc);
+            assert_eq!(r.merged.provenance, full.provenance);
+            assert_eq!(r.push.files.len(), files);
+            let chrony = r.push.files.iter().find(|f| f.path == "/etc/chrony.conf");
+            assert_eq!(
+                String::from_utf8_lossy(&chrony.unwrap().content),
+                format!("server {ntp} {}\n", a.name)
+            );
+        }
+        // A changed host file changes the inputs of its agent only.
+        let mut t2 = t.clone();
+        t2.hosts.get_mut("web1").unwrap().fingerprint = 99;
+        let p2 = Prepared::new(t2, &b).unwrap();
+        assert_ne!(p.inputs(&web1), p2.inputs(&web1));
+        assert_eq!(p.inputs(&web2), p2.inputs(&web2));
+        assert_eq!(p.inputs(&db), p2.inputs(&db));
+        // A changed template, everyone's.
+        let mut t3 = t.clone();
+        t3.templates.insert("chrony.j2".into(), "x".into());
+        let p3 = Prepared::new(t3, &b).unwrap();
+        assert_ne!(p.inputs(&web2), p3.inputs(&web2));
+        assert_ne!(p.inputs(&db), p3.inputs(&db));
+        // Inline content is compiled with the tree: its syntax errors name its file and key.
+        let bad = tree(
+            "[files.x]\npath = \"/a\"\ncontent = \"{{ oops\"\n",
+            None,
+            &[],
+        );
+        let e = Templates::compile(&bad).err().unwrap();
+        assert!(
+            e[0].contains("global.toml") && e[0].contains("files.x"),
+            "{e:?}"
+        );
     }
 }

@@ -306,7 +306,19 @@ async fn drive(
             use rustls_pem::parse;
             let (chain, key) = parse(&c.cert_pem, &c.key_pem)?;
             let cfg = mtls_config(ca, chain, key)?;
-            let ch = connect(&addr, "127.0.0.1", cfg).await?;
+            // As a real agent, try again when the bastion is too busy to answer in time
+            // (thousands of handshakes at once on a loaded machine).
+            let mut tries = 0;
+            let ch = loop {
+                match connect(&addr, "127.0.0.1", cfg.clone()).await {
+                    Ok(ch) => break ch,
+                    Err(_) if tries < 5 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(500 * tries)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             let mut client = AgentClient::new(ch);
             client
                 .register(RegisterRequest {
