@@ -1,7 +1,8 @@
 //! Applying a configuration pushed by the bastion, within what the local configuration allows
 //! (the bastion cannot change it): files only under `[config] allow_dirs`, actions only those
-//! named in `[config.actions]`. Everything is checked before anything is written; each
-//! changed file is written atomically (temporary file in the same directory, fsync, owner and
+//! named in `[config.actions]`. Everything is checked before anything is written; missing
+//! parent directories are created (0755, the file's owner and group) only below an allowed
+//! directory; each changed file is written atomically (temporary file in the same directory, fsync, owner and
 //! mode, rename, fsync of the directory), unchanged files are left alone (mtime kept). If an
 //! `on_change` action fails, the revision's files are restored to their previous content and
 //! the revision is refused (NACK). The applied revision and its agent settings are kept in
@@ -334,6 +335,8 @@ struct Written {
     on_change: String,
     /// Previous content and (mode, uid, gid); `None`: the file did not exist.
     previous: Option<(Vec<u8>, u32, u32, u32)>,
+    /// Parent directories created for it, outermost first (removed by a rollback).
+    created_dirs: Vec<PathBuf>,
 }
 
 /// Resolved target of one managed file.
@@ -342,11 +345,15 @@ struct Plan<'a> {
     path: PathBuf,
     uid: Option<u32>,
     gid: Option<u32>,
+    /// Missing parent directories, outermost first.
+    dirs: Vec<PathBuf>,
 }
 
 /// Whether `path` (lexically normal, absolute) is inside an allowed directory, also once
-/// symbolic links in its directory are resolved.
-fn allowed(policy: &PushPolicy, path: &Path) -> Result<()> {
+/// symbolic links in its directory are resolved. Returns the directories to create for it
+/// (outermost first): missing parents are created only strictly under an allowed directory
+/// that exists, its real location checked on the deepest directory that exists.
+fn allowed(policy: &PushPolicy, path: &Path) -> Result<Vec<PathBuf>> {
     let normal = path.is_absolute()
         && path
             .components()
@@ -357,18 +364,101 @@ fn allowed(policy: &PushPolicy, path: &Path) -> Result<()> {
     let parent = path
         .parent()
         .ok_or_else(|| anyhow!("no parent directory"))?;
-    let real_parent = parent
-        .canonicalize()
-        .with_context(|| format!("directory {} does not exist", parent.display()))?;
+    // The deepest directory of the path that exists, and the ones to create below it.
+    let mut missing = Vec::new();
+    let mut existing = parent;
+    let real_existing = loop {
+        match fs::symlink_metadata(existing) {
+            Ok(_) => {
+                let real = existing
+                    .canonicalize()
+                    .with_context(|| format!("resolving {}", existing.display()))?;
+                if !real.is_dir() {
+                    return Err(anyhow!("{} is not a directory", existing.display()));
+                }
+                break real;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                missing.push(existing.to_path_buf());
+                existing = existing
+                    .parent()
+                    .ok_or_else(|| anyhow!("no existing parent directory"))?;
+            }
+            Err(e) => return Err(anyhow!("{}: {e}", existing.display())),
+        }
+    };
+    missing.reverse();
+    if missing.len() > MAX_NEW_DIRS {
+        return Err(anyhow!(
+            "more than {MAX_NEW_DIRS} missing parent directories"
+        ));
+    }
     for d in &policy.allow_dirs {
         let real_dir = d.canonicalize().unwrap_or_else(|_| d.clone());
-        if path.starts_with(d) && real_parent.starts_with(&real_dir) {
-            return Ok(());
+        if path.starts_with(d) && real_existing.starts_with(&real_dir) {
+            return Ok(missing);
         }
     }
     Err(anyhow!(
         "outside the directories this agent allows ([config] allow_dirs)"
     ))
+}
+
+/// Most parent directories one file may need created.
+const MAX_NEW_DIRS: usize = 16;
+
+/// Creates `dirs` (outermost first) with mode 0755 and the file's owner and group, each
+/// made durable in its parent; returns those it created (not those that appeared since
+/// the check). The file's real parent is checked again once they exist.
+fn create_dirs(
+    policy: &PushPolicy,
+    path: &Path,
+    dirs: &[PathBuf],
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<Vec<PathBuf>> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut created = Vec::new();
+    let result = (|| -> Result<()> {
+        for d in dirs {
+            match fs::DirBuilder::new().mode(0o755).create(d) {
+                Ok(()) => {
+                    created.push(d.clone());
+                    // Exactly 0755, whatever the umask.
+                    fs::set_permissions(d, fs::Permissions::from_mode(0o755))?;
+                    if uid.is_some() || gid.is_some() {
+                        std::os::unix::fs::chown(d, uid, gid)
+                            .with_context(|| format!("setting the owner of {}", d.display()))?;
+                    }
+                    sync_dir(d.parent().unwrap_or(Path::new("/")))?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(anyhow!("creating directory {}: {e}", d.display())),
+            }
+        }
+        if !allowed(policy, path)?.is_empty() {
+            return Err(anyhow!(
+                "its parent directories vanished while being created"
+            ));
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(created),
+        Err(e) => {
+            remove_dirs(&created);
+            Err(e)
+        }
+    }
+}
+
+/// Removes directories a revision created, innermost first, if they are empty.
+fn remove_dirs(created: &[PathBuf]) {
+    for d in created.iter().rev() {
+        if fs::remove_dir(d).is_ok() {
+            let _ = sync_dir(d.parent().unwrap_or(Path::new("/")));
+        }
+    }
 }
 
 /// Checks every file, then writes those whose content differs. On a write error, what was
@@ -381,7 +471,7 @@ fn write_all(
     for f in files {
         let fail = |e: anyhow::Error| (f.path.clone(), e);
         let path = PathBuf::from(&f.path);
-        allowed(policy, &path).map_err(fail)?;
+        let dirs = allowed(policy, &path).map_err(fail)?;
         if !f.on_change.is_empty() && !policy.actions.contains_key(&f.on_change) {
             return Err(fail(anyhow!(
                 "on_change action {:?} is not in the local [config.actions]: nothing applied",
@@ -431,6 +521,7 @@ fn write_all(
             path,
             uid,
             gid,
+            dirs,
         });
     }
     let mut written: Vec<Written> = Vec::new();
@@ -471,7 +562,15 @@ fn write_all(
             Some((_, _, u, g)) => (p.uid.or(Some(*u)), p.gid.or(Some(*g))),
             None => (p.uid, p.gid),
         };
+        let created_dirs = match create_dirs(policy, &p.path, &p.dirs, p.uid, p.gid) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = rollback(&written);
+                return Err((p.file.path.clone(), e));
+            }
+        };
         if let Err(e) = write_file(&p.path, &p.file.content, p.file.mode, uid, gid) {
+            remove_dirs(&created_dirs);
             let _ = rollback(&written);
             return Err((p.file.path.clone(), e));
         }
@@ -479,6 +578,7 @@ fn write_all(
             path: p.path,
             on_change: p.file.on_change.clone(),
             previous,
+            created_dirs,
         });
     }
     Ok(written)
@@ -526,7 +626,8 @@ fn write_file(
     sync_dir(dir)
 }
 
-/// Puts back what `written` replaced, last first; files that did not exist are removed.
+/// Puts back what `written` replaced, last first; files that did not exist are removed, and
+/// so are the directories created for them.
 fn rollback(written: &[Written]) -> Result<()> {
     let mut first_err = None;
     for w in written.iter().rev() {
@@ -542,6 +643,7 @@ fn rollback(written: &[Written]) -> Result<()> {
             warn!(file = %w.path.display(), error = %format!("{e:#}"), "rollback of a file failed");
             first_err.get_or_insert(e);
         }
+        remove_dirs(&w.created_dirs);
     }
     match first_err {
         None => Ok(()),
@@ -625,6 +727,51 @@ mod tests {
         assert!(cfg.config.allow_dirs.is_empty() && cfg.config.actions.is_empty());
         assert_eq!(cfg.config.action_timeout, Duration::from_secs(60));
         assert!(cfg.config.problems().is_empty());
+    }
+
+    #[test]
+    fn missing_parents_are_created_0755_only_under_an_allowed_dir_and_rolled_back() {
+        let d = tmpdir();
+        let allowed_dir = d.join("etc");
+        let outside = d.join("outside");
+        fs::create_dir_all(&allowed_dir).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, allowed_dir.join("link")).unwrap();
+        let policy = PushPolicy {
+            allow_dirs: vec![allowed_dir.clone(), d.join("absent")],
+            ..PushPolicy::default()
+        };
+        // Two files in the same new directories: created once, 0755 whatever the umask.
+        let a = allowed_dir.join("app/conf.d/a.conf");
+        let b = allowed_dir.join("app/conf.d/b.conf");
+        let w = write_all(&policy, &[file(&a, "a", ""), file(&b, "b", "")]).unwrap();
+        assert_eq!(fs::read_to_string(&a).unwrap(), "a");
+        for dir in [allowed_dir.join("app"), allowed_dir.join("app/conf.d")] {
+            assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o7777, 0o755);
+        }
+        // A rollback removes the files and the directories the revision created.
+        rollback(&w).unwrap();
+        assert!(!allowed_dir.join("app").exists());
+
+        // Never through a symlink leading out, nor above an allowed dir that does not exist.
+        for bad in [
+            allowed_dir.join("link/new/c.conf"),
+            d.join("absent/sub/d.conf"),
+            outside.join("new/e.conf"),
+        ] {
+            let e = write_all(&policy, &[file(&bad, "x", "")]).unwrap_err();
+            assert_eq!(e.0, bad.display().to_string());
+        }
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(!d.join("absent").exists());
+        // A regular file in the way is an error, not a directory.
+        fs::write(allowed_dir.join("plain"), "x").unwrap();
+        let e = write_all(&policy, &[file(&allowed_dir.join("plain/f"), "x", "")]).unwrap_err();
+        assert!(
+            format!("{:#}", e.1).contains("not a directory"),
+            "{:#}",
+            e.1
+        );
     }
 
     #[test]

@@ -310,19 +310,21 @@ async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
             let s: Summary =
                 serde_json::from_value(admin::call(socket, &AdminRequest::ConfigReload).await?)?;
             println!(
-                "configuration tree reloaded: {} agent(s), {} with a new revision ({:.1} ms)",
-                s.agents, s.changed, s.render_ms
+                "configuration tree reloaded: {} agent(s), {} rendered, {} with a new revision ({:.1} ms); {} out-of-sync agent(s) sent their revision again",
+                s.agents, s.rendered, s.changed, s.render_ms, s.repushed
             );
         }
     }
     Ok(())
 }
 
+/// The CONFIG column: state, revisions (applied->desired while they differ), last error.
 fn config_column(a: &AgentStatus) -> String {
     let short = |s: &str| s.chars().take(8).collect::<String>();
-    let mut out = if a.config_desired.is_empty() {
-        "-".to_string()
-    } else if a.config_desired == a.config_applied {
+    if a.config_desired.is_empty() && a.config_error.is_empty() {
+        return "-".to_string();
+    }
+    let revs = if a.config_desired == a.config_applied {
         short(&a.config_applied)
     } else {
         format!(
@@ -332,11 +334,19 @@ fn config_column(a: &AgentStatus) -> String {
             } else {
                 short(&a.config_applied)
             },
-            short(&a.config_desired)
+            if a.config_desired.is_empty() {
+                "none".to_string()
+            } else {
+                short(&a.config_desired)
+            }
         )
     };
+    let mut out = format!("{} {revs}", a.config_state);
     if !a.config_error.is_empty() {
         out.push_str(&format!(" ({})", a.config_error));
+    }
+    if a.config_state == "refused" {
+        out.push_str(" [fix the cause, then `bastide config reload` sends it again]");
     }
     out
 }

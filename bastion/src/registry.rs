@@ -92,6 +92,9 @@ pub struct AgentStatus {
     pub config_applied: String,
     #[serde(default)]
     pub config_error: String,
+    /// `none`, `in-sync`, `pending`, `refused` or `render-error` (see [`ConfigState::summary`]).
+    #[serde(default)]
+    pub config_state: String,
 }
 
 /// Where an agent stands with its pushed configuration.
@@ -103,6 +106,29 @@ pub struct ConfigState {
     pub applied: String,
     /// Last error: a NACK, or a render error on the bastion (empty: none).
     pub error: String,
+    /// Revision the agent refused (NACK) and that was not sent again since (empty: none).
+    /// Not stored: a reconnection sends the desired revision again, which clears it.
+    pub refused: String,
+}
+
+impl ConfigState {
+    /// One word for `bastide agents list` and the metrics: `none` (nothing rendered),
+    /// `render-error` (the bastion could not render it; the last good revision stays),
+    /// `refused` (the agent NACKed the desired revision; not sent again until the tree
+    /// changes, the agent reconnects or `bastide config reload`), `in-sync` or `pending`.
+    pub fn summary(&self) -> &'static str {
+        if self.error.starts_with("bastion: ") {
+            "render-error"
+        } else if self.desired.is_empty() {
+            "none"
+        } else if self.refused == self.desired {
+            "refused"
+        } else if self.desired == self.applied {
+            "in-sync"
+        } else {
+            "pending"
+        }
+    }
 }
 
 /// The admin view of a token (`bastide token list`); never the secret.
@@ -294,6 +320,7 @@ impl Registry {
                         desired: a.config_desired.clone(),
                         applied: a.config_applied.clone(),
                         error: a.config_error.clone(),
+                        refused: String::new(),
                     },
                 )
             })
@@ -869,6 +896,7 @@ impl Registry {
                 enrolled_at: a.enrolled_at,
                 cert_serial: a.cert_serial.clone(),
                 cert_not_after: a.cert_not_after,
+                config_state: c.summary().to_string(),
                 config_desired: c.desired,
                 config_applied: c.applied,
                 config_error: c.error,
@@ -924,10 +952,22 @@ impl Registry {
             if ok {
                 c.applied = clip(revision);
                 c.error.clear();
+                c.refused.clear();
             } else {
                 c.error = clip(&format!("revision {}: {}", clip(revision), error));
+                c.refused = clip(revision);
             }
         });
+    }
+
+    /// A revision was sent (again) to the agent: no longer refused until it answers.
+    pub fn config_sent(&self, name: &str, revision: &str) {
+        let mut g = lock(&self.inner.config);
+        if let Some(c) = g.0.get_mut(name) {
+            if c.refused == revision {
+                c.refused.clear();
+            }
+        }
     }
 
     /// Writes the changed pushed-configuration states to the store. Blocking.

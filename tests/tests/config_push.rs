@@ -468,3 +468,107 @@ fn unchanged_content_is_never_rewritten() {
         "the file was rewritten"
     );
 }
+
+#[test]
+fn missing_parent_directories_are_created_0755_under_the_allow_list() {
+    let s = setup("web10", "", "");
+    let ntp = s.out.join("ntp.conf");
+    wait_content(&s, &ntp, "server project.ntp", Duration::from_secs(10));
+    let deep = s.out.join("app/conf.d/site.conf");
+    let outside = s.agent.dir.path().join("outside");
+    s.tree.write_project(&format!(
+        "[vars]\nntp = \"project.ntp\"\n[files.deep]\npath = {:?}\ncontent = \"for {{{{ agent.name }}}}\\n\"\n",
+        deep.display().to_string()
+    ));
+    wait_content(&s, &deep, "for web10", Duration::from_secs(5));
+    for d in [s.out.join("app"), s.out.join("app/conf.d")] {
+        let m = std::fs::metadata(&d).unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.mode() & 0o7777, 0o755, "{}", d.display());
+    }
+    let rev =
+        wait_agent(&s, |a| in_sync(a) && a["config_state"] == "in-sync")["config_applied"].clone();
+
+    // A file dropped from the desired state stays in place (it is not managed any more).
+    s.tree.write_project("[vars]\nntp = \"dropped.ntp\"\n");
+    wait_content(&s, &ntp, "server dropped.ntp", Duration::from_secs(5));
+    wait_agent(&s, |a| in_sync(a) && a["config_applied"] != rev);
+    assert_eq!(read(&deep), "for web10\n");
+
+    // Never outside the allow-list: no directory is created there, the revision is NACKed.
+    let evil = outside.join("new/dir/x.conf");
+    s.tree.write_project(&format!(
+        "[vars]\nntp = \"project.ntp\"\n[files.evil]\npath = {:?}\ncontent = \"x\"\n",
+        evil.display().to_string()
+    ));
+    let a = wait_agent(&s, |a| a["config_state"] == "refused");
+    assert!(
+        a["config_error"].as_str().unwrap().contains("allow_dirs"),
+        "{a}"
+    );
+    assert!(!outside.exists());
+}
+
+#[test]
+fn refused_revision_is_shown_and_config_reload_sends_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    // A transient failure: the action fails while the flag file exists.
+    let flag = dir.path().join("busy");
+    let check = dir.path().join("check.sh");
+    std::fs::write(
+        &check,
+        format!(
+            "#!/bin/sh\nif [ -e {:?} ]; then echo 'daemon busy' >&2; exit 3; fi\n",
+            flag.display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&check, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let s = setup_with_check("web11", &check);
+    let ntp = s.out.join("ntp.conf");
+    wait_content(&s, &ntp, "server project.ntp", Duration::from_secs(10));
+    wait_agent(&s, in_sync);
+
+    std::fs::write(&flag, "").unwrap();
+    s.tree.write_project("[vars]\nntp = \"retry.ntp\"\n");
+    let a = wait_agent(&s, |a| a["config_state"] == "refused");
+    assert!(
+        a["config_error"].as_str().unwrap().contains("daemon busy"),
+        "{a}"
+    );
+    let list = s.bastion.cli_ok(&["agents", "list"]);
+    assert!(
+        list.contains("refused") && list.contains("bastide config reload"),
+        "{list}"
+    );
+    let (_, body) = http_get(&s.bastion.metrics_addr, "/metrics", None);
+    assert!(
+        body.contains("bastide_agents_config_state{state=\"refused\"} 1"),
+        "{body}"
+    );
+    // A refused revision is not sent again by itself.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        s.agent.log_text().matches("configuration refused").count(),
+        1,
+        "{}",
+        s.agent.log_text()
+    );
+    assert!(read(&ntp).contains("server project.ntp"));
+
+    // The cause is gone; the admin's reload sends it again, and it is applied.
+    std::fs::remove_file(&flag).unwrap();
+    let out = s.bastion.cli_ok(&["config", "reload"]);
+    assert!(
+        out.contains("1 out-of-sync agent(s) sent their revision again"),
+        "{out}"
+    );
+    wait_content(&s, &ntp, "server retry.ntp", Duration::from_secs(5));
+    let a = wait_agent(&s, |a| in_sync(a) && a["config_state"] == "in-sync");
+    assert_eq!(a["config_error"], "");
+    let (_, body) = http_get(&s.bastion.metrics_addr, "/metrics", None);
+    assert!(
+        body.contains("bastide_agents_config_state{state=\"refused\"} 0"),
+        "{body}"
+    );
+}

@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::metrics::names;
 use crate::registry::{AgentInfo, Registry, RegistryEvent};
-use render::{agent_facts, Templates};
+use render::{agent_facts, Prepared};
 use tree::{Position, Tree};
 
 /// `[config_push]`: where the environment tree is and where this bastion sits in it.
@@ -49,7 +49,7 @@ pub struct ConfigPushConfig {
     #[serde(default)]
     pub bastion_address: Option<IpAddr>,
     /// Quiet time after a change in the tree before it is reloaded (editors and git write
-    /// several files).
+    /// several files); a stream of changes is reloaded at most 4 x this after its first.
     #[serde(default = "default_debounce", with = "humantime_serde")]
     pub debounce: Duration,
 }
@@ -58,7 +58,7 @@ fn default_group_label() -> String {
     "group".into()
 }
 fn default_debounce() -> Duration {
-    Duration::from_millis(100)
+    Duration::from_millis(50)
 }
 
 impl ConfigPushConfig {
@@ -87,10 +87,10 @@ impl ConfigPushConfig {
                 }
             }
         }
-        if self.debounce > Duration::from_secs(1) {
+        if self.debounce > Duration::from_millis(250) {
             out.push((
                 "config_push.debounce".into(),
-                "must be at most 1s (pushes are due within 1s of a change)".into(),
+                "must be at most 250ms (x 4 at most before a reload; pushes are due within 1s of a change)".into(),
             ));
         }
         out
@@ -161,6 +161,13 @@ pub struct Summary {
     pub render_ms: f64,
     #[serde(default)]
     pub errors: Vec<String>,
+    /// Agents rendered (the others' inputs had not changed since their last render).
+    #[serde(default)]
+    pub rendered: usize,
+    /// Connected agents that had not applied their revision and were sent it again
+    /// (`bastide config reload` only).
+    #[serde(default)]
+    pub repushed: usize,
 }
 
 /// `bastide config render AGENT`.
@@ -176,15 +183,13 @@ pub struct RenderView {
     pub files: Vec<(String, String, String, String, String, String)>,
 }
 
-struct Loaded {
-    tree: Tree,
-    templates: Templates,
-}
-
+/// An admin's reload (which also sends out-of-sync agents their revision again): where to
+/// answer.
 type Reload = oneshot::Sender<Summary>;
 
-/// An agent, the facts it was rendered with, and its push.
-type RenderedAgent = (Arc<AgentInfo>, serde_json::Value, PushMsg);
+/// An agent to render: who, its facts, and the fingerprint of its layers.
+type Job = (Arc<AgentInfo>, serde_json::Value, u64);
+type Outcome = (Job, Result<PushMsg, Vec<String>>);
 
 struct Inner {
     cfg: ConfigPushConfig,
@@ -192,16 +197,26 @@ struct Inner {
     zone: Option<String>,
     bastion: serde_json::Value,
     registry: Registry,
-    current: Mutex<Option<Arc<Loaded>>>,
-    /// Per agent: the facts its push was rendered from, and the push its session follows.
+    current: Mutex<Option<Arc<Prepared>>>,
+    /// Per agent: what its push was rendered from, and the push its session follows.
     agents: Mutex<HashMap<String, AgentPush>>,
     reload: mpsc::Sender<Reload>,
     reload_rx: Mutex<Option<mpsc::Receiver<Reload>>>,
 }
 
 struct AgentPush {
-    facts: Option<serde_json::Value>,
+    /// Fingerprint of the layers and the facts the current push was rendered from.
+    inputs: Option<(u64, serde_json::Value)>,
     tx: watch::Sender<Option<Arc<PushMsg>>>,
+}
+
+impl AgentPush {
+    fn new() -> Self {
+        Self {
+            inputs: None,
+            tx: watch::channel(None).0,
+        }
+    }
 }
 
 /// Cheap to clone: the push service's shared state.
@@ -212,6 +227,48 @@ pub struct ConfigPushHandle {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Agents per rendering thread below which one thread is enough.
+const RENDER_CHUNK: usize = 128;
+
+/// Renders agents on every core (rendering is CPU only: templates and a hash). Blocking.
+fn render_many(p: &Prepared, jobs: Vec<Job>) -> Vec<Outcome> {
+    let one = |job: Job| {
+        let r = p.render(&job.0, &job.1).map(|r| r.push);
+        (job, r)
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(jobs.len() / RENDER_CHUNK + 1);
+    if threads <= 1 {
+        return jobs.into_iter().map(one).collect();
+    }
+    let per = jobs.len().div_ceil(threads);
+    let mut parts = Vec::with_capacity(threads);
+    let mut rest = jobs;
+    while !rest.is_empty() {
+        let tail = rest.split_off(rest.len().saturating_sub(per));
+        parts.push(tail);
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .into_iter()
+            .map(|part| s.spawn(move || part.into_iter().map(one).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| match h.join() {
+                Ok(v) => v,
+                // A render never panics; if one did, its agents keep their revision.
+                Err(_) => {
+                    error!("a rendering thread panicked");
+                    Vec::new()
+                }
+            })
+            .collect()
+    })
 }
 
 impl ConfigPushHandle {
@@ -244,42 +301,43 @@ impl ConfigPushHandle {
         }
     }
 
-    fn load(&self) -> Result<Loaded, Vec<String>> {
+    /// Reads the tree, compiles its templates and merges its shared levels. Blocking.
+    fn load(&self) -> Result<Prepared, Vec<String>> {
         let i = &self.inner;
         let tree = Tree::load(&i.cfg.dir, &i.pos, &i.cfg.group_label)?;
-        let templates = Templates::compile(&tree)?;
-        Ok(Loaded { tree, templates })
+        Prepared::new(tree, &i.bastion)
     }
 
     fn facts(&self, a: &AgentInfo) -> serde_json::Value {
         agent_facts(a, self.inner.zone.as_deref())
     }
 
-    /// Renders every active agent against `loaded`; all errors at once.
-    fn render_all(&self, loaded: &Loaded) -> (Vec<RenderedAgent>, Vec<String>) {
+    /// The active agents (those named, or all) as render jobs against `p`; with `skip`,
+    /// only those whose layers or facts changed since their push was rendered.
+    fn jobs(&self, p: &Prepared, names: Option<&HashSet<String>>, skip: bool) -> Vec<Job> {
         let snap = self.inner.registry.snapshot();
-        let mut out = Vec::new();
-        let mut errors = Vec::new();
-        for a in snap.active() {
-            let facts = self.facts(a);
-            match render::render(
-                &loaded.tree,
-                &loaded.templates,
-                a,
-                &facts,
-                &self.inner.bastion,
-            ) {
-                Ok(r) => out.push((a.clone(), facts, r.push)),
-                Err(e) => errors.extend(e),
-            }
-        }
-        (out, errors)
+        let agents = lock(&self.inner.agents);
+        snap.active()
+            .filter(|a| names.is_none_or(|n| n.contains(&a.name)))
+            .filter_map(|a| {
+                let facts = self.facts(a);
+                let inputs = p.inputs(a);
+                let same = skip
+                    && agents.get(&a.name).is_some_and(|e| {
+                        e.tx.borrow().is_some()
+                            && e.inputs
+                                .as_ref()
+                                .is_some_and(|(i, f)| *i == inputs && *f == facts)
+                    });
+                (!same).then(|| (a.clone(), facts, inputs))
+            })
+            .collect()
     }
 
     /// Loads and renders the tree from disk without changing anything.
     pub fn check(&self) -> Summary {
         let t = Instant::now();
-        let loaded = match self.load() {
+        let prepared = match self.load() {
             Ok(l) => l,
             Err(errors) => {
                 return Summary {
@@ -288,38 +346,63 @@ impl ConfigPushHandle {
                 }
             }
         };
-        let (out, errors) = self.render_all(&loaded);
+        let jobs = self.jobs(&prepared, None, false);
+        let out = render_many(&prepared, jobs);
+        let mut errors = Vec::new();
+        let mut files = 0;
+        let mut agents = 0;
+        for (_, r) in out {
+            match r {
+                Ok(p) => {
+                    agents += 1;
+                    files += p.files.len();
+                }
+                Err(e) => errors.extend(e),
+            }
+        }
         Summary {
-            agents: out.len(),
-            files: out.iter().map(|(_, _, p)| p.files.len()).sum(),
-            changed: 0,
+            agents,
+            rendered: agents,
+            files,
             render_ms: t.elapsed().as_secs_f64() * 1000.0,
             errors,
+            ..Summary::default()
         }
     }
 
     /// Loads the tree and, if every agent renders, makes it current and pushes what
-    /// changed. A tree with any error is refused whole. Blocking.
-    fn reload_now(&self) -> Summary {
+    /// changed; `explicit` (the admin's reload) also sends connected agents that have not
+    /// applied their revision (a NACK for a transient cause) that revision again. A tree
+    /// with any error is refused whole. Blocking.
+    fn reload_now(&self, explicit: bool) -> Summary {
         let t = Instant::now();
-        let loaded = match self.load() {
+        let prepared = match self.load() {
             Ok(l) => l,
             Err(errors) => return self.refused(errors),
         };
-        let (out, errors) = self.render_all(&loaded);
+        // Agents whose layers and facts are unchanged render the same: skipped.
+        let jobs = self.jobs(&prepared, None, true);
+        let rendered = jobs.len();
+        let out = render_many(&prepared, jobs);
+        let errors: Vec<String> = out
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().err())
+            .flatten()
+            .cloned()
+            .collect();
         if !errors.is_empty() {
             return self.refused(errors);
         }
         let render_ms = t.elapsed().as_secs_f64() * 1000.0;
         metrics::histogram!(names::CONFIG_RENDER_DURATION).record(t.elapsed().as_secs_f64());
-        let files = out.iter().map(|(_, _, p)| p.files.len()).sum();
-        let agents = out.len();
-        *lock(&self.inner.current) = Some(Arc::new(loaded));
+        *lock(&self.inner.current) = Some(Arc::new(prepared));
         let changed = self.publish(out);
+        let repushed = if explicit { self.repush() } else { 0 };
+        let (agents, files) = self.counts();
         metrics::counter!(names::CONFIG_RELOADS, "result" => "ok").increment(1);
         info!(
             agents,
-            files, changed, render_ms, "configuration tree loaded"
+            files, rendered, changed, repushed, render_ms, "configuration tree loaded"
         );
         Summary {
             agents,
@@ -327,7 +410,19 @@ impl ConfigPushHandle {
             changed,
             render_ms,
             errors: Vec::new(),
+            rendered,
+            repushed,
         }
+    }
+
+    /// Active agents with a push, and their files.
+    fn counts(&self) -> (usize, usize) {
+        let snap = self.inner.registry.snapshot();
+        let agents = lock(&self.inner.agents);
+        snap.active()
+            .filter_map(|a| agents.get(&a.name))
+            .filter_map(|e| e.tx.borrow().as_ref().map(|p| p.files.len()))
+            .fold((0, 0), |(n, f), k| (n + 1, f + k))
     }
 
     fn refused(&self, errors: Vec<String>) -> Summary {
@@ -341,85 +436,80 @@ impl ConfigPushHandle {
         }
     }
 
-    /// Makes rendered pushes current; returns how many changed revision.
-    fn publish(&self, out: Vec<RenderedAgent>) -> usize {
-        let mut changed = 0;
+    /// Makes rendered pushes current (render errors are recorded for their agents);
+    /// returns how many changed revision. Each session sends its push as soon as it is
+    /// replaced here.
+    fn publish(&self, out: Vec<Outcome>) -> usize {
         let mut desired = Vec::with_capacity(out.len());
-        {
-            let mut agents = lock(&self.inner.agents);
-            for (a, facts, push) in out {
-                let entry = agents.entry(a.name.clone()).or_insert_with(|| AgentPush {
-                    facts: None,
-                    tx: watch::channel(None).0,
-                });
-                entry.facts = Some(facts);
-                desired.push((a.name.clone(), Ok(push.revision.clone())));
-                let same = entry
-                    .tx
-                    .borrow()
-                    .as_ref()
-                    .is_some_and(|p| p.revision == push.revision);
-                if !same {
-                    changed += 1;
-                    entry.tx.send_replace(Some(Arc::new(push)));
+        let mut fresh = Vec::with_capacity(out.len());
+        for ((a, facts, inputs), r) in out {
+            match r {
+                Ok(push) => {
+                    desired.push((a.name.clone(), Ok(push.revision.clone())));
+                    fresh.push((a, facts, inputs, push));
+                }
+                Err(e) => {
+                    warn!(agent = %a.name, error = %e.join("; "), "configuration render failed");
+                    desired.push((a.name.clone(), Err(e.join("; "))));
                 }
             }
         }
+        // The registry knows the new desired revisions before any agent can ACK them, so
+        // that the out-of-sync count never reads 0 while pushes are on their way.
         self.inner.registry.set_config_desired(&desired);
+        let mut changed = 0;
+        let mut agents = lock(&self.inner.agents);
+        for (a, facts, inputs, push) in fresh {
+            let entry = agents.entry(a.name.clone()).or_insert_with(AgentPush::new);
+            entry.inputs = Some((inputs, facts));
+            let same = entry
+                .tx
+                .borrow()
+                .as_ref()
+                .is_some_and(|p| p.revision == push.revision);
+            if !same {
+                changed += 1;
+                entry.tx.send_replace(Some(Arc::new(push)));
+            }
+        }
         changed
+    }
+
+    /// Wakes the session of every connected agent that has not applied its desired
+    /// revision, which then sends it again. Returns how many.
+    fn repush(&self) -> usize {
+        let states = self.inner.registry.config_states();
+        let agents = lock(&self.inner.agents);
+        let mut n = 0;
+        for (name, e) in agents.iter() {
+            let Some(c) = states.get(name) else { continue };
+            let current =
+                e.tx.borrow()
+                    .as_ref()
+                    .is_some_and(|p| !c.desired.is_empty() && p.revision == c.desired);
+            if current && c.desired != c.applied && e.tx.receiver_count() > 0 {
+                e.tx.send_modify(|_| {});
+                n += 1;
+            }
+        }
+        if n > 0 {
+            info!(agents = n, "configuration sent again to agents out of sync");
+        }
+        n
     }
 
     /// Renders agents that are new or whose facts changed (enrollment, registration):
     /// those named, or all of them.
     fn render_changed(&self, names: Option<HashSet<String>>) {
-        let Some(loaded) = lock(&self.inner.current).clone() else {
+        let Some(prepared) = lock(&self.inner.current).clone() else {
             return;
         };
-        let snap = self.inner.registry.snapshot();
-        let todo: Vec<(Arc<AgentInfo>, serde_json::Value)> = {
-            let agents = lock(&self.inner.agents);
-            snap.active()
-                .filter(|a| names.as_ref().is_none_or(|n| n.contains(&a.name)))
-                .filter_map(|a| {
-                    let facts = self.facts(a);
-                    let same = agents
-                        .get(&a.name)
-                        .and_then(|p| p.facts.as_ref())
-                        .is_some_and(|f| *f == facts);
-                    (!same).then(|| (a.clone(), facts))
-                })
-                .collect()
-        };
-        if todo.is_empty() {
+        let jobs = self.jobs(&prepared, names.as_ref(), true);
+        if jobs.is_empty() {
             return;
         }
-        let mut ok = Vec::new();
-        let mut failed = Vec::new();
-        for (a, facts) in todo {
-            match render::render(
-                &loaded.tree,
-                &loaded.templates,
-                &a,
-                &facts,
-                &self.inner.bastion,
-            ) {
-                Ok(r) => ok.push((a, facts, r.push)),
-                Err(e) => {
-                    warn!(agent = %a.name, error = %e.join("; "), "configuration render failed");
-                    failed.push((a.name.clone(), Err(e.join("; "))));
-                    // Remember the facts so that the failure is not retried on every change.
-                    lock(&self.inner.agents)
-                        .entry(a.name.clone())
-                        .or_insert_with(|| AgentPush {
-                            facts: None,
-                            tx: watch::channel(None).0,
-                        })
-                        .facts = Some(facts);
-                }
-            }
-        }
-        let n = self.publish(ok);
-        self.inner.registry.set_config_desired(&failed);
+        let out = render_many(&prepared, jobs);
+        let n = self.publish(out);
         debug!(changed = n, "agents rendered after a registry change");
     }
 
@@ -427,10 +517,7 @@ impl ConfigPushHandle {
     pub fn subscribe(&self, agent: &str) -> watch::Receiver<Option<Arc<PushMsg>>> {
         let mut rx = lock(&self.inner.agents)
             .entry(agent.to_string())
-            .or_insert_with(|| AgentPush {
-                facts: None,
-                tx: watch::channel(None).0,
-            })
+            .or_insert_with(AgentPush::new)
             .tx
             .subscribe();
         rx.mark_changed();
@@ -454,14 +541,8 @@ impl ConfigPushHandle {
         let Some(a) = snap.agents.get(agent) else {
             return Err(vec![format!("unknown agent {agent:?}")]);
         };
-        let loaded = self.load()?;
-        let r = render::render(
-            &loaded.tree,
-            &loaded.templates,
-            a,
-            &self.facts(a),
-            &self.inner.bastion,
-        )?;
+        let prepared = self.load()?;
+        let r = prepared.render(a, &self.facts(a))?;
         let mut leaves = Vec::new();
         tree::leaves(&r.merged.doc, "", &mut leaves);
         let explain = leaves
@@ -520,6 +601,7 @@ impl ConfigPushHandle {
             return None;
         }
         metrics::counter!(names::CONFIG_PUSHES).increment(1);
+        self.inner.registry.config_sent(agent, &push.revision);
         debug!(agent = %agent, revision = %push.revision, "pushing configuration");
         Some(BastionMessage {
             kind: Some(bastion_message::Kind::Config((*push).clone())),
@@ -553,7 +635,7 @@ pub async fn run(handle: ConfigPushHandle, shutdown: CancellationToken) -> Resul
         anyhow::bail!("configuration push service started twice");
     };
     let h = handle.clone();
-    let _ = tokio::task::spawn_blocking(move || h.reload_now()).await;
+    let _ = tokio::task::spawn_blocking(move || h.reload_now(false)).await;
 
     let (fs_tx, mut fs_rx) = mpsc::channel::<()>(1);
     let watcher = {
@@ -582,15 +664,24 @@ pub async fn run(handle: ConfigPushHandle, shutdown: CancellationToken) -> Resul
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(()) = fs_rx.recv() => {
-                // Let a burst of writes (git checkout, editor) finish.
-                tokio::time::sleep(debounce).await;
-                while fs_rx.try_recv().is_ok() {}
+                // Let a burst of writes (git checkout, editor) finish: reload once the tree
+                // has been quiet for `debounce`, or `debounce` x 4 after the first change
+                // at most, so that a stream of writes cannot hold pushes back.
+                let deadline = tokio::time::Instant::now() + debounce * 4;
+                loop {
+                    let quiet = tokio::time::sleep(debounce);
+                    tokio::select! {
+                        _ = quiet => break,
+                        _ = tokio::time::sleep_until(deadline) => break,
+                        more = fs_rx.recv() => if more.is_none() { break },
+                    }
+                }
                 let h = handle.clone();
-                let _ = tokio::task::spawn_blocking(move || h.reload_now()).await;
+                let _ = tokio::task::spawn_blocking(move || h.reload_now(false)).await;
             }
             Some(done) = reload_rx.recv() => {
                 let h = handle.clone();
-                if let Ok(s) = tokio::task::spawn_blocking(move || h.reload_now()).await {
+                if let Ok(s) = tokio::task::spawn_blocking(move || h.reload_now(true)).await {
                     let _ = done.send(s);
                 }
             }
@@ -689,7 +780,6 @@ mod tests {
             project: "demo".into(),
         };
         let tree = Tree::load(&root, &pos, "group").unwrap();
-        let tpl = Templates::compile(&tree).unwrap();
         let bastion = serde_json::json!({
             "project": "demo", "zone": "demo.example.org.", "address": "10.0.0.1",
             "services": {
@@ -704,15 +794,11 @@ mod tests {
                 .find(|f| f.path == path)
                 .map(|f| String::from_utf8_lossy(&f.content).to_string())
         };
+        let p = Prepared::new(tree, &bastion).unwrap();
         let web = agent("web01", None);
-        let r = render::render(
-            &tree,
-            &tpl,
-            &web,
-            &agent_facts(&web, Some("demo.example.org.")),
-            &bastion,
-        )
-        .unwrap();
+        let r = p
+            .render(&web, &agent_facts(&web, Some("demo.example.org.")))
+            .unwrap();
         let chrony = file(&r, "/etc/chrony/chrony.conf").unwrap();
         assert!(chrony.contains("server 10.0.0.1 iburst"), "{chrony}");
         assert!(file(&r, "/etc/rsyslog.d/90-bastide.conf").is_none());
@@ -731,7 +817,7 @@ mod tests {
         assert_eq!(r.merged.provenance["vars.ntp_servers"].level, "host");
 
         let db = agent("db01", Some("db"));
-        let r = render::render(&tree, &tpl, &db, &agent_facts(&db, None), &bastion).unwrap();
+        let r = p.render(&db, &agent_facts(&db, None)).unwrap();
         assert!(file(&r, "/etc/chrony/chrony.conf")
             .unwrap()
             .contains("server ntp.ovh.net iburst"));

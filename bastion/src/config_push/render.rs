@@ -2,7 +2,10 @@
 //! bastion's own addresses go into minijinja templates (undefined variables are errors), and
 //! the result is a `ConfigPush` whose revision is a hash of its whole content.
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bastide_proto::v1::{AgentSettings, ConfigPush, LogSource, ManagedFile};
@@ -13,7 +16,7 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use toml::{Table, Value};
 
-use super::tree::{merge, normal_absolute, Merged, Tree};
+use super::tree::{merge, merge_into, normal_absolute, Merged, Tree};
 use crate::registry::AgentInfo;
 
 /// Bounds on what one agent is sent (the agent's gRPC limit is 4 MiB per message).
@@ -21,13 +24,16 @@ pub const MAX_FILES: usize = 256;
 pub const MAX_TOTAL: usize = 3 * 1024 * 1024;
 pub const MAX_LOG_SOURCES: usize = 64;
 
-/// The compiled templates of a tree.
+/// The compiled templates of a tree: the files under `templates/` by their name, and every
+/// inline `content` of a level file, compiled once per load rather than once per agent.
 pub struct Templates {
     env: Environment<'static>,
+    /// Inline content source -> its template's name.
+    inline: HashMap<String, String>,
 }
 
 impl Templates {
-    /// Compiles every template; every syntax error is reported.
+    /// Compiles every template and inline content; every syntax error is reported.
     pub fn compile(tree: &Tree) -> Result<Self, Vec<String>> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
@@ -43,8 +49,42 @@ impl Templates {
                 errors.push(format!("templates/{name}: {}", describe(&e)));
             }
         }
+        let mut inline = HashMap::new();
+        let levels = tree
+            .common
+            .iter()
+            .chain(tree.groups.values())
+            .chain(tree.hosts.values());
+        for l in levels {
+            let Some(Value::Table(decl)) = l.doc.get("files") else {
+                continue;
+            };
+            for (id, spec) in decl {
+                let Some(src) = spec.get("content").and_then(Value::as_str) else {
+                    continue;
+                };
+                if inline.contains_key(src) {
+                    continue;
+                }
+                let mut name = format!("{}: {}", l.file, super::tree::join("files", id));
+                while tree.templates.contains_key(&name) {
+                    name.push('~');
+                }
+                match env.add_template_owned(name.clone(), src.to_string()) {
+                    Ok(()) => {
+                        inline.insert(src.to_string(), name);
+                    }
+                    Err(e) => errors.push(format!(
+                        "{}: {}: content: {}",
+                        l.file,
+                        super::tree::join("files", id),
+                        describe(&e)
+                    )),
+                }
+            }
+        }
         if errors.is_empty() {
-            Ok(Self { env })
+            Ok(Self { env, inline })
         } else {
             Err(errors)
         }
@@ -66,7 +106,7 @@ fn describe(e: &minijinja::Error) -> String {
 #[derive(Debug, Clone)]
 pub struct Rendered {
     pub push: ConfigPush,
-    pub merged: Merged,
+    pub merged: Arc<Merged>,
 }
 
 /// The registry facts of an agent, as the template variable `agent`.
@@ -84,36 +124,141 @@ pub fn agent_facts(a: &AgentInfo, zone: Option<&str>) -> serde_json::Value {
     })
 }
 
-/// Renders one agent. `bastion` is the template variable describing the bastion.
-pub fn render(
-    tree: &Tree,
-    templates: &Templates,
-    agent: &AgentInfo,
-    facts: &serde_json::Value,
-    bastion: &serde_json::Value,
-) -> Result<Rendered, Vec<String>> {
-    let merged = merge(&tree.layers(&agent.name, &agent.labels));
-    let mut errors = Vec::new();
-    let empty = Table::new();
-    let vars = merged
-        .doc
-        .get("vars")
-        .and_then(Value::as_table)
-        .unwrap_or(&empty);
-    for reserved in ["agent", "bastion"] {
-        if vars.contains_key(reserved) {
-            errors.push(format!(
-                "vars.{reserved}: reserved for the {}'s facts",
-                reserved
-            ));
+/// Merged layers shared by agents, and the template variables built from them.
+struct Base {
+    merged: Arc<Merged>,
+    vars: BTreeMap<String, JValue>,
+    /// Problems of the merged variables themselves (reserved names).
+    errors: Vec<String>,
+}
+
+impl Base {
+    fn new(merged: Merged) -> Self {
+        let mut errors = Vec::new();
+        let mut vars = BTreeMap::new();
+        if let Some(Value::Table(t)) = merged.doc.get("vars") {
+            for reserved in ["agent", "bastion"] {
+                if t.contains_key(reserved) {
+                    errors.push(format!(
+                        "vars.{reserved}: reserved for the {reserved}'s facts"
+                    ));
+                }
+            }
+            vars = t
+                .iter()
+                .map(|(k, v)| (k.clone(), JValue::from(Serde(v))))
+                .collect();
+        }
+        Self {
+            merged: Arc::new(merged),
+            vars,
+            errors,
         }
     }
-    let mut ctx: BTreeMap<String, JValue> = vars
-        .iter()
-        .map(|(k, v)| (k.clone(), JValue::from(Serde(v))))
-        .collect();
+}
+
+/// Everything a loaded tree gives agents alike, computed once per change rather than once
+/// per agent: the compiled templates, the common levels (global .. project) merged once and
+/// then once more per group file, the template variables built from those, and the bastion's
+/// variables. Only an agent with a host file merges (one more layer) for itself.
+pub struct Prepared {
+    pub tree: Tree,
+    templates: Templates,
+    bastion: JValue,
+    /// Agents without a host file share the base of their group file (`None`: no group file).
+    bases: HashMap<Option<String>, Arc<Base>>,
+    /// Fingerprint of the common levels, the templates and the bastion's variables.
+    common_fp: u64,
+}
+
+impl Prepared {
+    /// Compiles and merges what is shared; every template error is reported.
+    pub fn new(tree: Tree, bastion: &serde_json::Value) -> Result<Self, Vec<String>> {
+        let templates = Templates::compile(&tree)?;
+        let common = merge(&tree.common.iter().collect::<Vec<_>>());
+        let mut bases = HashMap::with_capacity(tree.groups.len() + 1);
+        for (g, layer) in &tree.groups {
+            let mut m = common.clone();
+            merge_into(&mut m, layer);
+            bases.insert(Some(g.clone()), Arc::new(Base::new(m)));
+        }
+        bases.insert(None, Arc::new(Base::new(common)));
+        let mut h = DefaultHasher::new();
+        for l in &tree.common {
+            (&l.file, l.fingerprint).hash(&mut h);
+        }
+        tree.templates.hash(&mut h);
+        tree.group_label.hash(&mut h);
+        bastion.to_string().hash(&mut h);
+        Ok(Self {
+            templates,
+            bastion: JValue::from(Serde(bastion)),
+            bases,
+            common_fp: h.finish(),
+            tree,
+        })
+    }
+
+    fn group_of<'a>(&'a self, agent: &'a AgentInfo) -> Option<&'a String> {
+        agent
+            .labels
+            .get(&self.tree.group_label)
+            .filter(|g| self.tree.groups.contains_key(*g))
+    }
+
+    /// A fingerprint of every input of an agent's render but its facts: the same
+    /// fingerprint and facts render the same push, so the render can be skipped.
+    pub fn inputs(&self, agent: &AgentInfo) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.common_fp.hash(&mut h);
+        self.group_of(agent)
+            .and_then(|g| self.tree.groups.get(g))
+            .map(|l| (&l.file, l.fingerprint))
+            .hash(&mut h);
+        self.tree
+            .hosts
+            .get(&agent.name)
+            .map(|l| (&l.file, l.fingerprint))
+            .hash(&mut h);
+        h.finish()
+    }
+
+    /// Renders one agent.
+    pub fn render(
+        &self,
+        agent: &AgentInfo,
+        facts: &serde_json::Value,
+    ) -> Result<Rendered, Vec<String>> {
+        let shared = self
+            .bases
+            .get(&self.group_of(agent).cloned())
+            .or_else(|| self.bases.get(&None))
+            .cloned()
+            .ok_or_else(|| vec![format!("agent {}: no merged layers", agent.name)])?;
+        let base = match self.tree.hosts.get(&agent.name) {
+            Some(host) => {
+                let mut m = (*shared.merged).clone();
+                merge_into(&mut m, host);
+                Arc::new(Base::new(m))
+            }
+            None => shared,
+        };
+        render_base(&self.templates, &base, agent, facts, &self.bastion)
+    }
+}
+
+fn render_base(
+    templates: &Templates,
+    base: &Base,
+    agent: &AgentInfo,
+    facts: &serde_json::Value,
+    bastion: &JValue,
+) -> Result<Rendered, Vec<String>> {
+    let merged = &base.merged;
+    let mut errors = base.errors.clone();
+    let mut ctx = base.vars.clone();
     ctx.insert("agent".into(), JValue::from(Serde(facts)));
-    ctx.insert("bastion".into(), JValue::from(Serde(bastion)));
+    ctx.insert("bastion".into(), bastion.clone());
     let ctx = JValue::from(ctx);
 
     let origin = |key: &str| -> String {
@@ -171,7 +316,10 @@ pub fn render(
         settings: Some(settings),
     };
     push.revision = revision(&push);
-    Ok(Rendered { push, merged })
+    Ok(Rendered {
+        push,
+        merged: base.merged.clone(),
+    })
 }
 
 /// A hash of the push's content (prost encodes our messages deterministically: no maps).
@@ -224,10 +372,12 @@ fn file(
             tpl.render(ctx)
                 .map_err(|e| format!("{at}: templates/{name}: {}", describe(&e)))?
         }
-        (None, Some(inline)) => templates
-            .env
-            .render_str(&inline, ctx)
-            .map_err(|e| format!("{at}: content: {}", describe(&e)))?,
+        (None, Some(inline)) => match templates.inline.get(&inline) {
+            Some(name) => templates.env.get_template(name).and_then(|t| t.render(ctx)),
+            // Compiled with the tree; only a tree built by hand lacks it.
+            None => templates.env.render_str(&inline, ctx),
+        }
+        .map_err(|e| format!("{at}: content: {}", describe(&e)))?,
         _ => {
             return Err(format!(
                 "{at}: exactly one of template and content is required"
@@ -353,6 +503,7 @@ mod tests {
             level: Level::Global,
             file: "global.toml".into(),
             doc: toml::from_str(global).unwrap(),
+            fingerprint: 1,
         });
         if let Some(h) = host {
             t.hosts.insert(
@@ -361,6 +512,7 @@ mod tests {
                     level: Level::Host,
                     file: "hosts/web1.toml".into(),
                     doc: toml::from_str(h).unwrap(),
+                    fingerprint: 2,
                 },
             );
         }
@@ -393,10 +545,10 @@ log_sources = [{ path = "/var/log/*.log" }]
                 "server {{ ntp }} # {{ agent.name }} via {{ bastion.address }}\n",
             )],
         );
-        let tpl = Templates::compile(&t).unwrap();
         let b = serde_json::json!({"address": "10.0.0.1"});
+        let p = Prepared::new(t, &b).unwrap();
         let a = agent("web1");
-        let r = render(&t, &tpl, &a, &agent_facts(&a, None), &b).unwrap();
+        let r = p.render(&a, &agent_facts(&a, None)).unwrap();
         assert_eq!(r.push.files.len(), 1);
         assert_eq!(r.push.files[0].mode, 0o640);
         assert_eq!(
@@ -407,9 +559,9 @@ log_sources = [{ path = "/var/log/*.log" }]
         assert_eq!(s.metrics_interval_secs, Some(5));
         assert_eq!(s.log_sources.len(), 1);
         let a2 = agent("web2");
-        let r2 = render(&t, &tpl, &a2, &agent_facts(&a2, None), &b).unwrap();
+        let r2 = p.render(&a2, &agent_facts(&a2, None)).unwrap();
         assert_ne!(r.push.revision, r2.push.revision);
-        let again = render(&t, &tpl, &a, &agent_facts(&a, None), &b).unwrap();
+        let again = p.render(&a, &agent_facts(&a, None)).unwrap();
         assert_eq!(r.push.revision, again.push.revision);
         assert_eq!(r.push.revision.len(), 16);
     }
@@ -417,9 +569,9 @@ log_sources = [{ path = "/var/log/*.log" }]
     #[test]
     fn errors_name_the_file_and_the_problem() {
         let t = tree(GLOBAL, None, &[("chrony.j2", "{{ missing_var }}")]);
-        let tpl = Templates::compile(&t).unwrap();
+        let p = Prepared::new(t, &serde_json::json!({})).unwrap();
         let a = agent("web1");
-        let e = render(&t, &tpl, &a, &agent_facts(&a, None), &serde_json::json!({})).unwrap_err();
+        let e = p.render(&a, &agent_facts(&a, None)).unwrap_err();
         assert!(
             e[0].contains("global.toml") && e[0].contains("chrony.j2"),
             "{e:?}"
@@ -435,8 +587,72 @@ log_sources = [{ path = "/var/log/*.log" }]
             None,
             &[],
         );
-        let tpl = Templates::compile(&t).unwrap();
-        let e = render(&t, &tpl, &a, &agent_facts(&a, None), &serde_json::json!({})).unwrap_err();
+        let p = Prepared::new(t, &serde_json::json!({})).unwrap();
+        let e = p.render(&a, &agent_facts(&a, None)).unwrap_err();
         assert_eq!(e.len(), 3, "{e:?}");
+    }
+
+    #[test]
+    fn shared_bases_render_like_a_full_merge_and_inputs_follow_each_agents_layers() {
+        let mut t = tree(
+            GLOBAL,
+            Some("[vars]\nntp = \"host\"\n"),
+            &[("chrony.j2", "server {{ ntp }} {{ agent.name }}\n")],
+        );
+        t.groups.insert(
+            "db".into(),
+            LevelFile {
+                level: Level::Group,
+                file: "groups/db.toml".into(),
+                doc: toml::from_str(
+                    "[vars]\nntp = \"group\"\n[files.motd]\npath = \"/etc/motd\"\ncontent = \"{{ ntp }} motd\"\n",
+                )
+                .unwrap(),
+                fingerprint: 3,
+            },
+        );
+        let b = serde_json::json!({});
+        let p = Prepared::new(t.clone(), &b).unwrap();
+        let mut db = agent("db1");
+        db.labels.insert("group".into(), "db".into());
+        let web1 = agent("web1");
+        let web2 = agent("web2");
+        for (a, ntp, files) in [(&db, "group", 2), (&web1, "host", 1), (&web2, "pool", 1)] {
+            let r = p.render(a, &agent_facts(a, None)).unwrap();
+            // The same as merging every layer of the agent from scratch.
+            let full = merge(&t.layers(&a.name, &a.labels));
+            assert_eq!(r.merged.doc, full.doc);
+            assert_eq!(r.merged.provenance, full.provenance);
+            assert_eq!(r.push.files.len(), files);
+            let chrony = r.push.files.iter().find(|f| f.path == "/etc/chrony.conf");
+            assert_eq!(
+                String::from_utf8_lossy(&chrony.unwrap().content),
+                format!("server {ntp} {}\n", a.name)
+            );
+        }
+        // A changed host file changes the inputs of its agent only.
+        let mut t2 = t.clone();
+        t2.hosts.get_mut("web1").unwrap().fingerprint = 99;
+        let p2 = Prepared::new(t2, &b).unwrap();
+        assert_ne!(p.inputs(&web1), p2.inputs(&web1));
+        assert_eq!(p.inputs(&web2), p2.inputs(&web2));
+        assert_eq!(p.inputs(&db), p2.inputs(&db));
+        // A changed template, everyone's.
+        let mut t3 = t.clone();
+        t3.templates.insert("chrony.j2".into(), "x".into());
+        let p3 = Prepared::new(t3, &b).unwrap();
+        assert_ne!(p.inputs(&web2), p3.inputs(&web2));
+        assert_ne!(p.inputs(&db), p3.inputs(&db));
+        // Inline content is compiled with the tree: its syntax errors name its file and key.
+        let bad = tree(
+            "[files.x]\npath = \"/a\"\ncontent = \"{{ oops\"\n",
+            None,
+            &[],
+        );
+        let e = Templates::compile(&bad).err().unwrap();
+        assert!(
+            e[0].contains("global.toml") && e[0].contains("files.x"),
+            "{e:?}"
+        );
     }
 }

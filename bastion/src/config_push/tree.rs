@@ -73,6 +73,9 @@ pub struct LevelFile {
     /// Path relative to the tree's root, for messages and provenance.
     pub file: String,
     pub doc: Table,
+    /// Hash of the file's text: an agent whose layers' fingerprints are unchanged renders
+    /// the same (see `render::Prepared::inputs`).
+    pub fingerprint: u64,
 }
 
 /// Which level and file set a key.
@@ -242,6 +245,7 @@ fn parse_level(
         level,
         file: rel.to_string(),
         doc,
+        fingerprint: fingerprint(&text),
     })
 }
 
@@ -378,13 +382,26 @@ fn merge_table(
 pub fn merge(layers: &[&LevelFile]) -> Merged {
     let mut m = Merged::default();
     for l in layers {
-        let origin = Origin {
-            level: l.level.to_string(),
-            file: l.file.clone(),
-        };
-        merge_table(&mut m.doc, &l.doc, "", &origin, &mut m.provenance);
+        merge_into(&mut m, l);
     }
     m
+}
+
+/// Merges one lower layer onto what the higher ones gave.
+pub fn merge_into(m: &mut Merged, l: &LevelFile) {
+    let origin = Origin {
+        level: l.level.to_string(),
+        file: l.file.clone(),
+    };
+    merge_table(&mut m.doc, &l.doc, "", &origin, &mut m.provenance);
+}
+
+/// A hash of some text, stable within this process.
+pub fn fingerprint(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 /// Every leaf of a table as (dotted path, value), in order.
@@ -418,6 +435,7 @@ mod tests {
             level,
             file: file.into(),
             doc: toml::from_str(text).unwrap(),
+            fingerprint: fingerprint(text),
         }
     }
 

@@ -48,6 +48,8 @@ pub const FORWARD_CONNECTED: &str = "bastide_logs_forward_connected";
 pub const LOGS_DROPPED: &str = "bastide_logs_dropped_events_total";
 pub const LOGS_REFUSED_BATCHES: &str = "bastide_logs_refused_batches_total";
 pub const LOGS_STORE_FULL: &str = "bastide_logs_store_full";
+/// Scrape-time gauge: active agents by configuration state (see `ConfigState::summary`).
+pub const AGENTS_CONFIG_STATE: &str = "bastide_agents_config_state";
 
 /// Buckets of every histogram (seconds): from 100 µs to 10 s.
 pub const BUCKETS: &[f64] = &[

@@ -155,6 +155,29 @@ fn config(
         "Active agents that have not applied the configuration revision rendered for them.",
     );
     let _ = writeln!(out, "bastide_agents_config_out_of_sync {out_of_sync}");
+    // A refused revision is not sent again by itself: its own series, to alert on.
+    let mut by_state: std::collections::BTreeMap<&str, u64> =
+        ["in-sync", "pending", "refused", "render-error"]
+            .into_iter()
+            .map(|s| (s, 0))
+            .collect();
+    for a in active {
+        if let Some(c) = states.get(&a.name) {
+            if let Some(n) = by_state.get_mut(c.summary()) {
+                *n += 1;
+            }
+        }
+    }
+    let name = crate::metrics::names::AGENTS_CONFIG_STATE;
+    family(
+        out,
+        name,
+        "gauge",
+        "Active agents by configuration state: in-sync, pending (sent, no answer yet), refused (NACKed; sent again on a tree change, a reconnection or `bastide config reload`), render-error.",
+    );
+    for (state, n) in by_state {
+        let _ = writeln!(out, "{name}{{state=\"{state}\"}} {n}");
+    }
 }
 
 /// process_* metrics of this process, read from /proc/self.
