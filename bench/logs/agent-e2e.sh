@@ -58,9 +58,13 @@ CONF
   end=$(date +%s.%N)
   n=$(cat "$D"/store/bench/*.log | grep -c 'seq=')
   [ "$n" -eq "$LINES" ] || { echo "run $run: the store holds $n lines, not $LINES"; exit 1; }
+  # CPU time each process used (user + system): on a shared machine the wall-clock rate
+  # depends on what else runs; lines per CPU second of both processes does not.
+  cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14+$15)/hz}' "/proc/$1/stat"; }
+  ac=$(cpu $AG); bc=$(cpu $BP)
   kill $AG $BP; wait $AG $BP 2>/dev/null || true
   r=$(python3 -c "print(round($LINES/($end-$start)))")
-  echo "run $run: $LINES lines in $(python3 -c "print(round($end-$start,2))") s: $r lines/s, $(python3 -c "print(round($r*200/1048576,1))") MiB/s"
+  echo "run $run: $LINES lines in $(python3 -c "print(round($end-$start,2))") s: $r lines/s, $(python3 -c "print(round($r*200/1048576,1))") MiB/s; CPU agent ${ac} s, bastion ${bc} s ($(python3 -c "print(round($LINES/($ac+$bc)))") lines per CPU second); load average $(cut -d' ' -f1 /proc/loadavg)"
   rates+=("$r")
   rm -rf "$D"
 done

@@ -322,7 +322,8 @@ impl PrivateJournald {
             .unwrap();
         let mut j = Self { child, dir };
         let ready = wait_for(Duration::from_secs(15), || {
-            j.journal_dir().filter(|d| d.join("system.journal").exists())
+            j.journal_dir()
+                .filter(|d| d.join("system.journal").exists())
         });
         if ready.is_none() {
             let _ = j.child.kill();

@@ -402,11 +402,7 @@ impl Buffer {
 
     fn delete_acked_segments(&mut self) -> Result<()> {
         let upto = self.durable_acked();
-        let deletable = self
-            .segments
-            .iter()
-            .take_while(|s| s.last <= upto)
-            .count();
+        let deletable = self.segments.iter().take_while(|s| s.last <= upto).count();
         let keep_active = usize::from(self.active.is_some());
         let n = deletable.min(self.segments.len().saturating_sub(keep_active));
         if n == 0 {

@@ -582,7 +582,9 @@ mod tests {
                         }
                         Item::Update(u) => ck.apply(u),
                         Item::Events {
-                            events: evs, update, ..
+                            events: evs,
+                            update,
+                            ..
                         } => {
                             for e in evs {
                                 events.push(String::from_utf8(e.message).unwrap());
