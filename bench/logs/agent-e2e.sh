@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 LINES=${1:-1000000}
 RUNS=${2:-3}
-cargo build --release --quiet -p bastide -p bastide-agent
+[ -n "${NO_BUILD:-}" ] || cargo build --release --quiet -p bastide -p bastide-agent
 B=$PWD/target/release
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 rates=()
