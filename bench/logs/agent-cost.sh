@@ -11,10 +11,10 @@ WINDOW=${1:-20}
 RATE=${2:-10000}
 RUNS=${3:-3}
 if [ -z "${BASTIDE:-}" ]; then
-  cargo build --release --quiet -p bastide -p bastide-agent
+  [ -n "${NO_BUILD:-}" ] || cargo build --release --quiet -p bastide -p bastide-agent
   BASTIDE=$PWD/target/release/bastide
 else
-  cargo build --release --quiet -p bastide-agent
+  [ -n "${NO_BUILD:-}" ] || cargo build --release --quiet -p bastide-agent
 fi
 B=$PWD/target/release
 D=$(mktemp -d /tmp/bastide-lbench.XXXXXX)

@@ -705,3 +705,98 @@ fn logger_lines_raise_the_events_counter_by_exactly_n() {
         after - before
     );
 }
+
+/// `[logs.forward]` over TLS (RFC 5425) to a real rsyslog acting as the central collector:
+/// rsyslog's imtcp with the gtls driver serves a certificate from a CA of the test's own, the
+/// bastion verifies it (`ca_file`, `server_name`) and the forwarded lines land in rsyslog's
+/// omfile output.
+#[test]
+fn forwarding_over_tls_reaches_a_real_rsyslog() {
+    let gtls = std::path::Path::new("/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so");
+    assert!(
+        gtls.exists(),
+        "rsyslog's TLS driver is required by this test: apt-get install -y rsyslog-gnutls"
+    );
+    let pki = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut cap = rcgen::CertificateParams::default();
+    cap.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    cap.distinguished_name
+        .push(rcgen::DnType::CommonName, "collector test CA");
+    let ca_cert = cap.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(cap, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec!["collector.test".to_string()]).unwrap();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "collector.test");
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    let (ca_pem, cert_pem, key_pem) = (
+        pki.path().join("ca.pem"),
+        pki.path().join("cert.pem"),
+        pki.path().join("key.pem"),
+    );
+    std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
+    std::fs::write(&cert_pem, cert.pem()).unwrap();
+    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+    let out = pki.path().join("received.log");
+
+    let collector = free_port();
+    let _r = rsyslog(&format!(
+        "global(DefaultNetstreamDriver=\"gtls\" DefaultNetstreamDriverCAFile=\"{}\" \
+         DefaultNetstreamDriverCertFile=\"{}\" DefaultNetstreamDriverKeyFile=\"{}\")\n\
+         module(load=\"imtcp\" StreamDriver.Name=\"gtls\" StreamDriver.Mode=\"1\" \
+         StreamDriver.AuthMode=\"anon\")\n\
+         input(type=\"imtcp\" address=\"127.0.0.1\" port=\"{collector}\")\n\
+         action(type=\"omfile\" file=\"{}\" template=\"RSYSLOG_SyslogProtocol23Format\")",
+        ca_pem.display(),
+        cert_pem.display(),
+        key_pem.display(),
+        out.display()
+    ));
+    let s = bastion_with_syslog(&format!(
+        "\n[logs.forward]\ntarget = \"127.0.0.1:{collector}\"\nprotocol = \"tls\"\n\
+         ca_file = \"{}\"\nserver_name = \"collector.test\"\n\
+         retry_initial = \"100ms\"\nretry_max = \"300ms\"\n",
+        ca_pem.display()
+    ));
+    let mut t = TcpStream::connect(format!("127.0.0.1:{}", s.tcp)).unwrap();
+    for i in 0..30 {
+        writeln!(
+            t,
+            "<14>1 2026-11-27T10:00:00.000Z tlshost tlsapp 42 - - tls-forwarded-{i}-end"
+        )
+        .unwrap();
+    }
+    drop(t);
+    wait_line(&s.b, "tls-forwarded-29-end");
+    let text = wait_for(Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        text.contains("tls-forwarded-29-end").then_some(text)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "rsyslog received nothing over TLS:\n{}\nreceived: {:?}",
+            s.b.log_text(),
+            std::fs::read_to_string(&out).unwrap_or_default()
+        )
+    });
+    for i in 0..30 {
+        let needle = format!("tls-forwarded-{i}-end");
+        assert_eq!(
+            text.lines().filter(|l| l.contains(&needle)).count(),
+            1,
+            "{needle} once: {text}"
+        );
+    }
+    // rsyslog parsed what it got as RFC 5424: the original host and app survive the hop.
+    let line = text
+        .lines()
+        .find(|l| l.contains("tls-forwarded-3-end"))
+        .unwrap();
+    assert!(line.contains(" tlshost tlsapp "), "{line}");
+    assert!(wait_for(Duration::from_secs(5), || {
+        (metric(&s.b, "bastide_logs_forward_connected") == 1.0).then_some(())
+    })
+    .is_some());
+}

@@ -64,6 +64,8 @@ pub struct Buffer {
     active: Option<File>,
     index: VecDeque<Entry>,
     disk_bytes: u64,
+    /// Newest batch whose checkpoint updates are in the checkpoints file (see `set_floor`).
+    floor: u64,
 }
 
 fn seg_path(dir: &Path, first: u64) -> PathBuf {
@@ -120,6 +122,7 @@ impl Buffer {
             active: None,
             index: VecDeque::new(),
             disk_bytes: 0,
+            floor: u64::MAX,
         };
         for first in firsts {
             b.load_segment(first)?;
@@ -383,12 +386,23 @@ impl Buffer {
         Ok(n)
     }
 
+    /// The checkpoints file now covers every batch up to `seq`. Until it does, a batch's
+    /// record (which carries its checkpoint updates, replayed at start) must stay on disk even
+    /// when acknowledged, and `state.json` must not claim it acknowledged: a restart resends
+    /// it (the bastion drops the duplicate) rather than losing its checkpoint updates.
+    pub fn set_floor(&mut self, seq: u64) -> Result<()> {
+        self.floor = seq;
+        self.delete_acked_segments()
+    }
+
+    /// What may be recorded as acknowledged on disk.
+    fn durable_acked(&self) -> u64 {
+        self.acked.min(self.floor)
+    }
+
     fn delete_acked_segments(&mut self) -> Result<()> {
-        let deletable = self
-            .segments
-            .iter()
-            .take_while(|s| s.last <= self.acked)
-            .count();
+        let upto = self.durable_acked();
+        let deletable = self.segments.iter().take_while(|s| s.last <= upto).count();
         let keep_active = usize::from(self.active.is_some());
         let n = deletable.min(self.segments.len().saturating_sub(keep_active));
         if n == 0 {
@@ -398,7 +412,7 @@ impl Buffer {
             &self.dir.join("state.json"),
             &serde_json::to_vec(&StateFile {
                 epoch: self.epoch,
-                acked: self.acked,
+                acked: upto,
             })?,
             0o600,
         )?;
@@ -417,7 +431,7 @@ impl Buffer {
             &self.dir.join("state.json"),
             &serde_json::to_vec(&StateFile {
                 epoch: self.epoch,
-                acked: self.acked,
+                acked: self.durable_acked(),
             })?,
             0o600,
         )

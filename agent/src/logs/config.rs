@@ -71,6 +71,10 @@ pub struct LogSourceConfig {
     pub multiline_timeout: Duration,
     #[serde(default)]
     pub start_at: StartAt,
+    /// Journal only: read the journal files of this directory (`journalctl --directory`)
+    /// instead of the local system journal, e.g. a container's or another namespace's.
+    #[serde(default)]
+    pub journal_directory: Option<PathBuf>,
 }
 
 impl LogSourceConfig {
@@ -84,6 +88,7 @@ impl LogSourceConfig {
             multiline_start: None,
             multiline_timeout: default_multiline_timeout(),
             start_at: StartAt::Beginning,
+            journal_directory: None,
         }
     }
 
@@ -91,8 +96,17 @@ impl LogSourceConfig {
     pub fn id(&self) -> String {
         match &self.path {
             Some(p) => format!("file:{p}"),
-            None if self.units.is_empty() => "journal".to_string(),
-            None => format!("journal:{}", self.units.join(",")),
+            None => {
+                let mut id = if self.units.is_empty() {
+                    "journal".to_string()
+                } else {
+                    format!("journal:{}", self.units.join(","))
+                };
+                if let Some(d) = &self.journal_directory {
+                    id.push_str(&format!("@{}", d.display()));
+                }
+                id
+            }
         }
     }
 
@@ -113,6 +127,9 @@ impl LogSourceConfig {
                 if !self.units.is_empty() {
                     p.push(format!("{at}.units: only for journal sources"));
                 }
+                if self.journal_directory.is_some() {
+                    p.push(format!("{at}.journal_directory: only for journal sources"));
+                }
             }
             (None, true) => {
                 if self.multiline_start.is_some() {
@@ -128,6 +145,14 @@ impl LogSourceConfig {
         if self.multiline_timeout.is_zero() {
             p.push(format!("{at}.multiline_timeout: must be positive"));
         }
+        if let Some(d) = &self.journal_directory {
+            if !d.is_absolute() {
+                p.push(format!(
+                    "{at}.journal_directory: {} must be absolute",
+                    d.display()
+                ));
+            }
+        }
         p
     }
 }
@@ -136,7 +161,7 @@ pub(crate) fn default_buffer_max_bytes() -> u64 {
     256 << 20
 }
 fn default_batch_max_events() -> usize {
-    1000
+    10_000
 }
 fn default_batch_max_bytes() -> usize {
     1 << 20
@@ -157,7 +182,7 @@ fn default_multiline_timeout() -> Duration {
     Duration::from_secs(1)
 }
 
-/// The bastion refuses gRPC messages over 4 MiB; keep a margin for framing.
+/// Well under the bastion's gRPC message limit (16 MiB), and what one batch costs in memory.
 const MAX_BATCH_BYTES: usize = 3 << 20;
 
 impl Default for LogsConfig {

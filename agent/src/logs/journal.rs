@@ -158,6 +158,9 @@ pub async fn run(
         for u in &cfg.units {
             cmd.arg(format!("--unit={u}"));
         }
+        if let Some(d) = &cfg.journal_directory {
+            cmd.arg("--directory").arg(d);
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -60,6 +60,13 @@ pub enum Item {
         update: Option<Update>,
     },
     Update(Update),
+    /// Consecutive events of one source, with the checkpoint position after the last.
+    Events {
+        events: Vec<LogEvent>,
+        /// The file offset after each event (where a batch split puts the checkpoint).
+        ends: Vec<u64>,
+        update: Option<Update>,
+    },
 }
 
 /// Counters of the pipeline (exported as `bastide_agent_log_*`).
@@ -270,7 +277,7 @@ pub fn start(
         .buffer_dir
         .clone()
         .unwrap_or_else(|| state_dir.join("logs"));
-    let buffer = Buffer::open(&dir, cfg.buffer_max_bytes)
+    let mut buffer = Buffer::open(&dir, cfg.buffer_max_bytes)
         .with_context(|| format!("opening the log buffer in {}", dir.display()))?;
     let ck_path = dir.join("checkpoints.json");
     let mut ckpts = Checkpoints::load(&ck_path)?;
@@ -287,6 +294,7 @@ pub fn start(
         }
         ckpts.save(&ck_path)?;
     }
+    buffer.set_floor(ckpts.batch_seq)?;
     let (pending, _) = buffer.pending();
     info!(dir = %dir.display(), epoch = buffer.epoch(), unacknowledged_batches = pending, "log buffer open");
     let shared = Arc::new(Shared {
@@ -297,7 +305,9 @@ pub fn start(
         stats: Arc::new(Stats::default()),
         no_store_reported: std::sync::atomic::AtomicBool::new(false),
     });
-    let (tx, rx) = mpsc::channel::<Item>(256);
+    // Items carry up to 512 events (file sources): this bounds what is read ahead of the
+    // batcher to about 8,000 events.
+    let (tx, rx) = mpsc::channel::<Item>(16);
     let ckpts = Arc::new(Mutex::new(ckpts));
     tokio::spawn(batcher(
         cfg.clone(),
@@ -403,11 +413,32 @@ fn update_key(u: &Update) -> String {
     }
 }
 
+/// `u` (a file position) moved to `offset`.
+fn at_offset(u: &Update, offset: u64) -> Option<Update> {
+    match u {
+        Update::File { source, pos } => Some(Update::File {
+            source: source.clone(),
+            pos: checkpoint::FilePos {
+                offset,
+                ..pos.clone()
+            },
+        }),
+        _ => None,
+    }
+}
+
+/// How long the checkpoints file may lag the buffer (each save is two fsyncs; what it
+/// lags by is replayed from the buffer records after a crash).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
 struct Pending {
     events: Vec<LogEvent>,
     bytes: usize,
     updates: BTreeMap<String, Update>,
     deadline: Option<tokio::time::Instant>,
+    /// The checkpoints in memory are ahead of the file.
+    ck_dirty: bool,
+    ck_saved: tokio::time::Instant,
 }
 
 /// Seals batches into the buffer, then moves the checkpoints; stops taking items while the
@@ -425,9 +456,12 @@ async fn batcher(
         bytes: 0,
         updates: BTreeMap::new(),
         deadline: None,
+        ck_dirty: false,
+        ck_saved: tokio::time::Instant::now(),
     };
     loop {
         let deadline = p.deadline;
+        let ck_due = p.ck_saved + CHECKPOINT_EVERY;
         tokio::select! {
             _ = shutdown.cancelled() => break,
             item = rx.recv() => {
@@ -439,6 +473,32 @@ async fn batcher(
                         update
                     }
                     Item::Update(u) => Some(u),
+                    Item::Events { events, ends, update } => {
+                        // Split across batches where a batch fills; each part carries the
+                        // position after its own last event, so no crash repeats a line.
+                        let n = events.len();
+                        let mut stop = false;
+                        for (i, (e, end)) in events.into_iter().zip(ends).enumerate() {
+                            p.bytes += e.message.len() + e.source.len() + e.app.len() + 24;
+                            p.events.push(e);
+                            if i + 1 < n
+                                && (p.events.len() >= cfg.batch_max_events
+                                    || p.bytes >= cfg.batch_max_bytes)
+                            {
+                                if let Some(u) = update.as_ref().and_then(|u| at_offset(u, end)) {
+                                    p.updates.insert(update_key(&u), u);
+                                }
+                                if !flush(&mut p, &shared, &ckpts, &ck_path, &shutdown).await {
+                                    stop = true;
+                                    break;
+                                }
+                            }
+                        }
+                        if stop {
+                            break;
+                        }
+                        update
+                    }
                 };
                 if let Some(u) = update {
                     p.updates.insert(update_key(&u), u);
@@ -457,6 +517,9 @@ async fn batcher(
                     break;
                 }
             }
+            _ = tokio::time::sleep_until(ck_due), if p.ck_dirty => {
+                save_checkpoints(&mut p, &shared, &ckpts, &ck_path).await;
+            }
         }
     }
     // Shutdown: store what was read (the checkpoints follow), if there is room.
@@ -464,6 +527,9 @@ async fn batcher(
         let never = CancellationToken::new();
         never.cancel();
         flush(&mut p, &shared, &ckpts, &ck_path, &never).await;
+    }
+    if p.ck_dirty {
+        save_checkpoints(&mut p, &shared, &ckpts, &ck_path).await;
     }
     let s = shared.clone();
     let _ = tokio::task::spawn_blocking(move || s.lock().persist()).await;
@@ -512,6 +578,15 @@ async fn flush(
                     break;
                 }
                 Ok(Err(Full)) => {
+                    // Acknowledged batches stay on disk until the checkpoints file covers
+                    // them: write it now rather than wait for acknowledgements that free
+                    // nothing.
+                    if p.ck_dirty {
+                        save_checkpoints(p, shared, ckpts, ck_path).await;
+                        if !p.ck_dirty {
+                            continue;
+                        }
+                    }
                     if !paused {
                         paused = true;
                         shared.stats.backpressure.fetch_add(1, Relaxed);
@@ -535,7 +610,7 @@ async fn flush(
         }
         shared.stats.events_buffered.fetch_add(n, Relaxed);
     }
-    let snapshot = {
+    {
         let Ok(mut c) = ckpts.lock() else {
             return false;
         };
@@ -545,19 +620,49 @@ async fn flush(
         if let Some(s) = seq {
             c.batch_seq = s;
         }
-        c.clone()
-    };
-    let path = ck_path.to_path_buf();
-    match tokio::task::spawn_blocking(move || snapshot.save(&path)).await {
-        Ok(Ok(())) => {}
-        // The updates are in the buffer record too: replayed at the next start.
-        Ok(Err(e)) => warn!(error = %format!("{e:#}"), "cannot write the log checkpoints"),
-        Err(e) => warn!(error = %e, "checkpoint task failed"),
     }
+    p.ck_dirty = true;
+    // The batch can go now: its record carries its checkpoint updates, and the buffer keeps
+    // it on disk until the checkpoints file covers it (`Buffer::set_floor`).
     if let Some(s) = seq {
         shared.appended.send_replace(s);
     }
+    // Updates without events (a file seen or finished) have no record to be replayed from.
+    if seq.is_none() || p.ck_saved.elapsed() >= CHECKPOINT_EVERY {
+        save_checkpoints(p, shared, ckpts, ck_path).await;
+    }
     true
+}
+
+/// Writes the checkpoints file, then lets the buffer drop the acknowledged batches it covers.
+async fn save_checkpoints(
+    p: &mut Pending,
+    shared: &Arc<Shared>,
+    ckpts: &Arc<Mutex<Checkpoints>>,
+    ck_path: &Path,
+) {
+    let Ok(snapshot) = ckpts.lock().map(|c| c.clone()) else {
+        return;
+    };
+    p.ck_dirty = false;
+    p.ck_saved = tokio::time::Instant::now();
+    let path = ck_path.to_path_buf();
+    let s = shared.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        snapshot.save(&path)?;
+        let mut b = s.lock();
+        b.set_floor(snapshot.batch_seq)
+    })
+    .await;
+    match r {
+        Ok(Ok(())) => {}
+        // The updates are in the buffer records too: replayed at the next start.
+        Ok(Err(e)) => {
+            p.ck_dirty = true;
+            warn!(error = %format!("{e:#}"), "cannot write the log checkpoints")
+        }
+        Err(e) => warn!(error = %e, "checkpoint task failed"),
+    }
 }
 
 async fn retry_later(shutdown: &CancellationToken) -> bool {

@@ -22,6 +22,8 @@ use super::{now_ms, Item, Stats};
 
 /// Bytes read from one file per poll before the others get their turn.
 const READ_BUDGET: u64 = 4 << 20;
+/// Most events handed on in one message.
+const OUT_EVENTS: usize = 512;
 /// Polls without growth after which a rotated-away file is closed.
 const ROTATED_GRACE_POLLS: u32 = 8;
 
@@ -58,6 +60,10 @@ pub struct FileTailer {
     scratch: Vec<u8>,
     closed: bool,
     glob_warned: bool,
+    /// Events of the file being read, handed on together (one channel message and one
+    /// checkpoint update per chunk rather than per line).
+    out: Vec<LogEvent>,
+    out_ends: Vec<u64>,
 }
 
 /// The part of an emit callback's answer that matters: false once the pipeline is gone.
@@ -95,6 +101,8 @@ impl FileTailer {
             scratch: vec![0; 64 << 10],
             closed: false,
             glob_warned: false,
+            out: Vec::new(),
+            out_ends: Vec::new(),
         })
     }
 
@@ -301,8 +309,16 @@ impl FileTailer {
         more && !self.closed
     }
 
-    /// (data left, file finished and closed)
+    /// (data left, file finished and closed); the events read are handed on before return.
     fn poll_file(&mut self, t: &mut Tailed, now: Instant, emit: Emit) -> (bool, bool) {
+        let r = self.read_file(t, now, emit);
+        if !self.flush_out(t, emit) {
+            return (false, false);
+        }
+        r
+    }
+
+    fn read_file(&mut self, t: &mut Tailed, now: Instant, emit: Emit) -> (bool, bool) {
         let size = match t.file.metadata() {
             Ok(m) => m.len(),
             Err(_) => return (false, false),
@@ -320,7 +336,7 @@ impl FileTailer {
                 info!(path = %t.path.display(), "log file truncated: reading it from the start");
             }
             let end = t.read_off;
-            if !self.flush_all(t, end, emit) {
+            if !self.flush_all(t, end, emit) || !self.flush_out(t, emit) {
                 return (false, false);
             }
             t.read_off = 0;
@@ -445,17 +461,36 @@ impl FileTailer {
                 .truncated
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let ev = LogEvent {
+        self.out.push(LogEvent {
             timestamp_ms: now_ms(),
             source: t.path_str.clone(),
             app: t.app.clone(),
             severity: 6,
             facility: 1,
             message: j.message,
-        };
-        let update = self.position(t, j.end_offset);
-        if !emit(Item::Event {
-            event: ev,
+        });
+        self.out_ends.push(j.end_offset);
+        if self.out.len() >= OUT_EVENTS {
+            return self.flush_out(t, emit);
+        }
+        true
+    }
+
+    /// Hands on the events read from `t` with the checkpoint position after the last one.
+    fn flush_out(&mut self, t: &Tailed, emit: Emit) -> bool {
+        if self.closed {
+            return false;
+        }
+        if self.out.is_empty() {
+            return true;
+        }
+        let events = std::mem::replace(&mut self.out, Vec::with_capacity(64));
+        let ends = std::mem::replace(&mut self.out_ends, Vec::with_capacity(64));
+        let end = ends.last().copied().unwrap_or(t.read_off);
+        let update = self.position(t, end);
+        if !emit(Item::Events {
+            events,
+            ends,
             update: Some(update),
         }) {
             self.closed = true;
@@ -546,6 +581,18 @@ mod tests {
                             }
                         }
                         Item::Update(u) => ck.apply(u),
+                        Item::Events {
+                            events: evs,
+                            update,
+                            ..
+                        } => {
+                            for e in evs {
+                                events.push(String::from_utf8(e.message).unwrap());
+                            }
+                            if let Some(u) = update {
+                                ck.apply(u);
+                            }
+                        }
                     }
                     true
                 });
@@ -717,6 +764,10 @@ mod tests {
                         ck.apply(update.unwrap());
                     }
                     Item::Update(u) => ck.apply(u),
+                    Item::Events { events, update, .. } => {
+                        got.extend(events.into_iter().map(|e| e.message));
+                        ck.apply(update.unwrap());
+                    }
                 }
                 true
             });
