@@ -15,8 +15,9 @@ cd "$(dirname "$0")/../.."
 AGENTS=${1:-5000}
 DURATION=${2:-30m}
 shift $(( $# > 2 ? 2 : $# ))
-# One socket per agent in this tool and one in the bastion, plus files.
-ulimit -n 1048576 2>/dev/null || ulimit -n 65536
+# One socket per agent in this tool and one in the bastion, plus files: the soft limit goes
+# up to the hard one (the tool says so and stops when that is still too low).
+ulimit -n "$(ulimit -Hn)"
 cargo build --release --quiet -p bastide -p bastide-bench --bin bastide --bin bastide-soak
 ARENA=${MALLOC_ARENA_MAX:-2}
 if [ "$ARENA" = 0 ]; then unset MALLOC_ARENA_MAX; else export MALLOC_ARENA_MAX=$ARENA; fi

@@ -31,8 +31,8 @@ use bastide_agent::tls::{connect, enroll_config, mtls_config, PinVerifier};
 use bastide_proto::v1::agent_client::AgentClient;
 use bastide_proto::v1::enrollment_client::EnrollmentClient;
 use bastide_proto::v1::{
-    agent_message, bastion_message, AgentMessage, ConfigResult, EnrollRequest, Heartbeat,
-    LogBatch, LogEvent, RegisterRequest,
+    agent_message, bastion_message, AgentMessage, ConfigResult, EnrollRequest, Heartbeat, LogBatch,
+    LogEvent, RegisterRequest,
 };
 use clap::Parser;
 use tokio::sync::{watch, Semaphore};
@@ -335,7 +335,10 @@ fn main() -> Result<()> {
     while cli(&["agents", "list"]).is_err() {
         if start.elapsed() > Duration::from_secs(30) {
             let _ = child.kill();
-            bail!("bastide did not start (see {})", dir.join("bastide.log").display());
+            bail!(
+                "bastide did not start (see {})",
+                dir.join("bastide.log").display()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -463,7 +466,17 @@ async fn soak(
     }
     // Wait until the bastion sees them all online.
     let online = loop {
-        let list: serde_json::Value = serde_json::from_str(&cli(&["agents", "list", "--json"])?)?;
+        // A bastion busy with thousands of handshakes may not answer the admin socket
+        // within the CLI's deadline: ask again.
+        let list: serde_json::Value = match cli(&["agents", "list", "--json"]) {
+            Ok(s) => serde_json::from_str(&s)?,
+            Err(e) if t1.elapsed() < Duration::from_secs(900) => {
+                eprintln!("waiting for the fleet: {e:#}");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let online = list
             .as_array()
             .map(|a| a.iter().filter(|x| x["state"] == "online").count())
@@ -502,11 +515,16 @@ async fn soak(
     let mut round = 0usize;
     let mut next_sample = t0;
     let mut next_round = t0 + args.config_interval;
-    let mut take = |samples: &mut Vec<Sample>, round: usize, prev: &mut ProcSample, prev_t: &mut Instant| -> Result<()> {
+    let mut take = |samples: &mut Vec<Sample>,
+                    round: usize,
+                    prev: &mut ProcSample,
+                    prev_t: &mut Instant|
+     -> Result<()> {
         let p = proc_sample(pid)?;
         let now = Instant::now();
         let dt = now.duration_since(*prev_t).as_secs_f64();
-        let cpu_pct = if dt > 0.0 {
+        // The first sample follows the previous reading at once: no CPU figure for it.
+        let cpu_pct = if dt >= 1.0 {
             (p.cpu_ticks - prev.cpu_ticks) as f64 / tck / dt * 100.0
         } else {
             0.0
@@ -523,15 +541,31 @@ async fn soak(
                 .iter()
                 .map(|a| a.acked_seq.load(Relaxed) * lines_per_batch)
                 .sum(),
-            metrics: fleet.agents.iter().map(|a| a.metrics_sent.load(Relaxed)).sum(),
+            metrics: fleet
+                .agents
+                .iter()
+                .map(|a| a.metrics_sent.load(Relaxed))
+                .sum(),
             round,
             load: load_avg(),
-            self_rss_kib: proc_sample(std::process::id()).map(|s| s.rss_kib).unwrap_or(0),
+            self_rss_kib: proc_sample(std::process::id())
+                .map(|s| s.rss_kib)
+                .unwrap_or(0),
         };
         writeln!(
             csv,
             "{:.0},{},{},{},{:.1},{},{},{},{},{},{}",
-            s.t, s.p.rss_kib, s.p.fds, s.p.threads, s.cpu_pct, s.sessions, s.lines_acked, s.metrics, s.round, s.load, s.self_rss_kib
+            s.t,
+            s.p.rss_kib,
+            s.p.fds,
+            s.p.threads,
+            s.cpu_pct,
+            s.sessions,
+            s.lines_acked,
+            s.metrics,
+            s.round,
+            s.load,
+            s.self_rss_kib
         )?;
         csv.flush()?;
         println!(
@@ -568,7 +602,11 @@ async fn soak(
             next_round += args.config_interval;
         }
         let wake = next_sample.min(next_round).min(end);
-        tokio::time::sleep(wake.saturating_duration_since(Instant::now()).max(Duration::from_millis(10))).await;
+        tokio::time::sleep(
+            wake.saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(10)),
+        )
+        .await;
     }
     let rounds = round;
 
@@ -577,7 +615,11 @@ async fn soak(
     let _ = stop_logs_tx.send(true);
     let td = Instant::now();
     loop {
-        let drained = fleet.agents.iter().filter(|a| a.drained.load(Relaxed)).count();
+        let drained = fleet
+            .agents
+            .iter()
+            .filter(|a| a.drained.load(Relaxed))
+            .count();
         let last = fleet.round_acks[rounds].load(Relaxed);
         if (drained == n && last >= n) || td.elapsed() > args.drain {
             break;
@@ -606,7 +648,10 @@ async fn soak(
         let m = warm.len() as f64;
         let mx = warm.iter().map(|s| s.t).sum::<f64>() / m;
         let my = warm.iter().map(|s| s.p.rss_kib as f64).sum::<f64>() / m;
-        let sxy: f64 = warm.iter().map(|s| (s.t - mx) * (s.p.rss_kib as f64 - my)).sum();
+        let sxy: f64 = warm
+            .iter()
+            .map(|s| (s.t - mx) * (s.p.rss_kib as f64 - my))
+            .sum();
         let sxx: f64 = warm.iter().map(|s| (s.t - mx).powi(2)).sum();
         if sxx > 0.0 {
             sxy / sxx * 600.0 / 1024.0
@@ -616,7 +661,9 @@ async fn soak(
     } else {
         0.0
     };
-    let sum = |f: &dyn Fn(&AgentStats) -> u64| -> u64 { fleet.agents.iter().map(|a| f(a.as_ref())).sum() };
+    let sum = |f: &dyn Fn(&AgentStats) -> u64| -> u64 {
+        fleet.agents.iter().map(|a| f(a.as_ref())).sum()
+    };
     let mut all_rounds = 0;
     let mut missing_rounds = 0;
     for a in &fleet.agents {
@@ -634,10 +681,25 @@ async fn soak(
     println!("== soak summary ==");
     println!("| figure | value |");
     println!("|---|---|");
-    println!("| agents | {n} ({online} online after {:.0} s) |", connect_time.as_secs_f64());
-    println!("| duration | {:.0} s, {} samples every {} s (CSV {}) |", last.t, samples.len(), args.sample.as_secs(), args.csv.display());
-    println!("| MALLOC_ARENA_MAX in the bastion | {} |", arena.unwrap_or("unset"));
-    println!("| bastion RSS idle (no agents) | {:.1} MiB |", mib(idle.rss_kib));
+    println!(
+        "| agents | {n} ({online} online after {:.0} s) |",
+        connect_time.as_secs_f64()
+    );
+    println!(
+        "| duration | {:.0} s, {} samples every {} s (CSV {}) |",
+        last.t,
+        samples.len(),
+        args.sample.as_secs(),
+        args.csv.display()
+    );
+    println!(
+        "| MALLOC_ARENA_MAX in the bastion | {} |",
+        arena.unwrap_or("unset")
+    );
+    println!(
+        "| bastion RSS idle (no agents) | {:.1} MiB |",
+        mib(idle.rss_kib)
+    );
     println!(
         "| bastion RSS start / end / max | {:.1} / {:.1} / {:.1} MiB (end - start {:+.1} MiB) |",
         mib(first.p.rss_kib),
