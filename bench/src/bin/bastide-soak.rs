@@ -222,6 +222,7 @@ struct Fleet {
     round_acks: Vec<AtomicUsize>,
     round_last_ms: Vec<AtomicU64>,
     sessions_up: AtomicUsize,
+    connect_retries: AtomicU64,
     /// Pushes whose files carry no round (a tree not written by this tool).
     no_round: AtomicU64,
 }
@@ -421,6 +422,7 @@ async fn soak(
         round_acks: (0..max_rounds).map(|_| AtomicUsize::new(0)).collect(),
         round_last_ms: (0..max_rounds).map(|_| AtomicU64::new(0)).collect(),
         sessions_up: AtomicUsize::new(0),
+        connect_retries: AtomicU64::new(0),
         no_round: AtomicU64::new(0),
     });
     let creds = enroll_all(args, addr, pin, token).await?;
@@ -445,11 +447,28 @@ async fn soak(
             line_bytes: args.line_bytes,
         };
         tasks.push(tokio::spawn(async move {
-            let channel = {
-                let _permit = sem.acquire_owned().await?;
+            // A real agent retries a failed connection (handshake timeouts happen on a
+            // bastion busy with thousands of them): so does this one, with backoff.
+            let mut attempt = 0u32;
+            let channel = loop {
+                let _permit = sem.clone().acquire_owned().await?;
                 let (chain, key) = rustls_pem::parse(&c.cert_pem, &c.key_pem)?;
-                let cfg = mtls_config(ca, chain, key)?;
-                connect(&addr, "127.0.0.1", cfg).await?
+                let cfg = mtls_config(ca.clone(), chain, key)?;
+                match connect(&addr, "127.0.0.1", cfg).await {
+                    Ok(ch) => break ch,
+                    Err(e) if attempt < 30 => {
+                        attempt += 1;
+                        fleet.connect_retries.fetch_add(1, Relaxed);
+                        drop(_permit);
+                        let d = Duration::from_millis(500 * u64::from(attempt.min(10)))
+                            + Duration::from_millis(rand::random::<u64>() % 1000);
+                        if attempt == 1 {
+                            eprintln!("{}: connect failed, retrying: {e:#}", c.name);
+                        }
+                        tokio::time::sleep(d).await;
+                    }
+                    Err(e) => return Err(e),
+                }
             };
             let stats = fleet.agents[i].clone();
             let logs = tokio::spawn(ship_logs(
@@ -464,32 +483,36 @@ async fn soak(
             Ok::<_, anyhow::Error>(())
         }));
     }
-    // Wait until the bastion sees them all online.
-    let online = loop {
-        // A bastion busy with thousands of handshakes may not answer the admin socket
-        // within the CLI's deadline: ask again.
-        let list: serde_json::Value = match cli(&["agents", "list", "--json"]) {
-            Ok(s) => serde_json::from_str(&s)?,
-            Err(e) if t1.elapsed() < Duration::from_secs(900) => {
-                eprintln!("waiting for the fleet: {e:#}");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let online = list
-            .as_array()
-            .map(|a| a.iter().filter(|x| x["state"] == "online").count())
-            .unwrap_or(0);
-        if online >= n || t1.elapsed() > Duration::from_secs(900) {
-            break online;
+    // Wait until every simulated agent has its session open (the bastion's admin socket is
+    // not polled meanwhile: listing 5,000 agents every second slows the handshakes down),
+    // then ask the bastion how many it counts online.
+    loop {
+        if fleet.sessions_up.load(Relaxed) >= n || t1.elapsed() > Duration::from_secs(1200) {
+            break;
         }
         if let Some(f) = tasks.iter().position(|c| c.is_finished()) {
             let t = tasks.remove(f);
             t.await??;
         }
         tokio::time::sleep(Duration::from_millis(1000)).await;
-    };
+    }
+    let mut online = 0;
+    for _ in 0..30 {
+        match cli(&["agents", "list", "--json"]) {
+            Ok(s) => {
+                let list: serde_json::Value = serde_json::from_str(&s)?;
+                online = list
+                    .as_array()
+                    .map(|a| a.iter().filter(|x| x["state"] == "online").count())
+                    .unwrap_or(0);
+                if online >= n {
+                    break;
+                }
+            }
+            Err(e) => eprintln!("asking the bastion: {e:#}"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     let connect_time = t1.elapsed();
     println!(
         "fleet: {online} of {n} agents online after {:.1} s; soaking for {} s",
@@ -744,6 +767,10 @@ async fn soak(
     println!(
         "| heartbeat acks | {} |",
         sum(&|a| a.heartbeat_acks.load(Relaxed))
+    );
+    println!(
+        "| connection retries while the fleet connected | {} |",
+        fleet.connect_retries.load(Relaxed)
     );
     println!(
         "| reconnects (log streams / sessions) | {} / {} |",
