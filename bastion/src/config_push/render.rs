@@ -22,9 +22,11 @@ pub const MAX_TOTAL: usize = 3 * 1024 * 1024;
 pub const MAX_LOG_SOURCES: usize = 64;
 /// minijinja fuel for one file's render: about one unit per instruction and per 64 bytes
 /// created, so it bounds both the time a template runs (nested loops over `range`) and the
-/// memory it allocates (`"x" * 10**8`, output). A million units is some 64 MiB and well
-/// under a second; a real configuration template needs a few thousand.
-pub const FUEL: u64 = 1_000_000;
+/// memory it allocates (`"x" * 10**8`, output). 200 000 units is some 12 MiB (room for a
+/// 3 MiB file) and a fraction of a second; a real configuration template needs a few
+/// thousand. (The `config_tree` fuzzer found 1 000 000 too generous: `'x' * 60000000`
+/// fitted and took 5 s to render twice on a loaded machine.)
+pub const FUEL: u64 = 200_000;
 
 /// The compiled templates of a tree.
 pub struct Templates {
@@ -436,6 +438,17 @@ log_sources = [{ path = "/var/log/*.log" }]
     /// built 100 MB strings before the fuel limit was set).
     #[test]
     fn hostile_templates_are_bounded() {
+        // Debug builds use far more stack per frame than the release daemon (whose 2 MiB
+        // blocking-pool stack the `config_tree` fuzz target checks): give recursion room.
+        std::thread::Builder::new()
+            .stack_size(32 * 1024 * 1024)
+            .spawn(hostile_templates)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    fn hostile_templates() {
         let a = agent("web1");
         let b = serde_json::json!({});
         for (name, src) in [
@@ -444,6 +457,9 @@ log_sources = [{ path = "/var/log/*.log" }]
             ("macro.j2", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"),
             ("self.j2", "{% include 'self.j2' %}"),
             ("var.j2", "{{ huge * 100000000 }}"),
+            // fuzz/seeds/config_tree/slow-big-string: fitted the first fuel budget.
+            ("big2.j2", "{{ 'x' * 060000000 }}{{ 'y' * 100000000 }}"),
+            ("nested.j2", "{% for i in range(1000) %}{% for j in range(1000) %}{{ i * j }}{% endfor %}{% endfor %}"),
         ] {
             let global = format!(
                 "[vars]\nhuge = \"0123456789\"\n[files.x]\npath = \"/etc/x\"\ntemplate = \"{name}\"\n"
