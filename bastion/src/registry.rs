@@ -980,8 +980,12 @@ mod tests {
     /// reach the known_hosts file as two lines.
     #[test]
     fn host_keys_with_control_characters_are_refused() {
-        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHtlFkDaDSwC2VsKj2yxzgyhDiZbsNrbjzCtr0rRwc3D";
-        assert_eq!(host_key(&format!("  {key} root@web01\n")).unwrap(), format!("{key} root@web01"));
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHtlFkDaDSwC2VsKj2yxzgyhDiZbsNrbjzCtr0rRwc3D";
+        assert_eq!(
+            host_key(&format!("  {key} root@web01\n")).unwrap(),
+            format!("{key} root@web01")
+        );
         for bad in [
             format!("{key} root@web01\nssh-rsa AAAA"),
             format!("{key} a\r\n@cert-authority * {key}"),

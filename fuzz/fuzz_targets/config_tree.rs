@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use bastide::config_push::render::{self, agent_facts, Templates, MAX_FILES, MAX_LOG_SOURCES, MAX_TOTAL};
+use bastide::config_push::render::{
+    self, agent_facts, Templates, MAX_FILES, MAX_LOG_SOURCES, MAX_TOTAL,
+};
 use bastide::config_push::tree::{normal_absolute, Position, Tree};
 use bastide::registry::AgentInfo;
 use libfuzzer_sys::fuzz_target;
@@ -85,7 +87,10 @@ fn one(data: &[u8]) {
     let templates = match Templates::compile(&tree) {
         Ok(t) => t,
         Err(errors) => {
-            assert!(errors.iter().all(|e| e.starts_with("templates/")), "{errors:?}");
+            assert!(
+                errors.iter().all(|e| e.starts_with("templates/")),
+                "{errors:?}"
+            );
             return;
         }
     };
@@ -116,7 +121,10 @@ fn one(data: &[u8]) {
         Ok(r) => r,
         Err(errors) => {
             assert!(!errors.is_empty());
-            assert!(errors.iter().all(|e| e.starts_with("agent web1: ")), "{errors:?}");
+            assert!(
+                errors.iter().all(|e| e.starts_with("agent web1: ")),
+                "{errors:?}"
+            );
             return;
         }
     };
@@ -129,7 +137,11 @@ fn one(data: &[u8]) {
         assert!(normal_absolute(&f.path), "{:?}", f.path);
         assert!(f.mode <= 0o7777);
         for n in [&f.owner, &f.group, &f.on_change] {
-            assert!(n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)));
+            assert!(
+                n.len() <= 64
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            );
         }
     }
     paths.dedup();
@@ -140,5 +152,8 @@ fn one(data: &[u8]) {
     assert_eq!(push.revision, render::revision(push));
     // Same tree, same agent: same revision.
     let again = render::render(&tree, &templates, &agent, &facts, &bastion).expect("second render");
-    assert_eq!(again.push.revision, push.revision, "rendering is not deterministic");
+    assert_eq!(
+        again.push.revision, push.revision,
+        "rendering is not deterministic"
+    );
 }

@@ -56,9 +56,15 @@ fuzz_target!(|data: &[u8]| {
             nonempty += 1;
         }
     }
-    assert!(framed <= input.len(), "frames hold more bytes than were sent");
+    assert!(
+        framed <= input.len(),
+        "frames hold more bytes than were sent"
+    );
     let lines = check_chunks(&chunks, agent);
-    assert_eq!(lines, nonempty, "every non-empty frame is stored as one line");
+    assert_eq!(
+        lines, nonempty,
+        "every non-empty frame is stored as one line"
+    );
 });
 
 /// Every stored line is one line of the store's format, filed under a safe host name.
@@ -81,7 +87,10 @@ fn check_chunks(chunks: &[Chunk], agent: Option<&str>) -> usize {
         for line in text.lines() {
             let p = parse_line(line).unwrap_or_else(|| panic!("unparseable line {line:?}"));
             assert_eq!(p.host, host);
-            assert!(parse_ts(p.ts).is_some() && p.ts.len() == 24, "bad ts in {line:?}");
+            assert!(
+                parse_ts(p.ts).is_some() && p.ts.len() == 24,
+                "bad ts in {line:?}"
+            );
             assert!(!p.app.is_empty() && !p.app.contains(' '));
             assert!(FACILITIES.contains(&p.facility), "{line:?}");
             assert!(SEVERITIES.contains(&p.severity), "{line:?}");

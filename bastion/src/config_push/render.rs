@@ -478,7 +478,9 @@ log_sources = [{ path = "/var/log/*.log" }]
         // Many files, each within bounds but together too large: refused, and rendering
         // stops at the first file past the total.
         let many: String = (0..200)
-            .map(|i| format!("[files.f{i}]\npath = \"/etc/f{i}\"\ncontent = \"{{{{ 'z' * 20000 }}}}\"\n"))
+            .map(|i| {
+                format!("[files.f{i}]\npath = \"/etc/f{i}\"\ncontent = \"{{{{ 'z' * 20000 }}}}\"\n")
+            })
             .collect();
         let t = tree(&many, None, &[]);
         let tpl = Templates::compile(&t).unwrap();
@@ -488,8 +490,14 @@ log_sources = [{ path = "/var/log/*.log" }]
             .map(|i| format!("[files.f{i}]\npath = \"/etc/f{i}\"\ncontent = \"\"\n"))
             .collect();
         let t = tree(&too_many, None, &[]);
-        let e = render(&t, &Templates::compile(&t).unwrap(), &a, &agent_facts(&a, None), &b)
-            .unwrap_err();
+        let e = render(
+            &t,
+            &Templates::compile(&t).unwrap(),
+            &a,
+            &agent_facts(&a, None),
+            &b,
+        )
+        .unwrap_err();
         assert_eq!(e.len(), 1, "{e:?}");
     }
 

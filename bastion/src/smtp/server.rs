@@ -485,7 +485,12 @@ impl Session<'_> {
         }
         let before = d.buf.len();
         let done = d.rx.ingest(iter, &mut d.buf);
-        if track_lines(&d.buf, before, &mut d.line_len, self.shared.cfg.max_line_length) {
+        if track_lines(
+            &d.buf,
+            before,
+            &mut d.line_len,
+            self.shared.cfg.max_line_length,
+        ) {
             d.long_line = true;
         }
         if d.buf.len() > self.shared.cfg.max_message_size {
