@@ -33,7 +33,7 @@ use crate::tls::{AgentConn, ConnInfo};
 
 /// Largest gRPC message an agent may send: a log batch (registration facts, CSRs and
 /// heartbeats stay far below).
-const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// The services that receive from (logs) or send to (config) agents over this endpoint,
 /// when they are on.

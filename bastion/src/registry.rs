@@ -291,6 +291,27 @@ fn clip(s: &str) -> String {
         .collect()
 }
 
+/// An agent's SSH host key, checked and re-encoded as one `known_hosts`-safe line. A key
+/// whose text holds a control character is refused: `ssh-key` keeps everything after the
+/// base64 as the comment, newlines included, so "KEY comment\n@cert-authority * KEY2" would
+/// have written a second line into the known_hosts file we generate (found by
+/// fuzz/agent_register with its `hostile` seed).
+fn host_key(k: &str) -> Result<String, String> {
+    if k.len() > MAX_SSH_KEY_LEN {
+        return Err("oversized".into());
+    }
+    let k = k.trim();
+    if k.chars().any(char::is_control) {
+        return Err("control character in the key text".into());
+    }
+    let pk = russh::keys::ssh_key::PublicKey::from_openssh(k).map_err(|e| e.to_string())?;
+    let s = pk.to_openssh().map_err(|e| e.to_string())?;
+    if s.chars().any(char::is_control) {
+        return Err("control character in the key text".into());
+    }
+    Ok(s)
+}
+
 impl Registry {
     /// Opens the registry over an existing store and CA.
     pub fn open(
@@ -761,16 +782,9 @@ impl Registry {
         }
         let mut keys = Vec::new();
         for k in facts.ssh_host_keys.iter().take(MAX_SSH_KEYS) {
-            if k.len() > MAX_SSH_KEY_LEN {
-                warn!(agent = %id.name, "ignoring oversized SSH host key");
-                continue;
-            }
-            match russh::keys::ssh_key::PublicKey::from_openssh(k.trim()) {
-                Ok(pk) => match pk.to_openssh() {
-                    Ok(s) => keys.push(s),
-                    Err(e) => warn!(agent = %id.name, error = %e, "ignoring SSH host key"),
-                },
-                Err(e) => warn!(agent = %id.name, error = %e, "ignoring invalid SSH host key"),
+            match host_key(k) {
+                Ok(s) => keys.push(s),
+                Err(e) => warn!(agent = %id.name, error = %e, "ignoring SSH host key"),
             }
         }
         let now = unix_now();
@@ -995,5 +1009,31 @@ impl Registry {
             return Err(e.into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// fuzz/seeds/agent_register/hostile: a host key with a newline in its comment must not
+    /// reach the known_hosts file as two lines.
+    #[test]
+    fn host_keys_with_control_characters_are_refused() {
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHtlFkDaDSwC2VsKj2yxzgyhDiZbsNrbjzCtr0rRwc3D";
+        assert_eq!(
+            host_key(&format!("  {key} root@web01\n")).unwrap(),
+            format!("{key} root@web01")
+        );
+        for bad in [
+            format!("{key} root@web01\nssh-rsa AAAA"),
+            format!("{key} a\r\n@cert-authority * {key}"),
+            format!("{key} x\u{1b}[31m"),
+            "ssh-ed25519 AAAA".to_string(),
+            "x".repeat(MAX_SSH_KEY_LEN + 1),
+        ] {
+            assert!(host_key(&bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
         os: r.os,
         agent_version: r.agent_version,
         ssh_host_keys: r.ssh_host_keys,
+        config_revision: r.config_revision,
     };
     let peer = Some("192.0.2.7".parse().unwrap());
     let labels = w

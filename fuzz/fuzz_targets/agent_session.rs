@@ -1,7 +1,8 @@
 //! Messages on an agent's session stream (`AgentMessage`: heartbeats, host metrics
 //! batches) decoded from hostile protobuf bytes and handled as the session does: host
 //! metrics with hostile names, labels, NaN and infinities go through `HostMetrics::ingest`,
-//! and the rendered exposition must stay valid Prometheus text.
+//! and the rendered exposition must stay valid Prometheus text; configuration results
+//! (`ConfigResult`) go through `ConfigPushHandle::result` into the registry and its store.
 #![no_main]
 
 use bastide::hostmetrics::HostMetrics;
@@ -25,8 +26,36 @@ fuzz_target!(|data: &[u8]| {
         }
         Some(agent_message::Kind::Heartbeat(hb)) => {
             let _ = hb.seq.wrapping_add(1);
+            bastide_fuzz::world()
+                .registry
+                .heartbeat(bastide_fuzz::AGENT);
         }
-        _ => {}
+        // An agent's ACK/NACK of a pushed configuration: revision, file and error of any
+        // size and content end up in the registry (and the store), and in a log line.
+        Some(agent_message::Kind::ConfigResult(r)) => {
+            let w = bastide_fuzz::world();
+            bastide_fuzz::config_push().result(bastide_fuzz::AGENT, &r);
+            let c = w
+                .registry
+                .config_state(bastide_fuzz::AGENT)
+                .expect("state kept");
+            for s in [&c.applied, &c.error] {
+                assert!(
+                    s.chars().count() <= 256,
+                    "{} characters kept",
+                    s.chars().count()
+                );
+                assert!(
+                    !s.chars().any(char::is_control),
+                    "control character kept: {s:?}"
+                );
+            }
+            if r.ok {
+                assert!(c.error.is_empty());
+            }
+            w.registry.flush_config().expect("config state stored");
+        }
+        None => {}
     }
 });
 

@@ -20,12 +20,17 @@ pub struct World {
 }
 
 fn scratch() -> PathBuf {
+    scratch_dir("world")
+}
+
+/// A fresh directory of this process on tmpfs (`/dev/shm`, else the temp dir).
+pub fn scratch_dir(what: &str) -> PathBuf {
     let base = if std::path::Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
     } else {
         std::env::temp_dir()
     };
-    let dir = base.join(format!("bastide-fuzz-{}", std::process::id()));
+    let dir = base.join(format!("bastide-fuzz-{}-{what}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -127,5 +132,26 @@ tls = "none"
             rewriter,
         ));
         (shared, queue)
+    })
+}
+
+/// The configuration push service's handle over the world's registry (the tree is not
+/// loaded: only agents' results go through it).
+pub fn config_push() -> &'static bastide::config_push::ConfigPushHandle {
+    static P: OnceLock<bastide::config_push::ConfigPushHandle> = OnceLock::new();
+    P.get_or_init(|| {
+        let w = world();
+        let cfg: bastide::config_push::ConfigPushConfig = toml::from_str(&format!(
+            "dir = {:?}\ncloud = \"c\"\nsite = \"s\"\ninstance = \"i\"\n",
+            w.dir.display().to_string()
+        ))
+        .unwrap();
+        bastide::config_push::ConfigPushHandle::new(
+            cfg,
+            PROJECT,
+            Some(ZONE.to_string()),
+            serde_json::json!({}),
+            w.registry.clone(),
+        )
     })
 }

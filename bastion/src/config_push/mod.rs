@@ -191,6 +191,9 @@ type Reload = oneshot::Sender<Summary>;
 type Job = (Arc<AgentInfo>, serde_json::Value, u64);
 type Outcome = (Job, Result<PushMsg, Vec<String>>);
 
+/// Characters kept of each string of an agent's `ConfigResult` (revision, file, error).
+const MAX_RESULT_TEXT: usize = 1024;
+
 struct Inner {
     cfg: ConfigPushConfig,
     pos: Position,
@@ -610,22 +613,31 @@ impl ConfigPushHandle {
 
     /// An agent's ACK or NACK.
     pub fn result(&self, agent: &str, r: &ConfigResult) {
-        let error = if r.file.is_empty() {
-            r.error.clone()
-        } else {
-            format!("{}: {}", r.file, r.error)
-        };
+        let (revision, error) = result_text(r);
         self.inner
             .registry
-            .config_result(agent, &r.revision, r.ok, &error);
+            .config_result(agent, &revision, r.ok, &error);
         if r.ok {
             metrics::counter!(names::CONFIG_RESULTS, "result" => "ack").increment(1);
-            info!(agent = %agent, revision = %r.revision.escape_debug(), "configuration applied");
+            info!(agent = %agent, revision = %revision.escape_debug(), "configuration applied");
         } else {
             metrics::counter!(names::CONFIG_RESULTS, "result" => "nack").increment(1);
-            warn!(agent = %agent, revision = %r.revision.escape_debug(), error = %error.escape_debug(), "configuration refused by the agent");
+            warn!(agent = %agent, revision = %revision.escape_debug(), error = %error.escape_debug(), "configuration refused by the agent");
         }
     }
+}
+
+/// The revision and error of an agent's result as they are recorded and logged. The agent's
+/// strings may be as large as a gRPC message (16 MiB): only the start of each is kept (the
+/// registry then keeps 256 characters without control characters).
+fn result_text(r: &ConfigResult) -> (String, String) {
+    let short = |s: &str| -> String { s.chars().take(MAX_RESULT_TEXT).collect() };
+    let error = if r.file.is_empty() {
+        short(&r.error)
+    } else {
+        format!("{}: {}", short(&r.file), short(&r.error))
+    };
+    (short(&r.revision), error)
 }
 
 /// Runs the push service: first load, then reloads on changes of the tree (inotify) or on
@@ -767,6 +779,27 @@ mod tests {
             cert_serial: String::new(),
             cert_not_after: 0,
         }
+    }
+
+    /// A hostile agent's NACK with 16 MiB strings is cut before it is formatted and logged.
+    #[test]
+    fn huge_config_result_is_bounded() {
+        let big = "e\n".repeat(8 * 1024 * 1024);
+        let r = ConfigResult {
+            revision: big.clone(),
+            ok: false,
+            file: big.clone(),
+            error: big,
+        };
+        let (revision, error) = result_text(&r);
+        assert_eq!(revision.chars().count(), MAX_RESULT_TEXT);
+        assert!(error.chars().count() <= 2 * MAX_RESULT_TEXT + 2);
+        let (_, e) = result_text(&ConfigResult {
+            file: String::new(),
+            error: "denied".into(),
+            ..r
+        });
+        assert_eq!(e, "denied");
     }
 
     /// The sample tree of the repository renders, and says what the README says it does.

@@ -23,6 +23,13 @@ use crate::registry::AgentInfo;
 pub const MAX_FILES: usize = 256;
 pub const MAX_TOTAL: usize = 3 * 1024 * 1024;
 pub const MAX_LOG_SOURCES: usize = 64;
+/// minijinja fuel for one file's render: about one unit per instruction and per 64 bytes
+/// created, so it bounds both the time a template runs (nested loops over `range`) and the
+/// memory it allocates (`"x" * 10**8`, output). 200 000 units is some 12 MiB (room for a
+/// 3 MiB file) and a fraction of a second; a real configuration template needs a few
+/// thousand. (The `config_tree` fuzzer found 1 000 000 too generous: `'x' * 60000000`
+/// fitted and took 5 s to render twice on a loaded machine.)
+pub const FUEL: u64 = 200_000;
 
 /// The compiled templates of a tree: the files under `templates/` by their name, and every
 /// inline `content` of a level file, compiled once per load rather than once per agent.
@@ -37,6 +44,7 @@ impl Templates {
     pub fn compile(tree: &Tree) -> Result<Self, Vec<String>> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_fuel(Some(FUEL));
         // Config files are not HTML.
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         let mut errors = Vec::new();
@@ -271,30 +279,40 @@ fn render_base(
     };
     let mut files = Vec::new();
     let mut total = 0usize;
-    if let Some(decl) = merged.doc.get("files").and_then(Value::as_table) {
-        for (id, spec) in decl {
-            let key = super::tree::join("files", id);
-            let at = format!("{} ({key})", origin(&key));
-            match file(spec, &ctx, templates, &at) {
-                Ok(f) => {
-                    total += f.content.len();
-                    if files.iter().any(|o: &ManagedFile| o.path == f.path) {
-                        errors.push(format!("{at}: path {} is declared twice", f.path));
+    match merged.doc.get("files").and_then(Value::as_table) {
+        // Checked before rendering anything: each render may take up to FUEL.
+        Some(decl) if decl.len() > MAX_FILES => {
+            errors.push(format!(
+                "{} files declared for {}, more than {MAX_FILES}",
+                decl.len(),
+                agent.name
+            ));
+        }
+        Some(decl) => {
+            for (id, spec) in decl {
+                let key = super::tree::join("files", id);
+                let at = format!("{} ({key})", origin(&key));
+                match file(spec, &ctx, templates, &at) {
+                    Ok(f) => {
+                        total += f.content.len();
+                        if files.iter().any(|o: &ManagedFile| o.path == f.path) {
+                            errors.push(format!("{at}: path {} is declared twice", f.path));
+                        }
+                        files.push(f);
                     }
-                    files.push(f);
+                    Err(e) => errors.push(e),
                 }
-                Err(e) => errors.push(e),
+                // Stop at once rather than hold every oversized file in memory.
+                if total > MAX_TOTAL {
+                    errors.push(format!(
+                        "files for {} total more than {MAX_TOTAL} bytes (at {at})",
+                        agent.name
+                    ));
+                    break;
+                }
             }
         }
-    }
-    if files.len() > MAX_FILES {
-        errors.push(format!("more than {MAX_FILES} files for {}", agent.name));
-    }
-    if total > MAX_TOTAL {
-        errors.push(format!(
-            "files for {} total {total} bytes, more than {MAX_TOTAL}",
-            agent.name
-        ));
+        None => {}
     }
     let settings = match merged.doc.get("agent") {
         Some(Value::Table(t)) => settings(t, &origin("agent")).unwrap_or_else(|e| {
@@ -564,6 +582,71 @@ log_sources = [{ path = "/var/log/*.log" }]
         let again = p.render(&a, &agent_facts(&a, None)).unwrap();
         assert_eq!(r.push.revision, again.push.revision);
         assert_eq!(r.push.revision.len(), 16);
+    }
+
+    /// Templates (and hostile variables) cannot make a render run unbounded: nested loops,
+    /// huge strings and deep recursion end in a clear error, fast (found while writing the
+    /// `config_tree` fuzz target: minijinja ran `range(100000)` nested loops for hours and
+    /// built 100 MB strings before the fuel limit was set).
+    #[test]
+    fn hostile_templates_are_bounded() {
+        // Debug builds use far more stack per frame than the release daemon (whose 2 MiB
+        // blocking-pool stack the `config_tree` fuzz target checks): give recursion room.
+        std::thread::Builder::new()
+            .stack_size(32 * 1024 * 1024)
+            .spawn(hostile_templates)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    fn hostile_templates() {
+        let a = agent("web1");
+        let b = serde_json::json!({});
+        for (name, src) in [
+            ("loops.j2", "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}"),
+            ("big.j2", "{{ 'x' * 100000000 }}{{ 'y' * 100000000 }}"),
+            ("macro.j2", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"),
+            ("self.j2", "{% include 'self.j2' %}"),
+            ("var.j2", "{{ huge * 100000000 }}"),
+            // fuzz/seeds/config_tree/slow-big-string: fitted the first fuel budget.
+            ("big2.j2", "{{ 'x' * 060000000 }}{{ 'y' * 100000000 }}"),
+            ("nested.j2", "{% for i in range(1000) %}{% for j in range(1000) %}{{ i * j }}{% endfor %}{% endfor %}"),
+        ] {
+            let global = format!(
+                "[vars]\nhuge = \"0123456789\"\n[files.x]\npath = \"/etc/x\"\ntemplate = \"{name}\"\n"
+            );
+            let t = tree(&global, None, &[(name, src)]);
+            let p = Prepared::new(t, &b).unwrap();
+            let start = std::time::Instant::now();
+            let e = p.render(&a, &agent_facts(&a, None)).unwrap_err();
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{name}: {:?}",
+                start.elapsed()
+            );
+            assert!(e[0].contains(name), "{e:?}");
+        }
+        // Many files, each within bounds but together too large: refused, and rendering
+        // stops at the first file past the total.
+        let many: String = (0..200)
+            .map(|i| {
+                format!("[files.f{i}]\npath = \"/etc/f{i}\"\ncontent = \"{{{{ 'z' * 20000 }}}}\"\n")
+            })
+            .collect();
+        let t = tree(&many, None, &[]);
+        let p = Prepared::new(t, &b).unwrap();
+        let e = p.render(&a, &agent_facts(&a, None)).unwrap_err();
+        assert!(e.iter().any(|e| e.contains("more than")), "{e:?}");
+        let too_many: String = (0..=MAX_FILES)
+            .map(|i| format!("[files.f{i}]\npath = \"/etc/f{i}\"\ncontent = \"\"\n"))
+            .collect();
+        let t = tree(&too_many, None, &[]);
+        let e = Prepared::new(t, &b)
+            .unwrap()
+            .render(&a, &agent_facts(&a, None))
+            .unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
     }
 
     #[test]

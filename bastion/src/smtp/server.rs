@@ -485,17 +485,13 @@ impl Session<'_> {
         }
         let before = d.buf.len();
         let done = d.rx.ingest(iter, &mut d.buf);
-        let max_line = self.shared.cfg.max_line_length;
-        for &b in &d.buf[before..] {
-            if b == b'\n' {
-                d.line_len = 0;
-            } else {
-                d.line_len += 1;
-                // The CR of CRLF is not part of the line.
-                if d.line_len > max_line + 1 {
-                    d.long_line = true;
-                }
-            }
+        if track_lines(
+            &d.buf,
+            before,
+            &mut d.line_len,
+            self.shared.cfg.max_line_length,
+        ) {
+            d.long_line = true;
         }
         if d.buf.len() > self.shared.cfg.max_message_size {
             d.too_big = true;
@@ -750,6 +746,27 @@ pub async fn session_over<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     s.run(Box::new(io), CancellationToken::new()).await
 }
 
+/// Line-length accounting of the bytes `DataReceiver::ingest` appended to `buf` after
+/// `before`; true when a line is longer than `max_line`. The receiver can also take back a
+/// byte it appended in an earlier call (the CR of the final CRLF.CRLF when the LF arrives in
+/// a later read), so `buf` may be shorter than `before`: the `smtp_session` fuzzer found the
+/// slice `buf[before..]` panicking on a session sent one byte per read.
+fn track_lines(buf: &[u8], before: usize, line_len: &mut usize, max_line: usize) -> bool {
+    let mut long = false;
+    for &b in buf.get(before..).unwrap_or_default() {
+        if b == b'\n' {
+            *line_len = 0;
+        } else {
+            *line_len += 1;
+            // The CR of CRLF is not part of the line.
+            if *line_len > max_line + 1 {
+                long = true;
+            }
+        }
+    }
+    long
+}
+
 /// `MAIL FROM:<root>` / `RCPT TO:<root>`: VMs' system mail often has no domain, which
 /// RFC 5321 parsers refuse; give it the [`UNQUALIFIED`] marker domain.
 fn qualify_local(line: &[u8]) -> std::borrow::Cow<'_, [u8]> {
@@ -853,6 +870,28 @@ mod tests {
         assert!(!feed(&[b"a\n.\nMAIL FROM:<x@y>\n"]).1);
         assert!(!feed(&[b"a\r\n.\nb"]).1);
         assert!(!feed(&[b"a\n.\r\nb"]).1);
+    }
+
+    /// fuzz/seeds/smtp_session/bytewise: DATA sent one byte per read; the end of data
+    /// shrinks the buffer under the previous length.
+    #[test]
+    fn data_one_byte_per_read_does_not_panic() {
+        let mut rx = DataReceiver::new();
+        let mut buf = Vec::new();
+        rx.ingest(&mut b"\r\n".iter(), &mut buf);
+        buf.clear();
+        let (mut line_len, mut long, mut done) = (0usize, false, false);
+        for b in b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n" {
+            let before = buf.len();
+            done = rx.ingest(&mut std::slice::from_ref(b).iter(), &mut buf);
+            long |= track_lines(&buf, before, &mut line_len, 200);
+        }
+        assert!(done);
+        assert!(!long);
+        assert_eq!(buf, b"Subject: hi\r\n\r\n.dot\r\nbody\r\n");
+        let mut n = 0;
+        assert!(track_lines(b"0123456789\r", 0, &mut n, 5));
+        assert!(!track_lines(b"ab", 5, &mut n, 5));
     }
 
     #[test]

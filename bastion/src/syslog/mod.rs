@@ -683,6 +683,48 @@ async fn stream<S: AsyncRead + Unpin>(
     }
 }
 
+/// Narrow entry points for the fuzz targets (`fuzz/fuzz_targets/syslog.rs`): the framer and
+/// the message-to-line path exactly as a connection or a datagram drives them, without
+/// sockets or a store.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{Batch, Framer, Source};
+    use crate::logs::Chunk;
+    use std::net::IpAddr;
+    use std::sync::Arc;
+
+    /// One TCP connection delivering `reads` in turn (end of stream after the last):
+    /// the frames cut (with their truncation flag) and the lines stored from them.
+    pub fn stream(
+        reads: &[&[u8]],
+        max: usize,
+        peer: IpAddr,
+        agent: Option<&str>,
+    ) -> (Vec<(Vec<u8>, bool)>, Vec<Chunk>) {
+        let mut framer = Framer::new(max);
+        let mut frames = Vec::new();
+        let mut chunks = Vec::new();
+        for (i, r) in reads.iter().enumerate() {
+            framer.buf.extend_from_slice(r);
+            let eof = i + 1 == reads.len();
+            let mut batch = Batch::new(Source::Tcp, peer, agent.map(Arc::from));
+            framer.frames(eof, &mut |frame, truncated| {
+                frames.push((frame.to_vec(), truncated));
+                batch.handle(frame, truncated);
+            });
+            chunks.extend(batch.finish());
+        }
+        (frames, chunks)
+    }
+
+    /// One UDP datagram, cut at `max` as the receiver does.
+    pub fn datagram(msg: &[u8], max: usize, peer: IpAddr, agent: Option<&str>) -> Vec<Chunk> {
+        let mut batch = Batch::new(Source::Udp, peer, agent.map(Arc::from));
+        batch.handle(&msg[..msg.len().min(max)], msg.len() > max);
+        batch.finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
