@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bastide_agent::enroll::new_key_and_csr;
 use bastide_agent::tls::{connect, enroll_config, mtls_config, PinVerifier};
+use bastide_bench::{
+    clk_tck, fetch_ca, free_port, parse_duration, rustls_pem, synthetic_batch, Cred,
+};
 use bastide_proto::v1::agent_client::AgentClient;
 use bastide_proto::v1::enrollment_client::EnrollmentClient;
 use bastide_proto::v1::{agent_message, AgentMessage, EnrollRequest, Heartbeat, RegisterRequest};
@@ -73,23 +76,6 @@ fn write_tree(env: &std::path::Path, round: usize) -> Result<()> {
     Ok(())
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n.parse().map_err(|_| format!("bad duration {s}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("bad duration {s}")),
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// (RSS bytes, CPU ticks) of a process from /proc.
 fn proc_usage(pid: u32) -> Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -105,21 +91,6 @@ fn proc_usage(pid: u32) -> Result<(u64, u64)> {
     // Fields after the command: state is index 0, utime 11, stime 12.
     let ticks = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
     Ok((rss_kb * 1024, ticks))
-}
-
-fn clk_tck() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-struct Cred {
-    name: String,
-    cert_pem: String,
-    key_pem: String,
 }
 
 fn main() -> Result<()> {
@@ -449,42 +420,6 @@ async fn drive(
     Ok(())
 }
 
-/// A batch shaped like a small VM's: CPU per mode, memory, filesystems, interfaces.
-fn synthetic_batch(series: usize) -> bastide_proto::v1::MetricsBatch {
-    use bastide_proto::v1::{Label, MetricFamily, MetricType, MetricsBatch, Sample};
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    let per_family = 10;
-    let families = (0..series.div_ceil(per_family))
-        .map(|f| MetricFamily {
-            name: format!("node_synthetic_{f}_total"),
-            help: "Synthetic load-test series.".into(),
-            r#type: MetricType::Counter as i32,
-            samples: (0..per_family.min(series - f * per_family))
-                .map(|i| Sample {
-                    labels: vec![
-                        Label {
-                            name: "device".into(),
-                            value: format!("dev{i}"),
-                        },
-                        Label {
-                            name: "mode".into(),
-                            value: "user".into(),
-                        },
-                    ],
-                    value: rand::random::<f64>() * 1e9,
-                })
-                .collect(),
-        })
-        .collect();
-    MetricsBatch {
-        timestamp_ms: now,
-        families,
-    }
-}
-
 /// Changes the tree `config_rounds` times; each time, measures how long until every agent
 /// received its new revision (and ACKed it at once), and until the bastion counted every
 /// agent in sync again. Render time per agent comes from `bastide config check`.
@@ -609,34 +544,4 @@ fn scrape_bench(metrics_addr: &str, agents: usize) -> Result<()> {
         bytes as f64 / (1024.0 * 1024.0)
     );
     Ok(())
-}
-
-/// The bastion's CA, read from the chain it presents (checked against the pin).
-async fn fetch_ca(addr: &str, pin: &str) -> Result<rustls_pem::Cert> {
-    let verifier = Arc::new(PinVerifier::new(pin.to_string()));
-    let _ = connect(addr, "127.0.0.1", enroll_config(verifier.clone())?).await?;
-    let ca = verifier
-        .matched_ca
-        .lock()
-        .ok()
-        .and_then(|m| m.clone())
-        .context("no CA")?;
-    Ok(ca)
-}
-
-/// PEM helpers over rustls' pki types.
-mod rustls_pem {
-    use anyhow::{Context, Result};
-    use bastide_agent::tls::pki::pem::PemObject;
-    use bastide_agent::tls::pki::{CertificateDer, PrivateKeyDer};
-
-    pub type Cert = CertificateDer<'static>;
-
-    pub fn parse(cert: &str, key: &str) -> Result<(Vec<Cert>, PrivateKeyDer<'static>)> {
-        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .context("cert")?;
-        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).context("key")?;
-        Ok((chain, key))
-    }
 }

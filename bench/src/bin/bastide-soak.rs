@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bastide_agent::enroll::new_key_and_csr;
 use bastide_agent::tls::{connect, enroll_config, mtls_config, PinVerifier};
+use bastide_bench::{
+    clk_tck, fetch_ca, free_port, parse_duration, rustls_pem, synthetic_batch, Cred,
+};
 use bastide_proto::v1::agent_client::AgentClient;
 use bastide_proto::v1::enrollment_client::EnrollmentClient;
 use bastide_proto::v1::{
@@ -86,33 +89,6 @@ struct Args {
     /// How long to wait at the end for outstanding log batches and config ACKs.
     #[arg(long, default_value = "180s", value_parser = parse_duration)]
     drain: Duration,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n.parse().map_err(|_| format!("bad duration {s}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("bad duration {s}")),
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn clk_tck() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// One reading of a process from /proc.
@@ -225,12 +201,6 @@ struct Fleet {
     connect_retries: AtomicU64,
     /// Pushes whose files carry no round (a tree not written by this tool).
     no_round: AtomicU64,
-}
-
-struct Cred {
-    name: String,
-    cert_pem: String,
-    key_pem: String,
 }
 
 struct Sample {
@@ -1142,64 +1112,4 @@ fn verify_store(store: &Path, fleet: &Fleet, args: &Args) -> Result<Verdict> {
         missing,
         duplicated,
     })
-}
-
-/// A batch shaped like a small VM's: CPU per mode, memory, filesystems, interfaces.
-fn synthetic_batch(series: usize) -> bastide_proto::v1::MetricsBatch {
-    use bastide_proto::v1::{Label, MetricFamily, MetricType, MetricsBatch, Sample};
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    let per_family = 10;
-    let families = (0..series.div_ceil(per_family))
-        .map(|f| MetricFamily {
-            name: format!("node_synthetic_{f}_total"),
-            help: "Synthetic soak series.".into(),
-            r#type: MetricType::Counter as i32,
-            samples: (0..per_family.min(series - f * per_family))
-                .map(|i| Sample {
-                    labels: vec![Label {
-                        name: "device".into(),
-                        value: format!("dev{i}"),
-                    }],
-                    value: rand::random::<f64>() * 1e9,
-                })
-                .collect(),
-        })
-        .collect();
-    MetricsBatch {
-        timestamp_ms: now,
-        families,
-    }
-}
-
-/// The bastion's CA, read from the chain it presents (checked against the pin).
-async fn fetch_ca(addr: &str, pin: &str) -> Result<rustls_pem::Cert> {
-    let verifier = Arc::new(PinVerifier::new(pin.to_string()));
-    let _ = connect(addr, "127.0.0.1", enroll_config(verifier.clone())?).await?;
-    let ca = verifier
-        .matched_ca
-        .lock()
-        .ok()
-        .and_then(|m| m.clone())
-        .context("no CA")?;
-    Ok(ca)
-}
-
-/// PEM helpers over rustls' pki types.
-mod rustls_pem {
-    use anyhow::{Context, Result};
-    use bastide_agent::tls::pki::pem::PemObject;
-    use bastide_agent::tls::pki::{CertificateDer, PrivateKeyDer};
-
-    pub type Cert = CertificateDer<'static>;
-
-    pub fn parse(cert: &str, key: &str) -> Result<(Vec<Cert>, PrivateKeyDer<'static>)> {
-        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .context("cert")?;
-        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).context("key")?;
-        Ok((chain, key))
-    }
 }
