@@ -1,11 +1,13 @@
 //! Pieces shared by the load tool (`bastide-load`) and the soak tool (`bastide-soak`):
 //! enrollment helpers, synthetic metrics, small parsers.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use bastide_agent::tls::{connect, enroll_config, PinVerifier};
 
 /// `500ms`, `10s`, `3m`, `1h` (a bare number is seconds).
@@ -110,4 +112,39 @@ pub mod rustls_pem {
         let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).context("key")?;
         Ok((chain, key))
     }
+}
+
+/// Starts `bastide --config CFG serve` with warnings to `log`, and waits until its admin
+/// socket answers (`agents list`), for at most `within`.
+pub fn start_bastide(bastide: &Path, cfg: &Path, log: &Path, within: Duration) -> Result<Child> {
+    let mut child = Command::new(bastide)
+        .arg("--config")
+        .arg(cfg)
+        .arg("serve")
+        .env("RUST_LOG", "warn")
+        .stderr(std::fs::File::create(log)?)
+        .stdout(Stdio::null())
+        .spawn()?;
+    let start = Instant::now();
+    while bastide_cli(bastide, cfg, &["agents", "list"]).is_err() {
+        if start.elapsed() > within {
+            let _ = child.kill();
+            bail!("bastide did not start (see {})", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(child)
+}
+
+/// Runs one admin command of the bastion and returns its output.
+pub fn bastide_cli(bastide: &Path, cfg: &Path, args: &[&str]) -> Result<String> {
+    let o = Command::new(bastide)
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .output()?;
+    if !o.status.success() {
+        bail!("{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
 }

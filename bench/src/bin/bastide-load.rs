@@ -7,7 +7,7 @@
 //! path) to measure their own services against a large fleet.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +16,8 @@ use anyhow::{bail, Context, Result};
 use bastide_agent::enroll::new_key_and_csr;
 use bastide_agent::tls::{connect, enroll_config, mtls_config, PinVerifier};
 use bastide_bench::{
-    clk_tck, fetch_ca, free_port, parse_duration, rustls_pem, synthetic_batch, Cred,
+    bastide_cli, clk_tck, fetch_ca, free_port, parse_duration, rustls_pem, start_bastide,
+    synthetic_batch, Cred,
 };
 use bastide_proto::v1::agent_client::AgentClient;
 use bastide_proto::v1::enrollment_client::EnrollmentClient;
@@ -149,35 +150,14 @@ fn main() -> Result<()> {
         text
     };
     std::fs::write(&cfg, text)?;
-    let log = std::fs::File::create(dir.path().join("bastide.log"))?;
-    let mut child = Command::new(&bastide)
-        .arg("--config")
-        .arg(&cfg)
-        .arg("serve")
-        .env("RUST_LOG", "warn")
-        .stderr(log)
-        .stdout(Stdio::null())
-        .spawn()?;
+    let mut child = start_bastide(
+        &bastide,
+        &cfg,
+        &dir.path().join("bastide.log"),
+        Duration::from_secs(20),
+    )?;
     let pid = child.id();
-    let cli = |a: &[&str]| -> Result<String> {
-        let o = Command::new(&bastide)
-            .arg("--config")
-            .arg(&cfg)
-            .args(a)
-            .output()?;
-        if !o.status.success() {
-            bail!("{a:?}: {}", String::from_utf8_lossy(&o.stderr));
-        }
-        Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let start = Instant::now();
-    while cli(&["agents", "list"]).is_err() {
-        if start.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            bail!("bastide did not start");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let cli = |a: &[&str]| bastide_cli(&bastide, &cfg, a);
     let pin = cli(&["ca-pin", "--dir", &state.display().to_string()])?;
     let token = cli(&[
         "token",

@@ -20,7 +20,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +29,8 @@ use anyhow::{bail, Context, Result};
 use bastide_agent::enroll::new_key_and_csr;
 use bastide_agent::tls::{connect, enroll_config, mtls_config, PinVerifier};
 use bastide_bench::{
-    clk_tck, fetch_ca, free_port, parse_duration, rustls_pem, synthetic_batch, Cred,
+    bastide_cli, clk_tck, fetch_ca, free_port, parse_duration, rustls_pem, start_bastide,
+    synthetic_batch, Cred,
 };
 use bastide_proto::v1::agent_client::AgentClient;
 use bastide_proto::v1::enrollment_client::EnrollmentClient;
@@ -281,38 +282,14 @@ fn main() -> Result<()> {
         store.display().to_string()
     );
     std::fs::write(&cfg, text)?;
-    let log = std::fs::File::create(dir.join("bastide.log"))?;
-    let mut child = Command::new(&bastide)
-        .arg("--config")
-        .arg(&cfg)
-        .arg("serve")
-        .env("RUST_LOG", "warn")
-        .stderr(log)
-        .stdout(Stdio::null())
-        .spawn()?;
+    let mut child = start_bastide(
+        &bastide,
+        &cfg,
+        &dir.join("bastide.log"),
+        Duration::from_secs(30),
+    )?;
     let pid = child.id();
-    let cli = |a: &[&str]| -> Result<String> {
-        let o = Command::new(&bastide)
-            .arg("--config")
-            .arg(&cfg)
-            .args(a)
-            .output()?;
-        if !o.status.success() {
-            bail!("{a:?}: {}", String::from_utf8_lossy(&o.stderr));
-        }
-        Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let start = Instant::now();
-    while cli(&["agents", "list"]).is_err() {
-        if start.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            bail!(
-                "bastide did not start (see {})",
-                dir.join("bastide.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let cli = |a: &[&str]| bastide_cli(&bastide, &cfg, a);
     let arena = std::fs::read(format!("/proc/{pid}/environ"))
         .ok()
         .and_then(|e| {
