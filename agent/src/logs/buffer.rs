@@ -48,6 +48,20 @@ struct Segment {
     len: u64,
 }
 
+/// A buffered record whose tail is its batch encoded as a `LogBatch` message.
+#[derive(Debug)]
+pub struct RawBatch {
+    rec: Vec<u8>,
+    start: usize,
+}
+
+impl RawBatch {
+    /// The `LogBatch` protobuf encoding.
+    pub fn encoded(&self) -> &[u8] {
+        self.rec.get(self.start..).unwrap_or(&[])
+    }
+}
+
 /// The buffer is full: the caller waits for acknowledgements (backpressure).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Full;
@@ -335,6 +349,24 @@ impl Buffer {
             bail!("{}: record {} fails its checksum", path.display(), e.seq);
         }
         Ok(rec)
+    }
+
+    /// The batch `seq` still encoded (checksum verified), if still unacknowledged.
+    pub fn read_raw(&self, seq: u64) -> Result<Option<RawBatch>> {
+        let Some(front) = self.index.front() else {
+            return Ok(None);
+        };
+        if seq < front.seq {
+            return Ok(None);
+        }
+        let Some(e) = self.index.get((seq - front.seq) as usize).copied() else {
+            return Ok(None);
+        };
+        let rec = self.record(&e)?;
+        Ok(Some(RawBatch {
+            rec,
+            start: HEADER + e.meta_len as usize,
+        }))
     }
 
     /// The batch `seq`, if still unacknowledged.

@@ -141,6 +141,11 @@ impl Shared {
         self.lock().read(seq)
     }
 
+    /// Reads batch `seq` still encoded, as it goes on the wire (blocking).
+    pub fn read_raw(&self, seq: u64) -> Result<Option<buffer::RawBatch>> {
+        self.lock().read_raw(seq)
+    }
+
     /// The `bastide_agent_log_*` families for the metrics batch.
     pub fn metric_families(&self) -> Vec<MetricFamily> {
         let (disk, max, (batches, events), oldest) = {

@@ -6,15 +6,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bastide_proto::v1::agent_client::AgentClient;
-use bastide_proto::v1::LogBatch;
+use bastide_proto::v1::LogAck;
+use prost::Message;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
+use super::buffer::RawBatch;
 use super::Shared;
 
 /// Batches sent ahead of the last acknowledgement.
@@ -47,7 +50,7 @@ fn classify(s: tonic::Status) -> ShipError {
 /// Ships until `cancel` (the session ended). Errors of one stream are retried on the same
 /// channel with a growing delay; a bastion without log store is asked again every 30s and
 /// reported once.
-pub async fn run(client: AgentClient<Channel>, shared: Arc<Shared>, cancel: CancellationToken) {
+pub async fn run(client: Channel, shared: Arc<Shared>, cancel: CancellationToken) {
     let mut backoff = crate::session::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         let acked_before = *shared.acked.borrow();
@@ -92,18 +95,73 @@ pub async fn run(client: AgentClient<Channel>, shared: Arc<Shared>, cancel: Canc
     }
 }
 
+/// Sends buffered records (already `LogBatch`-encoded) as they are, decodes `LogAck`s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawBatchCodec;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawBatchEncoder;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AckDecoder;
+
+impl Codec for RawBatchCodec {
+    type Encode = RawBatch;
+    type Decode = LogAck;
+    type Encoder = RawBatchEncoder;
+    type Decoder = AckDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawBatchEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        AckDecoder
+    }
+}
+
+impl Encoder for RawBatchEncoder {
+    type Item = RawBatch;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: RawBatch, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(item.encoded());
+        Ok(())
+    }
+}
+
+impl Decoder for AckDecoder {
+    type Item = LogAck;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<LogAck>, tonic::Status> {
+        LogAck::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("decoding a log acknowledgement: {e}")))
+    }
+}
+
 /// One `ShipLogs` stream, until it fails.
-pub async fn ship_once(
-    mut client: AgentClient<Channel>,
-    shared: &Arc<Shared>,
-) -> Result<(), ShipError> {
-    let (tx, rx) = mpsc::channel::<LogBatch>(4);
+pub async fn ship_once(channel: Channel, shared: &Arc<Shared>) -> Result<(), ShipError> {
+    let (tx, rx) = mpsc::channel::<RawBatch>(4);
     // The sender runs beside the call: a server may wait for the first batch before it
     // answers with its response headers.
     let sender = tokio::spawn(send_loop(shared.clone(), tx));
     let _abort = AbortOnDrop(sender);
-    let mut acks = client
-        .ship_logs(ReceiverStream::new(rx))
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| ShipError::Status(tonic::Status::unavailable(format!("channel not ready: {e}"))))?;
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.extensions_mut()
+        .insert(tonic::GrpcMethod::new("bastide.v1.Agent", "ShipLogs"));
+    let mut acks = grpc
+        .streaming(
+            req,
+            PathAndQuery::from_static("/bastide.v1.Agent/ShipLogs"),
+            RawBatchCodec,
+        )
         .await
         .map_err(classify)?
         .into_inner();
@@ -141,7 +199,7 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn send_loop(shared: Arc<Shared>, tx: mpsc::Sender<LogBatch>) {
+async fn send_loop(shared: Arc<Shared>, tx: mpsc::Sender<RawBatch>) {
     let mut appended = shared.appended.subscribe();
     let mut acked = shared.acked.subscribe();
     let mut next = *acked.borrow_and_update() + 1;
@@ -163,7 +221,7 @@ async fn send_loop(shared: Arc<Shared>, tx: mpsc::Sender<LogBatch>) {
         }
         let s = shared.clone();
         let seq = next;
-        let batch = match tokio::task::spawn_blocking(move || s.read(seq)).await {
+        let batch = match tokio::task::spawn_blocking(move || s.read_raw(seq)).await {
             Ok(Ok(Some(b))) => b,
             // Acknowledged meanwhile: the loop moves past it.
             Ok(Ok(None)) => {

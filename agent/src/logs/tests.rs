@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bastide_proto::v1::agent_client::AgentClient;
 use bastide_proto::v1::agent_server::{Agent, AgentServer};
 use bastide_proto::v1::{
     AgentMessage, BastionMessage, LogAck, LogBatch, RegisterRequest, RegisterResponse,
@@ -111,13 +110,12 @@ async fn serve(fake: Fake, listener: tokio::net::TcpListener, stop: Cancellation
         .await;
 }
 
-async fn client(addr: std::net::SocketAddr) -> AgentClient<tonic::transport::Channel> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+async fn client(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
-        .unwrap();
-    AgentClient::new(ch)
+        .unwrap()
 }
 
 fn logs_cfg(dir: &std::path::Path, buffer_max: u64) -> LogsConfig {

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
-use super::format::{day_of, now_ms, push_line};
+use super::format::{day_of, now_ms, push_line_with, TsCache};
 use super::metrics::{counters, Source};
 use super::store::{Chunk, Mark, StoreError, Stored};
 use super::Logs;
@@ -45,6 +45,7 @@ pub fn format_batch(agent: &str, batch: &LogBatch, max_event: usize) -> Chunk {
             .sum(),
     );
     let (mut bytes, mut bad, mut truncated) = (0u64, 0u64, 0u64);
+    let mut tsc = TsCache::default();
     for e in &batch.events {
         let mut msg: &[u8] = &e.message;
         if msg.len() > max_event {
@@ -69,8 +70,9 @@ pub fn format_batch(agent: &str, batch: &LogBatch, max_event: usize) -> Chunk {
         } else {
             e.app.as_str()
         };
-        if !push_line(
+        if !push_line_with(
             &mut data,
+            &mut tsc,
             ts,
             agent,
             app,
