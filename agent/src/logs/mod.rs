@@ -118,6 +118,8 @@ pub struct Shared {
     pub epoch: u64,
     /// "No log store on the bastion" was reported (once per agent run, not per session).
     pub(crate) no_store_reported: std::sync::atomic::AtomicBool,
+    /// "The bastion acknowledges log batches" was reported (once per agent run).
+    pub(crate) acks_reported: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -312,6 +314,7 @@ pub fn start(
         buffer: Mutex::new(buffer),
         stats: Arc::new(Stats::default()),
         no_store_reported: std::sync::atomic::AtomicBool::new(false),
+        acks_reported: std::sync::atomic::AtomicBool::new(false),
     });
     // Items carry up to 512 events (file sources): this bounds what is read ahead of the
     // batcher to about 8,000 events.

@@ -22,6 +22,11 @@ use super::Shared;
 
 /// Batches sent ahead of the last acknowledgement.
 const WINDOW: u64 = 16;
+/// A stream with everything acknowledged and nothing new for this long is closed, and
+/// opened again for the next batch: an idle agent then holds no stream buffers (tonic's
+/// encode buffer keeps the capacity of the largest batch sent, 1 MiB by default, for as
+/// long as the stream lives).
+pub const IDLE_CLOSE: Duration = Duration::from_secs(10);
 /// How often to ask again a bastion without a log store.
 const NO_STORE_RETRY: Duration = Duration::from_secs(30);
 
@@ -86,7 +91,22 @@ pub async fn run(client: Channel, shared: Arc<Shared>, cancel: CancellationToken
                 warn!(error = %e, retry_in_ms = d.as_millis() as u64, "log stream ended");
                 d
             }
-            Ok(()) => return,
+            Ok(()) => {
+                debug!("log stream closed while idle");
+                // Opened again once there is something to send.
+                let mut appended = shared.appended.subscribe();
+                loop {
+                    if *appended.borrow_and_update() > *shared.acked.borrow() {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        r = appended.changed() => if r.is_err() { return },
+                    }
+                }
+                backoff.reset();
+                continue;
+            }
         };
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -142,12 +162,13 @@ impl Decoder for AckDecoder {
     }
 }
 
-/// One `ShipLogs` stream, until it fails.
+/// One `ShipLogs` stream, until it fails, or `Ok` once closed while idle (`IDLE_CLOSE`).
 pub async fn ship_once(channel: Channel, shared: &Arc<Shared>) -> Result<(), ShipError> {
     let (tx, rx) = mpsc::channel::<RawBatch>(4);
+    let idle = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The sender runs beside the call: a server may wait for the first batch before it
     // answers with its response headers.
-    let sender = tokio::spawn(send_loop(shared.clone(), tx));
+    let sender = tokio::spawn(send_loop(shared.clone(), tx, idle.clone()));
     let _abort = AbortOnDrop(sender);
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready()
@@ -177,7 +198,15 @@ pub async fn ship_once(channel: Channel, shared: &Arc<Shared>) -> Result<(), Shi
                 }
                 if !announced {
                     announced = true;
-                    info!(acked = ack.seq, "the bastion acknowledges log batches");
+                    // Once per agent run at info: streams come and go with idleness.
+                    if !shared
+                        .acks_reported
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        info!(acked = ack.seq, "the bastion acknowledges log batches");
+                    } else {
+                        debug!(acked = ack.seq, "log stream acknowledged");
+                    }
                 }
                 let s = shared.clone();
                 tokio::task::spawn_blocking(move || s.ack(ack.seq))
@@ -185,6 +214,8 @@ pub async fn ship_once(channel: Channel, shared: &Arc<Shared>) -> Result<(), Shi
                     .map_err(|e| ShipError::Buffer(e.into()))?
                     .map_err(ShipError::Buffer)?;
             }
+            // The sender ended the stream with everything acknowledged.
+            Ok(None) if idle.load(std::sync::atomic::Ordering::Relaxed) => return Ok(()),
             Ok(None) => return Err(ShipError::Closed),
             Err(s) => return Err(classify(s)),
         }
@@ -199,7 +230,11 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn send_loop(shared: Arc<Shared>, tx: mpsc::Sender<RawBatch>) {
+async fn send_loop(
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<RawBatch>,
+    idle: Arc<std::sync::atomic::AtomicBool>,
+) {
     let mut appended = shared.appended.subscribe();
     let mut acked = shared.acked.subscribe();
     let mut next = *acked.borrow_and_update() + 1;
@@ -208,8 +243,20 @@ async fn send_loop(shared: Arc<Shared>, tx: mpsc::Sender<RawBatch>) {
         next = next.max(a + 1);
         let last = *appended.borrow_and_update();
         if next > last {
-            if appended.changed().await.is_err() {
-                return;
+            if a >= last {
+                // Everything sent is acknowledged: wait for more, for a while.
+                tokio::select! {
+                    r = appended.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(IDLE_CLOSE) => {
+                        idle.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                }
+            } else {
+                tokio::select! {
+                    r = appended.changed() => if r.is_err() { return },
+                    r = acked.changed() => if r.is_err() { return },
+                }
             }
             continue;
         }

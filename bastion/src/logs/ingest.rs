@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::format::{day_of, now_ms, push_line_with, TsCache};
 use super::metrics::{counters, Source};
@@ -146,7 +146,7 @@ pub async fn ship(
             let _ = reader_tx.send(Err(refusal(&StoreError::Closed))).await;
             return;
         }
-        info!(agent = %name, "log stream opened");
+        debug!(agent = %name, "log stream opened");
         loop {
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => break,
