@@ -556,7 +556,14 @@ mod tests {
     fn event_parts_encode_like_prost() {
         for (ts, src, app, sev, fac, msg) in [
             (0i64, "", "", 0u32, 0u32, &b""[..]),
-            (1_764_000_000_123, "/var/log/app.log", "app", 6, 1, &b"hello \xff world"[..]),
+            (
+                1_764_000_000_123,
+                "/var/log/app.log",
+                "app",
+                6,
+                1,
+                &b"hello \xff world"[..],
+            ),
             (-1, "journal", "", 7, 23, &[b'x'; 300][..]),
         ] {
             let e = LogEvent {

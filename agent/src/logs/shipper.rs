@@ -171,9 +171,11 @@ pub async fn ship_once(channel: Channel, shared: &Arc<Shared>) -> Result<(), Shi
     let sender = tokio::spawn(send_loop(shared.clone(), tx, idle.clone()));
     let _abort = AbortOnDrop(sender);
     let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| ShipError::Status(tonic::Status::unavailable(format!("channel not ready: {e}"))))?;
+    grpc.ready().await.map_err(|e| {
+        ShipError::Status(tonic::Status::unavailable(format!(
+            "channel not ready: {e}"
+        )))
+    })?;
     let mut req = tonic::Request::new(ReceiverStream::new(rx));
     req.extensions_mut()
         .insert(tonic::GrpcMethod::new("bastide.v1.Agent", "ShipLogs"));

@@ -470,13 +470,28 @@ impl FileTailer {
         self.encode(t, &j.message, j.truncated, j.end_offset, emit)
     }
 
-    fn encode(&mut self, t: &Tailed, message: &[u8], truncated: bool, end: u64, emit: Emit) -> bool {
+    fn encode(
+        &mut self,
+        t: &Tailed,
+        message: &[u8],
+        truncated: bool,
+        end: u64,
+        emit: Emit,
+    ) -> bool {
         if truncated {
             self.stats
                 .truncated
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        encode_event_parts(&mut self.out, self.now_ms, &t.path_str, &t.app, 6, 1, message);
+        encode_event_parts(
+            &mut self.out,
+            self.now_ms,
+            &t.path_str,
+            &t.app,
+            6,
+            1,
+            message,
+        );
         self.out_ends.push((self.out.len() as u32, end));
         if self.out_ends.len() >= OUT_EVENTS || self.out.len() >= OUT_BYTES {
             return self.flush_out(t, emit);

@@ -424,7 +424,10 @@ mod tests {
             let mut b = Vec::new();
             TsCache::default().push(&mut b, ms);
             assert_eq!(a, b, "{ms}");
-            assert_eq!(parse_ts(std::str::from_utf8(&a).unwrap()), Some(clamp_ms(ms)));
+            assert_eq!(
+                parse_ts(std::str::from_utf8(&a).unwrap()),
+                Some(clamp_ms(ms))
+            );
         }
         // Every byte value at every position of a word and of the tail.
         for len in [1usize, 7, 8, 9, 16, 23] {
@@ -436,7 +439,9 @@ mod tests {
                 }
             }
         }
-        assert!(!has_control(b"tab\there and high bytes \xc3\xa9\xff\x80 and ~ plain"));
+        assert!(!has_control(
+            b"tab\there and high bytes \xc3\xa9\xff\x80 and ~ plain"
+        ));
     }
 
     #[test]
