@@ -204,7 +204,7 @@ async fn session_once(
 ) -> Result<Outcome> {
     let tls = mtls_config_of(st)?;
     let channel = connect(&st.meta.bastion, &st.meta.server_name, tls).await?;
-    let mut client = AgentClient::new(channel);
+    let mut client = AgentClient::new(channel.clone());
     let reg = client
         .register(RegisterRequest {
             claimed_name: st.meta.name.clone(),
@@ -235,7 +235,7 @@ async fn session_once(
     let _ship_guard = ship_cancel.clone().drop_guard();
     if let Some(logs) = logs {
         tokio::spawn(crate::logs::shipper::run(
-            client.clone(),
+            channel.clone(),
             logs.clone(),
             ship_cancel,
         ));

@@ -45,17 +45,27 @@ buffer_max_bytes = 1073741824
 [[logs.sources]]
 path = "$D/app/*.log"
 CONF
-"$B/bastide-agent" run --state-dir "$D/ag" --config "$D/ag.toml" 2>"$D/agent.log" &
+# The agent runs with the environment its systemd unit sets (MALLOC_ARENA_MAX...), read from
+# the unit itself so that the two cannot drift apart; NO_UNIT_ENV=1 runs it bare.
+UNIT_ENV=()
+if [ -z "${NO_UNIT_ENV:-}" ]; then
+  read -r -a UNIT_ENV <<<"$(sed -n 's/^Environment=//p' systemd/bastide-agent.service | tr '\n' ' ')"
+fi
+echo "agent environment: ${UNIT_ENV[*]:-(none)}"
+env "${UNIT_ENV[@]}" "$B/bastide-agent" run --state-dir "$D/ag" --config "$D/ag.toml" 2>"$D/agent.log" &
 AGENT=$!
 sleep 3
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 rss() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
+# RSS split: file-backed pages (the binary's code and data) and anonymous memory (heap, stacks).
+split() { awk '/^Rss:/{r=$2} /^Anonymous:/{a=$2} END{printf "%.1f MiB file-backed + %.1f MiB anonymous", (r-a)/1024, a/1024}' "/proc/$1/smaps_rollup"; }
 HZ=$(getconf CLK_TCK)
 idle_cpu=(); idle_rss=(); load_cpu=(); load_rss=(); rates=()
 for run in $(seq 1 "$RUNS"); do
   # Idle: sources configured, nothing written.
   t0=$(ticks $AGENT); sleep "$WINDOW"; t1=$(ticks $AGENT)
   idle_cpu+=("$(python3 -c "print(($t1-$t0)/$HZ/$WINDOW*100)")"); idle_rss+=("$(rss $AGENT)")
+  echo "idle window $run: RSS $(rss $AGENT) KiB = $(split $AGENT)"
   # Load: RATE lines/s of 200 bytes for WINDOW seconds.
   t0=$(ticks $AGENT)
   python3 - "$D/app/app.log" "$RATE" "$WINDOW" "$run" <<'PY' > "$D/writer.out"
@@ -76,6 +86,7 @@ PY
   t1=$(ticks $AGENT)
   kill -0 $AGENT 2>/dev/null || { echo "agent died:"; cat "$D/agent.log"; exit 1; }
   load_cpu+=("$(python3 -c "print(($t1-$t0)/$HZ/$WINDOW*100)")"); load_rss+=("$(rss $AGENT)")
+  echo "load window $run: RSS $(rss $AGENT) KiB = $(split $AGENT)"
   rates+=("$(cat "$D/writer.out")")
   sleep 5
 done

@@ -48,6 +48,84 @@ struct Segment {
     len: u64,
 }
 
+/// Appends `e` as one `LogBatch.events` field (tag 3), the way prost encodes it.
+pub fn encode_event(e: &LogEvent, out: &mut Vec<u8>) {
+    prost::encoding::message::encode(3, e, out);
+}
+
+/// Appends one `LogBatch.events` field (tag 3) from borrowed parts: what a file source
+/// produces per line without building a `LogEvent` (same bytes as `encode_event`).
+pub fn encode_event_parts(
+    out: &mut Vec<u8>,
+    timestamp_ms: i64,
+    source: &str,
+    app: &str,
+    severity: u32,
+    facility: u32,
+    message: &[u8],
+) {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+    let delimited = |tag: u32, len: usize| {
+        if len == 0 {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(len as u64) + len
+        }
+    };
+    let varint = |tag: u32, v: u64| {
+        if v == 0 {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(v)
+        }
+    };
+    let len = varint(1, timestamp_ms as u64)
+        + delimited(2, source.len())
+        + delimited(3, app.len())
+        + varint(4, u64::from(severity))
+        + varint(5, u64::from(facility))
+        + delimited(6, message.len());
+    out.reserve(len + 6);
+    encode_key(3, WireType::LengthDelimited, out);
+    encode_varint(len as u64, out);
+    if timestamp_ms != 0 {
+        encode_key(1, WireType::Varint, out);
+        encode_varint(timestamp_ms as u64, out);
+    }
+    for (tag, b) in [(2, source.as_bytes()), (3, app.as_bytes())] {
+        if !b.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, out);
+            encode_varint(b.len() as u64, out);
+            out.extend_from_slice(b);
+        }
+    }
+    for (tag, v) in [(4, severity), (5, facility)] {
+        if v != 0 {
+            encode_key(tag, WireType::Varint, out);
+            encode_varint(u64::from(v), out);
+        }
+    }
+    if !message.is_empty() {
+        encode_key(6, WireType::LengthDelimited, out);
+        encode_varint(message.len() as u64, out);
+        out.extend_from_slice(message);
+    }
+}
+
+/// A buffered record whose tail is its batch encoded as a `LogBatch` message.
+#[derive(Debug)]
+pub struct RawBatch {
+    rec: Vec<u8>,
+    start: usize,
+}
+
+impl RawBatch {
+    /// The `LogBatch` protobuf encoding.
+    pub fn encoded(&self) -> &[u8] {
+        self.rec.get(self.start..).unwrap_or(&[])
+    }
+}
+
 /// The buffer is full: the caller waits for acknowledgements (backpressure).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Full;
@@ -240,24 +318,35 @@ impl Buffer {
     }
 
     /// Appends a batch durably, with `meta` (the checkpoint updates its events carry) kept
-    /// beside it; its sequence number, or the events back when the buffer is full.
+    /// beside it; its sequence number, or `Full`.
     pub fn append(
         &mut self,
         events: &[LogEvent],
         meta: &[u8],
     ) -> Result<std::result::Result<u64, Full>> {
+        let mut data = Vec::new();
+        for e in events {
+            encode_event(e, &mut data);
+        }
+        self.append_encoded(&data, events.len() as u32, meta)
+    }
+
+    /// `append` of `n` events already encoded as `LogBatch.events` fields (see
+    /// `encode_event`), written as they are: no per-event work and no copy of the batch.
+    pub fn append_encoded(
+        &mut self,
+        data: &[u8],
+        n: u32,
+        meta: &[u8],
+    ) -> Result<std::result::Result<u64, Full>> {
         let seq = self.next_seq;
-        let n = events.len() as u32;
-        // A LogBatch encoded field by field, so the events stay the caller's.
+        // The LogBatch's own fields; its events follow as they are.
         let head = LogBatch {
             epoch: self.epoch,
             seq,
             events: Vec::new(),
         };
-        let len = HEADER
-            + meta.len()
-            + head.encoded_len()
-            + prost::encoding::message::encoded_len_repeated(3, events);
+        let len = HEADER + meta.len() + head.encoded_len() + data.len();
         if len > u32::MAX as usize / 2 {
             bail!("log batch too large");
         }
@@ -265,7 +354,7 @@ impl Buffer {
             return Ok(Err(Full));
         }
         let created_ms = now_ms();
-        let mut rec = Vec::with_capacity(len);
+        let mut rec = Vec::with_capacity(len - data.len());
         rec.extend_from_slice(&(len as u32).to_le_bytes());
         rec.extend_from_slice(&[0; 4]);
         rec.extend_from_slice(&seq.to_le_bytes());
@@ -274,12 +363,11 @@ impl Buffer {
         rec.extend_from_slice(&(meta.len() as u32).to_le_bytes());
         rec.extend_from_slice(meta);
         head.encode(&mut rec)?;
-        for e in events {
-            prost::encoding::message::encode(3, e, &mut rec);
-        }
-        debug_assert_eq!(rec.len(), len);
-        let crc = crc32fast::hash(&rec[8..]);
-        rec[4..8].copy_from_slice(&crc.to_le_bytes());
+        debug_assert_eq!(rec.len() + data.len(), len);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&rec[8..]);
+        crc.update(data);
+        rec[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
 
         let roll = match self.segments.back() {
             Some(s) => self.active.is_none() || s.len >= self.segment_bytes,
@@ -304,7 +392,11 @@ impl Buffer {
         let (Some(f), Some(seg)) = (self.active.as_mut(), self.segments.back_mut()) else {
             bail!("log buffer: no active segment");
         };
-        if let Err(e) = f.write_all(&rec).and_then(|()| f.sync_data()) {
+        if let Err(e) = f
+            .write_all(&rec)
+            .and_then(|()| f.write_all(data))
+            .and_then(|()| f.sync_data())
+        {
             // Do not leave a half record: the next append would follow garbage.
             let _ = f.set_len(seg.len);
             return Err(e).context("writing the log buffer");
@@ -335,6 +427,24 @@ impl Buffer {
             bail!("{}: record {} fails its checksum", path.display(), e.seq);
         }
         Ok(rec)
+    }
+
+    /// The batch `seq` still encoded (checksum verified), if still unacknowledged.
+    pub fn read_raw(&self, seq: u64) -> Result<Option<RawBatch>> {
+        let Some(front) = self.index.front() else {
+            return Ok(None);
+        };
+        if seq < front.seq {
+            return Ok(None);
+        }
+        let Some(e) = self.index.get((seq - front.seq) as usize).copied() else {
+            return Ok(None);
+        };
+        let rec = self.record(&e)?;
+        Ok(Some(RawBatch {
+            rec,
+            start: HEADER + e.meta_len as usize,
+        }))
     }
 
     /// The batch `seq`, if still unacknowledged.
@@ -441,6 +551,36 @@ impl Buffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_parts_encode_like_prost() {
+        for (ts, src, app, sev, fac, msg) in [
+            (0i64, "", "", 0u32, 0u32, &b""[..]),
+            (
+                1_764_000_000_123,
+                "/var/log/app.log",
+                "app",
+                6,
+                1,
+                &b"hello \xff world"[..],
+            ),
+            (-1, "journal", "", 7, 23, &[b'x'; 300][..]),
+        ] {
+            let e = LogEvent {
+                timestamp_ms: ts,
+                source: src.into(),
+                app: app.into(),
+                severity: sev,
+                facility: fac,
+                message: msg.to_vec(),
+            };
+            let mut a = Vec::new();
+            encode_event(&e, &mut a);
+            let mut b = Vec::new();
+            encode_event_parts(&mut b, ts, src, app, sev, fac, msg);
+            assert_eq!(a, b);
+        }
+    }
 
     fn ev(i: usize, size: usize) -> LogEvent {
         let mut m = format!("line {i} ").into_bytes();

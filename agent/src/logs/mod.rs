@@ -60,11 +60,14 @@ pub enum Item {
         update: Option<Update>,
     },
     Update(Update),
-    /// Consecutive events of one source, with the checkpoint position after the last.
+    /// Consecutive events of one source, already encoded as `LogBatch.events` fields
+    /// (`buffer::encode_event_parts`: no allocation per line), with the checkpoint position
+    /// after the last.
     Events {
-        events: Vec<LogEvent>,
-        /// The file offset after each event (where a batch split puts the checkpoint).
-        ends: Vec<u64>,
+        data: Vec<u8>,
+        /// Per event: where it ends in `data`, and the file offset after it (where a batch
+        /// split puts the checkpoint).
+        ends: Vec<(u32, u64)>,
         update: Option<Update>,
     },
 }
@@ -115,6 +118,8 @@ pub struct Shared {
     pub epoch: u64,
     /// "No log store on the bastion" was reported (once per agent run, not per session).
     pub(crate) no_store_reported: std::sync::atomic::AtomicBool,
+    /// "The bastion acknowledges log batches" was reported (once per agent run).
+    pub(crate) acks_reported: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -139,6 +144,11 @@ impl Shared {
     /// Reads batch `seq` (blocking).
     pub fn read(&self, seq: u64) -> Result<Option<bastide_proto::v1::LogBatch>> {
         self.lock().read(seq)
+    }
+
+    /// Reads batch `seq` still encoded, as it goes on the wire (blocking).
+    pub fn read_raw(&self, seq: u64) -> Result<Option<buffer::RawBatch>> {
+        self.lock().read_raw(seq)
     }
 
     /// The `bastide_agent_log_*` families for the metrics batch.
@@ -304,6 +314,7 @@ pub fn start(
         buffer: Mutex::new(buffer),
         stats: Arc::new(Stats::default()),
         no_store_reported: std::sync::atomic::AtomicBool::new(false),
+        acks_reported: std::sync::atomic::AtomicBool::new(false),
     });
     // Items carry up to 512 events (file sources): this bounds what is read ahead of the
     // batcher to about 8,000 events.
@@ -432,8 +443,9 @@ fn at_offset(u: &Update, offset: u64) -> Option<Update> {
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 struct Pending {
-    events: Vec<LogEvent>,
-    bytes: usize,
+    /// The batch's events, encoded (what the buffer record and the wire carry).
+    data: Vec<u8>,
+    count: usize,
     updates: BTreeMap<String, Update>,
     deadline: Option<tokio::time::Instant>,
     /// The checkpoints in memory are ahead of the file.
@@ -452,8 +464,8 @@ async fn batcher(
     shutdown: CancellationToken,
 ) {
     let mut p = Pending {
-        events: Vec::new(),
-        bytes: 0,
+        data: Vec::new(),
+        count: 0,
         updates: BTreeMap::new(),
         deadline: None,
         ck_dirty: false,
@@ -468,23 +480,26 @@ async fn batcher(
                 let Some(item) = item else { break };
                 let update = match item {
                     Item::Event { event, update } => {
-                        p.bytes += event.message.len() + event.source.len() + event.app.len() + 24;
-                        p.events.push(event);
+                        buffer::encode_event(&event, &mut p.data);
+                        p.count += 1;
                         update
                     }
                     Item::Update(u) => Some(u),
-                    Item::Events { events, ends, update } => {
+                    Item::Events { data, ends, update } => {
                         // Split across batches where a batch fills; each part carries the
                         // position after its own last event, so no crash repeats a line.
-                        let n = events.len();
+                        let n = ends.len();
+                        let mut from = 0usize;
                         let mut stop = false;
-                        for (i, (e, end)) in events.into_iter().zip(ends).enumerate() {
-                            p.bytes += e.message.len() + e.source.len() + e.app.len() + 24;
-                            p.events.push(e);
+                        for (i, &(cut, end)) in ends.iter().enumerate() {
+                            let cut = (cut as usize).clamp(from, data.len());
+                            p.count += 1;
                             if i + 1 < n
-                                && (p.events.len() >= cfg.batch_max_events
-                                    || p.bytes >= cfg.batch_max_bytes)
+                                && (p.count >= cfg.batch_max_events
+                                    || p.data.len() + (cut - from) >= cfg.batch_max_bytes)
                             {
+                                p.data.extend_from_slice(data.get(from..cut).unwrap_or_default());
+                                from = cut;
                                 if let Some(u) = update.as_ref().and_then(|u| at_offset(u, end)) {
                                     p.updates.insert(update_key(&u), u);
                                 }
@@ -497,6 +512,7 @@ async fn batcher(
                         if stop {
                             break;
                         }
+                        p.data.extend_from_slice(data.get(from..).unwrap_or_default());
                         update
                     }
                 };
@@ -506,7 +522,7 @@ async fn batcher(
                 if p.deadline.is_none() {
                     p.deadline = Some(tokio::time::Instant::now() + cfg.batch_timeout);
                 }
-                if (p.events.len() >= cfg.batch_max_events || p.bytes >= cfg.batch_max_bytes)
+                if (p.count >= cfg.batch_max_events || p.data.len() >= cfg.batch_max_bytes)
                     && !flush(&mut p, &shared, &ckpts, &ck_path, &shutdown).await
                 {
                     break;
@@ -523,7 +539,7 @@ async fn batcher(
         }
     }
     // Shutdown: store what was read (the checkpoints follow), if there is room.
-    if !p.events.is_empty() || !p.updates.is_empty() {
+    if p.count > 0 || !p.updates.is_empty() {
         let never = CancellationToken::new();
         never.cancel();
         flush(&mut p, &shared, &ckpts, &ck_path, &never).await;
@@ -544,13 +560,14 @@ async fn flush(
     ck_path: &Path,
     shutdown: &CancellationToken,
 ) -> bool {
-    let mut events = std::mem::take(&mut p.events);
+    // Taken, not cleared: the batch's memory goes back to the system once it is stored
+    // (idle RSS), and the next batch grows its own.
+    let mut data = std::mem::take(&mut p.data);
+    let n = std::mem::replace(&mut p.count, 0) as u64;
     let updates: Vec<Update> = std::mem::take(&mut p.updates).into_values().collect();
-    p.bytes = 0;
     p.deadline = None;
     let mut seq = None;
-    if !events.is_empty() {
-        let n = events.len() as u64;
+    if n > 0 {
         let meta = serde_json::to_vec(&updates).unwrap_or_default();
         let mut paused = false;
         let mut acked = shared.acked.subscribe();
@@ -558,13 +575,13 @@ async fn flush(
             let s = shared.clone();
             let m = meta.clone();
             let r = tokio::task::spawn_blocking(move || {
-                let r = s.lock().append(&events, &m);
-                (r, events)
+                let r = s.lock().append_encoded(&data, n as u32, &m);
+                (r, data)
             })
             .await;
             let r = match r {
                 Ok((r, back)) => {
-                    events = back;
+                    data = back;
                     r
                 }
                 Err(e) => {

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bastide_proto::v1::LogEvent;
 use regex::bytes::Regex;
 use tracing::{info, warn};
 
+use super::buffer::encode_event_parts;
 use super::checkpoint::{Checkpoints, FilePos, Fingerprint, Update, FINGERPRINT_BYTES};
 use super::config::{LogSourceConfig, StartAt};
 use super::multiline::{Joined, Joiner};
@@ -24,6 +24,8 @@ use super::{now_ms, Item, Stats};
 const READ_BUDGET: u64 = 4 << 20;
 /// Most events handed on in one message.
 const OUT_EVENTS: usize = 512;
+/// Most encoded bytes handed on in one message.
+const OUT_BYTES: usize = 128 << 10;
 /// Polls without growth after which a rotated-away file is closed.
 const ROTATED_GRACE_POLLS: u32 = 8;
 
@@ -60,10 +62,12 @@ pub struct FileTailer {
     scratch: Vec<u8>,
     closed: bool,
     glob_warned: bool,
-    /// Events of the file being read, handed on together (one channel message and one
-    /// checkpoint update per chunk rather than per line).
-    out: Vec<LogEvent>,
-    out_ends: Vec<u64>,
+    /// Events of the file being read, encoded and handed on together (one channel message
+    /// and one checkpoint update per chunk rather than per line).
+    out: Vec<u8>,
+    out_ends: Vec<(u32, u64)>,
+    /// The time given to the events of the current read (one clock read per chunk).
+    now_ms: i64,
 }
 
 /// The part of an emit callback's answer that matters: false once the pipeline is gone.
@@ -103,6 +107,7 @@ impl FileTailer {
             glob_warned: false,
             out: Vec::new(),
             out_ends: Vec::new(),
+            now_ms: now_ms(),
         })
     }
 
@@ -279,6 +284,7 @@ impl FileTailer {
     /// One round: rescan the glob, read what is new in every file, flush timed-out
     /// multiline events, close drained rotated files. True when data is left to read.
     pub fn poll(&mut self, now: Instant, emit: Emit) -> bool {
+        self.now_ms = now_ms();
         if self.closed {
             return false;
         }
@@ -366,6 +372,7 @@ impl FileTailer {
                 }
             };
             let chunk_start = t.read_off;
+            self.now_ms = now_ms();
             t.read_off += n as u64;
             read += n as u64;
             let chunk = std::mem::take(&mut self.scratch);
@@ -449,6 +456,10 @@ impl FileTailer {
             .lines_read_file
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if self.multiline.is_none() {
+            // One line, one event: encoded straight from the read buffer.
+            return self.encode(t, line, truncated, end, emit);
+        }
         match t.joiner.push(line, truncated, end, now) {
             Some(j) => self.event(t, j, emit),
             None => true,
@@ -456,21 +467,33 @@ impl FileTailer {
     }
 
     fn event(&mut self, t: &Tailed, j: Joined, emit: Emit) -> bool {
-        if j.truncated {
+        self.encode(t, &j.message, j.truncated, j.end_offset, emit)
+    }
+
+    fn encode(
+        &mut self,
+        t: &Tailed,
+        message: &[u8],
+        truncated: bool,
+        end: u64,
+        emit: Emit,
+    ) -> bool {
+        if truncated {
             self.stats
                 .truncated
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        self.out.push(LogEvent {
-            timestamp_ms: now_ms(),
-            source: t.path_str.clone(),
-            app: t.app.clone(),
-            severity: 6,
-            facility: 1,
-            message: j.message,
-        });
-        self.out_ends.push(j.end_offset);
-        if self.out.len() >= OUT_EVENTS {
+        encode_event_parts(
+            &mut self.out,
+            self.now_ms,
+            &t.path_str,
+            &t.app,
+            6,
+            1,
+            message,
+        );
+        self.out_ends.push((self.out.len() as u32, end));
+        if self.out_ends.len() >= OUT_EVENTS || self.out.len() >= OUT_BYTES {
             return self.flush_out(t, emit);
         }
         true
@@ -481,15 +504,15 @@ impl FileTailer {
         if self.closed {
             return false;
         }
-        if self.out.is_empty() {
+        if self.out_ends.is_empty() {
             return true;
         }
-        let events = std::mem::replace(&mut self.out, Vec::with_capacity(64));
-        let ends = std::mem::replace(&mut self.out_ends, Vec::with_capacity(64));
-        let end = ends.last().copied().unwrap_or(t.read_off);
+        let data = std::mem::take(&mut self.out);
+        let ends = std::mem::take(&mut self.out_ends);
+        let end = ends.last().map(|&(_, e)| e).unwrap_or(t.read_off);
         let update = self.position(t, end);
         if !emit(Item::Events {
-            events,
+            data,
             ends,
             update: Some(update),
         }) {
@@ -528,6 +551,11 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn decode_events(data: &[u8]) -> Vec<bastide_proto::v1::LogEvent> {
+        use prost::Message;
+        bastide_proto::v1::LogBatch::decode(data).unwrap().events
+    }
     use std::io::Write;
 
     struct T {
@@ -581,12 +609,8 @@ mod tests {
                             }
                         }
                         Item::Update(u) => ck.apply(u),
-                        Item::Events {
-                            events: evs,
-                            update,
-                            ..
-                        } => {
-                            for e in evs {
+                        Item::Events { data, update, .. } => {
+                            for e in decode_events(&data) {
                                 events.push(String::from_utf8(e.message).unwrap());
                             }
                             if let Some(u) = update {
@@ -764,8 +788,8 @@ mod tests {
                         ck.apply(update.unwrap());
                     }
                     Item::Update(u) => ck.apply(u),
-                    Item::Events { events, update, .. } => {
-                        got.extend(events.into_iter().map(|e| e.message));
+                    Item::Events { data, update, .. } => {
+                        got.extend(decode_events(&data).into_iter().map(|e| e.message));
                         ck.apply(update.unwrap());
                     }
                 }

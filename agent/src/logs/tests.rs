@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bastide_proto::v1::agent_client::AgentClient;
 use bastide_proto::v1::agent_server::{Agent, AgentServer};
 use bastide_proto::v1::{
     AgentMessage, BastionMessage, LogAck, LogBatch, RegisterRequest, RegisterResponse,
@@ -111,13 +110,12 @@ async fn serve(fake: Fake, listener: tokio::net::TcpListener, stop: Cancellation
         .await;
 }
 
-async fn client(addr: std::net::SocketAddr) -> AgentClient<tonic::transport::Channel> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+async fn client(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
-        .unwrap();
-    AgentClient::new(ch)
+        .unwrap()
 }
 
 fn logs_cfg(dir: &std::path::Path, buffer_max: u64) -> LogsConfig {
@@ -515,4 +513,76 @@ async fn journal_cursor_is_checkpointed_and_resumed() {
     );
     assert!(calls[1].contains("--after-cursor=c2"), "{calls:?}");
     shutdown.cancel();
+}
+
+/// An idle stream (everything acknowledged, nothing new for `IDLE_CLOSE`) is closed, and a
+/// new one carries the next lines: nothing lost or repeated across the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_stream_is_closed_and_reopened_for_new_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("app.log");
+    let cfg = logs_cfg(dir.path(), 1 << 20);
+    let (_src_tx, src_rx) = watch::channel(vec![LogSourceConfig::file(&format!(
+        "{}/*.log",
+        dir.path().display()
+    ))]);
+    let shutdown = CancellationToken::new();
+    let shared = start(dir.path(), &cfg, src_rx, shutdown.clone()).unwrap();
+    let fake = Fake::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(serve(fake.clone(), listener, stop.clone()));
+    let ship_cancel = CancellationToken::new();
+    let ship = tokio::spawn(shipper::run(
+        client(addr).await,
+        shared.clone(),
+        ship_cancel.clone(),
+    ));
+    let write = |r: std::ops::Range<usize>| {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        for i in r {
+            writeln!(f, "line {i}").unwrap();
+        }
+    };
+    write(0..500);
+    assert!(
+        wait_until(Duration::from_secs(10), || fake
+            .store
+            .lock()
+            .unwrap()
+            .messages
+            .len()
+            >= 500)
+        .await
+    );
+    assert_eq!(fake.store.lock().unwrap().streams, 1);
+    // Past the idle delay the stream is closed; new lines open a second one.
+    tokio::time::sleep(shipper::IDLE_CLOSE + Duration::from_secs(1)).await;
+    write(500..1000);
+    assert!(
+        wait_until(Duration::from_secs(10), || fake
+            .store
+            .lock()
+            .unwrap()
+            .messages
+            .len()
+            >= 1000)
+        .await
+    );
+    {
+        let s = fake.store.lock().unwrap();
+        assert_eq!(s.streams, 2, "the idle stream was not closed and reopened");
+        assert_eq!(numbers(&s), (0..1000).collect::<Vec<_>>());
+        assert_eq!(s.duplicate_batches, 0);
+    }
+    ship_cancel.cancel();
+    stop.cancel();
+    shutdown.cancel();
+    let _ = ship.await;
+    let _ = server.await;
 }

@@ -102,28 +102,62 @@ fn push2(out: &mut Vec<u8>, v: u32) {
 
 /// Appends `YYYY-MM-DDTHH:MM:SS.mmmZ`.
 pub fn push_ts(out: &mut Vec<u8>, ms: i64) {
-    let ms = clamp_ms(ms);
-    let (y, mo, d) = civil(day_of(ms));
-    let rem = ms.rem_euclid(86_400_000);
-    let secs = (rem / 1000) as u32;
-    let milli = (rem % 1000) as u32;
-    let y = y as u32;
-    push2(out, y / 100);
-    push2(out, y % 100);
-    out.push(b'-');
-    push2(out, mo);
-    out.push(b'-');
-    push2(out, d);
-    out.push(b'T');
-    push2(out, secs / 3600);
-    out.push(b':');
-    push2(out, secs / 60 % 60);
-    out.push(b':');
-    push2(out, secs % 60);
-    out.push(b'.');
-    out.push(b'0' + (milli / 100) as u8);
-    push2(out, milli % 100);
-    out.push(b'Z');
+    TsCache::default().push(out, ms);
+}
+
+/// The `YYYY-MM-DDTHH:MM:SS` part of the last second formatted: the events of a batch
+/// mostly share their second, and the calendar arithmetic is then done once per second
+/// rather than once per line.
+#[derive(Debug, Clone)]
+pub struct TsCache {
+    sec: i64,
+    prefix: [u8; 19],
+}
+
+impl Default for TsCache {
+    fn default() -> Self {
+        Self {
+            sec: -1,
+            prefix: [0; 19],
+        }
+    }
+}
+
+impl TsCache {
+    /// Appends `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+    pub fn push(&mut self, out: &mut Vec<u8>, ms: i64) {
+        let ms = clamp_ms(ms);
+        let sec = ms.div_euclid(1000);
+        if sec != self.sec {
+            let mut p = Vec::with_capacity(19);
+            let (y, mo, d) = civil(day_of(ms));
+            let secs = (ms.rem_euclid(86_400_000) / 1000) as u32;
+            let y = y as u32;
+            push2(&mut p, y / 100);
+            push2(&mut p, y % 100);
+            p.push(b'-');
+            push2(&mut p, mo);
+            p.push(b'-');
+            push2(&mut p, d);
+            p.push(b'T');
+            push2(&mut p, secs / 3600);
+            p.push(b':');
+            push2(&mut p, secs / 60 % 60);
+            p.push(b':');
+            push2(&mut p, secs % 60);
+            self.prefix.copy_from_slice(&p);
+            self.sec = sec;
+        }
+        let milli = ms.rem_euclid(1000) as u32;
+        out.extend_from_slice(&self.prefix);
+        out.extend_from_slice(&[
+            b'.',
+            b'0' + (milli / 100) as u8,
+            b'0' + (milli / 10 % 10) as u8,
+            b'0' + (milli % 10) as u8,
+            b'Z',
+        ]);
+    }
 }
 
 pub fn ts_string(ms: i64) -> String {
@@ -197,6 +231,32 @@ pub fn push_app(out: &mut Vec<u8>, app: &str) {
     }
 }
 
+/// A byte written as `#ooo`: C0 controls but tab, and DEL.
+fn is_control(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
+}
+
+/// Whether `bytes` hold a byte to escape; eight bytes at a time (this scan ran on every
+/// stored byte and was the top of the bastion's profile under agent load).
+fn has_control(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(w);
+        let x = u64::from_le_bytes(a);
+        // Some byte below 0x20, or some byte equal to 0x7f (exact tests for n <= 0x80).
+        let below = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+        let y = x ^ (ONES * 0x7f);
+        let del = y.wrapping_sub(ONES) & !y & HIGH;
+        if (below | del) != 0 && w.iter().any(|&b| is_control(b)) {
+            return true;
+        }
+    }
+    words.remainder().iter().any(|&b| is_control(b))
+}
+
 /// Appends the message with control characters escaped as `#ooo`; returns whether it was
 /// valid UTF-8.
 pub fn push_message(out: &mut Vec<u8>, msg: &[u8]) -> bool {
@@ -205,12 +265,12 @@ pub fn push_message(out: &mut Vec<u8>, msg: &[u8]) -> bool {
         Err(_) => (String::from_utf8_lossy(msg), false),
     };
     let bytes = text.as_bytes();
-    if !bytes.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+    if !has_control(bytes) {
         out.extend_from_slice(bytes);
         return valid;
     }
     for &b in bytes {
-        if (b < 0x20 && b != b'\t') || b == 0x7f {
+        if is_control(b) {
             out.push(b'#');
             out.push(b'0' + (b >> 6));
             out.push(b'0' + ((b >> 3) & 7));
@@ -232,7 +292,31 @@ pub fn push_line(
     severity: u8,
     msg: &[u8],
 ) -> bool {
-    push_ts(out, ts_ms);
+    push_line_with(
+        out,
+        &mut TsCache::default(),
+        ts_ms,
+        host,
+        app,
+        facility,
+        severity,
+        msg,
+    )
+}
+
+/// `push_line` with a timestamp cache kept across the lines of a batch.
+#[allow(clippy::too_many_arguments)]
+pub fn push_line_with(
+    out: &mut Vec<u8>,
+    ts: &mut TsCache,
+    ts_ms: i64,
+    host: &str,
+    app: &str,
+    facility: u8,
+    severity: u8,
+    msg: &[u8],
+) -> bool {
+    ts.push(out, ts_ms);
     out.push(b' ');
     out.extend_from_slice(host.as_bytes());
     out.push(b' ');
@@ -319,6 +403,45 @@ mod tests {
         assert_eq!(s, "2024-02-29T01:02:03.123Z");
         assert_eq!(parse_ts(&s), Some(ms));
         assert_eq!(parse_ts("2024-02-29T01:02:03Z"), Some(ms - 123));
+    }
+
+    #[test]
+    fn cached_timestamps_and_control_scan() {
+        let mut c = TsCache::default();
+        for ms in [
+            0i64,
+            999,
+            1000,
+            1_709_164_800_123,
+            1_709_164_800_999,
+            1_709_164_801_000,
+            1_709_164_799_999,
+            -5,
+            i64::MAX,
+        ] {
+            let mut a = Vec::new();
+            c.push(&mut a, ms);
+            let mut b = Vec::new();
+            TsCache::default().push(&mut b, ms);
+            assert_eq!(a, b, "{ms}");
+            assert_eq!(
+                parse_ts(std::str::from_utf8(&a).unwrap()),
+                Some(clamp_ms(ms))
+            );
+        }
+        // Every byte value at every position of a word and of the tail.
+        for len in [1usize, 7, 8, 9, 16, 23] {
+            for pos in 0..len {
+                for b in 0..=255u8 {
+                    let mut v = vec![b'a'; len];
+                    v[pos] = b;
+                    assert_eq!(has_control(&v), is_control(b), "{len} {pos} {b}");
+                }
+            }
+        }
+        assert!(!has_control(
+            b"tab\there and high bytes \xc3\xa9\xff\x80 and ~ plain"
+        ));
     }
 
     #[test]

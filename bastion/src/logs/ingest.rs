@@ -15,9 +15,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use super::format::{day_of, now_ms, push_line};
+use super::format::{day_of, now_ms, push_line_with, TsCache};
 use super::metrics::{counters, Source};
 use super::store::{Chunk, Mark, StoreError, Stored};
 use super::Logs;
@@ -45,6 +45,7 @@ pub fn format_batch(agent: &str, batch: &LogBatch, max_event: usize) -> Chunk {
             .sum(),
     );
     let (mut bytes, mut bad, mut truncated) = (0u64, 0u64, 0u64);
+    let mut tsc = TsCache::default();
     for e in &batch.events {
         let mut msg: &[u8] = &e.message;
         if msg.len() > max_event {
@@ -69,8 +70,9 @@ pub fn format_batch(agent: &str, batch: &LogBatch, max_event: usize) -> Chunk {
         } else {
             e.app.as_str()
         };
-        if !push_line(
+        if !push_line_with(
             &mut data,
+            &mut tsc,
             ts,
             agent,
             app,
@@ -144,7 +146,7 @@ pub async fn ship(
             let _ = reader_tx.send(Err(refusal(&StoreError::Closed))).await;
             return;
         }
-        info!(agent = %name, "log stream opened");
+        debug!(agent = %name, "log stream opened");
         loop {
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => break,
