@@ -597,7 +597,11 @@ fn recover(dir: &Path) -> Result<(State, Dirty)> {
                 }
                 let f = files.get(&rel).context("replay file handle vanished")?;
                 f.write_all_at(&payload[range.clone()], base)
-                    .with_context(|| format!("replaying the WAL into {rel} (no space left? free some and restart)"))?;
+                    .with_context(|| {
+                        format!(
+                            "replaying the WAL into {rel} (no space left? free some and restart)"
+                        )
+                    })?;
                 state.lengths.insert(rel.clone(), base + range.len() as u64);
                 dirty.files.insert(rel);
                 replayed.1 += range.len() as u64;
@@ -1049,7 +1053,9 @@ impl Writer {
         written?;
         self.journal_len += rec.len() as u64;
         for ((rel, data), (_, base)) in writes.iter().zip(&self.bases) {
-            self.state.lengths.insert(rel.clone(), base + data.len() as u64);
+            self.state
+                .lengths
+                .insert(rel.clone(), base + data.len() as u64);
             if !self.dirty.files.contains(rel) {
                 self.dirty.files.insert(rel.clone());
             }
@@ -1115,7 +1121,11 @@ impl Writer {
                     Ok(f) => f,
                     // Removed since (retention): nothing to keep.
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(anyhow::Error::new(e).context(format!("opening {rel}")).into()),
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e)
+                            .context(format!("opening {rel}"))
+                            .into())
+                    }
                 },
             };
             handles.push((rel.clone(), f));
@@ -1149,8 +1159,11 @@ impl Writer {
         let took = started.elapsed();
         let slow = took > Duration::from_secs(1);
         if slow {
-            warn!(files = self.dirty.files.len(), took_ms = took.as_millis() as u64,
-                "log store: slow checkpoint (the disk is slow or overloaded)");
+            warn!(
+                files = self.dirty.files.len(),
+                took_ms = took.as_millis() as u64,
+                "log store: slow checkpoint (the disk is slow or overloaded)"
+            );
         }
         tracing::debug!(
             files = self.dirty.files.len(),
@@ -1319,10 +1332,14 @@ pub(crate) mod tests {
     }
 
     fn wal_record(g: u64, files: &[(&str, u64, &str)], marks: &[(&str, u64, u64)]) -> Vec<u8> {
-        let files: Vec<(&str, u64, &[u8])> =
-            files.iter().map(|(r, b, d)| (*r, *b, d.as_bytes())).collect();
-        let marks: Vec<(String, u64, u64)> =
-            marks.iter().map(|(a, e, s)| (a.to_string(), *e, *s)).collect();
+        let files: Vec<(&str, u64, &[u8])> = files
+            .iter()
+            .map(|(r, b, d)| (*r, *b, d.as_bytes()))
+            .collect();
+        let marks: Vec<(String, u64, u64)> = marks
+            .iter()
+            .map(|(a, e, s)| (a.to_string(), *e, *s))
+            .collect();
         encode_record(g, &files, &marks)
     }
 
@@ -1346,10 +1363,17 @@ pub(crate) mod tests {
         let dir = tempfile_dir();
         std::fs::create_dir_all(dir.join(STATE_DIR)).unwrap();
         std::fs::create_dir_all(dir.join("web1")).unwrap();
-        let mut wal = wal_record(1, &[("web1/2024-10-04.log", 0, "a\nb\n")], &[("web1", 7, 1)]);
+        let mut wal = wal_record(
+            1,
+            &[("web1/2024-10-04.log", 0, "a\nb\n")],
+            &[("web1", 7, 1)],
+        );
         wal.extend(wal_record(
             2,
-            &[("web1/2024-10-04.log", 4, "c\n"), ("db1/2024-10-04.log", 0, "x\n")],
+            &[
+                ("web1/2024-10-04.log", 4, "c\n"),
+                ("db1/2024-10-04.log", 0, "x\n"),
+            ],
             &[("web1", 7, 2), ("db1", 1, 5)],
         ));
         std::fs::write(dir.join(STATE_DIR).join(WAL), &wal).unwrap();
@@ -1405,7 +1429,11 @@ pub(crate) mod tests {
                 "one\n",
                 "{damage}"
             );
-            assert_eq!(state.marks.get(&("h".into(), 1)).map(|m| m.0), Some(1), "{damage}");
+            assert_eq!(
+                state.marks.get(&("h".into(), 1)).map(|m| m.0),
+                Some(1),
+                "{damage}"
+            );
             assert_eq!(state.lengths.get("h/2024-10-04.log"), Some(&4), "{damage}");
         }
     }
@@ -1419,7 +1447,11 @@ pub(crate) mod tests {
         std::fs::create_dir_all(dir.join(STATE_DIR)).unwrap();
         std::fs::create_dir_all(dir.join("h")).unwrap();
         let mut wal = wal_record(1, &[("h/2024-10-04.log", 0, "a\n")], &[("h", 1, 1)]);
-        wal.extend(wal_record(2, &[("h/2024-10-04.log", 2, "b\n")], &[("h", 1, 2)]));
+        wal.extend(wal_record(
+            2,
+            &[("h/2024-10-04.log", 2, "b\n")],
+            &[("h", 1, 2)],
+        ));
         std::fs::write(dir.join(STATE_DIR).join(WAL), &wal).unwrap();
         std::fs::write(dir.join("h/2024-10-04.log"), "a\nb\n").unwrap();
         // Before the rename: no checkpoint yet.
@@ -1440,7 +1472,11 @@ pub(crate) mod tests {
             serde_json::to_vec(&ck).unwrap(),
         )
         .unwrap();
-        wal.extend(wal_record(3, &[("h/2024-10-04.log", 4, "c\n")], &[("h", 1, 3)]));
+        wal.extend(wal_record(
+            3,
+            &[("h/2024-10-04.log", 4, "c\n")],
+            &[("h", 1, 3)],
+        ));
         std::fs::write(dir.join(STATE_DIR).join(WAL), &wal).unwrap();
         let (state, _) = recover(&dir).unwrap();
         assert_eq!(
@@ -1488,19 +1524,31 @@ pub(crate) mod tests {
         for (i, cut) in [false, true].into_iter().enumerate() {
             let img = dir.with_extension(format!("img{i}"));
             copy_dir(&dir, &img);
-            assert!(std::fs::metadata(img.join(STATE_DIR).join(WAL)).unwrap().len() > 0);
+            assert!(
+                std::fs::metadata(img.join(STATE_DIR).join(WAL))
+                    .unwrap()
+                    .len()
+                    > 0
+            );
             if cut {
                 for h in 0..3 {
                     let f = img.join(format!("h{h}/2024-10-04.log"));
                     let len = std::fs::metadata(&f).unwrap().len();
-                    OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+                    OpenOptions::new()
+                        .write(true)
+                        .open(&f)
+                        .unwrap()
+                        .set_len(len / 2)
+                        .unwrap();
                 }
                 std::fs::remove_dir_all(img.join("h0")).unwrap();
             }
             let s2 = open(&img);
             let mut got = String::new();
             for h in 0..3 {
-                got.push_str(&std::fs::read_to_string(img.join(format!("h{h}/2024-10-04.log"))).unwrap());
+                got.push_str(
+                    &std::fs::read_to_string(img.join(format!("h{h}/2024-10-04.log"))).unwrap(),
+                );
             }
             let mut got: Vec<&str> = got.lines().collect();
             let mut want: Vec<&str> = expected.lines().collect();
@@ -1510,13 +1558,24 @@ pub(crate) mod tests {
             // Every resend is a duplicate; the WAL was checkpointed at open.
             for seq in 1..=20u64 {
                 let host = format!("h{}", seq % 3);
-                let m = Some(Mark { agent: host.clone(), epoch: 1, seq });
+                let m = Some(Mark {
+                    agent: host.clone(),
+                    epoch: 1,
+                    seq,
+                });
                 assert_eq!(
-                    s2.write(vec![chunk(&host, 20_000, "again\n")], m).await.unwrap(),
+                    s2.write(vec![chunk(&host, 20_000, "again\n")], m)
+                        .await
+                        .unwrap(),
                     Stored::Duplicate
                 );
             }
-            assert_eq!(std::fs::metadata(img.join(STATE_DIR).join(WAL)).unwrap().len(), 0);
+            assert_eq!(
+                std::fs::metadata(img.join(STATE_DIR).join(WAL))
+                    .unwrap()
+                    .len(),
+                0
+            );
         }
     }
 
