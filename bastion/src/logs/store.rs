@@ -16,8 +16,8 @@
 //!    before the group and the group's bytes for it, then the new high-water marks; the
 //!    record is framed by its length and a CRC-32;
 //! 3. fsync the WAL. This single fsync makes the whole group durable, however many hosts it
-//!    holds (fsyncing one file per host capped a fleet of small senders at about a thousand
-//!    lines/s: see `bench/README.md`, "Log store");
+//!    holds (fsyncing each host's file made a group's cost grow with its hosts: see
+//!    `bench/README.md`, "Log store");
 //! 4. write the lines into the files at their recorded offsets, *without* fsync;
 //! 5. only now acknowledge the agent batches (duplicates too) and publish the group.
 //!
