@@ -46,6 +46,8 @@ pub struct Counters {
     pub refused_batches: AtomicU64,
     /// 1 while the last write found the store's filesystem full.
     pub store_full: AtomicU64,
+    /// fsync calls made by the store's writer (read by `bench/src/bin/store-bench.rs`).
+    pub store_fsyncs: AtomicU64,
 }
 
 pub fn counters() -> &'static Counters {
