@@ -89,7 +89,7 @@ fuzz_target!(|data: &[u8]| {
     let ends = stream.windows(5).filter(|w| w == b"\r\n.\r\n").count();
     assert!(
         queued <= ends,
-        "{queued} messages queued with only {ends} CRLF.CRLF"
+        "{queued} messages queued with only {ends} CRLF.CRLF; replies: {text}"
     );
 
     let items = queue.list();

@@ -851,6 +851,36 @@ fn bare_lf_dot_lf_never_ends_data() {
     assert!(got[0].content.contains("RCPT TO:<victim@example.net>"));
 }
 
+/// Found by `fuzz/smtp_session`: smtp-proto's DATA receiver also ends a message on a line
+/// "." followed by several CRs (CRLF "." CR CR LF), which Postfix and smarthosts read as
+/// content: a smuggling shape. The bastion refuses it with 521 and closes the session, so the
+/// "transaction" hidden behind it is never read as commands.
+#[test]
+fn dot_with_extra_cr_is_refused_and_the_session_closed() {
+    let sink_port = free_port();
+    let sink = Sink::start(sink_port, &[]);
+    let r = relay_to(sink_port, "none", "", FAST);
+    let wire = "Subject: smuggle\r\n\r\nfirst\r\n.\r\r\nMAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n";
+    let o = send_raw(&r, "a@example.com", "b@example.com", wire);
+    let t = transcript(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("521 5.5.2"), "{t}");
+    assert!(!t.contains("queued as"), "{t}");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(sink.files().is_empty(), "nothing relayed");
+    assert!(queue(&r.b)["messages"].as_array().unwrap().is_empty());
+    assert_eq!(
+        metric(&r.b, "bastide_smtp_refused_total{reason=\"syntax\"}"),
+        1
+    );
+    // The relay goes on serving.
+    assert_ok(&swaks(
+        r.port,
+        &["--from", "a@example.com", "--to", "b@example.com"],
+    ));
+    assert_eq!(sink.wait(1, Duration::from_secs(10)).len(), 1);
+}
+
 #[test]
 fn mail_cli_queue_retry_delete_flush() {
     let r = relay("none", "", "retry_initial = \"1h\"\nretry_max = \"2h\"");

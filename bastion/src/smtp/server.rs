@@ -266,7 +266,12 @@ struct DataState {
     line_len: usize,
     long_line: bool,
     deadline: Instant,
+    /// The last (up to 5) bytes of DATA input consumed, to check the terminator exactly.
+    tail: Vec<u8>,
 }
+
+/// The only end of DATA (RFC 5321 4.1.1.4).
+const END_OF_DATA: &[u8] = b"\r\n.\r\n";
 
 enum Next {
     Continue,
@@ -391,6 +396,22 @@ impl Session<'_> {
                             let Mode::Data(d) = std::mem::replace(&mut mode, Mode::Command) else {
                                 continue;
                             };
+                            if d.tail != END_OF_DATA {
+                                // smtp-proto also ends DATA on CRLF "." CR... CR LF; Postfix
+                                // and the relay's smarthost do not, so what follows would be
+                                // read as commands here and as content there (smuggling).
+                                // Refused, and the session closed, as Postfix does for bare
+                                // newlines (smtpd_forbid_bare_newline).
+                                SmtpMetrics::inc(&self.shared.metrics.refused_syntax);
+                                warn!(client = %self.peer,
+                                    "smtp: DATA ended by a line \".\" with extra <CR>s (not <CR><LF>.<CR><LF>): message refused, connection closed");
+                                self.from = None;
+                                self.rcpts.clear();
+                                self.reply("521 5.5.2 Error: malformed end of data: only <CR><LF>.<CR><LF> ends a message; closing");
+                                self.flush(&mut io).await?;
+                                let _ = io.shutdown().await;
+                                return Ok(());
+                            }
                             self.finish_data(*d).await;
                         }
                     }
@@ -448,6 +469,7 @@ impl Session<'_> {
                                     line_len: 0,
                                     long_line: false,
                                     deadline: Instant::now() + cfg.data_timeout,
+                                    tail: b"\r\n".to_vec(),
                                 }));
                             }
                             Next::StartTls => {
@@ -480,6 +502,21 @@ impl Session<'_> {
 
     /// Feeds DATA bytes; true when the terminating CRLF.CRLF was seen.
     fn ingest_data(&mut self, d: &mut DataState, iter: &mut std::slice::Iter<'_, u8>) -> bool {
+        let input = iter.as_slice();
+        let done = self.ingest_data_bytes(d, iter);
+        let used = &input[..input.len() - iter.as_slice().len()];
+        d.tail
+            .extend_from_slice(&used[used.len().saturating_sub(END_OF_DATA.len())..]);
+        let extra = d.tail.len().saturating_sub(END_OF_DATA.len());
+        d.tail.drain(..extra);
+        done
+    }
+
+    fn ingest_data_bytes(
+        &mut self,
+        d: &mut DataState,
+        iter: &mut std::slice::Iter<'_, u8>,
+    ) -> bool {
         if let Some(discard) = d.discard.as_mut() {
             return discard.ingest(iter);
         }
