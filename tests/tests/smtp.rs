@@ -856,7 +856,7 @@ fn bare_lf_dot_lf_never_ends_data() {
 /// content: a smuggling shape. The bastion refuses it with 521 and closes the session, so the
 /// "transaction" hidden behind it is never read as commands.
 #[test]
-fn dot_with_extra_cr_is_refused_and_the_session_closed() {
+fn malformed_ends_of_data_are_refused_and_the_session_closed() {
     let sink_port = free_port();
     let sink = Sink::start(sink_port, &[]);
     let r = relay_to(sink_port, "none", "", FAST);
@@ -873,6 +873,27 @@ fn dot_with_extra_cr_is_refused_and_the_session_closed() {
         metric(&r.b, "bastide_smtp_refused_total{reason=\"syntax\"}"),
         1
     );
+    // Also found by the fuzzer: a DATA command ended by a bare LF, then ".\r\n": that "."
+    // follows no CRLF, so it is no end of data either.
+    {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", r.port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(
+            b"EHLO a\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\n.\r\n",
+        )
+        .unwrap();
+        let mut got = String::new();
+        let _ = c.read_to_string(&mut got);
+        assert!(got.contains("354 "), "{got}");
+        assert!(got.contains("521 5.5.2"), "{got}");
+        assert!(!got.contains("queued as"), "{got}");
+    }
+    assert_eq!(
+        metric(&r.b, "bastide_smtp_refused_total{reason=\"syntax\"}"),
+        2
+    );
+    assert!(queue(&r.b)["messages"].as_array().unwrap().is_empty());
     // The relay goes on serving.
     assert_ok(&swaks(
         r.port,

@@ -397,14 +397,15 @@ impl Session<'_> {
                                 continue;
                             };
                             if d.tail != END_OF_DATA {
-                                // smtp-proto also ends DATA on CRLF "." CR... CR LF; Postfix
-                                // and the relay's smarthost do not, so what follows would be
+                                // smtp-proto also ends DATA on CRLF "." CR... CR LF, and on a
+                                // first line "." after a bare-LF DATA; Postfix and the relay's
+                                // smarthost do not, so what follows would be
                                 // read as commands here and as content there (smuggling).
                                 // Refused, and the session closed, as Postfix does for bare
                                 // newlines (smtpd_forbid_bare_newline).
                                 SmtpMetrics::inc(&self.shared.metrics.refused_syntax);
                                 warn!(client = %self.peer,
-                                    "smtp: DATA ended by a line \".\" with extra <CR>s (not <CR><LF>.<CR><LF>): message refused, connection closed");
+                                    "smtp: DATA ended by a line \".\" not within <CR><LF>.<CR><LF> (extra <CR>s, or right after a bare-LF DATA): message refused, connection closed");
                                 self.from = None;
                                 self.rcpts.clear();
                                 self.reply("521 5.5.2 Error: malformed end of data: only <CR><LF>.<CR><LF> ends a message; closing");
@@ -435,6 +436,7 @@ impl Session<'_> {
                             continue;
                         }
                         line.extend_from_slice(&rest[..=p]);
+                        let crlf = line.ends_with(b"\r\n");
                         let parsed = {
                             let qualified = qualify_local(&line);
                             Request::parse(&mut qualified.iter()).map(Request::into_owned)
@@ -469,7 +471,13 @@ impl Session<'_> {
                                     line_len: 0,
                                     long_line: false,
                                     deadline: Instant::now() + cfg.data_timeout,
-                                    tail: b"\r\n".to_vec(),
+                                    // A DATA command ended by a bare LF: a first line
+                                    // "." was not preceded by CRLF, so it is no end.
+                                    tail: if crlf {
+                                        b"\r\n".to_vec()
+                                    } else {
+                                        b"\n".to_vec()
+                                    },
                                 }));
                             }
                             Next::StartTls => {
