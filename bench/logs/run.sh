@@ -34,14 +34,27 @@ cargo build --release --quiet -p bastide -p bastide-bench --manifest-path "$ROOT
 BASTIDE=$ROOT/target/release/bastide
 GEN=$ROOT/target/release/syslog-gen
 
-# Waits until each host file under $1 ends with END-MARKER; prints elapsed seconds since $2.
+# Waits until each host file under $1 holds END-MARKER; prints elapsed seconds since $2.
+# Cheap check first: the marker in the file's last 300 bytes. rsyslog does not always write
+# a connection's lines in order (a run had END-MARKER 1 line before the end), so a file whose
+# size did not change since the previous poll is searched whole.
 wait_done() {
     local dir=$1 start=$2
+    declare -A size=()
     while :; do
         local done=0
         for h in $(seq 0 $((CONNS - 1))); do
             f=$(ls "$dir"/bench-h$h/*.log 2>/dev/null | tail -1 || true)
-            [ -n "$f" ] && tail -c 300 "$f" | grep -q END-MARKER && done=$((done + 1))
+            [ -n "$f" ] || continue
+            if tail -c 300 "$f" | grep -q END-MARKER; then
+                done=$((done + 1))
+                continue
+            fi
+            s=$(stat -c %s "$f")
+            if [ "${size[$h]:-}" = "$s" ] && grep -q END-MARKER "$f"; then
+                done=$((done + 1))
+            fi
+            size[$h]=$s
         done
         [ "$done" -eq "$CONNS" ] && break
         sleep 0.05
