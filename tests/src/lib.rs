@@ -84,12 +84,57 @@ pub fn require(program: &str, package: &str) -> PathBuf {
     panic!("{program} is required by this test: apt-get install -y {package}");
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released).
+/// A free port on 127.0.0.1 (TCP and UDP bound, then released), never handed out twice by
+/// this process. It is taken below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`): a port the kernel chose for `bind(0)` can be given
+/// again, between its release and the daemon's bind, as the source port of one of the many
+/// client connections the tests open in parallel ("Address already in use", seen in CI).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    use std::collections::HashSet;
+    use std::net::UdpSocket;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const FIRST: u16 = 10_000;
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    if low > FIRST + 1_000 {
+        let span = u64::from(low - FIRST);
+        // Spread the test binaries (run one after the other) over the range.
+        let mut x = u64::from(std::process::id())
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+        for _ in 0..10_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let port = FIRST + ((x >> 33) % span) as u16;
+            if given.contains(&port) {
+                continue;
+            }
+            let free = TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && UdpSocket::bind(("127.0.0.1", port)).is_ok();
+            if free {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
+    // No room below the ephemeral range: the kernel's choice.
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("no free port");
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Polls `f` until it returns Some or `timeout` passes.
