@@ -449,19 +449,10 @@ impl Buffer {
 
     /// The batch `seq`, if still unacknowledged.
     pub fn read(&self, seq: u64) -> Result<Option<LogBatch>> {
-        let Some(front) = self.index.front() else {
-            return Ok(None);
-        };
-        if seq < front.seq {
-            return Ok(None);
+        match self.read_raw(seq)? {
+            Some(raw) => Ok(Some(LogBatch::decode(raw.encoded())?)),
+            None => Ok(None),
         }
-        let Some(e) = self.index.get((seq - front.seq) as usize).copied() else {
-            return Ok(None);
-        };
-        let rec = self.record(&e)?;
-        Ok(Some(LogBatch::decode(
-            &rec[HEADER + e.meta_len as usize..],
-        )?))
     }
 
     /// The metadata of the unacknowledged batches after `seq`, oldest first (to replay the
