@@ -64,6 +64,10 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (bastide-agent.1 and one per subcommand) into a directory.
+    Manpages { dir: PathBuf },
 }
 
 pub fn init_logging(format: LogFormat) {
@@ -121,6 +125,15 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::Completions { shell } => {
+            bastide_common::clidocs::print_completions(
+                <Cli as clap::CommandFactory>::command(),
+                shell,
+            )
+        }
+        Command::Manpages { dir } => {
+            bastide_common::clidocs::write_man_pages(<Cli as clap::CommandFactory>::command(), &dir)
         }
         Command::Run { state_dir, config } => {
             let cfg = match config {

@@ -71,6 +71,10 @@ pub enum Command {
     /// Configuration push: the environment tree rendered for each agent.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (bastide.1 and one per subcommand) into a directory.
+    Manpages { dir: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -267,6 +271,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Config(ref c) => config_cmd(&socket(&cli)?, c).await,
+        Command::Completions { shell } => {
+            bastide_common::clidocs::print_completions(
+                <Cli as clap::CommandFactory>::command(),
+                shell,
+            )
+        }
+        Command::Manpages { ref dir } => {
+            bastide_common::clidocs::write_man_pages(<Cli as clap::CommandFactory>::command(), dir)
+        }
     }
 }
 

@@ -1,3 +1,4 @@
 //! Code shared by the bastion (`bastide`) and the agent (`bastide-agent`).
 
+pub mod clidocs;
 pub mod fsutil;
