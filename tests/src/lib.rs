@@ -27,32 +27,37 @@ pub fn workspace() -> PathBuf {
 }
 
 /// Path of a workspace binary, built once per test process with the same cargo.
+/// Removes the variables cargo gives a test process about the crate under test from `cmd`,
+/// a nested cargo command. Build scripts that watch them (ring's
+/// `rerun-if-env-changed=CARGO_MANIFEST_DIR`, ...) would see them change and rebuild half the
+/// tree, here and again at the next plain build.
+pub fn without_cargo_test_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&k.as_ref())
+        {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+}
+
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        // Cargo gives a test process the variables of the crate under test; build scripts
-        // that watch them (ring's `rerun-if-env-changed=CARGO_MANIFEST_DIR`, ...) would see
-        // them change and rebuild half the tree, here and again at the next plain build.
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy();
-            if k.starts_with("CARGO_PKG_")
-                || k.starts_with("CARGO_BIN_")
-                || [
-                    "CARGO_MANIFEST_DIR",
-                    "CARGO_MANIFEST_PATH",
-                    "CARGO_CRATE_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                    "OUT_DIR",
-                ]
-                .contains(&k.as_ref())
-            {
-                build.env_remove(k.as_ref());
-            }
-        }
+        without_cargo_test_env(&mut build);
         let status = build
             .current_dir(workspace())
             // The same selection as `cargo test --workspace`, so that features unify the
