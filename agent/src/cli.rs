@@ -126,12 +126,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Completions { shell } => {
-            bastide_common::clidocs::print_completions(
-                <Cli as clap::CommandFactory>::command(),
-                shell,
-            )
-        }
+        Command::Completions { shell } => bastide_common::clidocs::print_completions(
+            <Cli as clap::CommandFactory>::command(),
+            shell,
+        ),
         Command::Manpages { dir } => {
             bastide_common::clidocs::write_man_pages(<Cli as clap::CommandFactory>::command(), &dir)
         }

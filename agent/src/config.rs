@@ -70,8 +70,17 @@ impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
-        let cfg: Self = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        let cfg: Self = bastide_common::tomlcfg::parse(&text, &[]).map_err(|problems| {
+            let file = path.display();
+            anyhow::anyhow!(
+                "{}",
+                problems
+                    .iter()
+                    .map(|p| format!("{file}: {p}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        })?;
         if !cfg.metrics_interval.is_zero() && cfg.metrics_interval < Duration::from_secs(1) {
             bail!(
                 "{}: metrics_interval must be at least 1s (or 0s to turn metrics off)",

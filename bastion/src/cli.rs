@@ -271,12 +271,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Config(ref c) => config_cmd(&socket(&cli)?, c).await,
-        Command::Completions { shell } => {
-            bastide_common::clidocs::print_completions(
-                <Cli as clap::CommandFactory>::command(),
-                shell,
-            )
-        }
+        Command::Completions { shell } => bastide_common::clidocs::print_completions(
+            <Cli as clap::CommandFactory>::command(),
+            shell,
+        ),
         Command::Manpages { ref dir } => {
             bastide_common::clidocs::write_man_pages(<Cli as clap::CommandFactory>::command(), dir)
         }

@@ -11,6 +11,71 @@ use thiserror::Error;
 
 use crate::pki::{valid_zone, PkiPaths};
 
+/// What to put in each required key, said when it is missing (`[]`: any index).
+const REQUIRED_KEY_HINTS: &[(&str, &str)] = &[
+    (
+        "project",
+        "the cloud project's name, a lowercase DNS label (\"myproj\")",
+    ),
+    (
+        "state_dir",
+        "the directory `bastide init` created (\"/var/lib/bastide\")",
+    ),
+    (
+        "agents.listen",
+        "the address agents dial, e.g. \"0.0.0.0:4443\"",
+    ),
+    (
+        "admin.socket",
+        "the admin CLI's Unix socket, e.g. \"/run/bastide/admin.sock\"",
+    ),
+    (
+        "metrics.listen",
+        "the address Prometheus scrapes, e.g. \"127.0.0.1:9469\"",
+    ),
+    (
+        "dns.listen",
+        "the addresses VMs query, e.g. [\"10.0.0.1:53\"]",
+    ),
+    (
+        "smtp.listen",
+        "the address VMs relay mail to, e.g. \"10.0.0.1:25\"",
+    ),
+    (
+        "smtp.relay",
+        "a [smtp.relay] table naming the smarthost (host, port, tls)",
+    ),
+    ("smtp.relay.host", "the smarthost's name or address"),
+    (
+        "ssh.listen",
+        "the address admins connect to, e.g. \"0.0.0.0:22\"",
+    ),
+    (
+        "ssh.audit_log",
+        "the file where every jump is recorded, e.g. \"/var/log/bastide/ssh-audit.jsonl\"",
+    ),
+    (
+        "ssh.admins[].name",
+        "the admin's name (the SSH user name they jump as)",
+    ),
+    (
+        "config_push.dir",
+        "the root of the environment tree, e.g. \"/srv/env\"",
+    ),
+    (
+        "config_push.cloud",
+        "this bastion's cloud in the environment tree, e.g. \"ovh\"",
+    ),
+    (
+        "config_push.site",
+        "this bastion's site in the environment tree, e.g. \"gra\"",
+    ),
+    (
+        "config_push.instance",
+        "this bastion's instance in the environment tree, e.g. \"production\"",
+    ),
+];
+
 /// Default path of the configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/bastide/bastide.toml";
 
@@ -123,10 +188,15 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let mut cfg: Config =
+            bastide_common::tomlcfg::parse(&text, REQUIRED_KEY_HINTS).map_err(|problems| {
+                ConfigError::Invalid {
+                    problems: problems
+                        .into_iter()
+                        .map(|p| format!("{}: {p}", path.display()))
+                        .collect(),
+                }
+            })?;
         cfg.source = path.to_path_buf();
         Ok(cfg)
     }

@@ -2,3 +2,4 @@
 
 pub mod clidocs;
 pub mod fsutil;
+pub mod tomlcfg;

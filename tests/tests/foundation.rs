@@ -547,6 +547,30 @@ fn broken_configuration_is_refused_with_its_key_named() {
     let out = b.cli(&["check-config"]);
     assert!(!out.status.success() && stderr(&out).contains("bogus_key"));
 
+    // Unknown keys and wrong types are all reported in one run, each by its key path, with
+    // a "did you mean" for a near miss and what to put in a missing required key.
+    b.edit_config(|c| {
+        c.replace("bogus_key = 1", "bogus_key = 1\nhandshake_timout = \"5s\"")
+            .replace("max_connections = 20000", "max_connections = \"many\"")
+            + "\n[ssh]\nlisten = \"127.0.0.1:1\"\n[[ssh.admins]]\nname = \"a\"\nkeyz = []\n"
+    });
+    let err = stderr(&b.cli(&["check-config"]));
+    for expected in [
+        "agents.bogus_key: unknown key",
+        "agents.handshake_timout: unknown key (did you mean `handshake_timeout`?)",
+        "agents.max_connections: invalid type: string \"many\"",
+        "ssh.admins[0].keyz: unknown key (did you mean `keys`?)",
+        "ssh.audit_log: required key missing: the file where every jump is recorded",
+    ] {
+        assert!(err.contains(expected), "no {expected:?} in:\n{err}");
+    }
+    b.edit_config(|c| {
+        let c = c
+            .replace("\nhandshake_timout = \"5s\"", "")
+            .replace("max_connections = \"many\"", "max_connections = 20000");
+        c[..c.find("\n[ssh]").unwrap()].to_string()
+    });
+
     b.edit_config(|c| {
         c.replace("bogus_key = 1", "")
             .replace("heartbeat_timeout = \"35s\"", "heartbeat_timeout = \"1s\"")

@@ -232,7 +232,10 @@ fn stripped_binaries_dbgsym_man_pages_and_completions() {
         ("bastide", "/usr/share/man/man1/bastide.1.gz"),
         ("bastide", "/usr/share/man/man1/bastide-token-create.1.gz"),
         ("bastide-agent", "/usr/share/man/man1/bastide-agent.1.gz"),
-        ("bastide-agent", "/usr/share/man/man1/bastide-agent-enroll.1.gz"),
+        (
+            "bastide-agent",
+            "/usr/share/man/man1/bastide-agent-enroll.1.gz",
+        ),
     ] {
         let text = stdout(&run(Command::new("sh").arg("-c").arg(format!(
             "gzip -dc {page} | groff -man -Tutf8 -ww -z 2>&1; gzip -dc {page} | head -c 2000"
@@ -242,10 +245,7 @@ fn stripped_binaries_dbgsym_man_pages_and_completions() {
         let completion = format!("/usr/share/bash-completion/completions/{name}");
         run(Command::new("bash").arg("-n").arg(&completion));
         assert!(Path::new(&format!("/usr/share/zsh/vendor-completions/_{name}")).is_file());
-        assert!(Path::new(&format!(
-            "/usr/share/fish/vendor_completions.d/{name}.fish"
-        ))
-        .is_file());
+        assert!(Path::new(&format!("/usr/share/fish/vendor_completions.d/{name}.fish")).is_file());
     }
     // The completion knows the subcommands: bash completes `bastide ag` to `agents`.
     let out = stdout(&run(Command::new("bash").arg("-c").arg(
