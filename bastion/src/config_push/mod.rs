@@ -8,6 +8,7 @@
 //! only the rendered pushes, one `watch` per agent that its session follows.
 
 pub mod render;
+pub mod service;
 pub mod tree;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

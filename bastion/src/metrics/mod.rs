@@ -7,6 +7,7 @@
 
 pub mod names;
 pub mod render;
+pub mod service;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -125,3 +125,31 @@ pub fn describe() {
         "Time to load the environment tree and render every agent."
     );
 }
+
+/// Collectors run before each scrape of `/metrics`: a service that keeps hot-path counters in
+/// atomics registers one that copies them into the recorder (`counter!(..).absolute(..)`,
+/// `gauge!(..).set(..)`), so every series of the bastion is rendered by the exporter.
+#[derive(Clone, Default)]
+pub struct Collectors(std::sync::Arc<std::sync::RwLock<Vec<Collector>>>);
+
+type Collector = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+impl Collectors {
+    /// Adds `f`, run before every scrape.
+    pub fn register(&self, f: impl Fn() + Send + Sync + 'static) {
+        if let Ok(mut v) = self.0.write() {
+            v.push(std::sync::Arc::new(f));
+        }
+    }
+
+    /// Runs every collector.
+    pub fn collect(&self) {
+        let all: Vec<Collector> = match self.0.read() {
+            Ok(v) => v.clone(),
+            Err(_) => return,
+        };
+        for f in all {
+            f();
+        }
+    }
+}

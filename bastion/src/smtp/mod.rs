@@ -10,6 +10,7 @@
 pub mod relay;
 pub mod rewrite;
 pub mod server;
+pub mod service;
 pub mod spool;
 
 use std::collections::BTreeMap;
@@ -600,8 +601,18 @@ pub async fn run(svc: Smtp, listener: TcpListener, shutdown: CancellationToken) 
 }
 
 /// The admin socket's `mail` requests.
-pub fn admin(mail: &MailHandle, req: crate::admin::AdminRequest) -> Result<serde_json::Value> {
-    use crate::admin::AdminRequest as R;
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum MailRequest {
+    MailQueue,
+    MailFlush,
+    MailRetry { id: String },
+    MailDelete { id: String },
+}
+
+/// Answers the admin socket's `mail` requests.
+pub fn admin(mail: &MailHandle, req: MailRequest) -> Result<serde_json::Value> {
+    use MailRequest as R;
     Ok(match req {
         R::MailQueue => serde_json::json!({
             "messages": mail.queue.list(),
@@ -621,6 +632,5 @@ pub fn admin(mail: &MailHandle, req: crate::admin::AdminRequest) -> Result<serde
             tracing::info!(id = %id, "mail deleted from the queue by an admin");
             serde_json::Value::Null
         }
-        other => anyhow::bail!("not a mail request: {other:?}"),
     })
 }

@@ -13,6 +13,7 @@ pub mod forward;
 pub mod hosts;
 pub mod limits;
 pub mod rules;
+pub mod service;
 
 use std::borrow::Cow;
 use std::future::Future;
