@@ -89,8 +89,12 @@ fn register(ctx: &Ctx) {
     let (registry, config, admin) = (ctx.registry.clone(), ctx.config.clone(), ctx.admin.clone());
     let reload = ctx.reload.clone();
     ctx.admin.call(COMMANDS, move |req: AdminRequest| {
-        let (registry, config, admin, reload) =
-            (registry.clone(), config.clone(), admin.clone(), reload.clone());
+        let (registry, config, admin, reload) = (
+            registry.clone(),
+            config.clone(),
+            admin.clone(),
+            reload.clone(),
+        );
         async move {
             if let AdminRequest::Reload = req {
                 let (done, outcome) = tokio::sync::oneshot::channel();
@@ -195,7 +199,9 @@ async fn serve_one(stream: UnixStream, handlers: AdminHandlers) -> Result<()> {
         .context("timed out reading request")??;
     let (cmd, req) = match command(&line) {
         Ok(c) => c,
-        Err(e) => return respond(&mut wr, AdminResponse::from_result(Err(anyhow::anyhow!(e)))).await,
+        Err(e) => {
+            return respond(&mut wr, AdminResponse::from_result(Err(anyhow::anyhow!(e)))).await
+        }
     };
     let response = match handlers.get(&cmd) {
         None => AdminResponse::from_result(Err(anyhow::anyhow!(
@@ -310,4 +316,3 @@ fn status(registry: &Registry, cfg: &Config) -> Result<serde_json::Value> {
         },
     }))
 }
-

@@ -81,7 +81,15 @@ impl service::Service for Endpoint {
             logs: ctx.handles.get(),
             config_push: ctx.handles.get(),
         };
-        run(self.cfg, ctx.registry, peers, self.tls, self.listener, shutdown).await
+        run(
+            self.cfg,
+            ctx.registry,
+            peers,
+            self.tls,
+            self.listener,
+            shutdown,
+        )
+        .await
     }
 }
 

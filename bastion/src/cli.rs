@@ -9,13 +9,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::admin::AdminRequest;
+use crate::config::{Config, DEFAULT_CONFIG};
 use crate::config_push::service::ConfigRequest;
 use crate::control as admin;
-use crate::smtp::MailRequest;
-use crate::ssh::service::SshRequest;
-use crate::config::{Config, DEFAULT_CONFIG};
 use crate::logging::LogFormat;
 use crate::registry::{AgentStatus, CreatedToken, TokenSpec, TokenStatus};
+use crate::smtp::MailRequest;
+use crate::ssh::service::SshRequest;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -60,7 +60,9 @@ pub enum Handler {
     /// One request, one response.
     Call(Arc<dyn Fn(serde_json::Value) -> Reply + Send + Sync>),
     /// The handler owns the connection: event lines, then the response line.
-    Stream(Arc<dyn Fn(serde_json::Value, OwnedReadHalf, OwnedWriteHalf) -> StreamReply + Send + Sync>),
+    Stream(
+        Arc<dyn Fn(serde_json::Value, OwnedReadHalf, OwnedWriteHalf) -> StreamReply + Send + Sync>,
+    ),
 }
 
 type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
@@ -158,7 +160,11 @@ impl AdminHandlers {
     }
 
     /// Adds `key` to `bastide status`, computed by `f` at each request.
-    pub fn status(&self, key: &'static str, f: impl Fn() -> serde_json::Value + Send + Sync + 'static) {
+    pub fn status(
+        &self,
+        key: &'static str,
+        f: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) {
         if let Ok(mut inner) = self.0.write() {
             inner.status.insert(key, Arc::new(f));
         }

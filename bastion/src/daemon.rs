@@ -67,14 +67,22 @@ pub async fn serve(cfg: Config) -> Result<()> {
     // Bind everything before starting anything; a service binds after those whose handles
     // it takes (logs before syslog and agents).
     let mut services = Bound::new(ctx);
-    services.bind::<crate::logs::service::LogStore>(&cfg).await?;
-    services.bind::<crate::config_push::service::ConfigPush>(&cfg).await?;
+    services
+        .bind::<crate::logs::service::LogStore>(&cfg)
+        .await?;
+    services
+        .bind::<crate::config_push::service::ConfigPush>(&cfg)
+        .await?;
     services.bind::<crate::agents::Endpoint>(&cfg).await?;
-    services.bind::<crate::metrics::service::Endpoint>(&cfg).await?;
+    services
+        .bind::<crate::metrics::service::Endpoint>(&cfg)
+        .await?;
     services.bind::<crate::smtp::service::Relay>(&cfg).await?;
     services.bind::<crate::ssh::service::Ssh>(&cfg).await?;
     services.bind::<crate::dns::service::Dns>(&cfg).await?;
-    services.bind::<crate::syslog::service::Syslog>(&cfg).await?;
+    services
+        .bind::<crate::syslog::service::Syslog>(&cfg)
+        .await?;
     services.bind::<crate::admin::Admin>(&cfg).await?;
     services.bind::<crate::jobs::HostMetricsPrune>(&cfg).await?;
     services.bind::<crate::jobs::LastSeenFlush>(&cfg).await?;

@@ -80,11 +80,11 @@ pub trait Service: Sized + Send + 'static {
     fn bind(cfg: &Config, ctx: &Ctx) -> impl Future<Output = Result<Option<Self>>>;
 
     /// Serves until `shutdown` is cancelled.
-    fn run(self, ctx: Ctx, shutdown: CancellationToken)
-        -> impl Future<Output = Result<()>> + Send;
+    fn run(self, ctx: Ctx, shutdown: CancellationToken) -> impl Future<Output = Result<()>> + Send;
 }
 
-type Start = Box<dyn FnOnce(Ctx, CancellationToken) -> Pin<Box<dyn Future<Output = Result<()>> + Send>>>;
+type Start =
+    Box<dyn FnOnce(Ctx, CancellationToken) -> Pin<Box<dyn Future<Output = Result<()>> + Send>>>;
 
 /// The bound services, waiting to run.
 pub struct Bound {
@@ -110,11 +110,7 @@ impl Bound {
     }
 
     /// Starts every bound service under a child of `root`.
-    pub fn spawn(
-        self,
-        root: &CancellationToken,
-        set: &mut JoinSet<(&'static str, Result<()>)>,
-    ) {
+    pub fn spawn(self, root: &CancellationToken, set: &mut JoinSet<(&'static str, Result<()>)>) {
         for (name, start) in self.ready {
             let fut = start(self.ctx.clone(), root.child_token());
             set.spawn(async move { (name, fut.await) });

@@ -2,6 +2,7 @@
 //! at bind time, before anything can write to it, and published for the agents' endpoint
 //! and syslog. Also `bastide logs` (a streaming admin command) and the store's status.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::Logs;
 use crate::config::Config;
 use crate::control::{send_line, AdminResponse};
+use crate::metrics::names;
 use crate::service::{Ctx, Service};
 
 /// The admin command of the log store.
@@ -50,11 +52,31 @@ impl Service for LogStore {
         });
         let l = logs.clone();
         ctx.admin.status("logs", move || l.status());
+        ctx.collectors.register(collect);
+        ctx.collectors.register_text(|out| {
+            let micros = super::metrics::counters().commit_micros.load(Relaxed);
+            names::text_counter(
+                out,
+                names::LOGS_COMMIT_SECONDS,
+                names::LOGS_COMMIT_SECONDS_HELP,
+                micros as f64 / 1e6,
+            );
+        });
         Ok(Some(Self { logs }))
     }
 
     async fn run(self, _ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
         super::run(self.logs, shutdown).await
+    }
+}
+
+/// Copies the log store's and syslog's counters into the recorder (before each scrape).
+pub(crate) fn collect() {
+    for (name, source, v) in super::metrics::counters().export() {
+        let labels = source
+            .map(|s| vec![::metrics::Label::new("source", s)])
+            .unwrap_or_default();
+        names::export(name, labels, v);
     }
 }
 
@@ -135,4 +157,3 @@ async fn logs_stream(
     }
     send(&mut wr, &end(Ok(n))?).await
 }
-

@@ -43,18 +43,11 @@ impl Service for Endpoint {
     }
 
     async fn run(self, ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
-        let on = ctx.config.borrow().clone();
-        let services = super::Services {
-            mail: ctx.handles.get::<crate::smtp::MailHandle>(),
-            dns: on.dns.is_some(),
-            ssh: on.ssh.is_some(),
-            logs: on.logs.is_some(),
-        };
         super::run(
             self.cfg,
             ctx.registry,
             ctx.hosts,
-            services,
+            ctx.collectors,
             self.tls,
             self.listener,
             shutdown,

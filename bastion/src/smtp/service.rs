@@ -6,6 +6,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::metrics::names;
 use crate::service::{Ctx, Service};
 
 const COMMANDS: &[&str] = &["mail_queue", "mail_flush", "mail_retry", "mail_delete"];
@@ -37,8 +38,16 @@ impl Service for Relay {
         let mail = svc.handle();
         ctx.handles.provide(mail.clone());
         let m = mail.clone();
+        ctx.collectors.register(move || {
+            for (series, v) in m.metrics.snapshot(&m.queue) {
+                names::export_series(series, v);
+            }
+        });
+        let m = mail.clone();
         ctx.admin
-            .blocking(COMMANDS, move |req: super::MailRequest| super::admin(&m, req));
+            .blocking(COMMANDS, move |req: super::MailRequest| {
+                super::admin(&m, req)
+            });
         ctx.admin.status("mail", move || {
             let (queued, oldest) = mail.queue.gauges();
             serde_json::json!({ "queued": queued, "oldest_age_secs": oldest })

@@ -7,6 +7,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::metrics::names;
 use crate::service::{Ctx, Service};
 
 /// The admin commands of SSH.
@@ -48,6 +49,7 @@ impl Service for Ssh {
         let Some(s) = &cfg.ssh else {
             return Ok(None);
         };
+        ctx.collectors.register(collect);
         let listener = TcpListener::bind(s.listen).await.with_context(|| {
             format!(
                 "{}: ssh.listen: cannot bind {}",
@@ -60,5 +62,12 @@ impl Service for Ssh {
 
     async fn run(self, ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
         super::run(ctx.config, ctx.registry, self.listener, shutdown).await
+    }
+}
+
+/// Copies the SSH counters into the recorder (before each scrape).
+pub(crate) fn collect() {
+    for (name, v) in super::counters().export() {
+        names::export(name, Vec::new(), v);
     }
 }
