@@ -452,6 +452,17 @@ pub struct MailHandle {
     pub metrics: Arc<SmtpMetrics>,
 }
 
+/// Domain given to domain-less addresses (`<root>`) so that the parser takes them; the
+/// rewriter treats it as local. `.invalid` can never be a real domain (RFC 2606).
+pub const UNQUALIFIED: &str = "unqualified.bastide.invalid";
+
+/// What the relay takes from the rest of the configuration.
+pub struct Main<'a> {
+    pub zone: Option<&'a str>,
+    pub state_dir: &'a std::path::Path,
+    pub pki: &'a crate::pki::PkiPaths,
+}
+
 /// The relay, opened (spool loaded, TLS and transport built) but not yet serving.
 pub struct Smtp {
     cfg: SmtpConfig,
@@ -475,10 +486,9 @@ fn system_hostname() -> String {
 impl Smtp {
     /// Opens the spool (recovering from a crash: half-written files are removed) and
     /// prepares the listener's TLS and the smarthost transport.
-    pub fn open(cfg: SmtpConfig, main: &crate::config::Config, registry: Registry) -> Result<Self> {
+    pub fn open(cfg: SmtpConfig, main: &Main<'_>, registry: Registry) -> Result<Self> {
         let zone = main
             .zone
-            .as_ref()
             .map(|z| z.trim_end_matches('.').to_ascii_lowercase());
         let hostname = cfg.hostname.clone().unwrap_or_else(|| match &zone {
             Some(z) => format!("bastion.{z}"),
@@ -486,10 +496,10 @@ impl Smtp {
         });
         let metrics = Arc::new(SmtpMetrics::default());
         let queue = Arc::new(
-            Queue::open(&cfg.spool_path(&main.state_dir)).context("opening the mail spool")?,
+            Queue::open(&cfg.spool_path(main.state_dir)).context("opening the mail spool")?,
         );
         let tls = if cfg.starttls {
-            let pki = main.pki_paths();
+            let pki = main.pki;
             Some(tokio_rustls::TlsAcceptor::from(Arc::new(
                 server::tls_config(&pki.server_cert, &pki.server_key)
                     .context("smtp.starttls: loading the server certificate")?,

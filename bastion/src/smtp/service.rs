@@ -33,7 +33,13 @@ impl Service for Relay {
                 s.listen
             )
         })?;
-        let svc = super::Smtp::open(s.clone(), cfg, ctx.registry.clone())
+        let pki = cfg.pki_paths();
+        let main = super::Main {
+            zone: cfg.zone.as_deref(),
+            state_dir: &cfg.state_dir,
+            pki: &pki,
+        };
+        let svc = super::Smtp::open(s.clone(), &main, ctx.registry.clone())
             .with_context(|| format!("{}: smtp", cfg.source.display()))?;
         let mail = svc.handle();
         ctx.handles.provide(mail.clone());
