@@ -19,7 +19,20 @@ use crate::control::ReloadRequest;
 use crate::pki::AgentCa;
 use crate::registry::{Registry, RegistrySettings};
 use crate::service::{Bound, Ctx};
+
+// The services, in the order they bind.
+use crate::admin::Admin;
+use crate::agents::Endpoint as Agents;
+use crate::config_push::service::ConfigPush;
+use crate::dns::service::Dns;
+use crate::hostmetrics::HostMetrics;
+use crate::jobs::{HostMetricsPrune, LastSeenFlush};
+use crate::logs::service::LogStore;
+use crate::metrics::service::Endpoint as Metrics;
+use crate::smtp::service::Relay;
+use crate::ssh::service::Ssh;
 use crate::store::Store;
+use crate::syslog::service::Syslog;
 
 /// How long services get to finish after shutdown is asked.
 const GRACE: Duration = Duration::from_secs(10);
@@ -48,45 +61,41 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let registry = open_registry(&cfg)?;
     // The running configuration: services that can reload watch it, the admin socket reads it.
     let (current, _) = watch::channel(Arc::new(cfg.clone()));
-    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
-    let ctx = Ctx {
+    let (reload_tx, reload_rx) = mpsc::channel::<ReloadRequest>(4);
+    let stale_after = cfg.metrics.as_ref().map(|m| m.stale_after);
+    let mut s = Bound::new(Ctx {
         registry: registry.clone(),
         config: current.subscribe(),
         reload: reload_tx,
-        hosts: crate::hostmetrics::HostMetrics::new(
-            cfg.metrics
-                .as_ref()
-                .map(|m| m.stale_after)
-                .unwrap_or(Duration::from_secs(300)),
-        ),
+        hosts: HostMetrics::new(stale_after.unwrap_or(Duration::from_secs(300))),
         admin: Default::default(),
         collectors: Default::default(),
         handles: Default::default(),
-    };
+    });
+    // Bind everything before starting anything. A service that takes another's handle at
+    // bind time binds after it (none does today: handles are taken in `run`).
+    s.bind::<LogStore>(&cfg).await?;
+    s.bind::<ConfigPush>(&cfg).await?;
+    s.bind::<Agents>(&cfg).await?;
+    s.bind::<Metrics>(&cfg).await?;
+    s.bind::<Relay>(&cfg).await?;
+    s.bind::<Ssh>(&cfg).await?;
+    s.bind::<Dns>(&cfg).await?;
+    s.bind::<Syslog>(&cfg).await?;
+    s.bind::<Admin>(&cfg).await?;
+    s.bind::<HostMetricsPrune>(&cfg).await?;
+    s.bind::<LastSeenFlush>(&cfg).await?;
+    supervise(&cfg, &registry, s, &current, reload_rx).await
+}
 
-    // Bind everything before starting anything; a service binds after those whose handles
-    // it takes (logs before syslog and agents).
-    let mut services = Bound::new(ctx);
-    services
-        .bind::<crate::logs::service::LogStore>(&cfg)
-        .await?;
-    services
-        .bind::<crate::config_push::service::ConfigPush>(&cfg)
-        .await?;
-    services.bind::<crate::agents::Endpoint>(&cfg).await?;
-    services
-        .bind::<crate::metrics::service::Endpoint>(&cfg)
-        .await?;
-    services.bind::<crate::smtp::service::Relay>(&cfg).await?;
-    services.bind::<crate::ssh::service::Ssh>(&cfg).await?;
-    services.bind::<crate::dns::service::Dns>(&cfg).await?;
-    services
-        .bind::<crate::syslog::service::Syslog>(&cfg)
-        .await?;
-    services.bind::<crate::admin::Admin>(&cfg).await?;
-    services.bind::<crate::jobs::HostMetricsPrune>(&cfg).await?;
-    services.bind::<crate::jobs::LastSeenFlush>(&cfg).await?;
-
+/// Runs the bound services until a signal or a failure, answers reloads, then drains.
+async fn supervise(
+    cfg: &Config,
+    registry: &Registry,
+    services: Bound,
+    current: &watch::Sender<Arc<Config>>,
+    mut reload_rx: mpsc::Receiver<ReloadRequest>,
+) -> Result<()> {
     let root = CancellationToken::new();
     let mut set: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
     services.spawn(&root, &mut set);
@@ -108,9 +117,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => { let _ = reload(&cfg.source, &registry, &current); }
+            _ = hup.recv() => { let _ = reload(&cfg.source, registry, current); }
             Some(req) = reload_rx.recv() => {
-                let _ = req.send(reload(&cfg.source, &registry, &current));
+                let _ = req.send(reload(&cfg.source, registry, current));
             }
             _ = async {
                 match watchdog.as_mut() {
@@ -192,4 +201,42 @@ fn reload(
     // READY again whatever the outcome: a refused reload leaves the old configuration serving.
     crate::sdnotify::ready("serving");
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    /// The services' hot-path counters reach the recorder through their collectors: each
+    /// family is typed once, with its help text, and keeps its name, type and labels.
+    #[test]
+    fn service_collectors_export_through_the_recorder() {
+        let handle = crate::metrics::install_recorder().unwrap();
+        let _ = ::metrics::histogram!(crate::metrics::names::DNS_UPSTREAM_LATENCY);
+        crate::ssh::service::collect();
+        crate::dns::service::collect();
+        crate::logs::service::collect();
+        crate::metrics::names::export_series("bastide_smtp_refused_total{reason=\"size\"}", 3);
+        let out = handle.render();
+        let mut seen = std::collections::HashSet::new();
+        for l in out.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = l.split_whitespace().nth(2).unwrap();
+            assert!(seen.insert(name.to_string()), "{name} typed twice");
+        }
+        for want in [
+            "# TYPE bastide_dns_upstream_latency_seconds histogram",
+            "bastide_dns_upstream_latency_seconds_bucket{le=\"0.001\"} 0",
+            "bastide_dns_upstream_latency_seconds_bucket{le=\"+Inf\"} 0",
+            "# HELP bastide_ssh_jumps_open Jump channels open now",
+            "# TYPE bastide_ssh_jumps_open gauge",
+            "bastide_ssh_jumps_open 0",
+            "# TYPE bastide_ssh_connections_total counter",
+            "# TYPE bastide_dns_queries_total counter",
+            "bastide_dns_queries_total{type=\"A\"} ",
+            "bastide_dns_responses_total{rcode=\"NOERROR\"} ",
+            "bastide_logs_events_total{source=\"tcp\"} ",
+            "# TYPE bastide_logs_store_full gauge",
+            "bastide_smtp_refused_total{reason=\"size\"} 3",
+        ] {
+            assert!(out.contains(want), "{want:?} missing from\n{out}");
+        }
+    }
 }
