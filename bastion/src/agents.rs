@@ -23,12 +23,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::config::AgentsConfig;
+use crate::config::{AgentsConfig, Config};
 use crate::config_push::ConfigPushHandle;
 use crate::hostmetrics::HostMetrics;
 use crate::metrics::names;
 use crate::pki::AgentIdentity;
 use crate::registry::{EnrollError, Facts, Registry, RegistryError};
+use crate::service::{self, Ctx};
 use crate::tls::{AgentConn, ConnInfo};
 
 /// Largest gRPC message an agent may send: a log batch (registration facts, CSRs and
@@ -42,6 +43,54 @@ pub struct Peers {
     pub hosts: HostMetrics,
     pub logs: Option<crate::logs::Logs>,
     pub config_push: Option<ConfigPushHandle>,
+}
+
+/// The agents' endpoint, bound (see `crate::service`). It takes the log store and
+/// configuration push from the handles those services publish.
+pub struct Endpoint {
+    cfg: AgentsConfig,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+}
+
+impl service::Service for Endpoint {
+    const NAME: &'static str = "agents";
+
+    async fn bind(cfg: &Config, ctx: &Ctx) -> Result<Option<Self>> {
+        let Some(a) = &cfg.agents else {
+            return Ok(None);
+        };
+        let listener = TcpListener::bind(a.listen).await.with_context(|| {
+            format!(
+                "{}: agents.listen: cannot bind {}",
+                cfg.source.display(),
+                a.listen
+            )
+        })?;
+        let tls = Arc::new(crate::tls::server_config(&cfg.pki_paths(), &ctx.registry)?);
+        Ok(Some(Self {
+            cfg: a.clone(),
+            listener,
+            tls,
+        }))
+    }
+
+    async fn run(self, ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
+        let peers = Peers {
+            hosts: ctx.hosts.clone(),
+            logs: ctx.handles.get(),
+            config_push: ctx.handles.get(),
+        };
+        run(
+            self.cfg,
+            ctx.registry,
+            peers,
+            self.tls,
+            self.listener,
+            shutdown,
+        )
+        .await
+    }
 }
 
 /// Serves the agents' endpoint on `listener` until `shutdown`.

@@ -8,10 +8,14 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::admin::{self, AdminRequest};
+use crate::admin::AdminRequest;
 use crate::config::{Config, DEFAULT_CONFIG};
+use crate::config_push::service::ConfigRequest;
+use crate::control as admin;
 use crate::logging::LogFormat;
 use crate::registry::{AgentStatus, CreatedToken, TokenSpec, TokenStatus};
+use crate::smtp::MailRequest;
+use crate::ssh::service::SshRequest;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -291,7 +295,7 @@ async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
         } => {
             let v = admin::call(
                 socket,
-                &AdminRequest::ConfigRender {
+                &ConfigRequest::ConfigRender {
                     agent: agent.clone(),
                 },
             )
@@ -305,7 +309,7 @@ async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
         }
         ConfigCmd::Check => {
             let s: Summary =
-                serde_json::from_value(admin::call(socket, &AdminRequest::ConfigCheck).await?)?;
+                serde_json::from_value(admin::call(socket, &ConfigRequest::ConfigCheck).await?)?;
             if !s.errors.is_empty() {
                 for e in &s.errors {
                     eprintln!("{e}");
@@ -319,7 +323,7 @@ async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
         }
         ConfigCmd::Reload => {
             let s: Summary =
-                serde_json::from_value(admin::call(socket, &AdminRequest::ConfigReload).await?)?;
+                serde_json::from_value(admin::call(socket, &ConfigRequest::ConfigReload).await?)?;
             println!(
                 "configuration tree reloaded: {} agent(s), {} rendered, {} with a new revision ({:.1} ms); {} out-of-sync agent(s) sent their revision again",
                 s.agents, s.rendered, s.changed, s.render_ms, s.repushed
@@ -607,7 +611,7 @@ async fn agents(socket: &Path, cmd: &AgentsCmd) -> Result<()> {
 async fn mail(socket: &Path, cmd: &MailCmd) -> Result<()> {
     match cmd {
         MailCmd::Queue { json } => {
-            let v = admin::call(socket, &AdminRequest::MailQueue).await?;
+            let v = admin::call(socket, &MailRequest::MailQueue).await?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
@@ -642,15 +646,15 @@ async fn mail(socket: &Path, cmd: &MailCmd) -> Result<()> {
             );
         }
         MailCmd::Flush => {
-            let v = admin::call(socket, &AdminRequest::MailFlush).await?;
+            let v = admin::call(socket, &MailRequest::MailFlush).await?;
             println!("{} message(s) scheduled for delivery now", v["scheduled"]);
         }
         MailCmd::Retry { id } => {
-            admin::call(socket, &AdminRequest::MailRetry { id: id.clone() }).await?;
+            admin::call(socket, &MailRequest::MailRetry { id: id.clone() }).await?;
             println!("message {id} scheduled for delivery now");
         }
         MailCmd::Delete { id } => {
-            admin::call(socket, &AdminRequest::MailDelete { id: id.clone() }).await?;
+            admin::call(socket, &MailRequest::MailDelete { id: id.clone() }).await?;
             println!("message {id} deleted");
         }
     }
@@ -664,7 +668,7 @@ async fn ssh(cli: &Cli, cmd: &SshCmd) -> Result<()> {
             println!("{}", crate::ssh::hosts::fingerprint(&cfg)?);
         }
         SshCmd::KnownHosts => {
-            let v = admin::call(&socket(cli)?, &AdminRequest::SshKnownHosts).await?;
+            let v = admin::call(&socket(cli)?, &SshRequest::SshKnownHosts).await?;
             print!("{}", v.as_str().unwrap_or_default());
         }
         SshCmd::Config { user, known_hosts } => {
@@ -675,7 +679,7 @@ async fn ssh(cli: &Cli, cmd: &SshCmd) -> Result<()> {
                     format!("~/.ssh/bastide-{project}.known_hosts")
                 }
             };
-            let req = AdminRequest::SshConfig {
+            let req = SshRequest::SshConfig {
                 user: user.clone(),
                 known_hosts,
             };
@@ -773,7 +777,7 @@ async fn status(socket: &Path, json: bool) -> Result<()> {
 
 async fn logs(socket: &Path, a: &LogsArgs) -> Result<()> {
     use std::io::Write;
-    let req = AdminRequest::Logs(crate::logs::query::LogsQuery {
+    let req = crate::logs::service::LogsRequest::Logs(crate::logs::query::LogsQuery {
         host: a.host.clone(),
         since_ms: a.since,
         until_ms: a.until,

@@ -115,7 +115,7 @@ pub struct Config {
     pub smtp: Option<crate::smtp::SmtpConfig>,
     /// `[ssh]`: the jump host.
     #[serde(default)]
-    pub ssh: Option<crate::ssh::SshConfig>,
+    pub ssh: Option<crate::ssh::config::SshConfig>,
     /// `[logs]`: the log store (agents' logs and syslog).
     #[serde(default)]
     pub logs: Option<crate::logs::LogsConfig>,

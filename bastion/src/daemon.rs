@@ -1,5 +1,5 @@
-//! `bastide serve`: binds every configured listener first (so nothing starts half-configured),
-//! then runs each service in a `JoinSet` under one root cancellation token. SIGTERM or SIGINT
+//! `bastide serve`: binds every configured service first (so nothing starts half-configured),
+//! then runs each in a `JoinSet` under one root cancellation token (see `crate::service`). SIGTERM or SIGINT
 //! cancels everything and waits for a graceful end; a second signal forces exit; SIGHUP
 //! reloads what can change without a restart.
 
@@ -15,14 +15,27 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::control::ReloadRequest;
 use crate::pki::AgentCa;
 use crate::registry::{Registry, RegistrySettings};
+use crate::service::{Bound, Ctx};
+
+// The services, in the order they bind.
+use crate::admin::Admin;
+use crate::agents::Endpoint as Agents;
+use crate::config_push::service::ConfigPush;
+use crate::dns::service::Dns;
+use crate::hostmetrics::HostMetrics;
+use crate::jobs::{HostMetricsPrune, LastSeenFlush};
+use crate::logs::service::LogStore;
+use crate::metrics::service::Endpoint as Metrics;
+use crate::smtp::service::Relay;
+use crate::ssh::service::Ssh;
 use crate::store::Store;
+use crate::syslog::service::Syslog;
 
 /// How long services get to finish after shutdown is asked.
 const GRACE: Duration = Duration::from_secs(10);
-/// How often last-seen times are written to the store.
-const FLUSH_EVERY: Duration = Duration::from_secs(60);
 
 fn settings(cfg: &Config) -> RegistrySettings {
     RegistrySettings {
@@ -46,241 +59,46 @@ pub async fn serve(cfg: Config) -> Result<()> {
     crate::tls::install_crypto_provider();
     crate::metrics::install_recorder()?;
     let registry = open_registry(&cfg)?;
-    let hosts = crate::hostmetrics::HostMetrics::new(
-        cfg.metrics
-            .as_ref()
-            .map(|m| m.stale_after)
-            .unwrap_or(Duration::from_secs(300)),
-    );
-
-    // Bind everything before starting anything.
-    let agents = match &cfg.agents {
-        Some(a) => {
-            let listener = tokio::net::TcpListener::bind(a.listen)
-                .await
-                .with_context(|| {
-                    format!(
-                        "{}: agents.listen: cannot bind {}",
-                        cfg.source.display(),
-                        a.listen
-                    )
-                })?;
-            let tls = Arc::new(crate::tls::server_config(&cfg.pki_paths(), &registry)?);
-            Some((a.clone(), listener, tls))
-        }
-        None => None,
-    };
-    let metrics = match &cfg.metrics {
-        Some(m) => {
-            let listener = tokio::net::TcpListener::bind(m.listen)
-                .await
-                .with_context(|| {
-                    format!(
-                        "{}: metrics.listen: cannot bind {}",
-                        cfg.source.display(),
-                        m.listen
-                    )
-                })?;
-            let tls = if m.tls {
-                Some(Arc::new(crate::tls::https_config(&cfg.pki_paths())?))
-            } else {
-                None
-            };
-            Some((m.clone(), listener, tls))
-        }
-        None => None,
-    };
-    let smtp = match &cfg.smtp {
-        Some(s) => {
-            let listener = tokio::net::TcpListener::bind(s.listen)
-                .await
-                .with_context(|| {
-                    format!(
-                        "{}: smtp.listen: cannot bind {}",
-                        cfg.source.display(),
-                        s.listen
-                    )
-                })?;
-            let svc = crate::smtp::Smtp::open(s.clone(), &cfg, registry.clone())
-                .with_context(|| format!("{}: smtp", cfg.source.display()))?;
-            Some((svc, listener))
-        }
-        None => None,
-    };
-    let ssh = match &cfg.ssh {
-        Some(s) => Some(
-            tokio::net::TcpListener::bind(s.listen)
-                .await
-                .with_context(|| {
-                    format!(
-                        "{}: ssh.listen: cannot bind {}",
-                        cfg.source.display(),
-                        s.listen
-                    )
-                })?,
-        ),
-        None => None,
-    };
-    let admin = match &cfg.admin {
-        Some(a) => Some((
-            crate::admin::bind(a)
-                .with_context(|| format!("{}: admin.socket", cfg.source.display()))?,
-            a.socket.clone(),
-        )),
-        None => None,
-    };
-
-    let dns = match &cfg.dns {
-        Some(d) => Some((
-            d.clone(),
-            crate::dns::bind(d)
-                .await
-                .with_context(|| format!("{}: dns.listen", cfg.source.display()))?,
-        )),
-        None => None,
-    };
-    // The log store is opened (and recovered) before anything can write to it.
-    let logs = match &cfg.logs {
-        Some(l) => Some(
-            crate::logs::Logs::open(l.clone(), &cfg.state_dir)
-                .with_context(|| format!("{}: logs", cfg.source.display()))?,
-        ),
-        None => None,
-    };
-    let syslog = match (&cfg.syslog, &logs) {
-        (Some(s), Some(_)) => {
-            let sockets = crate::syslog::bind(s)
-                .await
-                .with_context(|| format!("{}: syslog", cfg.source.display()))?;
-            let tls = if s.tls.is_empty() {
-                None
-            } else {
-                // RFC 5425: the bastion's server certificate, no client certificates.
-                let mut t = crate::tls::https_config(&cfg.pki_paths())?;
-                t.alpn_protocols.clear();
-                Some(Arc::new(t))
-            };
-            Some((s.clone(), sockets, tls))
-        }
-        _ => None,
-    };
     // The running configuration: services that can reload watch it, the admin socket reads it.
     let (current, _) = watch::channel(Arc::new(cfg.clone()));
-    let (reload_tx, mut reload_rx) = mpsc::channel::<crate::admin::ReloadRequest>(4);
+    let (reload_tx, reload_rx) = mpsc::channel::<ReloadRequest>(4);
+    let stale_after = cfg.metrics.as_ref().map(|m| m.stale_after);
+    let mut s = Bound::new(Ctx {
+        registry: registry.clone(),
+        config: current.subscribe(),
+        reload: reload_tx,
+        hosts: HostMetrics::new(stale_after.unwrap_or(Duration::from_secs(300))),
+        admin: Default::default(),
+        collectors: Default::default(),
+        handles: Default::default(),
+    });
+    // Bind everything before starting anything. A service that takes another's handle at
+    // bind time binds after it (none does today: handles are taken in `run`).
+    s.bind::<LogStore>(&cfg).await?;
+    s.bind::<ConfigPush>(&cfg).await?;
+    s.bind::<Agents>(&cfg).await?;
+    s.bind::<Metrics>(&cfg).await?;
+    s.bind::<Relay>(&cfg).await?;
+    s.bind::<Ssh>(&cfg).await?;
+    s.bind::<Dns>(&cfg).await?;
+    s.bind::<Syslog>(&cfg).await?;
+    s.bind::<Admin>(&cfg).await?;
+    s.bind::<HostMetricsPrune>(&cfg).await?;
+    s.bind::<LastSeenFlush>(&cfg).await?;
+    supervise(&cfg, &registry, s, &current, reload_rx).await
+}
 
+/// Runs the bound services until a signal or a failure, answers reloads, then drains.
+async fn supervise(
+    cfg: &Config,
+    registry: &Registry,
+    services: Bound,
+    current: &watch::Sender<Arc<Config>>,
+    mut reload_rx: mpsc::Receiver<ReloadRequest>,
+) -> Result<()> {
     let root = CancellationToken::new();
     let mut set: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
-    let config_push = cfg.config_push.as_ref().map(|c| {
-        crate::config_push::ConfigPushHandle::new(
-            c.clone(),
-            &cfg.project,
-            cfg.zone.clone(),
-            crate::config_push::bastion_vars(&cfg),
-            registry.clone(),
-        )
-    });
-    if let Some(cp) = config_push.clone() {
-        let t = root.child_token();
-        set.spawn(async move { ("config_push", crate::config_push::run(cp, t).await) });
-    }
-    if let Some((acfg, listener, tls)) = agents {
-        let (r, t, h) = (registry.clone(), root.child_token(), hosts.clone());
-        let peers = crate::agents::Peers {
-            hosts: h,
-            logs: logs.clone(),
-            config_push: config_push.clone(),
-        };
-        set.spawn(async move {
-            (
-                "agents",
-                crate::agents::run(acfg, r, peers, tls, listener, t).await,
-            )
-        });
-    }
-    if let Some((mcfg, listener, tls)) = metrics {
-        let (r, t, h) = (registry.clone(), root.child_token(), hosts.clone());
-        let m = crate::metrics::Services {
-            mail: smtp.as_ref().map(|(svc, _)| svc.handle()),
-            dns: cfg.dns.is_some(),
-            ssh: cfg.ssh.is_some(),
-            logs: logs.is_some(),
-        };
-        set.spawn(async move {
-            (
-                "metrics",
-                crate::metrics::run(mcfg, r, h, m, tls, listener, t).await,
-            )
-        });
-    }
-    {
-        // A revoked agent's host metrics go at once, not after they turn stale.
-        let (mut events, t, h) = (registry.events(), root.child_token(), hosts.clone());
-        set.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = t.cancelled() => break,
-                    ev = events.recv() => match ev {
-                        Ok(crate::registry::RegistryEvent::Revoked(name)) => h.remove(&name),
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(_) => break,
-                    },
-                }
-            }
-            ("hostmetrics", Ok(()))
-        });
-    }
-    if let Some((dcfg, sockets)) = dns {
-        let (r, t) = (registry.clone(), root.child_token());
-        set.spawn(async move { ("dns", crate::dns::run(dcfg, r, sockets, t).await) });
-    }
-    if let Some(l) = &logs {
-        let (l, t) = (l.clone(), root.child_token());
-        set.spawn(async move { ("logs", crate::logs::run(l, t).await) });
-    }
-    if let (Some((scfg, sockets, tls)), Some(l)) = (syslog, &logs) {
-        let (r, t, store) = (registry.clone(), root.child_token(), l.store.clone());
-        set.spawn(async move {
-            (
-                "syslog",
-                crate::syslog::run(scfg, r, store, tls, sockets, t).await,
-            )
-        });
-    }
-    let mut admin_ctx = crate::admin::AdminCtx::new(registry.clone());
-    admin_ctx.logs = logs.clone();
-    admin_ctx.mail = smtp.as_ref().map(|(svc, _)| svc.handle());
-    admin_ctx.config_push = config_push.clone();
-    if let Some((svc, listener)) = smtp {
-        let t = root.child_token();
-        set.spawn(async move { ("smtp", crate::smtp::run(svc, listener, t).await) });
-    }
-    if let Some(listener) = ssh {
-        let (r, t, c) = (registry.clone(), root.child_token(), current.subscribe());
-        set.spawn(async move { ("ssh", crate::ssh::run(c, r, listener, t).await) });
-    }
-    if let Some((listener, path)) = admin {
-        admin_ctx.config = Some(current.subscribe());
-        admin_ctx.reload = Some(reload_tx.clone());
-        let (c, t) = (admin_ctx, root.child_token());
-        set.spawn(async move { ("admin", crate::admin::run(c, listener, path, t).await) });
-    }
-    {
-        let (r, t) = (registry.clone(), root.child_token());
-        set.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = t.cancelled() => break,
-                    _ = tokio::time::sleep(FLUSH_EVERY) => {}
-                }
-                let r2 = r.clone();
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || r2.flush_last_seen()).await
-                {
-                    warn!(error = %e, "flushing last-seen times failed");
-                }
-            }
-            ("flush", Ok(()))
-        });
-    }
+    services.spawn(&root, &mut set);
     info!(project = %cfg.project, version = crate::VERSION, "bastide ready");
     // Only now: every listener above is bound, so a unit ordered after us can connect.
     crate::sdnotify::ready("serving");
@@ -299,9 +117,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => { let _ = reload(&cfg.source, &registry, &current); }
+            _ = hup.recv() => { let _ = reload(&cfg.source, registry, current); }
             Some(req) = reload_rx.recv() => {
-                let _ = req.send(reload(&cfg.source, &registry, &current));
+                let _ = req.send(reload(&cfg.source, registry, current));
             }
             _ = async {
                 match watchdog.as_mut() {
@@ -383,4 +201,42 @@ fn reload(
     // READY again whatever the outcome: a refused reload leaves the old configuration serving.
     crate::sdnotify::ready("serving");
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    /// The services' hot-path counters reach the recorder through their collectors: each
+    /// family is typed once, with its help text, and keeps its name, type and labels.
+    #[test]
+    fn service_collectors_export_through_the_recorder() {
+        let handle = crate::metrics::install_recorder().unwrap();
+        let _ = ::metrics::histogram!(crate::metrics::names::DNS_UPSTREAM_LATENCY);
+        crate::ssh::service::collect();
+        crate::dns::service::collect();
+        crate::logs::service::collect();
+        crate::metrics::names::export_series("bastide_smtp_refused_total{reason=\"size\"}", 3);
+        let out = handle.render();
+        let mut seen = std::collections::HashSet::new();
+        for l in out.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = l.split_whitespace().nth(2).unwrap();
+            assert!(seen.insert(name.to_string()), "{name} typed twice");
+        }
+        for want in [
+            "# TYPE bastide_dns_upstream_latency_seconds histogram",
+            "bastide_dns_upstream_latency_seconds_bucket{le=\"0.001\"} 0",
+            "bastide_dns_upstream_latency_seconds_bucket{le=\"+Inf\"} 0",
+            "# HELP bastide_ssh_jumps_open Jump channels open now",
+            "# TYPE bastide_ssh_jumps_open gauge",
+            "bastide_ssh_jumps_open 0",
+            "# TYPE bastide_ssh_connections_total counter",
+            "# TYPE bastide_dns_queries_total counter",
+            "bastide_dns_queries_total{type=\"A\"} ",
+            "bastide_dns_responses_total{rcode=\"NOERROR\"} ",
+            "bastide_logs_events_total{source=\"tcp\"} ",
+            "# TYPE bastide_logs_store_full gauge",
+            "bastide_smtp_refused_total{reason=\"size\"} 3",
+        ] {
+            assert!(out.contains(want), "{want:?} missing from\n{out}");
+        }
+    }
 }

@@ -1,24 +1,28 @@
 //! Bastide, the bastion daemon: one process that gives a cloud project's VMs their internal
 //! services and keeps the registry of the agents running on them.
 //!
-//! Every service is a module with one `run(...)` entry point; the [`registry`] is the one owner
-//! of agent state and every service derives what it needs from it.
+//! Every service is a module with one `impl Service` (see [`service`]): bound from its config
+//! section, then run with the shared context; the [`registry`] is the one owner of agent
+//! state and every service derives what it needs from it.
 
 pub mod admin;
 pub mod agents;
 pub mod cli;
 pub mod config;
 pub mod config_push;
+pub mod control;
 pub mod daemon;
 pub mod dns;
 pub mod fsutil;
 pub mod hostmetrics;
+pub mod jobs;
 pub mod logging;
 pub mod logs;
 pub mod metrics;
 pub mod pki;
 pub mod registry;
 pub mod sdnotify;
+pub mod service;
 pub mod smtp;
 pub mod ssh;
 pub mod store;

@@ -56,7 +56,7 @@ fn classify(s: tonic::Status) -> ShipError {
 /// channel with a growing delay; a bastion without log store is asked again every 30s and
 /// reported once.
 pub async fn run(client: Channel, shared: Arc<Shared>, cancel: CancellationToken) {
-    let mut backoff = crate::session::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         let acked_before = *shared.acked.borrow();
         let r = tokio::select! {

@@ -8,10 +8,11 @@
 //! only the rendered pushes, one `watch` per agent that its session follows.
 
 pub mod render;
+pub mod service;
 pub mod tree;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -95,60 +96,6 @@ impl ConfigPushConfig {
         }
         out
     }
-}
-
-/// The template variable `bastion`: the bastion's project, zone, address and the addresses
-/// of its services, so that templates can point a VM's resolver, relay and logs at it.
-pub fn bastion_vars(cfg: &crate::config::Config) -> serde_json::Value {
-    let cp = cfg.config_push.as_ref();
-    let agents = cfg.agents.as_ref().map(|a| a.listen);
-    let address = cp
-        .and_then(|c| c.bastion_address)
-        .or_else(|| agents.map(|a| a.ip()).filter(|ip| !ip.is_unspecified()));
-    let endpoint = |sa: SocketAddr| {
-        let host = if sa.ip().is_unspecified() {
-            address.unwrap_or(sa.ip())
-        } else {
-            sa.ip()
-        };
-        serde_json::json!({ "host": host.to_string(), "port": sa.port() })
-    };
-    let mut services = serde_json::Map::new();
-    if let Some(a) = agents {
-        services.insert("agents".into(), endpoint(a));
-    }
-    if let Some(d) = cfg.dns.as_ref().and_then(|d| d.listen.first()) {
-        services.insert("dns".into(), endpoint(*d));
-    }
-    if let Some(s) = &cfg.smtp {
-        services.insert("smtp".into(), endpoint(s.listen));
-    }
-    if let Some(s) = &cfg.ssh {
-        services.insert("ssh".into(), endpoint(s.listen));
-    }
-    if let Some(m) = &cfg.metrics {
-        services.insert("metrics".into(), endpoint(m.listen));
-    }
-    // Where a VM's rsyslog forwards to: TCP when the receiver has it (no loss on a full
-    // socket buffer), else UDP.
-    if let Some(s) = &cfg.syslog {
-        let (addr, protocol) = match (s.tcp.first(), s.udp.first()) {
-            (Some(t), _) => (Some(*t), "tcp"),
-            (None, Some(u)) => (Some(*u), "udp"),
-            _ => (None, ""),
-        };
-        if let Some(a) = addr {
-            let mut e = endpoint(a);
-            e["protocol"] = serde_json::json!(protocol);
-            services.insert("syslog".into(), e);
-        }
-    }
-    serde_json::json!({
-        "project": cfg.project,
-        "zone": cfg.zone.clone().unwrap_or_default(),
-        "address": address.map(|a| a.to_string()).unwrap_or_default(),
-        "services": services,
-    })
 }
 
 /// Outcome of a reload or check.

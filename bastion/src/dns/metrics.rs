@@ -1,6 +1,6 @@
-//! Counters of the DNS service, kept in atomics until the metrics service exports them
-//! (names, units and help texts will live there). One process serves one `[dns]`, so they are
-//! process-wide.
+//! Counters of the DNS service, kept in atomics on the query path and copied into the
+//! recorder at scrape time by the collector `dns/service.rs` registers (names, units and help
+//! texts in `metrics::names`). One process serves one `[dns]`, so they are process-wide.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -23,8 +23,6 @@ pub const QUERY_TYPES: [RecordType; 12] = [
     RecordType::SVCB,
     RecordType::ANY,
 ];
-/// Upper bounds (seconds) of the upstream latency histogram buckets; a last bucket is +Inf.
-pub const LATENCY_BUCKETS: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
 /// Response codes 0..=23 counted on their own (BADVERS is 16); larger ones in the last slot.
 pub const RCODES: usize = 24;
 
@@ -52,10 +50,6 @@ pub struct DnsMetrics {
     /// Queries sent to upstreams, and those that failed (timeout, error, SERVFAIL, REFUSED).
     pub upstream_queries: AtomicU64,
     pub upstream_failures: AtomicU64,
-    /// Upstream answer latency: cumulative counts per bucket of [`LATENCY_BUCKETS`] then +Inf,
-    /// and the sum in microseconds.
-    pub upstream_latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    pub upstream_latency_sum_us: AtomicU64,
     /// Clients outside the allowed networks, answered REFUSED.
     pub refused: AtomicU64,
     /// UDP responses dropped (or slipped as TC) by the per-client rate limit.
@@ -77,8 +71,6 @@ static METRICS: DnsMetrics = DnsMetrics {
     coalesced: Z,
     upstream_queries: Z,
     upstream_failures: Z,
-    upstream_latency: [Z; LATENCY_BUCKETS.len() + 1],
-    upstream_latency_sum_us: Z,
     refused: Z,
     rate_limited: Z,
     malformed: Z,
@@ -108,18 +100,9 @@ impl DnsMetrics {
         inc(&self.responses_by_rcode[v.min(RCODES)]);
     }
 
+    /// Upstream answer latency, recorded through the facade (buckets in `metrics::names`).
     pub(crate) fn latency(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
-            if s <= *b {
-                inc(&self.upstream_latency[i]);
-            }
-        }
-        inc(&self.upstream_latency[LATENCY_BUCKETS.len()]);
-        self.upstream_latency_sum_us.fetch_add(
-            d.as_micros().min(u64::MAX as u128) as u64,
-            Ordering::Relaxed,
-        );
+        ::metrics::histogram!(crate::metrics::names::DNS_UPSTREAM_LATENCY).record(d.as_secs_f64());
     }
 
     /// Count of queries of type `t` so far.

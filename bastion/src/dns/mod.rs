@@ -13,6 +13,7 @@ mod cache;
 pub mod fuzzing;
 pub mod metrics;
 mod server;
+pub mod service;
 mod upstream;
 mod zone;
 

@@ -16,6 +16,7 @@
 //! line. Invalid UTF-8 is decoded lossily (U+FFFD).
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 pub const FACILITIES: [&str; 24] = [
     "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv",
@@ -382,6 +383,21 @@ pub fn pri_of(facility: &str, severity: &str) -> u32 {
         .position(|&x| x == severity)
         .unwrap_or(usize::from(DEFAULT_SEVERITY));
     (f * 8 + s) as u32
+}
+
+/// Lines for one host and one day, already formatted.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub host: Arc<str>,
+    pub day: i64,
+    pub data: Vec<u8>,
+    pub lines: u32,
+}
+
+impl Chunk {
+    pub fn rel_path(&self) -> String {
+        format!("{}/{}.log", self.host, day_name(self.day))
+    }
 }
 
 #[cfg(test)]

@@ -27,9 +27,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::format::Chunk;
 use super::format::{parse_line, pri_of};
 use super::metrics::counters;
-use super::store::Chunk;
 
 /// `[logs.forward]` table.
 #[derive(Debug, Clone, Deserialize)]

@@ -1,6 +1,6 @@
 //! Counters of the log store and the syslog receiver, kept in atomics (the writer thread and
-//! every receiver bump them per batch) and exported at scrape time by `metrics/render.rs`
-//! under the names of `metrics/names.rs`.
+//! every receiver bump them per batch) and copied into the recorder at scrape time by the
+//! collector `logs/service.rs` registers, under the names of `metrics/names.rs`.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
@@ -61,148 +61,43 @@ impl Counters {
         self.bytes[src as usize].fetch_add(bytes, Relaxed);
     }
 
-    /// (name, help, labels, value) of every series.
-    pub fn export(&self) -> Vec<(&'static str, &'static str, String, f64)> {
+    /// (name, `source` label, value) of every series the recorder holds (help texts in
+    /// `metrics::names`); `commit_micros` is exported apart, as fractional seconds.
+    pub fn export(&self) -> Vec<(&'static str, Option<&'static str>, u64)> {
         let mut v = Vec::new();
-        let per = |v: &mut Vec<_>, name, help, arr: &[AtomicU64; 4]| {
+        let per = |v: &mut Vec<_>, name, arr: &[AtomicU64; 4]| {
             for (i, s) in SOURCES.iter().enumerate() {
-                v.push((
-                    name,
-                    help,
-                    format!("{{source=\"{s}\"}}"),
-                    arr[i].load(Relaxed) as f64,
-                ));
+                v.push((name, Some(*s), arr[i].load(Relaxed)));
             }
         };
-        per(
-            &mut v,
-            names::LOGS_EVENTS,
-            "Log events received, by source kind.",
-            &self.events,
-        );
-        per(
-            &mut v,
-            names::LOGS_BYTES,
-            "Bytes of log messages received, by source kind.",
-            &self.bytes,
-        );
-        per(
-            &mut v,
-            names::LOGS_PARSE_FAILURES,
-            "Syslog messages that did not parse as RFC 5424 or 3164 (stored raw).",
-            &self.parse_failures,
-        );
-        per(
-            &mut v,
-            names::LOGS_INVALID_UTF8,
-            "Messages with invalid UTF-8 (stored lossily decoded).",
-            &self.invalid_utf8,
-        );
-        per(
-            &mut v,
-            names::LOGS_TRUNCATED,
-            "Messages longer than the configured maximum, stored truncated.",
-            &self.truncated,
-        );
-        let one = |v: &mut Vec<_>, name, help, a: &AtomicU64| {
-            v.push((name, help, String::new(), a.load(Relaxed) as f64));
-        };
-        one(
-            &mut v,
-            names::LOGS_DUPLICATES,
-            "Agent batches already stored, acknowledged again and dropped.",
-            &self.duplicates,
-        );
-        one(
-            &mut v,
-            names::LOGS_COMMITS,
-            "Group commits of the log store (write + fsync + journal).",
-            &self.commits,
-        );
-        v.push((
-            names::LOGS_COMMIT_SECONDS,
-            "Time spent in group commits.",
-            String::new(),
-            self.commit_micros.load(Relaxed) as f64 / 1e6,
-        ));
-        one(
-            &mut v,
-            names::LOGS_STORE_FAILED,
-            "1 when a write failed and the store refuses writes until restart.",
-            &self.store_failed,
-        );
-        one(
-            &mut v,
-            names::LOGS_STORE_BYTES,
-            "Bytes in the log store at the last retention pass.",
-            &self.store_bytes,
-        );
-        one(
-            &mut v,
-            names::LOGS_RETENTION_DELETED,
-            "Day files deleted by retention (age or total size).",
-            &self.retention_deleted,
-        );
-        one(
-            &mut v,
-            names::LOGS_COMPRESSED,
-            "Day files compressed.",
-            &self.compressed,
-        );
-        one(
-            &mut v,
-            names::SYSLOG_CONNECTIONS,
-            "Open syslog TCP and TLS connections.",
-            &self.syslog_connections,
-        );
-        one(
-            &mut v,
-            names::SYSLOG_REFUSED,
-            "Syslog clients refused (network not allowed, connection limit, TLS handshake).",
-            &self.syslog_refused,
-        );
-        one(
-            &mut v,
-            names::FORWARD_QUEUE_BYTES,
-            "Bytes waiting in the forwarding queue.",
-            &self.forward_queue_bytes,
-        );
-        one(
-            &mut v,
-            names::FORWARD_SENT,
-            "Events sent to the central collector.",
-            &self.forward_sent,
-        );
-        one(
-            &mut v,
-            names::FORWARD_DROPPED,
-            "Events dropped from a full forwarding queue (oldest first).",
-            &self.forward_dropped,
-        );
-        one(
-            &mut v,
-            names::FORWARD_CONNECTED,
-            "1 while connected to the central collector.",
-            &self.forward_connected,
-        );
-        per(
-            &mut v,
-            names::LOGS_DROPPED,
-            "Syslog events dropped because the log store's filesystem was full.",
-            &self.dropped,
-        );
-        one(
-            &mut v,
-            names::LOGS_REFUSED_BATCHES,
-            "Agent batches refused because the log store's filesystem was full (the agent keeps and resends them).",
-            &self.refused_batches,
-        );
-        one(
-            &mut v,
-            names::LOGS_STORE_FULL,
-            "1 while the log store's filesystem is full (writes are retried, no restart needed).",
-            &self.store_full,
-        );
+        per(&mut v, names::LOGS_EVENTS, &self.events);
+        per(&mut v, names::LOGS_BYTES, &self.bytes);
+        per(&mut v, names::LOGS_PARSE_FAILURES, &self.parse_failures);
+        per(&mut v, names::LOGS_INVALID_UTF8, &self.invalid_utf8);
+        per(&mut v, names::LOGS_TRUNCATED, &self.truncated);
+        for (name, a) in [
+            (names::LOGS_DUPLICATES, &self.duplicates),
+            (names::LOGS_COMMITS, &self.commits),
+            (names::LOGS_STORE_FAILED, &self.store_failed),
+            (names::LOGS_STORE_BYTES, &self.store_bytes),
+            (names::LOGS_RETENTION_DELETED, &self.retention_deleted),
+            (names::LOGS_COMPRESSED, &self.compressed),
+            (names::SYSLOG_CONNECTIONS, &self.syslog_connections),
+            (names::SYSLOG_REFUSED, &self.syslog_refused),
+            (names::FORWARD_QUEUE_BYTES, &self.forward_queue_bytes),
+            (names::FORWARD_SENT, &self.forward_sent),
+            (names::FORWARD_DROPPED, &self.forward_dropped),
+            (names::FORWARD_CONNECTED, &self.forward_connected),
+        ] {
+            v.push((name, None, a.load(Relaxed)));
+        }
+        per(&mut v, names::LOGS_DROPPED, &self.dropped);
+        for (name, a) in [
+            (names::LOGS_REFUSED_BATCHES, &self.refused_batches),
+            (names::LOGS_STORE_FULL, &self.store_full),
+        ] {
+            v.push((name, None, a.load(Relaxed)));
+        }
         v
     }
 }

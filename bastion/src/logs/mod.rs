@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod query;
 pub mod retention;
+pub mod service;
 pub mod store;
 
 use std::path::{Path, PathBuf};

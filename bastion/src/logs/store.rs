@@ -119,20 +119,7 @@ const SYNC_THREADS: usize = 16;
 /// Files a checkpoint opens and fsyncs at a time (bounds its file descriptors).
 const SYNC_BATCH: usize = 1024;
 
-/// Lines for one host and one day, already formatted (see `format.rs`).
-#[derive(Debug, Clone)]
-pub struct Chunk {
-    pub host: Arc<str>,
-    pub day: i64,
-    pub data: Vec<u8>,
-    pub lines: u32,
-}
-
-impl Chunk {
-    pub fn rel_path(&self) -> String {
-        format!("{}/{}.log", self.host, day_name(self.day))
-    }
-}
+pub use super::format::Chunk;
 
 /// The identity of an agent batch for deduplication.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -1,5 +1,6 @@
 //! `[metrics]`: the bastion's Prometheus endpoint. `/metrics` has the bastion's own metrics
-//! (the `metrics` facade rendered by metrics-exporter-prometheus, plus per-agent liveness and
+//! (the `metrics` facade rendered by metrics-exporter-prometheus, which the services' hot-path
+//! atomics are copied into by the collectors they register, plus per-agent liveness and
 //! process metrics rendered at scrape time); `/metrics/agents` and `/metrics/agents/<name>`
 //! serve the host metrics agents ship over their sessions; `/sd` is Prometheus HTTP service
 //! discovery with one target per agent, pointing back at the bastion (the PushProx pattern for
@@ -7,6 +8,7 @@
 
 pub mod names;
 pub mod render;
+pub mod service;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -32,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::hostmetrics::HostMetrics;
 use crate::registry::Registry;
+use names::Collectors;
 
 /// Most concurrent HTTP connections.
 const MAX_CONNECTIONS: usize = 256;
@@ -102,6 +105,11 @@ pub fn install_recorder() -> Result<PrometheusHandle> {
     let recorder = PrometheusBuilder::new()
         .set_buckets(names::BUCKETS)
         .context("histogram buckets")?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(names::DNS_UPSTREAM_LATENCY.into()),
+            &names::DNS_LATENCY_BUCKETS,
+        )
+        .context("histogram buckets")?
         .build_recorder();
     let handle = recorder.handle();
     // A second install (tests) keeps the first recorder.
@@ -115,20 +123,10 @@ pub fn install_recorder() -> Result<PrometheusHandle> {
 #[derive(Clone)]
 struct AppState {
     registry: Registry,
-    services: Services,
+    collectors: Collectors,
     hosts: HostMetrics,
     handle: PrometheusHandle,
     token: Option<Arc<str>>,
-}
-
-/// Which services are on, for their counters to be exported (none for a service that is off).
-#[derive(Clone, Default)]
-pub struct Services {
-    pub mail: Option<crate::smtp::MailHandle>,
-    pub dns: bool,
-    pub ssh: bool,
-    /// `[logs]` (and `[syslog]`) counters.
-    pub logs: bool,
 }
 
 /// Serves the metrics endpoint on `listener` until `shutdown`.
@@ -136,7 +134,7 @@ pub async fn run(
     cfg: MetricsConfig,
     registry: Registry,
     hosts: HostMetrics,
-    services: Services,
+    collectors: Collectors,
     tls: Option<Arc<rustls::ServerConfig>>,
     listener: TcpListener,
     shutdown: CancellationToken,
@@ -152,7 +150,7 @@ pub async fn run(
     };
     let state = AppState {
         registry,
-        services,
+        collectors,
         hosts: hosts.clone(),
         handle,
         token,
@@ -277,9 +275,12 @@ async fn self_metrics(State(s): State<AppState>, headers: HeaderMap) -> Response
         return r;
     }
     let start = Instant::now();
+    // The services that are on copy their atomics into the recorder first, so one render
+    // holds every facade series.
+    s.collectors.update();
     let mut body = s.handle.render();
     render::agents(&s.registry, &mut body);
-    render::services(&mut body, &s.services);
+    s.collectors.render_text(&mut body);
     render::process(&mut body);
     metrics::histogram!(names::SCRAPE_DURATION, "path" => "/metrics")
         .record(start.elapsed().as_secs_f64());

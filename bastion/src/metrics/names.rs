@@ -26,7 +26,49 @@ pub const CONFIG_RESULTS: &str = "bastide_config_results_total";
 pub const CONFIG_RELOADS: &str = "bastide_config_reloads_total";
 pub const CONFIG_RENDER_DURATION: &str = "bastide_config_render_duration_seconds";
 
-// Logs and syslog (exported at scrape time from `logs::metrics::Counters`).
+// SSH, DNS and SMTP: hot-path counters kept in atomics by each service and copied into the
+// recorder before each scrape by the collector the service registers (see `Collectors`).
+pub const SSH_CONNECTIONS: &str = "bastide_ssh_connections_total";
+pub const SSH_CONNECTIONS_RATE_LIMITED: &str = "bastide_ssh_connections_rate_limited_total";
+pub const SSH_AUTH_SUCCEEDED: &str = "bastide_ssh_auth_succeeded_total";
+pub const SSH_AUTH_FAILED: &str = "bastide_ssh_auth_failed_total";
+pub const SSH_JUMPS_ALLOWED: &str = "bastide_ssh_jumps_allowed_total";
+pub const SSH_JUMPS_DENIED: &str = "bastide_ssh_jumps_denied_total";
+pub const SSH_JUMPS_OPEN: &str = "bastide_ssh_jumps_open";
+pub const SSH_BYTES_TO_TARGET: &str = "bastide_ssh_bytes_to_target_total";
+pub const SSH_BYTES_FROM_TARGET: &str = "bastide_ssh_bytes_from_target_total";
+pub const DNS_QUERIES: &str = "bastide_dns_queries_total";
+pub const DNS_RESPONSES: &str = "bastide_dns_responses_total";
+pub const DNS_CACHE_HITS: &str = "bastide_dns_cache_hits_total";
+pub const DNS_CACHE_MISSES: &str = "bastide_dns_cache_misses_total";
+pub const DNS_CACHE_STALE_SERVED: &str = "bastide_dns_cache_stale_served_total";
+pub const DNS_CACHE_ENTRIES: &str = "bastide_dns_cache_entries";
+pub const DNS_PREFETCHES: &str = "bastide_dns_prefetches_total";
+pub const DNS_COALESCED: &str = "bastide_dns_coalesced_total";
+pub const DNS_UPSTREAM_QUERIES: &str = "bastide_dns_upstream_queries_total";
+pub const DNS_UPSTREAM_FAILURES: &str = "bastide_dns_upstream_failures_total";
+pub const DNS_REFUSED: &str = "bastide_dns_refused_total";
+pub const DNS_RATE_LIMITED: &str = "bastide_dns_rate_limited_total";
+pub const DNS_MALFORMED: &str = "bastide_dns_malformed_total";
+pub const DNS_OVERLOADED: &str = "bastide_dns_overloaded_total";
+/// Recorded through the facade (upstream queries are cache misses, not the hot path).
+pub const DNS_UPSTREAM_LATENCY: &str = "bastide_dns_upstream_latency_seconds";
+/// Upper bounds (seconds) of [`DNS_UPSTREAM_LATENCY`]'s buckets (a last one is +Inf).
+pub const DNS_LATENCY_BUCKETS: [f64; 10] =
+    [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
+pub const SMTP_CONNECTIONS: &str = "bastide_smtp_connections_total";
+pub const SMTP_ACCEPTED: &str = "bastide_smtp_accepted_total";
+pub const SMTP_ACCEPTED_BYTES: &str = "bastide_smtp_accepted_bytes_total";
+pub const SMTP_REFUSED: &str = "bastide_smtp_refused_total";
+pub const SMTP_SPOOL_ERRORS: &str = "bastide_smtp_spool_errors_total";
+pub const SMTP_RELAYED: &str = "bastide_smtp_relayed_total";
+pub const SMTP_DEFERRED: &str = "bastide_smtp_deferred_total";
+pub const SMTP_BOUNCED: &str = "bastide_smtp_bounced_total";
+pub const SMTP_DEAD_LETTERED: &str = "bastide_smtp_dead_lettered_total";
+pub const SMTP_QUEUE_LENGTH: &str = "bastide_smtp_queue_length";
+pub const SMTP_QUEUE_OLDEST_AGE: &str = "bastide_smtp_queue_oldest_age_seconds";
+
+// Logs and syslog (copied at scrape time from `logs::metrics::Counters`).
 pub const LOGS_EVENTS: &str = "bastide_logs_events_total";
 pub const LOGS_BYTES: &str = "bastide_logs_bytes_total";
 pub const LOGS_PARSE_FAILURES: &str = "bastide_logs_parse_failures_total";
@@ -34,7 +76,10 @@ pub const LOGS_INVALID_UTF8: &str = "bastide_logs_invalid_utf8_total";
 pub const LOGS_TRUNCATED: &str = "bastide_logs_truncated_total";
 pub const LOGS_DUPLICATES: &str = "bastide_logs_duplicate_batches_total";
 pub const LOGS_COMMITS: &str = "bastide_logs_commits_total";
+/// A counter of fractional seconds, which the facade cannot hold (its counters are integers):
+/// rendered as text by the logs collector, with this help.
 pub const LOGS_COMMIT_SECONDS: &str = "bastide_logs_commit_seconds_total";
+pub const LOGS_COMMIT_SECONDS_HELP: &str = "Time spent in group commits.";
 pub const LOGS_STORE_FAILED: &str = "bastide_logs_store_failed";
 pub const LOGS_STORE_BYTES: &str = "bastide_logs_store_bytes";
 pub const LOGS_RETENTION_DELETED: &str = "bastide_logs_retention_deleted_files_total";
@@ -124,4 +169,262 @@ pub fn describe() {
         Unit::Seconds,
         "Time to load the environment tree and render every agent."
     );
+    // SSH.
+    for (name, help) in [
+        (SSH_CONNECTIONS, "SSH connections accepted"),
+        (
+            SSH_CONNECTIONS_RATE_LIMITED,
+            "SSH connections refused by the per-source rate limit",
+        ),
+        (SSH_AUTH_SUCCEEDED, "SSH authentications that succeeded"),
+        (SSH_AUTH_FAILED, "SSH authentication attempts refused"),
+        (SSH_JUMPS_ALLOWED, "Jump channels allowed"),
+        (SSH_JUMPS_DENIED, "Jump channels denied or failed"),
+        (
+            SSH_BYTES_TO_TARGET,
+            "Bytes forwarded from admins to targets",
+        ),
+        (
+            SSH_BYTES_FROM_TARGET,
+            "Bytes forwarded from targets to admins",
+        ),
+    ] {
+        describe_counter!(name, help);
+    }
+    describe_gauge!(SSH_JUMPS_OPEN, "Jump channels open now");
+    // DNS.
+    describe_counter!(DNS_QUERIES, "DNS queries received, by query type.");
+    describe_counter!(DNS_RESPONSES, "DNS responses sent, by response code.");
+    for (name, help) in [
+        (DNS_CACHE_HITS, "Answers served from the cache."),
+        (DNS_CACHE_MISSES, "Queries the cache could not answer."),
+        (
+            DNS_CACHE_STALE_SERVED,
+            "Expired answers served while every upstream was down.",
+        ),
+        (DNS_PREFETCHES, "Cache entries refreshed before expiry."),
+        (
+            DNS_COALESCED,
+            "Queries merged into an identical upstream query in flight.",
+        ),
+        (DNS_UPSTREAM_QUERIES, "Queries sent to upstream resolvers."),
+        (
+            DNS_UPSTREAM_FAILURES,
+            "Upstream queries that failed or timed out.",
+        ),
+        (
+            DNS_REFUSED,
+            "Queries refused: client outside the allowed networks.",
+        ),
+        (
+            DNS_RATE_LIMITED,
+            "Responses dropped or truncated by response rate limiting.",
+        ),
+        (DNS_MALFORMED, "Malformed packets received."),
+        (
+            DNS_OVERLOADED,
+            "Queries dropped because too many were pending.",
+        ),
+    ] {
+        describe_counter!(name, help);
+    }
+    describe_gauge!(DNS_CACHE_ENTRIES, "Entries in the cache.");
+    describe_histogram!(
+        DNS_UPSTREAM_LATENCY,
+        Unit::Seconds,
+        "Latency of upstream queries."
+    );
+    // SMTP.
+    for (name, help) in [
+        (
+            SMTP_CONNECTIONS,
+            "SMTP connections accepted by the listener",
+        ),
+        (
+            SMTP_ACCEPTED,
+            "Messages acknowledged (250 after DATA, spooled and fsynced)",
+        ),
+        (SMTP_ACCEPTED_BYTES, "Bytes of acknowledged messages"),
+        (
+            SMTP_REFUSED,
+            "Refusals by reason (client, recipient, size, line_length, limit, syntax, timeout).",
+        ),
+        (
+            SMTP_SPOOL_ERRORS,
+            "Messages that could not be written to the spool (451)",
+        ),
+        (SMTP_RELAYED, "Messages delivered to the smarthost"),
+        (SMTP_DEFERRED, "Delivery attempts that failed temporarily"),
+        (SMTP_BOUNCED, "Bounces (DSN) generated"),
+        (
+            SMTP_DEAD_LETTERED,
+            "Messages moved to the dead-letter folder",
+        ),
+    ] {
+        describe_counter!(name, help);
+    }
+    describe_gauge!(SMTP_QUEUE_LENGTH, "Messages in the queue");
+    describe_gauge!(
+        SMTP_QUEUE_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest message in the queue"
+    );
+    // Logs and syslog.
+    for (name, help) in [
+        (LOGS_EVENTS, "Log events received, by source kind."),
+        (LOGS_BYTES, "Bytes of log messages received, by source kind."),
+        (
+            LOGS_PARSE_FAILURES,
+            "Syslog messages that did not parse as RFC 5424 or 3164 (stored raw).",
+        ),
+        (
+            LOGS_INVALID_UTF8,
+            "Messages with invalid UTF-8 (stored lossily decoded).",
+        ),
+        (
+            LOGS_TRUNCATED,
+            "Messages longer than the configured maximum, stored truncated.",
+        ),
+        (
+            LOGS_DUPLICATES,
+            "Agent batches already stored, acknowledged again and dropped.",
+        ),
+        (
+            LOGS_COMMITS,
+            "Group commits of the log store (write + fsync + journal).",
+        ),
+        (
+            LOGS_RETENTION_DELETED,
+            "Day files deleted by retention (age or total size).",
+        ),
+        (LOGS_COMPRESSED, "Day files compressed."),
+        (
+            SYSLOG_REFUSED,
+            "Syslog clients refused (network not allowed, connection limit, TLS handshake).",
+        ),
+        (FORWARD_SENT, "Events sent to the central collector."),
+        (
+            FORWARD_DROPPED,
+            "Events dropped from a full forwarding queue (oldest first).",
+        ),
+        (
+            LOGS_DROPPED,
+            "Syslog events dropped because the log store's filesystem was full.",
+        ),
+        (
+            LOGS_REFUSED_BATCHES,
+            "Agent batches refused because the log store's filesystem was full (the agent keeps and resends them).",
+        ),
+    ] {
+        describe_counter!(name, help);
+    }
+    for (name, help) in [
+        (
+            LOGS_STORE_FAILED,
+            "1 when a write failed and the store refuses writes until restart.",
+        ),
+        (
+            LOGS_STORE_BYTES,
+            "Bytes in the log store at the last retention pass.",
+        ),
+        (SYSLOG_CONNECTIONS, "Open syslog TCP and TLS connections."),
+        (
+            FORWARD_QUEUE_BYTES,
+            "Bytes waiting in the forwarding queue.",
+        ),
+        (
+            FORWARD_CONNECTED,
+            "1 while connected to the central collector.",
+        ),
+        (
+            LOGS_STORE_FULL,
+            "1 while the log store's filesystem is full (writes are retried, no restart needed).",
+        ),
+    ] {
+        describe_gauge!(name, help);
+    }
+}
+
+/// Copies a value kept in an atomic into the recorder: a counter for a `_total` name, a gauge
+/// otherwise (the same rule the names follow).
+pub fn export(name: &'static str, labels: Vec<metrics::Label>, v: u64) {
+    if name.ends_with("_total") {
+        metrics::counter!(name, labels).absolute(v);
+    } else {
+        metrics::gauge!(name, labels).set(v as f64);
+    }
+}
+
+/// [`export`] for a series written `name{k="v",...}` (label values without quotes or commas).
+pub fn export_series(series: &'static str, v: u64) {
+    let (name, labels) = match series.split_once('{') {
+        Some((n, rest)) => (n, rest.trim_end_matches('}')),
+        None => (series, ""),
+    };
+    let labels = labels
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| metrics::Label::new(k, v.trim_matches('"')))
+        .collect();
+    export(name, labels, v);
+}
+
+/// Appends one counter of fractional value as text, with its HELP and TYPE.
+pub fn text_counter(out: &mut String, name: &str, help: &str, v: f64) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
+}
+
+/// Collectors run before each scrape of `/metrics`: a service that keeps hot-path counters in
+/// atomics registers one that copies them into the recorder ([`export`]), so its series are
+/// rendered by the exporter with the rest. A text collector appends series the facade cannot
+/// hold (fractional counters, per-agent series that must vanish with the agent).
+#[derive(Clone, Default)]
+pub struct Collectors(std::sync::Arc<std::sync::RwLock<Vec<Collector>>>);
+
+#[derive(Clone)]
+enum Collector {
+    Recorder(std::sync::Arc<dyn Fn() + Send + Sync>),
+    Text(std::sync::Arc<dyn Fn(&mut String) + Send + Sync>),
+}
+
+impl Collectors {
+    /// Adds `f`, run before every scrape to update the recorder.
+    pub fn register(&self, f: impl Fn() + Send + Sync + 'static) {
+        if let Ok(mut v) = self.0.write() {
+            v.push(Collector::Recorder(std::sync::Arc::new(f)));
+        }
+    }
+
+    /// Adds `f`, which appends its series (with HELP and TYPE) to every scrape.
+    pub fn register_text(&self, f: impl Fn(&mut String) + Send + Sync + 'static) {
+        if let Ok(mut v) = self.0.write() {
+            v.push(Collector::Text(std::sync::Arc::new(f)));
+        }
+    }
+
+    fn all(&self) -> Vec<Collector> {
+        self.0.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Runs the recorder collectors (before rendering the recorder).
+    pub fn update(&self) {
+        for c in self.all() {
+            if let Collector::Recorder(f) = c {
+                f();
+            }
+        }
+    }
+
+    /// Runs the text collectors (after rendering the recorder).
+    pub fn render_text(&self, out: &mut String) {
+        for c in self.all() {
+            if let Collector::Text(f) = c {
+                f(out);
+            }
+        }
+    }
 }

@@ -10,6 +10,7 @@
 pub mod relay;
 pub mod rewrite;
 pub mod server;
+pub mod service;
 pub mod spool;
 
 use std::collections::BTreeMap;
@@ -391,70 +392,25 @@ pub struct SmtpMetrics {
     pub dead_lettered: AtomicU64,
 }
 
-/// (name, help) of each counter, in Prometheus style, for the metrics service.
-pub const METRICS_HELP: &[(&str, &str)] = &[
-    (
-        "bastide_smtp_connections_total",
-        "SMTP connections accepted by the listener",
-    ),
-    (
-        "bastide_smtp_accepted_total",
-        "Messages acknowledged (250 after DATA, spooled and fsynced)",
-    ),
-    (
-        "bastide_smtp_accepted_bytes_total",
-        "Bytes of acknowledged messages",
-    ),
-    (
-        "bastide_smtp_refused_total{reason=\"client\"}",
-        "Clients refused: not in an allowed network nor an enrolled agent",
-    ),
-    (
-        "bastide_smtp_refused_total{reason=\"recipient\"}",
-        "Recipients refused: domain not allowed or no domain",
-    ),
-    (
-        "bastide_smtp_refused_total{reason=\"size\"}",
-        "Messages refused for their size",
-    ),
-    (
-        "bastide_smtp_refused_total{reason=\"line_length\"}",
-        "Messages refused for an over-long line",
-    ),
-    (
-        "bastide_smtp_refused_total{reason=\"limit\"}",
-        "Connections or recipients refused by a limit",
-    ),
-    (
-        "bastide_smtp_refused_total{reason=\"syntax\"}",
-        "Malformed or out-of-sequence commands",
-    ),
-    (
-        "bastide_smtp_refused_total{reason=\"timeout\"}",
-        "Sessions closed on a command or DATA timeout",
-    ),
-    (
-        "bastide_smtp_spool_errors_total",
-        "Messages that could not be written to the spool (451)",
-    ),
-    (
-        "bastide_smtp_relayed_total",
-        "Messages delivered to the smarthost",
-    ),
-    (
-        "bastide_smtp_deferred_total",
-        "Delivery attempts that failed temporarily",
-    ),
-    ("bastide_smtp_bounced_total", "Bounces (DSN) generated"),
-    (
-        "bastide_smtp_dead_lettered_total",
-        "Messages moved to the dead-letter folder",
-    ),
-    ("bastide_smtp_queue_length", "Messages in the queue"),
-    (
-        "bastide_smtp_queue_oldest_age_seconds",
-        "Age of the oldest message in the queue",
-    ),
+/// Every series of the relay, in Prometheus style (help texts in `metrics::names`).
+pub const METRICS: &[&str] = &[
+    "bastide_smtp_connections_total",
+    "bastide_smtp_accepted_total",
+    "bastide_smtp_accepted_bytes_total",
+    "bastide_smtp_refused_total{reason=\"client\"}",
+    "bastide_smtp_refused_total{reason=\"recipient\"}",
+    "bastide_smtp_refused_total{reason=\"size\"}",
+    "bastide_smtp_refused_total{reason=\"line_length\"}",
+    "bastide_smtp_refused_total{reason=\"limit\"}",
+    "bastide_smtp_refused_total{reason=\"syntax\"}",
+    "bastide_smtp_refused_total{reason=\"timeout\"}",
+    "bastide_smtp_spool_errors_total",
+    "bastide_smtp_relayed_total",
+    "bastide_smtp_deferred_total",
+    "bastide_smtp_bounced_total",
+    "bastide_smtp_dead_lettered_total",
+    "bastide_smtp_queue_length",
+    "bastide_smtp_queue_oldest_age_seconds",
 ];
 
 impl SmtpMetrics {
@@ -485,7 +441,7 @@ impl SmtpMetrics {
             len,
             oldest,
         ];
-        METRICS_HELP.iter().map(|(n, _)| *n).zip(values).collect()
+        METRICS.iter().copied().zip(values).collect()
     }
 }
 
@@ -494,6 +450,17 @@ impl SmtpMetrics {
 pub struct MailHandle {
     pub queue: Arc<Queue>,
     pub metrics: Arc<SmtpMetrics>,
+}
+
+/// Domain given to domain-less addresses (`<root>`) so that the parser takes them; the
+/// rewriter treats it as local. `.invalid` can never be a real domain (RFC 2606).
+pub const UNQUALIFIED: &str = "unqualified.bastide.invalid";
+
+/// What the relay takes from the rest of the configuration.
+pub struct Main<'a> {
+    pub zone: Option<&'a str>,
+    pub state_dir: &'a std::path::Path,
+    pub pki: &'a crate::pki::PkiPaths,
 }
 
 /// The relay, opened (spool loaded, TLS and transport built) but not yet serving.
@@ -519,10 +486,9 @@ fn system_hostname() -> String {
 impl Smtp {
     /// Opens the spool (recovering from a crash: half-written files are removed) and
     /// prepares the listener's TLS and the smarthost transport.
-    pub fn open(cfg: SmtpConfig, main: &crate::config::Config, registry: Registry) -> Result<Self> {
+    pub fn open(cfg: SmtpConfig, main: &Main<'_>, registry: Registry) -> Result<Self> {
         let zone = main
             .zone
-            .as_ref()
             .map(|z| z.trim_end_matches('.').to_ascii_lowercase());
         let hostname = cfg.hostname.clone().unwrap_or_else(|| match &zone {
             Some(z) => format!("bastion.{z}"),
@@ -530,10 +496,10 @@ impl Smtp {
         });
         let metrics = Arc::new(SmtpMetrics::default());
         let queue = Arc::new(
-            Queue::open(&cfg.spool_path(&main.state_dir)).context("opening the mail spool")?,
+            Queue::open(&cfg.spool_path(main.state_dir)).context("opening the mail spool")?,
         );
         let tls = if cfg.starttls {
-            let pki = main.pki_paths();
+            let pki = main.pki;
             Some(tokio_rustls::TlsAcceptor::from(Arc::new(
                 server::tls_config(&pki.server_cert, &pki.server_key)
                     .context("smtp.starttls: loading the server certificate")?,
@@ -600,8 +566,18 @@ pub async fn run(svc: Smtp, listener: TcpListener, shutdown: CancellationToken) 
 }
 
 /// The admin socket's `mail` requests.
-pub fn admin(mail: &MailHandle, req: crate::admin::AdminRequest) -> Result<serde_json::Value> {
-    use crate::admin::AdminRequest as R;
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum MailRequest {
+    MailQueue,
+    MailFlush,
+    MailRetry { id: String },
+    MailDelete { id: String },
+}
+
+/// Answers the admin socket's `mail` requests.
+pub fn admin(mail: &MailHandle, req: MailRequest) -> Result<serde_json::Value> {
+    use MailRequest as R;
     Ok(match req {
         R::MailQueue => serde_json::json!({
             "messages": mail.queue.list(),
@@ -621,6 +597,5 @@ pub fn admin(mail: &MailHandle, req: crate::admin::AdminRequest) -> Result<serde
             tracing::info!(id = %id, "mail deleted from the queue by an admin");
             serde_json::Value::Null
         }
-        other => anyhow::bail!("not a mail request: {other:?}"),
     })
 }

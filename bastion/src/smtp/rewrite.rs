@@ -8,8 +8,8 @@
 
 use crate::registry::Registry;
 
-use super::server::UNQUALIFIED;
 use super::SmtpConfig;
+use super::UNQUALIFIED;
 
 pub struct Rewriter {
     sender_address: Option<String>,

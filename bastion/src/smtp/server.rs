@@ -28,9 +28,7 @@ use crate::registry::Registry;
 
 /// Longest command line (RFC 5321 says 512; extensions make them longer).
 const MAX_COMMAND_LINE: usize = 2048;
-/// Domain given to domain-less addresses (`<root>`) so that the parser takes them; the
-/// rewriter treats it as local. `.invalid` can never be a real domain (RFC 2606).
-pub const UNQUALIFIED: &str = "unqualified.bastide.invalid";
+pub use super::UNQUALIFIED;
 
 /// Errors after which a session is closed.
 const MAX_ERRORS: u32 = 20;

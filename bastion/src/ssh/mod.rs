@@ -13,6 +13,7 @@ pub mod forward;
 pub mod hosts;
 pub mod limits;
 pub mod rules;
+pub mod service;
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -53,55 +54,23 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// (metric name, help, value) for every counter.
-    pub fn export(&self) -> Vec<(&'static str, &'static str, u64)> {
+    /// (metric name, value) for every counter (help texts in `metrics::names`).
+    pub fn export(&self) -> Vec<(&'static str, u64)> {
+        use crate::metrics::names as n;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         vec![
+            (n::SSH_CONNECTIONS, g(&self.connections)),
             (
-                "bastide_ssh_connections_total",
-                "SSH connections accepted",
-                g(&self.connections),
-            ),
-            (
-                "bastide_ssh_connections_rate_limited_total",
-                "SSH connections refused by the per-source rate limit",
+                n::SSH_CONNECTIONS_RATE_LIMITED,
                 g(&self.connections_rate_limited),
             ),
-            (
-                "bastide_ssh_auth_succeeded_total",
-                "SSH authentications that succeeded",
-                g(&self.auth_succeeded),
-            ),
-            (
-                "bastide_ssh_auth_failed_total",
-                "SSH authentication attempts refused",
-                g(&self.auth_failed),
-            ),
-            (
-                "bastide_ssh_jumps_allowed_total",
-                "Jump channels allowed",
-                g(&self.jumps_allowed),
-            ),
-            (
-                "bastide_ssh_jumps_denied_total",
-                "Jump channels denied or failed",
-                g(&self.jumps_denied),
-            ),
-            (
-                "bastide_ssh_jumps_open",
-                "Jump channels open now",
-                g(&self.jumps_open),
-            ),
-            (
-                "bastide_ssh_bytes_to_target_total",
-                "Bytes forwarded from admins to targets",
-                g(&self.bytes_to_target),
-            ),
-            (
-                "bastide_ssh_bytes_from_target_total",
-                "Bytes forwarded from targets to admins",
-                g(&self.bytes_from_target),
-            ),
+            (n::SSH_AUTH_SUCCEEDED, g(&self.auth_succeeded)),
+            (n::SSH_AUTH_FAILED, g(&self.auth_failed)),
+            (n::SSH_JUMPS_ALLOWED, g(&self.jumps_allowed)),
+            (n::SSH_JUMPS_DENIED, g(&self.jumps_denied)),
+            (n::SSH_JUMPS_OPEN, g(&self.jumps_open)),
+            (n::SSH_BYTES_TO_TARGET, g(&self.bytes_to_target)),
+            (n::SSH_BYTES_FROM_TARGET, g(&self.bytes_from_target)),
         ]
     }
 }

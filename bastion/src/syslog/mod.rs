@@ -10,6 +10,8 @@
 //! address of exactly one enrolled agent is filed under that agent's name; otherwise under
 //! the hostname it claims, sanitised into one path component, or the sender's address.
 
+pub mod service;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;

@@ -1,0 +1,134 @@
+//! How the daemon starts configuration push (see `crate::service`), and its admin commands
+//! (`bastide config render|check|reload`).
+
+use std::net::SocketAddr;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::ConfigPushHandle;
+use crate::config::Config;
+use crate::service::{Ctx, Service};
+
+/// The admin commands of configuration push.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ConfigRequest {
+    /// Effective variables and files of one agent, from the tree on disk.
+    ConfigRender { agent: String },
+    /// Validate the tree and render every agent, changing nothing.
+    ConfigCheck,
+    /// Reload the tree now and push what changed.
+    ConfigReload,
+}
+
+const COMMANDS: &[&str] = &["config_render", "config_check", "config_reload"];
+
+/// The push service, ready.
+pub struct ConfigPush {
+    handle: ConfigPushHandle,
+}
+
+impl Service for ConfigPush {
+    const NAME: &'static str = "config_push";
+
+    async fn bind(cfg: &Config, ctx: &Ctx) -> Result<Option<Self>> {
+        let Some(c) = &cfg.config_push else {
+            ctx.admin.off(
+                COMMANDS,
+                "configuration push is off (no [config_push] table)",
+            );
+            return Ok(None);
+        };
+        let handle = ConfigPushHandle::new(
+            c.clone(),
+            &cfg.project,
+            cfg.zone.clone(),
+            bastion_vars(cfg),
+            ctx.registry.clone(),
+        );
+        ctx.handles.provide(handle.clone());
+        let (blocking, reload) = (handle.clone(), handle.clone());
+        ctx.admin
+            .blocking(&COMMANDS[..2], move |req: ConfigRequest| match req {
+                ConfigRequest::ConfigRender { agent } => match blocking.render_view(&agent) {
+                    Ok(v) => Ok(serde_json::to_value(v)?),
+                    Err(e) => bail!("{}", e.join("\n")),
+                },
+                _ => Ok(serde_json::to_value(blocking.check())?),
+            });
+        ctx.admin.call(&COMMANDS[2..], move |_: ConfigRequest| {
+            let cp = reload.clone();
+            async move {
+                let s = cp.reload().await?;
+                if !s.errors.is_empty() {
+                    bail!(
+                        "the tree was refused, the last good one stays:\n{}",
+                        s.errors.join("\n")
+                    );
+                }
+                Ok(serde_json::to_value(s)?)
+            }
+        });
+        Ok(Some(Self { handle }))
+    }
+
+    async fn run(self, _ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
+        super::run(self.handle, shutdown).await
+    }
+}
+
+/// The template variable `bastion`: the bastion's project, zone, address and the addresses
+/// of its services, so that templates can point a VM's resolver, relay and logs at it.
+pub fn bastion_vars(cfg: &Config) -> serde_json::Value {
+    let cp = cfg.config_push.as_ref();
+    let agents = cfg.agents.as_ref().map(|a| a.listen);
+    let address = cp
+        .and_then(|c| c.bastion_address)
+        .or_else(|| agents.map(|a| a.ip()).filter(|ip| !ip.is_unspecified()));
+    let endpoint = |sa: SocketAddr| {
+        let host = if sa.ip().is_unspecified() {
+            address.unwrap_or(sa.ip())
+        } else {
+            sa.ip()
+        };
+        serde_json::json!({ "host": host.to_string(), "port": sa.port() })
+    };
+    let mut services = serde_json::Map::new();
+    if let Some(a) = agents {
+        services.insert("agents".into(), endpoint(a));
+    }
+    if let Some(d) = cfg.dns.as_ref().and_then(|d| d.listen.first()) {
+        services.insert("dns".into(), endpoint(*d));
+    }
+    if let Some(s) = &cfg.smtp {
+        services.insert("smtp".into(), endpoint(s.listen));
+    }
+    if let Some(s) = &cfg.ssh {
+        services.insert("ssh".into(), endpoint(s.listen));
+    }
+    if let Some(m) = &cfg.metrics {
+        services.insert("metrics".into(), endpoint(m.listen));
+    }
+    // Where a VM's rsyslog forwards to: TCP when the receiver has it (no loss on a full
+    // socket buffer), else UDP.
+    if let Some(s) = &cfg.syslog {
+        let (addr, protocol) = match (s.tcp.first(), s.udp.first()) {
+            (Some(t), _) => (Some(*t), "tcp"),
+            (None, Some(u)) => (Some(*u), "udp"),
+            _ => (None, ""),
+        };
+        if let Some(a) = addr {
+            let mut e = endpoint(a);
+            e["protocol"] = serde_json::json!(protocol);
+            services.insert("syslog".into(), e);
+        }
+    }
+    serde_json::json!({
+        "project": cfg.project,
+        "zone": cfg.zone.clone().unwrap_or_default(),
+        "address": address.map(|a| a.to_string()).unwrap_or_default(),
+        "services": services,
+    })
+}
