@@ -4,6 +4,7 @@
 //! Every service is a module with one `run(...)` entry point; the [`registry`] is the one owner
 //! of agent state and every service derives what it needs from it.
 
+pub mod addresses;
 pub mod admin;
 pub mod agents;
 pub mod cli;
