@@ -203,8 +203,13 @@ async fn session_once(
     registered: &mut bool,
 ) -> Result<Outcome> {
     let tls = mtls_config_of(st)?;
-    let channel =
-        connect_from(&st.meta.bastion, &st.meta.server_name, tls, cfg.source_address).await?;
+    let channel = connect_from(
+        &st.meta.bastion,
+        &st.meta.server_name,
+        tls,
+        cfg.source_address,
+    )
+    .await?;
     let mut client = AgentClient::new(channel.clone());
     let reg = client
         .register(RegisterRequest {

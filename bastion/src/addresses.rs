@@ -128,7 +128,12 @@ impl AddressPolicy {
     ) -> Self {
         let ifaces = interfaces();
         let mut bastion: BTreeSet<IpAddr> = ifaces.iter().map(|(ip, _)| *ip).collect();
-        bastion.extend(listen.into_iter().map(canonical).filter(|ip| !ip.is_unspecified()));
+        bastion.extend(
+            listen
+                .into_iter()
+                .map(canonical)
+                .filter(|ip| !ip.is_unspecified()),
+        );
         let networks = networks.unwrap_or_else(|| {
             let mut v: Vec<IpNet> = Vec::new();
             for (ip, net) in ifaces {
@@ -243,7 +248,10 @@ pub fn resolve_conflicts(agents: &[Candidate<'_>]) -> BTreeMap<IpAddr, (Vec<Stri
         all.sort();
         let online: Vec<&str> = hs.iter().filter(|(_, o)| *o).map(|(n, _)| *n).collect();
         let losers: Vec<String> = if online.len() == 1 {
-            all.iter().filter(|n| n.as_str() != online[0]).cloned().collect()
+            all.iter()
+                .filter(|n| n.as_str() != online[0])
+                .cloned()
+                .collect()
         } else {
             all.clone()
         };
@@ -295,7 +303,10 @@ mod tests {
 
     #[test]
     fn fixed_refusals() {
-        let p = policy(&["10.0.0.0/8", "169.254.0.0/16", "0.0.0.0/0"], ClaimedAddresses::Networks);
+        let p = policy(
+            &["10.0.0.0/8", "169.254.0.0/16", "0.0.0.0/0"],
+            ClaimedAddresses::Networks,
+        );
         assert_eq!(p.check(ip("10.0.0.5")), Ok(()));
         assert_eq!(p.check(ip("::ffff:10.0.0.5")), Ok(()));
         assert_eq!(p.check(ip("10.0.0.1")), Err(Refusal::Bastion));
@@ -327,7 +338,10 @@ mod tests {
     #[test]
     fn observed_mode_uses_only_the_observed_claim() {
         let p = policy(&["10.0.0.0/8"], ClaimedAddresses::Observed);
-        let j = p.judge(&[ip("10.0.0.5"), ip("10.0.0.6")], Some(ip("::ffff:10.0.0.6")));
+        let j = p.judge(
+            &[ip("10.0.0.5"), ip("10.0.0.6")],
+            Some(ip("::ffff:10.0.0.6")),
+        );
         assert_eq!(j.accepted, vec![ip("10.0.0.6")]);
         assert_eq!(
             j.refused,
@@ -353,7 +367,12 @@ mod tests {
     fn networks_mode_uses_every_valid_claim_and_flags_a_mismatch() {
         let p = policy(&["10.0.0.0/8"], ClaimedAddresses::Networks);
         let j = p.judge(
-            &[ip("10.0.0.5"), ip("127.0.0.1"), ip("10.0.0.5"), ip("10.9.9.9")],
+            &[
+                ip("10.0.0.5"),
+                ip("127.0.0.1"),
+                ip("10.0.0.5"),
+                ip("10.9.9.9"),
+            ],
             Some(ip("10.0.0.7")),
         );
         assert_eq!(j.accepted, vec![ip("10.0.0.5"), ip("10.9.9.9")]);
@@ -365,8 +384,16 @@ mod tests {
     fn conflicts_go_to_the_only_online_holder_or_to_none() {
         let (a, b) = ([ip("10.0.0.5"), ip("10.0.0.6")], [ip("10.0.0.5")]);
         let both_online = [
-            Candidate { name: "web02", online: true, accepted: &b },
-            Candidate { name: "web01", online: true, accepted: &a },
+            Candidate {
+                name: "web02",
+                online: true,
+                accepted: &b,
+            },
+            Candidate {
+                name: "web01",
+                online: true,
+                accepted: &a,
+            },
         ];
         let c = resolve_conflicts(&both_online);
         assert_eq!(c.len(), 1);
@@ -374,14 +401,30 @@ mod tests {
         assert_eq!(losers, &vec!["web01".to_string(), "web02".to_string()]);
         assert_eq!(all, losers);
         let one_online = [
-            Candidate { name: "web01", online: true, accepted: &a },
-            Candidate { name: "web02", online: false, accepted: &b },
+            Candidate {
+                name: "web01",
+                online: true,
+                accepted: &a,
+            },
+            Candidate {
+                name: "web02",
+                online: false,
+                accepted: &b,
+            },
         ];
         let c = resolve_conflicts(&one_online);
         assert_eq!(c[&ip("10.0.0.5")].0, vec!["web02".to_string()]);
         let none_online = [
-            Candidate { name: "web01", online: false, accepted: &a },
-            Candidate { name: "web02", online: false, accepted: &b },
+            Candidate {
+                name: "web01",
+                online: false,
+                accepted: &a,
+            },
+            Candidate {
+                name: "web02",
+                online: false,
+                accepted: &b,
+            },
         ];
         assert_eq!(resolve_conflicts(&none_online)[&ip("10.0.0.5")].0.len(), 2);
     }

@@ -299,8 +299,11 @@ struct Inner {
     /// arrive by thousands after a change, so they are written in batches, not one by one.
     config: Mutex<(HashMap<String, ConfigState>, HashSet<String>)>,
     /// Refused claims and flags last logged per agent: logged once per change.
-    address_log: Mutex<HashMap<String, (Vec<RefusedAddress>, Vec<String>)>>,
+    address_log: Mutex<HashMap<String, AddressVerdict>>,
 }
+
+/// An agent's refused claims and flags, as last logged.
+type AddressVerdict = (Vec<RefusedAddress>, Vec<String>);
 
 /// Cheap to clone: every clone is the same registry.
 #[derive(Clone)]
@@ -468,8 +471,7 @@ impl Registry {
                 .map(|a| {
                     let claimed: Vec<IpAddr> =
                         a.addresses.iter().filter_map(|s| s.parse().ok()).collect();
-                    let online =
-                        !a.revoked && st.sessions.get(&a.name).copied().unwrap_or(0) > 0;
+                    let online = !a.revoked && st.sessions.get(&a.name).copied().unwrap_or(0) > 0;
                     let j = policy.judge(&claimed, st.observed.get(&a.name).copied());
                     (a.name.as_str(), (claimed, online, j))
                 })
@@ -491,10 +493,8 @@ impl Registry {
                 .agents
                 .values()
                 .map(|a| {
-                    let (claimed, online, j) = judged
-                        .get(a.name.as_str())
-                        .cloned()
-                        .unwrap_or_default();
+                    let (claimed, online, j) =
+                        judged.get(a.name.as_str()).cloned().unwrap_or_default();
                     let mut addresses = Vec::new();
                     let mut refused: Vec<RefusedAddress> = j
                         .refused

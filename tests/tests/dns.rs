@@ -578,7 +578,10 @@ fn claims_the_address_policy_refuses_get_no_record() {
         r#"reverse_zones = ["127.in-addr.arpa.", "254.169.in-addr.arpa.", "10.in-addr.arpa."]"#,
     );
     let mut evil = Agent::new("evil");
-    evil.set_addresses(&["127.0.0.1", "169.254.169.254", "10.99.0.5"], Some(&evil.ip));
+    evil.set_addresses(
+        &["127.0.0.1", "169.254.169.254", "10.99.0.5"],
+        Some(&evil.ip),
+    );
     evil.enroll_ok(&b, &b.token(&[]));
     evil.start();
     let info = wait_for(Duration::from_secs(20), || {

@@ -463,7 +463,11 @@ fn registration_is_recorded_under_the_certificate_name() {
     // where the connection came from.
     assert_eq!(web["claimed"], serde_json::json!(["10.9.9.9"]), "{web}");
     assert_eq!(web["addresses"], serde_json::json!([]), "{web}");
-    assert_eq!(web["flags"], serde_json::json!(["address-mismatch"]), "{web}");
+    assert_eq!(
+        web["flags"],
+        serde_json::json!(["address-mismatch"]),
+        "{web}"
+    );
     let db = b.agent("db01").unwrap();
     assert_ne!(db["hostname"], "impostor-host");
     assert!(b.log_text().contains("claims another name"));
@@ -646,7 +650,11 @@ fn an_agent_connecting_from_another_address_than_it_claims_is_flagged_and_counte
             .filter(|i| i["state"] == "online" && i["observed"] == a.ip.as_str())
     })
     .unwrap_or_else(|| panic!("not registered: {:?}\n{}", b.agent("web01"), a.log_text()));
-    assert_eq!(info["flags"], serde_json::json!(["address-mismatch"]), "{info}");
+    assert_eq!(
+        info["flags"],
+        serde_json::json!(["address-mismatch"]),
+        "{info}"
+    );
     assert_eq!(info["claimed"], serde_json::json!([other]), "{info}");
     assert_eq!(info["addresses"], serde_json::json!([]), "{info}");
     assert!(

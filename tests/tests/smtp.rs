@@ -655,25 +655,50 @@ fn clients_outside_allowed_networks_are_refused_agents_allowed() {
     let mut a = Agent::new("web01");
     let o = swaks(
         r.port,
-        &["-li", &a.ip, "--from", "a@example.com", "--to", "b@example.com"],
+        &[
+            "-li",
+            &a.ip,
+            "--from",
+            "a@example.com",
+            "--to",
+            "b@example.com",
+        ],
     );
     assert!(transcript(&o).contains("554 5.7.1"), "{}", transcript(&o));
     a.enroll_ok(&r.b, &r.b.token(&[]));
     a.start();
     assert!(r.b.wait_state("web01", "online", Duration::from_secs(20)));
     assert!(
-        wait_for(Duration::from_secs(10), || r.b.agent("web01").filter(|i| i["addresses"][0] == a.ip.as_str())).is_some(),
+        wait_for(Duration::from_secs(10), || r
+            .b
+            .agent("web01")
+            .filter(|i| i["addresses"][0] == a.ip.as_str()))
+        .is_some(),
         "{:?}",
         r.b.agent("web01")
     );
     assert_ok(&swaks(
         r.port,
-        &["-li", &a.ip, "--from", "a@example.com", "--to", "b@example.com"],
+        &[
+            "-li",
+            &a.ip,
+            "--from",
+            "a@example.com",
+            "--to",
+            "b@example.com",
+        ],
     ));
     // The recipient-domain allow-list.
     let o = swaks(
         r.port,
-        &["-li", &a.ip, "--from", "a@example.com", "--to", "b@example.net"],
+        &[
+            "-li",
+            &a.ip,
+            "--from",
+            "a@example.com",
+            "--to",
+            "b@example.net",
+        ],
     );
     assert!(transcript(&o).contains("550 5.7.1"), "{}", transcript(&o));
     assert_eq!(queue(&r.b)["messages"].as_array().unwrap().len(), 1);
@@ -1578,16 +1603,36 @@ fn a_claimed_address_does_not_open_the_relay() {
     a.enroll_ok(&r.b, &r.b.token(&[]));
     a.start();
     let info = wait_for(Duration::from_secs(20), || {
-        r.b.agent("evil").filter(|i| i["addresses"][0] == a.ip.as_str())
+        r.b.agent("evil")
+            .filter(|i| i["addresses"][0] == a.ip.as_str())
     })
-    .unwrap_or_else(|| panic!("agent not registered: {:?}\n{}", r.b.agent("evil"), a.log_text()));
+    .unwrap_or_else(|| {
+        panic!(
+            "agent not registered: {:?}\n{}",
+            r.b.agent("evil"),
+            a.log_text()
+        )
+    });
     let refused = info["refused"].to_string();
-    assert!(refused.contains("127.0.0.1: an address of the bastion itself"), "{info}");
-    assert!(refused.contains("127.0.0.9: not the observed address"), "{info}");
+    assert!(
+        refused.contains("127.0.0.1: an address of the bastion itself"),
+        "{info}"
+    );
+    assert!(
+        refused.contains("127.0.0.9: not the observed address"),
+        "{info}"
+    );
     for client in ["127.0.0.1", "127.0.0.9"] {
         let o = swaks(
             r.port,
-            &["-li", client, "--from", "a@example.com", "--to", "b@example.com"],
+            &[
+                "-li",
+                client,
+                "--from",
+                "a@example.com",
+                "--to",
+                "b@example.com",
+            ],
         );
         assert!(
             transcript(&o).contains("554 5.7.1"),
@@ -1598,6 +1643,13 @@ fn a_claimed_address_does_not_open_the_relay() {
     // The agent's own, observed address does relay.
     assert_ok(&swaks(
         r.port,
-        &["-li", &a.ip, "--from", "a@example.com", "--to", "b@example.com"],
+        &[
+            "-li",
+            &a.ip,
+            "--from",
+            "a@example.com",
+            "--to",
+            "b@example.com",
+        ],
     ));
 }

@@ -1270,7 +1270,11 @@ impl Env {
             .arg("-F")
             .arg(cfg)
             .args(["-W", target])
-            .args(["-p", &self.ssh_port.to_string(), &format!("{user}@127.0.0.1")])
+            .args([
+                "-p",
+                &self.ssh_port.to_string(),
+                &format!("{user}@127.0.0.1"),
+            ])
             .stdin(Stdio::null())
             .output()
             .unwrap()
@@ -1338,7 +1342,9 @@ fn an_agent_claiming_the_bastions_address_or_the_metadata_service_is_no_jump_tar
         "127.0.0.1 credited to db66: {}",
         out_str(&o)
     );
-    let d = env.denied("127.0.0.1").expect("denied audit line for 127.0.0.1");
+    let d = env
+        .denied("127.0.0.1")
+        .expect("denied audit line for 127.0.0.1");
     assert!(d["agent"].is_null(), "credited to an agent: {d}");
     // The metadata service address is no target either.
     let o = env.ssh_w(&bob, "bob", "169.254.169.254:80");
@@ -1376,8 +1382,13 @@ fn an_address_claimed_by_two_agents_belongs_to_neither() {
                 .is_some_and(|f| f.iter().any(|x| x == "address-conflict"))
         })
     };
-    let web = wait_for(Duration::from_secs(20), || flagged("web01"))
-        .unwrap_or_else(|| panic!("web01 not flagged: {:?}\n{}", env.b.agents(), evil.log_text()));
+    let web = wait_for(Duration::from_secs(20), || flagged("web01")).unwrap_or_else(|| {
+        panic!(
+            "web01 not flagged: {:?}\n{}",
+            env.b.agents(),
+            evil.log_text()
+        )
+    });
     let db = flagged("db66").expect("db66 flagged too");
     for a in [&web, &db] {
         assert_eq!(a["addresses"], serde_json::json!([]), "{a}");

@@ -319,7 +319,10 @@ mod tests {
             online: true,
             hostname: String::new(),
             addresses: vec!["10.1.1.1".parse().unwrap()],
-            claimed: vec!["169.254.169.254".parse().unwrap(), "10.1.1.1".parse().unwrap()],
+            claimed: vec![
+                "169.254.169.254".parse().unwrap(),
+                "10.1.1.1".parse().unwrap(),
+            ],
             os: String::new(),
             agent_version: String::new(),
             ssh_host_keys: vec![],

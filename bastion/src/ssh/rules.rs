@@ -302,7 +302,9 @@ mod tests {
         let d = decide(&p, "alice", &snap, "web66", 22).await.unwrap_err();
         assert!(d.reason.contains("no accepted address"), "{}", d.reason);
         assert!(d.reason.contains("bastion itself"), "{}", d.reason);
-        let d = decide(&p, "alice", &snap, "127.0.0.1", 22).await.unwrap_err();
+        let d = decide(&p, "alice", &snap, "127.0.0.1", 22)
+            .await
+            .unwrap_err();
         assert_eq!(d.agent, None, "credited to the claiming agent");
     }
 }
