@@ -626,12 +626,32 @@ fn agent_batches_are_stored_exactly_once() {
     let lines = s.b.cli_ok(&["logs", "--host", "shipper"]);
     assert_eq!(lines.lines().count(), 401);
 
-    // Syslog from an enrolled agent's registered address is filed under its name.
+    // Syslog from an enrolled agent's accepted address is filed under its name.
     let mut vm = Agent::new("vm1");
     vm.enroll_ok(&s.b, &token);
     vm.start();
     assert!(s.b.wait_state("vm1", "online", Duration::from_secs(20)));
-    let mut t = TcpStream::connect(format!("127.0.0.1:{}", s.tcp)).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || s
+            .b
+            .agent("vm1")
+            .filter(|a| a["addresses"][0] == vm.ip.as_str()))
+        .is_some(),
+        "{:?}",
+        s.b.agent("vm1")
+    );
+    // Sent from the agent's own address, as the VM's syslog daemon would.
+    let t = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{}:0", vm.ip).parse().unwrap()).unwrap();
+        sock.connect(format!("127.0.0.1:{}", s.tcp).parse().unwrap())
+            .await
+            .unwrap()
+            .into_std()
+            .unwrap()
+    });
+    t.set_nonblocking(false).unwrap();
+    let mut t = t;
     writeln!(
         t,
         "<13>1 2026-11-27T10:00:00.000Z claimed-name app - - - from-agent-address"
