@@ -669,4 +669,21 @@ fn an_agent_connecting_from_another_address_than_it_claims_is_flagged_and_counte
         table.contains("address-mismatch") && table.contains(&a.ip),
         "{table}"
     );
+    // Logged once per change, not at every registration: a reconnection with the same
+    // claims adds no line.
+    let logged = |b: &Bastion| {
+        b.log_text()
+            .lines()
+            .filter(|l| {
+                l.contains("agent address claims refused or flagged") && l.contains("web01")
+            })
+            .count()
+    };
+    assert_eq!(logged(&b), 1, "{}", b.log_text());
+    a.stop();
+    assert!(b.wait_state("web01", "offline", Duration::from_secs(10)));
+    a.start();
+    assert!(b.wait_state("web01", "online", Duration::from_secs(20)));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(logged(&b), 1, "{}", b.log_text());
 }
