@@ -550,38 +550,36 @@ impl Registry {
     }
 
     /// Logs refused claims and flags when they change for an agent, not at every publish.
+    /// Only agents with something to say are remembered.
     fn log_address_changes(&self, snap: &Snapshot) {
         let mut seen = lock(&self.inner.address_log);
-        seen.retain(|name, _| snap.agents.contains_key(name));
-        for a in snap.agents.values() {
-            if a.revoked {
+        seen.retain(|name, _| snap.agents.get(name).is_some_and(|a| !a.revoked));
+        for a in snap.active() {
+            let clean = a.refused.is_empty() && a.flags.is_empty();
+            match seen.get(&a.name) {
+                Some((r, f)) if *r == a.refused && *f == a.flags => continue,
+                None if clean => continue,
+                _ => {}
+            }
+            if clean {
                 seen.remove(&a.name);
+                info!(agent = %a.name, accepted = ?a.addresses, "agent addresses: every claim accepted, no flag");
                 continue;
             }
-            let now = (a.refused.clone(), a.flags.clone());
-            if seen.get(&a.name) == Some(&now) {
-                continue;
-            }
-            if now.0.is_empty() && now.1.is_empty() {
-                if seen.contains_key(&a.name) {
-                    info!(agent = %a.name, accepted = ?a.addresses, "agent addresses: every claim accepted, no flag");
-                }
-            } else {
-                let refused: Vec<String> = now
-                    .0
-                    .iter()
-                    .map(|r| format!("{}: {}", r.address, r.reason))
-                    .collect();
-                warn!(
-                    agent = %a.name,
-                    accepted = ?a.addresses,
-                    observed = ?a.observed,
-                    refused = ?refused,
-                    flags = ?now.1,
-                    "agent address claims refused or flagged"
-                );
-            }
-            seen.insert(a.name.clone(), now);
+            let refused: Vec<String> = a
+                .refused
+                .iter()
+                .map(|r| format!("{}: {}", r.address, r.reason))
+                .collect();
+            warn!(
+                agent = %a.name,
+                accepted = ?a.addresses,
+                observed = ?a.observed,
+                refused = ?refused,
+                flags = ?a.flags,
+                "agent address claims refused or flagged"
+            );
+            seen.insert(a.name.clone(), (a.refused.clone(), a.flags.clone()));
         }
     }
 
