@@ -462,6 +462,36 @@ mod tests {
     }
 
     #[test]
+    fn agent_networks_and_claimed_addresses() {
+        let dir = std::env::temp_dir().join(format!("bastide-cfg-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("b.toml");
+        let base = "project = \"p\"\nstate_dir = \"/x\"\n[agents]\nlisten = \"10.0.0.1:4443\"\n";
+        std::fs::write(&f, format!("{base}networks = [\"10.0.0.0/33\"]\n")).unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(e.contains("networks"), "{e}");
+        std::fs::write(&f, format!("{base}claimed_addresses = \"all\"\n")).unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("claimed_addresses") || e.contains("observed"),
+            "{e}"
+        );
+        std::fs::write(
+            &f,
+            format!("{base}networks = [\"127.0.0.0/8\"]\nclaimed_addresses = \"networks\"\n[ssh]\nlisten = \"127.0.0.5:22\"\naudit_log = \"/tmp/a\"\n"),
+        )
+        .unwrap();
+        let cfg = Config::parse_file(&f).unwrap();
+        let p = cfg.address_policy();
+        assert_eq!(p.claimed, crate::addresses::ClaimedAddresses::Networks);
+        // Listen addresses are the bastion's own, never an agent's.
+        for own in ["10.0.0.1", "127.0.0.5", "127.0.0.1"] {
+            assert!(p.check(own.parse().unwrap()).is_err(), "{own}");
+        }
+        assert!(p.check("127.0.0.6".parse().unwrap()).is_ok());
+    }
+
+    #[test]
     fn all_problems_at_once() {
         let dir = std::env::temp_dir().join(format!("bastide-cfg-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).unwrap();
