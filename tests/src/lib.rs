@@ -394,15 +394,16 @@ impl Drop for Bastion {
     }
 }
 
-/// A loopback address of its own for each agent of this process (127.0.0.2, 127.0.0.3...,
-/// never 127.0.0.1, the bastion's): the bastion observes it as the agent's source address,
-/// so its address policy is exercised as on a real network.
+/// A loopback address of its own for each agent of this process (127.0.1.2, 127.0.1.3...,
+/// never in 127.0.0.0/24, which the bastion (127.0.0.1) and the tests' ad-hoc clients and
+/// attackers (127.0.0.2, 127.0.0.9...) use): the bastion observes it as the agent's source
+/// address, so its address policy is exercised as on a real network.
 pub fn next_agent_ip() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    // 127.0.X.Y with Y in 2..=253: never .0, .1, .254 or .255 of a /24.
-    format!("127.0.{}.{}", (n / 252) % 256, n % 252 + 2)
+    // 127.0.X.Y with X in 1..=255 and Y in 2..=253: never .0, .1, .254 or .255 of a /24.
+    format!("127.0.{}.{}", 1 + (n / 252) % 255, n % 252 + 2)
 }
 
 /// A `bastide-agent` state directory and, once started, its process.
