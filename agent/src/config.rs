@@ -16,6 +16,11 @@ pub struct AgentConfig {
     /// Addresses to register instead of the interfaces' addresses (NAT, several NICs).
     #[serde(default)]
     pub advertise_addresses: Vec<IpAddr>,
+    /// Local address the connection to the bastion is made from (multi-homed VMs: the
+    /// address on the project network, which the bastion then observes and checks claims
+    /// against). Default: the kernel's choice.
+    #[serde(default)]
+    pub source_address: Option<IpAddr>,
     /// Host name to report instead of the kernel's.
     #[serde(default)]
     pub hostname: Option<String>,
@@ -55,6 +60,7 @@ impl Default for AgentConfig {
         Self {
             ssh_host_keys_dir: default_ssh_dir(),
             advertise_addresses: Vec::new(),
+            source_address: None,
             hostname: None,
             reconnect_initial: default_reconnect_initial(),
             reconnect_max: default_reconnect_max(),

@@ -20,7 +20,7 @@ use crate::backoff::Backoff;
 use crate::config::AgentConfig;
 use crate::logs::LogSourceConfig;
 use crate::state::State;
-use crate::tls::{connect, is_revoked, mtls_config, probe_revoked};
+use crate::tls::{connect_from, is_revoked, mtls_config, probe_revoked};
 
 /// Errors that end the agent instead of being retried.
 #[derive(Debug, Error)]
@@ -176,7 +176,13 @@ async fn session_once(
     registered: &mut bool,
 ) -> Result<Outcome> {
     let tls = mtls_config_of(st)?;
-    let channel = connect(&st.meta.bastion, &st.meta.server_name, tls).await?;
+    let channel = connect_from(
+        &st.meta.bastion,
+        &st.meta.server_name,
+        tls,
+        cfg.source_address,
+    )
+    .await?;
     let mut client = AgentClient::new(channel.clone());
     let reg = client
         .register(RegisterRequest {

@@ -181,6 +181,45 @@ pub async fn connect(
     server_name: &str,
     cfg: rustls::ClientConfig,
 ) -> Result<Channel> {
+    connect_from(bastion, server_name, cfg, None).await
+}
+
+/// A TCP connection to `addr` (HOST:PORT) from local address `source` when given.
+async fn dial(addr: &str, source: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(src) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let mut last = None;
+    for dst in tokio::net::lookup_host(addr).await? {
+        if dst.is_ipv4() != src.is_ipv4() {
+            continue;
+        }
+        let sock = if src.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        sock.bind(std::net::SocketAddr::new(src, 0))?;
+        match sock.connect(dst).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("{addr} has no address of the family of source_address {src}"),
+        )
+    }))
+}
+
+/// [`connect`] from a given local address (`source_address` of the agent's configuration).
+pub async fn connect_from(
+    bastion: &str,
+    server_name: &str,
+    cfg: rustls::ClientConfig,
+    source: Option<std::net::IpAddr>,
+) -> Result<Channel> {
     let name = ServerName::try_from(server_name.to_string())
         .with_context(|| format!("invalid server name {server_name:?}"))?;
     let connector = TlsConnector::from(Arc::new(cfg));
@@ -195,7 +234,7 @@ pub async fn connect(
             let addr = addr.clone();
             let name = name.clone();
             async move {
-                let tcp = TcpStream::connect(&addr).await?;
+                let tcp = dial(&addr, source).await?;
                 tcp.set_nodelay(true)?;
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))

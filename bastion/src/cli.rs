@@ -582,21 +582,41 @@ async fn agents(socket: &Path, cmd: &AgentsCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
-                    "{:<20}  {:<8}  {:<24}  {:<12}  {:<10}  {:<8}  {:<20}  CONFIG",
-                    "NAME", "STATE", "ADDRESSES", "LABELS", "LAST-SEEN", "VERSION", "CERT-EXPIRES"
+                    "{:<20}  {:<8}  {:<24}  {:<16}  {:<16}  {:<12}  {:<10}  {:<8}  {:<20}  CONFIG",
+                    "NAME",
+                    "STATE",
+                    "ADDRESSES",
+                    "OBSERVED",
+                    "FLAGS",
+                    "LABELS",
+                    "LAST-SEEN",
+                    "VERSION",
+                    "CERT-EXPIRES"
                 );
-                for a in list {
+                let dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
+                let mut refused = Vec::new();
+                for a in &list {
                     println!(
-                        "{:<20}  {:<8}  {:<24}  {:<12}  {:<10}  {:<8}  {:<20}  {}",
+                        "{:<20}  {:<8}  {:<24}  {:<16}  {:<16}  {:<12}  {:<10}  {:<8}  {:<20}  {}",
                         a.name,
                         a.state,
-                        a.addresses.join(","),
+                        dash(a.addresses.join(",")),
+                        dash(a.observed.clone()),
+                        dash(a.flags.join(",")),
                         labels_str(&a.labels),
                         ago(a.last_seen),
                         a.agent_version,
                         ts(a.cert_not_after),
-                        config_column(&a)
+                        config_column(a)
                     );
+                    refused.extend(a.refused.iter().map(|r| format!("  {}: {r}", a.name)));
+                }
+                // Why a claimed address is not used (the address policy, see the README).
+                if !refused.is_empty() {
+                    println!("\nrefused address claims:");
+                    for r in refused {
+                        println!("{r}");
+                    }
                 }
             }
         }

@@ -150,6 +150,16 @@ pub struct AgentsConfig {
     /// Time a client has to complete its TLS handshake.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Agent networks: an address an agent claims is used (SSH, DNS, SMTP, syslog) only
+    /// inside these. Absent: the networks of the bastion's own interfaces, loopback
+    /// excluded. A loopback network ("127.0.0.0/8") must be listed to admit loopback
+    /// addresses (tests, single-machine demos); the bastion's own addresses never are.
+    #[serde(default)]
+    pub networks: Option<Vec<ipnet::IpNet>>,
+    /// "observed" (default): only the claimed address the agent's connection comes from
+    /// is used. "networks": every claimed address inside `networks` (NAT, multi-homed VMs).
+    #[serde(default)]
+    pub claimed_addresses: crate::addresses::ClaimedAddresses,
 }
 
 /// `[admin]`: the Unix socket the admin CLI talks to.
@@ -218,6 +228,35 @@ impl Config {
 
     pub fn store_path(&self) -> PathBuf {
         self.state_dir.join("registry.sqlite")
+    }
+
+    /// Every address a listener of this configuration is bound to (for the address
+    /// policy: an agent may never claim one).
+    pub fn listen_addresses(&self) -> Vec<std::net::IpAddr> {
+        let mut v: Vec<SocketAddr> = Vec::new();
+        v.extend(self.agents.iter().map(|a| a.listen));
+        v.extend(self.metrics.iter().map(|m| m.listen));
+        v.extend(self.smtp.iter().map(|s| s.listen));
+        v.extend(self.ssh.iter().map(|s| s.listen));
+        if let Some(d) = &self.dns {
+            v.extend(d.listen.iter().copied());
+        }
+        if let Some(s) = &self.syslog {
+            v.extend(s.udp.iter().chain(&s.tcp).chain(&s.tls).copied());
+        }
+        v.into_iter().map(|a| a.ip()).collect()
+    }
+
+    /// The address policy of this configuration (reads the host's interfaces).
+    pub fn address_policy(&self) -> crate::addresses::AddressPolicy {
+        crate::addresses::AddressPolicy::new(
+            self.agents.as_ref().and_then(|a| a.networks.clone()),
+            self.listen_addresses(),
+            self.agents
+                .as_ref()
+                .map(|a| a.claimed_addresses)
+                .unwrap_or_default(),
+        )
     }
 
     /// Every problem in the configuration, each as "file: key: reason".
@@ -376,6 +415,13 @@ heartbeat_interval = "10s"
 heartbeat_timeout = "35s"
 max_connections = 20000
 handshake_timeout = "10s"
+# Agent networks: an address an agent claims is used by SSH, DNS, SMTP and syslog only
+# inside these (never loopback unless a loopback network is listed, never link-local, never
+# the bastion's own addresses). Default: the networks of this host's interfaces.
+# networks = ["10.0.0.0/16"]
+# "observed": use a claimed address only when the agent's connection comes from it (safe
+# default). "networks": any claimed address inside the networks (VMs behind NAT).
+# claimed_addresses = "observed"
 
 # Unix socket of the admin CLI (never a TCP port).
 [admin]
@@ -483,6 +529,36 @@ mod tests {
         .unwrap();
         let e = Config::load(&f).unwrap_err().to_string();
         assert!(e.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn agent_networks_and_claimed_addresses() {
+        let dir = std::env::temp_dir().join(format!("bastide-cfg-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("b.toml");
+        let base = "project = \"p\"\nstate_dir = \"/x\"\n[agents]\nlisten = \"10.0.0.1:4443\"\n";
+        std::fs::write(&f, format!("{base}networks = [\"10.0.0.0/33\"]\n")).unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(e.contains("networks"), "{e}");
+        std::fs::write(&f, format!("{base}claimed_addresses = \"all\"\n")).unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("claimed_addresses") || e.contains("observed"),
+            "{e}"
+        );
+        std::fs::write(
+            &f,
+            format!("{base}networks = [\"127.0.0.0/8\"]\nclaimed_addresses = \"networks\"\n[ssh]\nlisten = \"127.0.0.5:22\"\naudit_log = \"/tmp/a\"\n"),
+        )
+        .unwrap();
+        let cfg = Config::parse_file(&f).unwrap();
+        let p = cfg.address_policy();
+        assert_eq!(p.claimed, crate::addresses::ClaimedAddresses::Networks);
+        // Listen addresses are the bastion's own, never an agent's.
+        for own in ["10.0.0.1", "127.0.0.5", "127.0.0.1"] {
+            assert!(p.check(own.parse().unwrap()).is_err(), "{own}");
+        }
+        assert!(p.check("127.0.0.6".parse().unwrap()).is_ok());
     }
 
     #[test]

@@ -44,6 +44,7 @@ fn settings(cfg: &Config) -> RegistrySettings {
             .as_ref()
             .map(|a| a.cert_lifetime)
             .unwrap_or(Duration::from_secs(24 * 3600)),
+        addresses: cfg.address_policy(),
     }
 }
 

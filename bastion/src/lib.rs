@@ -5,6 +5,7 @@
 //! section, then run with the shared context; the [`registry`] is the one owner of agent
 //! state and every service derives what it needs from it.
 
+pub mod addresses;
 pub mod admin;
 pub mod agents;
 pub mod cli;

@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::addresses::{resolve_conflicts, AddressPolicy, Candidate, Judged, Refusal};
 use crate::pki::{valid_agent_name, AgentCa, AgentIdentity, PkiError};
 use crate::store::{AgentRow, CertRow, Store, StoreError, TokenRow};
 use crate::unix_now;
@@ -31,14 +32,26 @@ pub const MAX_TOKEN_USES: u32 = 10_000;
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// What services see of an agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct AgentInfo {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub revoked: bool,
     pub online: bool,
     pub hostname: String,
+    /// The ACCEPTED addresses (see `crate::addresses`): the only ones any service may use
+    /// for a decision. Unique across agents.
     pub addresses: Vec<IpAddr>,
+    /// What the agent claimed at its last registration (for display only).
+    pub claimed: Vec<IpAddr>,
+    /// The address its mTLS connection came from at its last registration since the
+    /// bastion started (for display and the policy only).
+    pub observed: Option<IpAddr>,
+    /// Claims not used, with the reason.
+    pub refused: Vec<RefusedAddress>,
+    /// `address-mismatch` (the observed address is none of the claimed ones),
+    /// `address-conflict` (a claim is held by other agents too).
+    pub flags: Vec<String>,
     pub os: String,
     pub agent_version: String,
     pub ssh_host_keys: Vec<String>,
@@ -46,6 +59,16 @@ pub struct AgentInfo {
     pub cert_serial: String,
     pub cert_not_after: i64,
 }
+
+/// A claimed address the address policy did not accept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedAddress {
+    pub address: IpAddr,
+    pub reason: String,
+}
+
+pub const FLAG_MISMATCH: &str = "address-mismatch";
+pub const FLAG_CONFLICT: &str = "address-conflict";
 
 /// An immutable view of every agent, replaced on each change.
 #[derive(Debug, Clone, Default)]
@@ -76,7 +99,19 @@ pub enum RegistryEvent {
 pub struct AgentStatus {
     pub name: String,
     pub state: String,
+    /// Accepted addresses: what SSH, DNS, SMTP and syslog use.
     pub addresses: Vec<String>,
+    /// Address the agent's connection came from (empty: not seen since the bastion started).
+    #[serde(default)]
+    pub observed: String,
+    #[serde(default)]
+    pub claimed: Vec<String>,
+    /// Refused claims, each "ADDRESS: reason".
+    #[serde(default)]
+    pub refused: Vec<String>,
+    /// `address-mismatch`, `address-conflict`.
+    #[serde(default)]
+    pub flags: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub hostname: String,
     pub os: String,
@@ -237,6 +272,8 @@ pub enum SerialRefusal {
 #[derive(Debug, Clone)]
 pub struct RegistrySettings {
     pub cert_lifetime: Duration,
+    /// Which claimed addresses services may use.
+    pub addresses: AddressPolicy,
 }
 
 #[derive(Default)]
@@ -244,6 +281,8 @@ struct State {
     agents: BTreeMap<String, AgentRow>,
     certs: HashMap<String, CertRow>,
     sessions: HashMap<String, u32>,
+    /// Peer address of each agent's last registration (not stored: evidence from this run).
+    observed: HashMap<String, IpAddr>,
 }
 
 struct Inner {
@@ -259,7 +298,12 @@ struct Inner {
     /// Pushed-configuration states, and the names changed since the last flush: results
     /// arrive by thousands after a change, so they are written in batches, not one by one.
     config: Mutex<(HashMap<String, ConfigState>, HashSet<String>)>,
+    /// Refused claims and flags last logged per agent: logged once per change.
+    address_log: Mutex<HashMap<String, AddressVerdict>>,
 }
+
+/// An agent's refused claims and flags, as last logged.
+type AddressVerdict = (Vec<RefusedAddress>, Vec<String>);
 
 /// Cheap to clone: every clone is the same registry.
 #[derive(Clone)]
@@ -360,6 +404,7 @@ impl Registry {
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
                 config: Mutex::new((config, HashSet::new())),
+                address_log: Mutex::new(HashMap::new()),
             }),
         };
         reg.publish();
@@ -370,12 +415,14 @@ impl Registry {
         &self.inner.ca
     }
 
+    /// New settings (reload): the address policy is applied again to every agent.
     pub fn set_settings(&self, settings: RegistrySettings) {
         *self
             .inner
             .settings
             .write()
             .unwrap_or_else(|e| e.into_inner()) = settings;
+        self.publish();
     }
 
     fn settings(&self) -> RegistrySettings {
@@ -414,19 +461,78 @@ impl Registry {
     }
 
     fn publish(&self) {
+        let policy = self.settings().addresses;
         let snap = {
             let st = self.read_state();
+            // Each agent's claims judged alone, then addresses held by several agents.
+            let judged: BTreeMap<&str, (Vec<IpAddr>, bool, Judged)> = st
+                .agents
+                .values()
+                .map(|a| {
+                    let claimed: Vec<IpAddr> =
+                        a.addresses.iter().filter_map(|s| s.parse().ok()).collect();
+                    let online = !a.revoked && st.sessions.get(&a.name).copied().unwrap_or(0) > 0;
+                    let j = policy.judge(&claimed, st.observed.get(&a.name).copied());
+                    (a.name.as_str(), (claimed, online, j))
+                })
+                .collect();
+            let candidates: Vec<Candidate<'_>> = st
+                .agents
+                .values()
+                .filter(|a| !a.revoked)
+                .filter_map(|a| {
+                    judged.get(a.name.as_str()).map(|(_, online, j)| Candidate {
+                        name: &a.name,
+                        online: *online,
+                        accepted: &j.accepted,
+                    })
+                })
+                .collect();
+            let conflicts = resolve_conflicts(&candidates);
             let agents = st
                 .agents
                 .values()
                 .map(|a| {
+                    let (claimed, online, j) =
+                        judged.get(a.name.as_str()).cloned().unwrap_or_default();
+                    let mut addresses = Vec::new();
+                    let mut refused: Vec<RefusedAddress> = j
+                        .refused
+                        .iter()
+                        .map(|(ip, r)| RefusedAddress {
+                            address: *ip,
+                            reason: r.to_string(),
+                        })
+                        .collect();
+                    let mut flags = Vec::new();
+                    if j.mismatch {
+                        flags.push(FLAG_MISMATCH.to_string());
+                    }
+                    for ip in j.accepted {
+                        match conflicts.get(&ip) {
+                            Some((losers, all)) if !a.revoked && losers.contains(&a.name) => {
+                                refused.push(RefusedAddress {
+                                    address: ip,
+                                    reason: Refusal::Conflict(all.clone()).to_string(),
+                                });
+                                if !flags.iter().any(|f| f == FLAG_CONFLICT) {
+                                    flags.push(FLAG_CONFLICT.to_string());
+                                }
+                            }
+                            _ => addresses.push(ip),
+                        }
+                    }
                     let info = AgentInfo {
                         name: a.name.clone(),
                         labels: a.labels.clone(),
                         revoked: a.revoked,
-                        online: !a.revoked && st.sessions.get(&a.name).copied().unwrap_or(0) > 0,
+                        online,
                         hostname: a.hostname.clone(),
-                        addresses: a.addresses.iter().filter_map(|s| s.parse().ok()).collect(),
+                        addresses,
+                        claimed,
+                        observed: st.observed.get(&a.name).copied(),
+                        refused,
+                        flags,
                         os: a.os.clone(),
                         agent_version: a.agent_version.clone(),
                         ssh_host_keys: a.ssh_host_keys.clone(),
@@ -439,7 +545,42 @@ impl Registry {
                 .collect();
             Snapshot { agents }
         };
+        self.log_address_changes(&snap);
         self.inner.view.send_replace(Arc::new(snap));
+    }
+
+    /// Logs refused claims and flags when they change for an agent, not at every publish.
+    /// Only agents with something to say are remembered.
+    fn log_address_changes(&self, snap: &Snapshot) {
+        let mut seen = lock(&self.inner.address_log);
+        seen.retain(|name, _| snap.agents.get(name).is_some_and(|a| !a.revoked));
+        for a in snap.active() {
+            let clean = a.refused.is_empty() && a.flags.is_empty();
+            match seen.get(&a.name) {
+                Some((r, f)) if *r == a.refused && *f == a.flags => continue,
+                None if clean => continue,
+                _ => {}
+            }
+            if clean {
+                seen.remove(&a.name);
+                info!(agent = %a.name, accepted = ?a.addresses, "agent addresses: every claim accepted, no flag");
+                continue;
+            }
+            let refused: Vec<String> = a
+                .refused
+                .iter()
+                .map(|r| format!("{}: {}", r.address, r.reason))
+                .collect();
+            warn!(
+                agent = %a.name,
+                accepted = ?a.addresses,
+                observed = ?a.observed,
+                refused = ?refused,
+                flags = ?a.flags,
+                "agent address claims refused or flagged"
+            );
+            seen.insert(a.name.clone(), (a.refused.clone(), a.flags.clone()));
+        }
     }
 
     // ---- tokens ----
@@ -699,6 +840,7 @@ impl Registry {
                 c.revoked = true;
             }
             st.sessions.remove(name);
+            st.observed.remove(name);
         }
         let cut = self.cut_connections(name);
         metrics::counter!(crate::metrics::names::REVOCATIONS).increment(1);
@@ -763,11 +905,13 @@ impl Registry {
         if !facts.claimed_name.is_empty() && facts.claimed_name != id.name {
             warn!(agent = %id.name, claimed = %clip(&facts.claimed_name), "registration claims another name: recorded under the certificate's name");
         }
+        // Claims are kept as claimed (valid addresses, deduplicated, bounded); what services
+        // may use is decided in `publish` by the address policy, with the observed address.
         let mut addresses: Vec<String> = Vec::new();
         for a in facts.addresses.iter().take(MAX_ADDRESSES) {
             match a.parse::<IpAddr>() {
-                Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => {
-                    let s = ip.to_string();
+                Ok(ip) => {
+                    let s = crate::addresses::canonical(ip).to_string();
                     if !addresses.contains(&s) {
                         addresses.push(s);
                     }
@@ -775,11 +919,7 @@ impl Registry {
                 _ => warn!(agent = %id.name, address = %clip(a), "ignoring invalid address"),
             }
         }
-        if addresses.is_empty() {
-            if let Some(p) = peer {
-                addresses.push(p.to_string());
-            }
-        }
+        let peer = peer.map(crate::addresses::canonical);
         let mut keys = Vec::new();
         for k in facts.ssh_host_keys.iter().take(MAX_SSH_KEYS) {
             match host_key(k) {
@@ -817,7 +957,11 @@ impl Registry {
                     || old.agent_version != row.agent_version
             });
             st.agents.insert(id.name.clone(), row);
-            changed.unwrap_or(true)
+            let observed_changed = match peer {
+                Some(p) => st.observed.insert(id.name.clone(), p) != Some(p),
+                None => st.observed.remove(&id.name).is_some(),
+            };
+            changed.unwrap_or(true) || observed_changed
         };
         lock(&self.inner.last_seen).insert(id.name.clone(), now);
         self.update_config(&id.name, |c| c.applied = clip(&facts.config_revision));
@@ -902,6 +1046,14 @@ impl Registry {
                 }
                 .to_string(),
                 addresses: a.addresses.iter().map(|i| i.to_string()).collect(),
+                observed: a.observed.map(|i| i.to_string()).unwrap_or_default(),
+                claimed: a.claimed.iter().map(|i| i.to_string()).collect(),
+                refused: a
+                    .refused
+                    .iter()
+                    .map(|r| format!("{}: {}", r.address, r.reason))
+                    .collect(),
+                flags: a.flags.clone(),
                 labels: a.labels.clone(),
                 hostname: a.hostname.clone(),
                 os: a.os.clone(),

@@ -30,8 +30,13 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(labels.get("env").map(String::as_str), Some("prod"));
     let snap = w.registry.snapshot();
     let a = snap.agents.get(bastide_fuzz::AGENT).expect("agent kept");
-    // What the registry keeps is bounded and clean, whatever was sent.
-    assert!(!a.addresses.is_empty() && a.addresses.len() <= 64);
+    // What the registry keeps is bounded and clean, whatever was sent; the only address
+    // it may accept is the observed one (claimed, or nothing claimed).
+    assert!(a.claimed.len() <= 64);
+    assert!(a.addresses.iter().all(|ip| Some(*ip) == peer), "{:?}", a.addresses);
+    if a.claimed.is_empty() || a.claimed.contains(&peer.unwrap()) {
+        assert_eq!(a.addresses, vec![peer.unwrap()]);
+    }
     assert!(a.hostname.len() <= 1024 && !a.hostname.chars().any(char::is_control));
     assert!(a.os.len() <= 1024 && !a.os.chars().any(char::is_control));
     for k in &a.ssh_host_keys {

@@ -118,6 +118,7 @@ fn one(data: &[u8]) {
         enrolled_at: 0,
         cert_serial: String::new(),
         cert_not_after: 0,
+        ..Default::default()
     };
     let facts = agent_facts(&agent, Some("fuzz.test."));
     let r = match prepared.render(&agent, &facts) {

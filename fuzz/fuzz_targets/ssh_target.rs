@@ -28,6 +28,7 @@ fn agent(name: &str, ip: &str, env: &str) -> Arc<AgentInfo> {
         enrolled_at: 0,
         cert_serial: String::new(),
         cert_not_after: 0,
+        ..Default::default()
     })
 }
 

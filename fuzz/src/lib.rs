@@ -54,6 +54,11 @@ pub fn world() -> &'static World {
             ca,
             RegistrySettings {
                 cert_lifetime: std::time::Duration::from_secs(3600),
+                addresses: bastide::addresses::AddressPolicy {
+                    networks: vec!["192.0.2.0/24".parse().unwrap(), "10.0.0.0/8".parse().unwrap()],
+                    bastion: ["192.0.2.1".parse().unwrap()].into(),
+                    claimed: bastide::addresses::ClaimedAddresses::Observed,
+                },
             },
         )
         .unwrap();

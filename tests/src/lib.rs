@@ -248,9 +248,17 @@ impl Bastion {
             agents_addr: agents_addr.clone(),
             child: None,
         };
+        // Every agent of the tests has its own loopback address (see `Agent::new`): the
+        // agent networks name loopback explicitly, as the README says tests and
+        // single-machine demos must. The bastion's own 127.0.0.1 stays refused.
         b.edit_config(|c| {
             c.replace("0.0.0.0:4443", &agents_addr)
                 .replace("127.0.0.1:9469", &metrics_addr)
+                .replacen(
+                    "handshake_timeout = \"10s\"\n",
+                    "handshake_timeout = \"10s\"\nnetworks = [\"127.0.0.0/8\"]\n",
+                    1,
+                )
         });
         let pin = b.cli_ok(&["ca-pin", "--dir", &state.display().to_string()]);
         b.pin = pin.trim().to_string();
@@ -391,10 +399,24 @@ impl Drop for Bastion {
     }
 }
 
+/// A loopback address of its own for each agent of this process (127.0.1.2, 127.0.1.3...,
+/// never in 127.0.0.0/24, which the bastion (127.0.0.1) and the tests' ad-hoc clients and
+/// attackers (127.0.0.2, 127.0.0.9...) use): the bastion observes it as the agent's source
+/// address, so its address policy is exercised as on a real network.
+pub fn next_agent_ip() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    // 127.0.X.Y with X in 1..=255 and Y in 2..=253: never .0, .1, .254 or .255 of a /24.
+    format!("127.0.{}.{}", 1 + (n / 252) % 255, n % 252 + 2)
+}
+
 /// A `bastide-agent` state directory and, once started, its process.
 pub struct Agent {
     pub dir: TempDir,
     pub name: String,
+    /// The agent's own address: what it advertises and connects from.
+    pub ip: String,
     pub log: PathBuf,
     pub config: PathBuf,
     child: Option<Child>,
@@ -409,16 +431,18 @@ impl Agent {
         let config = dir.path().join("agent.conf.toml");
         let ssh = dir.path().join("ssh");
         std::fs::create_dir_all(&ssh).expect("ssh dir");
+        let ip = next_agent_ip();
         let mut f = std::fs::File::create(&config).expect("agent config");
         writeln!(
             f,
-            "ssh_host_keys_dir = {:?}\nadvertise_addresses = [\"127.0.0.1\"]\nreconnect_initial = \"200ms\"\nreconnect_max = \"2s\"\nmetrics_interval = \"1s\"",
+            "ssh_host_keys_dir = {:?}\nadvertise_addresses = [\"{ip}\"]\nsource_address = \"{ip}\"\nreconnect_initial = \"200ms\"\nreconnect_max = \"2s\"\nmetrics_interval = \"1s\"",
             ssh.display().to_string()
         )
         .expect("write agent config");
         Self {
             log: dir.path().join("agent.log"),
             name: name.to_string(),
+            ip,
             config,
             dir,
             child: None,
@@ -592,6 +616,32 @@ impl Agent {
     }
 }
 impl Agent {
+    /// Sets what the agent claims (`advertise_addresses`) and the address it connects from
+    /// (`source_address`, None: the kernel's choice); takes effect at the next start.
+    pub fn set_addresses(&self, claims: &[&str], source: Option<&str>) {
+        let claims = claims
+            .iter()
+            .map(|c| format!("{c:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.edit_config(|c| {
+            let mut out: Vec<String> = c
+                .lines()
+                .filter(|l| {
+                    !l.starts_with("advertise_addresses =") && !l.starts_with("source_address =")
+                })
+                .map(str::to_string)
+                .collect();
+            let mut head = vec![format!("advertise_addresses = [{claims}]")];
+            if let Some(s) = source {
+                head.push(format!("source_address = {s:?}"));
+            }
+            // Top-level keys go before any table.
+            out.splice(0..0, head);
+            out.join("\n") + "\n"
+        });
+    }
+
     /// Rewrites the agent's configuration file (takes effect at the next start).
     pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
         let text = std::fs::read_to_string(&self.config).expect("read agent config");

@@ -331,7 +331,7 @@ value = "{medium}"
     .unwrap_or_else(|| panic!("agent never registered: {}", a.log_text()));
     let answered = wait_for(Duration::from_secs(1), || {
         let r = answers(port, &["web01.proj.test", "A"]);
-        (r.len() == 1 && r[0].3 == "127.0.0.1").then(Instant::now)
+        (r.len() == 1 && r[0].3 == a.ip).then(Instant::now)
     });
     let answered = answered.expect("web01's A record did not appear within 1 s");
     assert!(answered.duration_since(registered) < Duration::from_secs(1));
@@ -344,14 +344,14 @@ value = "{medium}"
     // Case of the question preserved, PTR from the reverse zone.
     let out = dig(port, &["WeB01.PrOj.TeSt", "A"]);
     assert!(out.contains(";WeB01.PrOj.TeSt.\t"), "{out}");
-    let ptr = answers(port, &["-x", "127.0.0.1"]);
+    let ptr = answers(port, &["-x", &a.ip]);
     assert_eq!(ptr[0].3, "web01.proj.test.", "{ptr:?}");
 
     // Static records.
     let www = answers(port, &["www.proj.test", "A"]);
     assert_eq!(www.len(), 2, "{www:?}");
     assert_eq!(www[0].2, "CNAME");
-    assert_eq!(www[1].3, "127.0.0.1");
+    assert_eq!(www[1].3, a.ip);
     assert_eq!(answers(port, &["printer.proj.test", "A"])[0].3, "10.0.0.9");
     assert_eq!(answers(port, &["v6host.proj.test", "AAAA"])[0].3, "fd00::9");
     assert_eq!(
@@ -465,7 +465,7 @@ value = "{medium}"
         (!r.is_empty()).then_some(r)
     })
     .expect("service answers after garbage");
-    assert_eq!(r[0].3, "127.0.0.1");
+    assert_eq!(r[0].3, a.ip);
 
     // Revocation: NXDOMAIN within 1 s.
     b.cli_ok(&["agents", "revoke", "web01"]);
@@ -473,7 +473,7 @@ value = "{medium}"
         (status(&dig(port, &["web01.proj.test", "A"])) == "NXDOMAIN").then_some(())
     });
     assert!(gone.is_some(), "web01 still answers after revocation");
-    assert!(answers(port, &["-x", "127.0.0.1"]).is_empty());
+    assert!(answers(port, &["-x", &a.ip]).is_empty());
 
     // Rate limit (50/s, burst 100): a flood from one client gets far fewer answers.
     let qs = (0..600u16)
@@ -566,4 +566,50 @@ fn forwarding_cache_coalescing_and_upstream_failures() {
     assert_eq!(status(&out), "SERVFAIL", "{out}");
     // And a SERVFAIL is cached briefly, not forwarded again for every query.
     assert_eq!(status(&dig(port, &["nx1.fwd.test", "A"])), "SERVFAIL");
+}
+
+/// The attacker is root on an enrolled VM and advertises the bastion's own 127.0.0.1, the
+/// cloud metadata service's 169.254.169.254 and 10.99.0.5 (outside the agent networks): the
+/// zone publishes none of them, forward or reverse, while an honest agent registered after
+/// it has its record.
+#[test]
+fn claims_the_address_policy_refuses_get_no_record() {
+    let (b, port) = bastion_with_dns(
+        r#"reverse_zones = ["127.in-addr.arpa.", "254.169.in-addr.arpa.", "10.in-addr.arpa."]"#,
+    );
+    let mut evil = Agent::new("evil");
+    evil.set_addresses(
+        &["127.0.0.1", "169.254.169.254", "10.99.0.5"],
+        Some(&evil.ip),
+    );
+    evil.enroll_ok(&b, &b.token(&[]));
+    evil.start();
+    let info = wait_for(Duration::from_secs(20), || {
+        b.agent("evil").filter(|i| {
+            i["state"] == "online" && i["claimed"].as_array().is_some_and(|v| v.len() == 3)
+        })
+    })
+    .unwrap_or_else(|| panic!("evil not registered: {}", evil.log_text()));
+    assert_eq!(info["addresses"], serde_json::json!([]), "{info}");
+    let refused = info["refused"].to_string();
+    for why in [
+        "127.0.0.1: an address of the bastion itself",
+        "169.254.169.254: link-local address",
+        "10.99.0.5: outside agents.networks",
+    ] {
+        assert!(refused.contains(why), "{why}: {info}");
+    }
+    let mut honest = Agent::new("honest");
+    honest.enroll_ok(&b, &b.token(&[]));
+    honest.start();
+    let ok = wait_for(Duration::from_secs(20), || {
+        let r = answers(port, &["honest.proj.test", "A"]);
+        (r.len() == 1 && r[0].3 == honest.ip).then_some(())
+    });
+    assert!(ok.is_some(), "{}", honest.log_text());
+    assert!(answers(port, &["evil.proj.test", "A"]).is_empty());
+    for ip in ["127.0.0.1", "169.254.169.254", "10.99.0.5"] {
+        let ptr = answers(port, &["-x", ip]);
+        assert!(ptr.is_empty(), "PTR for {ip}: {ptr:?}");
+    }
 }

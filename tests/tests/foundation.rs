@@ -65,7 +65,10 @@ fn enrollment_and_registration_show_in_agents_list() {
     let info = b.agent("web01").unwrap();
     assert_eq!(info["labels"]["role"], "web");
     assert_eq!(info["labels"]["tier"], "front");
-    assert_eq!(info["addresses"][0], "127.0.0.1");
+    // Its own address, claimed and observed (the connection comes from it): accepted.
+    assert_eq!(info["addresses"], serde_json::json!([a.ip]), "{info}");
+    assert_eq!(info["observed"], a.ip.as_str(), "{info}");
+    assert_eq!(info["flags"], serde_json::json!([]), "{info}");
     assert_eq!(info["agent_version"], env!("CARGO_PKG_VERSION"));
     assert!(info["last_seen"].as_i64().unwrap() > 0);
     assert!(info["cert_not_after"].as_i64().unwrap() > info["enrolled_at"].as_i64().unwrap());
@@ -456,7 +459,15 @@ fn registration_is_recorded_under_the_certificate_name() {
     });
     let web = b.agent("web01").unwrap();
     assert_eq!(web["hostname"], "impostor-host");
-    assert_eq!(web["addresses"], serde_json::json!(["10.9.9.9"]));
+    // A claim is kept for the admin to see, never used: outside the agent networks, and not
+    // where the connection came from.
+    assert_eq!(web["claimed"], serde_json::json!(["10.9.9.9"]), "{web}");
+    assert_eq!(web["addresses"], serde_json::json!([]), "{web}");
+    assert_eq!(
+        web["flags"],
+        serde_json::json!(["address-mismatch"]),
+        "{web}"
+    );
     let db = b.agent("db01").unwrap();
     assert_ne!(db["hostname"], "impostor-host");
     assert!(b.log_text().contains("claims another name"));
@@ -644,4 +655,59 @@ fn admin_cli_fails_clearly() {
     let start = Instant::now();
     b.cli_ok(&["token", "list"]);
     assert!(start.elapsed() < Duration::from_secs(1));
+}
+
+/// A VM whose connection comes from another address than the one it claims (a NAT, a
+/// misconfiguration, or a VM naming a neighbour's address) is flagged in `agents list`,
+/// counted by `bastide_agents_address_mismatch`, and its claim is not used (the default
+/// `claimed_addresses = "observed"`).
+#[test]
+fn an_agent_connecting_from_another_address_than_it_claims_is_flagged_and_counted() {
+    let b = started();
+    let mut a = Agent::new("web01");
+    let other = bastide_tests::next_agent_ip();
+    a.set_addresses(&[&other], Some(&a.ip));
+    a.enroll_ok(&b, &b.token(&[]));
+    a.start();
+    let info = wait_for(Duration::from_secs(20), || {
+        b.agent("web01")
+            .filter(|i| i["state"] == "online" && i["observed"] == a.ip.as_str())
+    })
+    .unwrap_or_else(|| panic!("not registered: {:?}\n{}", b.agent("web01"), a.log_text()));
+    assert_eq!(
+        info["flags"],
+        serde_json::json!(["address-mismatch"]),
+        "{info}"
+    );
+    assert_eq!(info["claimed"], serde_json::json!([other]), "{info}");
+    assert_eq!(info["addresses"], serde_json::json!([]), "{info}");
+    assert!(
+        info["refused"]
+            .to_string()
+            .contains(&format!("not the observed address {}", a.ip)),
+        "{info}"
+    );
+    assert_eq!(b.metric("bastide_agents_address_mismatch"), Some(1.0));
+    let table = b.cli_ok(&["agents", "list"]);
+    assert!(
+        table.contains("address-mismatch") && table.contains(&a.ip),
+        "{table}"
+    );
+    // Logged once per change, not at every registration: a reconnection with the same
+    // claims adds no line.
+    let logged = |b: &Bastion| {
+        b.log_text()
+            .lines()
+            .filter(|l| {
+                l.contains("agent address claims refused or flagged") && l.contains("web01")
+            })
+            .count()
+    };
+    assert_eq!(logged(&b), 1, "{}", b.log_text());
+    a.stop();
+    assert!(b.wait_state("web01", "offline", Duration::from_secs(10)));
+    a.start();
+    assert!(b.wait_state("web01", "online", Duration::from_secs(20)));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(logged(&b), 1, "{}", b.log_text());
 }

@@ -626,12 +626,32 @@ fn agent_batches_are_stored_exactly_once() {
     let lines = s.b.cli_ok(&["logs", "--host", "shipper"]);
     assert_eq!(lines.lines().count(), 401);
 
-    // Syslog from an enrolled agent's registered address is filed under its name.
+    // Syslog from an enrolled agent's accepted address is filed under its name.
     let mut vm = Agent::new("vm1");
     vm.enroll_ok(&s.b, &token);
     vm.start();
     assert!(s.b.wait_state("vm1", "online", Duration::from_secs(20)));
-    let mut t = TcpStream::connect(format!("127.0.0.1:{}", s.tcp)).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || s
+            .b
+            .agent("vm1")
+            .filter(|a| a["addresses"][0] == vm.ip.as_str()))
+        .is_some(),
+        "{:?}",
+        s.b.agent("vm1")
+    );
+    // Sent from the agent's own address, as the VM's syslog daemon would.
+    let t = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{}:0", vm.ip).parse().unwrap()).unwrap();
+        sock.connect(format!("127.0.0.1:{}", s.tcp).parse().unwrap())
+            .await
+            .unwrap()
+            .into_std()
+            .unwrap()
+    });
+    t.set_nonblocking(false).unwrap();
+    let mut t = t;
     writeln!(
         t,
         "<13>1 2026-11-27T10:00:00.000Z claimed-name app - - - from-agent-address"
@@ -799,4 +819,85 @@ fn forwarding_over_tls_reaches_a_real_rsyslog() {
         (metric(&s.b, "bastide_logs_forward_connected") == 1.0).then_some(())
     })
     .is_some());
+}
+
+/// One syslog line over TCP from local address `src` (a VM at that address).
+fn syslog_from(rt: &tokio::runtime::Runtime, src: &str, port: u16, line: &str) {
+    let t = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        sock.connect(format!("127.0.0.1:{port}").parse().unwrap())
+            .await
+            .unwrap()
+            .into_std()
+            .unwrap()
+    });
+    t.set_nonblocking(false).unwrap();
+    let mut t = t;
+    // The bastion may close a refused connection at once: a failed write is fine.
+    let _ = writeln!(t, "{line}");
+}
+
+/// The attacker is root on an enrolled VM and claims a neighbour's address (127.0.0.9, a
+/// machine without an agent, outside `syslog.allow`). That claim does not admit the
+/// neighbour's syslog lines (nor file them under the agent): the allow-list uses accepted
+/// addresses only. The agent's own, observed address is admitted and filed under its name.
+#[test]
+fn a_claimed_address_does_not_open_syslog() {
+    let mut b = Bastion::init("proj");
+    let tcp = free_port();
+    b.edit_config(|c| {
+        format!(
+            "{c}\n[syslog]\ntcp = [\"127.0.0.1:{tcp}\"]\nallow = [\"127.0.0.1/32\"]\n\n[logs]\nretention_days = 30\n"
+        )
+    });
+    b.start();
+    let mut evil = Agent::new("evil");
+    evil.set_addresses(&["127.0.0.9", &evil.ip], Some(&evil.ip));
+    evil.enroll_ok(&b, &b.token(&[]));
+    evil.start();
+    let info = wait_for(Duration::from_secs(20), || {
+        b.agent("evil")
+            .filter(|a| a["addresses"] == serde_json::json!([evil.ip]))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "evil not registered: {:?}\n{}",
+            b.agent("evil"),
+            evil.log_text()
+        )
+    });
+    assert!(
+        info["refused"]
+            .to_string()
+            .contains("127.0.0.9: not the observed address"),
+        "{info}"
+    );
+    let rt = rt();
+    syslog_from(
+        &rt,
+        "127.0.0.9",
+        tcp,
+        "<13>1 2026-11-27T10:00:00.000Z neighbour app - - - from-the-claimed-address",
+    );
+    syslog_from(
+        &rt,
+        &evil.ip,
+        tcp,
+        "<13>1 2026-11-27T10:00:01.000Z evil app - - - from-the-agent-address",
+    );
+    syslog_from(
+        &rt,
+        "127.0.0.1",
+        tcp,
+        "<13>1 2026-11-27T10:00:02.000Z local app - - - from-an-allowed-network",
+    );
+    let (host, _) = wait_line(&b, "from-the-agent-address");
+    assert_eq!(host, "evil");
+    wait_line(&b, "from-an-allowed-network");
+    let leaked: Vec<_> = stored(&b)
+        .into_iter()
+        .filter(|(_, l)| l.contains("from-the-claimed-address"))
+        .collect();
+    assert!(leaked.is_empty(), "admitted through a claim: {leaked:?}");
 }

@@ -210,11 +210,18 @@ fn agent_in_a_namespace_survives_loss_goes_offline_on_a_cut_and_returns() {
             "heartbeat_interval = \"1s\"",
         )
         .replace("heartbeat_timeout = \"35s\"", "heartbeat_timeout = \"5s\"")
+        // The namespace's address is an agent network too.
+        .replace(
+            "networks = [\"127.0.0.0/8\"]",
+            &format!("networks = [\"127.0.0.0/8\", \"{}/32\"]", link.ns_ip),
+        )
     });
     b.start();
     let exec = link.exec();
     let prefix: Vec<&str> = exec.iter().map(String::as_str).collect();
     let mut a = Agent::new("ns01");
+    // It claims, and connects from, its address in the namespace.
+    a.set_addresses(&[&link.ns_ip], Some(&link.ns_ip));
     // The server certificate names loopback and "bastide", not the veth address.
     a.enroll_via(&prefix, &b, &b.token(&[]), &["--server-name", "bastide"]);
     a.start_via(&prefix, &[]);
@@ -226,7 +233,7 @@ fn agent_in_a_namespace_survives_loss_goes_offline_on_a_cut_and_returns() {
     );
     let addrs = b.agent("ns01").unwrap()["addresses"].clone();
     assert!(
-        addrs.to_string().contains("127.0.0.1"),
+        addrs.to_string().contains(&link.ns_ip),
         "registered with its advertised address: {addrs}"
     );
 

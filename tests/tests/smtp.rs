@@ -646,29 +646,59 @@ fn clients_outside_allowed_networks_are_refused_agents_allowed() {
     ));
     assert!(queue(&r.b)["messages"].as_array().unwrap().len() == 1);
 
-    // Only enrolled agents: loopback is refused until an agent advertising it registers.
+    // Only enrolled agents: the agent's address is refused until the agent registers from it.
     let r = relay(
         "none",
         "allow_networks = [\"192.0.2.0/24\"]\nallow_recipient_domains = [\"example.com\"]",
         "retry_initial = \"1h\"",
     );
+    let mut a = Agent::new("web01");
     let o = swaks(
         r.port,
-        &["--from", "a@example.com", "--to", "b@example.com"],
+        &[
+            "-li",
+            &a.ip,
+            "--from",
+            "a@example.com",
+            "--to",
+            "b@example.com",
+        ],
     );
     assert!(transcript(&o).contains("554 5.7.1"), "{}", transcript(&o));
-    let mut a = Agent::new("web01");
     a.enroll_ok(&r.b, &r.b.token(&[]));
     a.start();
     assert!(r.b.wait_state("web01", "online", Duration::from_secs(20)));
+    assert!(
+        wait_for(Duration::from_secs(10), || r
+            .b
+            .agent("web01")
+            .filter(|i| i["addresses"][0] == a.ip.as_str()))
+        .is_some(),
+        "{:?}",
+        r.b.agent("web01")
+    );
     assert_ok(&swaks(
         r.port,
-        &["--from", "a@example.com", "--to", "b@example.com"],
+        &[
+            "-li",
+            &a.ip,
+            "--from",
+            "a@example.com",
+            "--to",
+            "b@example.com",
+        ],
     ));
     // The recipient-domain allow-list.
     let o = swaks(
         r.port,
-        &["--from", "a@example.com", "--to", "b@example.net"],
+        &[
+            "-li",
+            &a.ip,
+            "--from",
+            "a@example.com",
+            "--to",
+            "b@example.net",
+        ],
     );
     assert!(transcript(&o).contains("550 5.7.1"), "{}", transcript(&o));
     assert_eq!(queue(&r.b)["messages"].as_array().unwrap().len(), 1);
@@ -1554,4 +1584,72 @@ fn opportunistic_tls_upgrades_when_offered_and_helo_clients_are_served() {
         assert_eq!(got[0].0["tls"], want_tls, "smarthost {mode}: {}", got[0].0);
         assert!(got[0].1.contains(&format!("Subject: opportunistic {mode}")));
     }
+}
+
+/// The attacker is root on an enrolled VM and claims addresses that are not its own: the
+/// bastion's 127.0.0.1 and a neighbour's 127.0.0.9 (a machine without an agent). Neither
+/// opens the relay to clients at those addresses: the registry uses a claim only when the
+/// agent's connection comes from it (agents.claimed_addresses = "observed"), never the
+/// bastion's own address. Before the address policy, both were admitted.
+#[test]
+fn a_claimed_address_does_not_open_the_relay() {
+    let r = relay(
+        "none",
+        "allow_networks = [\"192.0.2.0/24\"]",
+        "retry_initial = \"1h\"",
+    );
+    let mut a = Agent::new("evil");
+    a.set_addresses(&["127.0.0.1", "127.0.0.9", &a.ip], Some(&a.ip));
+    a.enroll_ok(&r.b, &r.b.token(&[]));
+    a.start();
+    let info = wait_for(Duration::from_secs(20), || {
+        r.b.agent("evil")
+            .filter(|i| i["addresses"][0] == a.ip.as_str())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "agent not registered: {:?}\n{}",
+            r.b.agent("evil"),
+            a.log_text()
+        )
+    });
+    let refused = info["refused"].to_string();
+    assert!(
+        refused.contains("127.0.0.1: an address of the bastion itself"),
+        "{info}"
+    );
+    assert!(
+        refused.contains("127.0.0.9: not the observed address"),
+        "{info}"
+    );
+    for client in ["127.0.0.1", "127.0.0.9"] {
+        let o = swaks(
+            r.port,
+            &[
+                "-li",
+                client,
+                "--from",
+                "a@example.com",
+                "--to",
+                "b@example.com",
+            ],
+        );
+        assert!(
+            transcript(&o).contains("554 5.7.1"),
+            "a client at {client} was admitted because an agent claimed it:\n{}",
+            transcript(&o)
+        );
+    }
+    // The agent's own, observed address does relay.
+    assert_ok(&swaks(
+        r.port,
+        &[
+            "-li",
+            &a.ip,
+            "--from",
+            "a@example.com",
+            "--to",
+            "b@example.com",
+        ],
+    ));
 }

@@ -68,8 +68,9 @@ struct Sshd {
 }
 
 impl Sshd {
-    /// `host_key` is the private host key; `authorized` the authorized_keys content for root.
-    fn start(dir: &Path, host_key: &Path, authorized: &str) -> Self {
+    /// Listens on `ip` (the agent's own address); `host_key` is the private host key;
+    /// `authorized` the authorized_keys content for root.
+    fn start(dir: &Path, ip: &str, host_key: &Path, authorized: &str) -> Self {
         let sshd = require("sshd", "openssh-server");
         // sshd run as root insists on its privilege separation directory.
         let _ = std::fs::create_dir_all("/run/sshd");
@@ -80,7 +81,7 @@ impl Sshd {
         std::fs::write(
             &cfg,
             format!(
-                "ListenAddress 127.0.0.1:{port}\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUseDNS no\nMaxStartups 1000\nMaxSessions 1000\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n",
+                "ListenAddress {ip}:{port}\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUseDNS no\nMaxStartups 1000\nMaxSessions 1000\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n",
                 host_key.display(),
                 ak.display()
             ),
@@ -103,7 +104,7 @@ impl Sshd {
             .unwrap();
         let mut s = Self { child, port, log };
         let up = wait_for(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+            std::net::TcpStream::connect((ip, port)).ok()
         });
         if up.is_none() {
             let _ = s.child.kill();
@@ -129,6 +130,8 @@ impl Drop for Sshd {
 struct Env {
     b: Bastion,
     _agent: Agent,
+    /// The target's (and its agent's) own address.
+    ip: String,
     sshd: Sshd,
     dir: tempfile::TempDir,
     ssh_port: u16,
@@ -143,6 +146,11 @@ struct Env {
 impl Env {
     /// `extra` is appended inside the [ssh] table (before the admins).
     fn new(extra: &str) -> Self {
+        Self::with(extra, |c| c)
+    }
+
+    /// [`Env::new`], with `edit` applied to the bastion's configuration file first.
+    fn with(extra: &str, edit: impl FnOnce(String) -> String) -> Self {
         require("ssh", "openssh-client");
         let dir = tempfile::Builder::new()
             .prefix("bastide-ssh-test-")
@@ -174,13 +182,13 @@ impl Env {
                 &hca,
                 &host_key,
                 "web01-host",
-                &["-h", "-n", "web01,web01.proj.test,127.0.0.1"],
+                &["-h", "-n", &format!("web01,web01.proj.test,{}", agent.ip)],
             );
             extra.replace("@HOST_CA@", &public(&hca))
         } else {
             extra.to_string()
         };
-        let sshd = Sshd::start(d, &host_key, &authorized);
+        let sshd = Sshd::start(d, &agent.ip, &host_key, &authorized);
 
         let mut b = Bastion::init("proj");
         let ssh_port = free_port();
@@ -231,6 +239,7 @@ ports = [{tport}]
             tport = sshd.port,
         );
         b.edit_config(|c| c + &cfg);
+        b.edit_config(edit);
         let out = b.cli(&["check-config"]);
         assert!(out.status.success(), "{}", out_str(&out));
         b.start();
@@ -249,6 +258,7 @@ ports = [{tport}]
         );
         Env {
             b,
+            ip: agent.ip.clone(),
             _agent: agent,
             sshd,
             dir,
@@ -330,7 +340,7 @@ fn jump_commands_scp_names_denials_shell_and_known_hosts() {
     );
     // ssh -J runs a remote command through the bastion and returns its output, fast.
     let t = Instant::now();
-    let o = env.ssh_j(&alice, "alice", "127.0.0.1", "echo hello-from-target");
+    let o = env.ssh_j(&alice, "alice", &env.ip, "echo hello-from-target");
     assert!(o.status.success(), "{}\n{}", out_str(&o), env.logs());
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
@@ -376,7 +386,7 @@ fn jump_commands_scp_names_denials_shell_and_known_hosts() {
         .expect("audit line for web01");
     assert_eq!(web["start"], lines[start]["start"]);
     assert_eq!(web["agent"], "web01");
-    assert_eq!(web["resolved"], "127.0.0.1");
+    assert_eq!(web["resolved"], env.ip.as_str());
     assert_eq!(web["admin"], "alice");
     assert!(web["key_fingerprint"]
         .as_str()
@@ -984,7 +994,7 @@ fn keepalive_idle_timeout_and_server_rekey() {
         .arg("-F")
         .arg(&cfg)
         .args(["-J", &env.jump("alice"), "-p", &env.sshd.port.to_string()])
-        .args(["root@127.0.0.1", "sleep 30; echo late"])
+        .args([&format!("root@{}", env.ip), "sleep 30; echo late"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1056,7 +1066,7 @@ fn keepalive_idle_timeout_and_server_rekey() {
         .arg("-F")
         .arg(&cfg)
         .args(["-J", &env.jump("alice"), "-p", &env.sshd.port.to_string()])
-        .arg("root@127.0.0.1")
+        .arg(format!("root@{}", env.ip))
         .arg("sha256sum")
         .stdin(std::fs::File::open(&src).unwrap())
         .output()
@@ -1097,7 +1107,7 @@ fn keepalive_idle_timeout_and_server_rekey() {
         .args([
             "-p",
             &env.sshd.port.to_string(),
-            "root@127.0.0.1",
+            &format!("root@{}", env.ip),
             "sha256sum",
         ])
         .stdin(std::fs::File::open(&src).unwrap())
@@ -1238,4 +1248,180 @@ fn host_certificates_through_cert_authority_known_hosts() {
     // The plain key alone is not trusted by that file: the CA line is what made it work.
     let o = target("ssh-ed25519");
     assert!(!o.status.success(), "{}", out_str(&o));
+}
+
+/// A TCP service on the bastion's own loopback (a stand-in for what listens on 127.0.0.1
+/// of a real bastion): greets every connection with a secret.
+fn bastion_loopback_service() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = s.write_all(b"bastion-secret\n");
+        }
+    });
+    port
+}
+
+impl Env {
+    /// `ssh -W target user@bastion` with stdin closed: what came back and how it ended.
+    fn ssh_w(&self, cfg: &Path, user: &str, target: &str) -> Output {
+        Command::new("ssh")
+            .arg("-F")
+            .arg(cfg)
+            .args(["-W", target])
+            .args([
+                "-p",
+                &self.ssh_port.to_string(),
+                &format!("{user}@127.0.0.1"),
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn denied(&self, target: &str) -> Option<Value> {
+        self.audit_lines()
+            .into_iter()
+            .find(|l| l["target"] == target && l["decision"] == "denied")
+    }
+}
+
+/// The attacker is root on an enrolled VM ("db66", which bob's rule lets him reach) and
+/// advertises the bastion's own 127.0.0.1 and the cloud metadata service's 169.254.169.254.
+/// Neither becomes a jump target: not by the agent's name, and a typed-in 127.0.0.1 is not
+/// credited to the agent (bob has no rule for plain addresses). Before the address policy,
+/// `ssh -W db66:PORT` reached the bastion's loopback service.
+#[test]
+fn an_agent_claiming_the_bastions_address_or_the_metadata_service_is_no_jump_target() {
+    let svc = bastion_loopback_service();
+    let env = Env::new(&format!(
+        "\n[[ssh.rules]]\nadmins = [\"bob\"]\nagents = [\"db*\"]\nports = [{svc}]\n"
+    ));
+    let bob = env.client_config("bob", &env.bob, "");
+    let mut evil = Agent::new("db66");
+    evil.set_addresses(&["127.0.0.1", "169.254.169.254"], Some(&evil.ip));
+    evil.enroll_ok(&env.b, &env.b.token(&[]));
+    evil.start();
+    let info = wait_for(Duration::from_secs(20), || {
+        env.b.agent("db66").filter(|a| {
+            a["state"] == "online" && a["claimed"].as_array().is_some_and(|v| v.len() == 2)
+        })
+    })
+    .unwrap_or_else(|| panic!("db66 not registered: {}", evil.log_text()));
+    assert_eq!(info["addresses"], serde_json::json!([]), "{info}");
+    let refused = info["refused"].to_string();
+    assert!(
+        refused.contains("127.0.0.1: an address of the bastion itself"),
+        "{info}"
+    );
+    assert!(
+        refused.contains("169.254.169.254: link-local address"),
+        "{info}"
+    );
+
+    // By the agent's name.
+    let o = env.ssh_w(&bob, "bob", &format!("db66:{svc}"));
+    assert!(
+        !o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("bastion-secret"),
+        "jumped to the bastion's loopback through db66's claim: {}",
+        out_str(&o)
+    );
+    let d = env.denied("db66").expect("denied audit line for db66");
+    assert!(
+        d["reason"]
+            .as_str()
+            .unwrap()
+            .contains("has no accepted address"),
+        "{d}"
+    );
+    // By the claimed address typed in: a plain address, and bob has no cidr rule.
+    let o = env.ssh_w(&bob, "bob", &format!("127.0.0.1:{svc}"));
+    assert!(
+        !o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("bastion-secret"),
+        "127.0.0.1 credited to db66: {}",
+        out_str(&o)
+    );
+    let d = env
+        .denied("127.0.0.1")
+        .expect("denied audit line for 127.0.0.1");
+    assert!(d["agent"].is_null(), "credited to an agent: {d}");
+    // The metadata service address is no target either.
+    let o = env.ssh_w(&bob, "bob", "169.254.169.254:80");
+    assert!(!o.status.success(), "{}", out_str(&o));
+}
+
+/// The attacker is root on an enrolled VM ("db66") and claims web01's address, with
+/// `claimed_addresses = "networks"` (claims are not checked against the connection). The
+/// address then belongs to neither while both are online: `ssh -J` to web01 by name is
+/// refused, the typed-in address is not credited to db66 (whose rule would let bob in),
+/// and both agents are flagged in `agents list`. When the attacker goes offline, web01 gets
+/// its address back.
+#[test]
+fn an_address_claimed_by_two_agents_belongs_to_neither() {
+    let env = Env::with("", |c| {
+        c.replacen(
+            "networks = [\"127.0.0.0/8\"]",
+            "networks = [\"127.0.0.0/8\"]\nclaimed_addresses = \"networks\"",
+            1,
+        )
+    });
+    let alice = env.client_config("alice", &env.alice, "");
+    let bob = env.client_config("bob", &env.bob, "");
+    let o = env.ssh_j(&alice, "alice", "web01", "echo before");
+    assert!(o.status.success(), "{}\n{}", out_str(&o), env.logs());
+
+    let mut evil = Agent::new("db66");
+    evil.set_addresses(&[&env.ip], Some(&evil.ip));
+    evil.enroll_ok(&env.b, &env.b.token(&[]));
+    evil.start();
+    let flagged = |name: &str| {
+        env.b.agent(name).filter(|a| {
+            a["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "address-conflict"))
+        })
+    };
+    let web = wait_for(Duration::from_secs(20), || flagged("web01")).unwrap_or_else(|| {
+        panic!(
+            "web01 not flagged: {:?}\n{}",
+            env.b.agents(),
+            evil.log_text()
+        )
+    });
+    let db = flagged("db66").expect("db66 flagged too");
+    for a in [&web, &db] {
+        assert_eq!(a["addresses"], serde_json::json!([]), "{a}");
+        assert!(
+            a["refused"]
+                .to_string()
+                .contains("claimed by several agents: db66, web01"),
+            "{a}"
+        );
+    }
+    let table = env.b.cli_ok(&["agents", "list"]);
+    assert!(
+        table.contains("address-conflict") && table.contains("claimed by several agents"),
+        "{table}"
+    );
+
+    let o = env.ssh_j(&alice, "alice", "web01", "echo hijacked");
+    assert!(!o.status.success(), "{}", out_str(&o));
+    let o = env.ssh_j(&bob, "bob", &env.ip, "echo via-db66");
+    assert!(
+        !o.status.success(),
+        "web01's address credited to db66: {}",
+        out_str(&o)
+    );
+
+    // The conflict ends with the attacker's session: web01 has its address again.
+    evil.stop();
+    let back = wait_for(Duration::from_secs(15), || {
+        env.b
+            .agent("web01")
+            .filter(|a| a["addresses"] == serde_json::json!([env.ip]))
+    });
+    assert!(back.is_some(), "{:?}", env.b.agent("web01"));
+    let o = env.ssh_j(&alice, "alice", "web01", "echo after");
+    assert!(o.status.success(), "{}\n{}", out_str(&o), env.logs());
 }

@@ -509,6 +509,7 @@ mod tests {
             enrolled_at: 0,
             cert_serial: String::new(),
             cert_not_after: 0,
+            ..Default::default()
         }
     }
 

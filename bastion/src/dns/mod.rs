@@ -58,9 +58,6 @@ pub struct DnsConfig {
     /// Name of the zone's name server (NS and SOA MNAME), relative to the zone or absolute.
     #[serde(default = "default_nameserver")]
     pub nameserver: String,
-    /// Only agent addresses inside these networks are published (empty: all of them).
-    #[serde(default)]
-    pub agent_networks: Vec<String>,
     /// Reverse zones (e.g. "10.in-addr.arpa.") answered with a PTR per agent address.
     #[serde(default)]
     pub reverse_zones: Vec<String>,
@@ -164,7 +161,6 @@ pub(crate) struct Settings {
     pub nameserver: Name,
     pub zone_ttl: u32,
     pub reverse_zones: Vec<Name>,
-    pub agent_networks: Vec<IpNet>,
     pub statics: Vec<Record>,
     pub allow: Vec<IpNet>,
     pub listen: Vec<SocketAddr>,
@@ -333,13 +329,6 @@ impl DnsConfig {
                 v
             }
         };
-        let mut agent_networks = Vec::new();
-        for s in &self.agent_networks {
-            match parse_net(s) {
-                Ok(n) => agent_networks.push(n),
-                Err(e) => bad("agent_networks", e),
-            }
-        }
         let mut reverse_zones = Vec::new();
         for s in &self.reverse_zones {
             match parse_zone_name(s) {
@@ -424,7 +413,6 @@ impl DnsConfig {
             nameserver,
             zone_ttl,
             reverse_zones,
-            agent_networks,
             statics,
             allow,
             listen: self.listen.clone(),

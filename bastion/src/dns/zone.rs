@@ -19,20 +19,13 @@ const MAX_CHAIN: usize = 8;
 /// What the zone publishes of the agents: (name, addresses), sorted by name.
 pub(crate) type Projection = Vec<(String, Vec<IpAddr>)>;
 
-/// The agents the zone publishes, filtered by `agent_networks`.
-pub(crate) fn projection(s: &Settings, snap: &Snapshot) -> Projection {
+/// The agents the zone publishes: non-revoked agents with their ACCEPTED addresses only
+/// (the registry applies the address policy, `crate::addresses`; claims it refused, loopback,
+/// link-local, the bastion's own addresses or an address two agents claim, never get a
+/// record).
+pub(crate) fn projection(_s: &Settings, snap: &Snapshot) -> Projection {
     snap.active()
-        .map(|a| {
-            let addrs = a
-                .addresses
-                .iter()
-                .filter(|ip| {
-                    s.agent_networks.is_empty() || s.agent_networks.iter().any(|n| n.contains(*ip))
-                })
-                .copied()
-                .collect();
-            (a.name.clone(), addrs)
-        })
+        .map(|a| (a.name.clone(), a.addresses.clone()))
         .collect()
 }
 
@@ -260,7 +253,6 @@ mod tests {
             r#"
             listen = ["127.0.0.1:5353"]
             reverse_zones = ["10.in-addr.arpa."]
-            agent_networks = ["10.0.0.0/8", "fd00::/8"]
             [[records]]
             name = "www"
             type = "CNAME"
@@ -317,7 +309,7 @@ mod tests {
     }
 
     #[test]
-    fn agent_networks_filter_addresses() {
+    fn only_accepted_addresses_of_active_agents() {
         let s = settings();
         let mut snap = Snapshot::default();
         let info = crate::registry::AgentInfo {
@@ -326,13 +318,18 @@ mod tests {
             revoked: false,
             online: true,
             hostname: String::new(),
-            addresses: vec!["192.168.1.1".parse().unwrap(), "10.1.1.1".parse().unwrap()],
+            addresses: vec!["10.1.1.1".parse().unwrap()],
+            claimed: vec![
+                "169.254.169.254".parse().unwrap(),
+                "10.1.1.1".parse().unwrap(),
+            ],
             os: String::new(),
             agent_version: String::new(),
             ssh_host_keys: vec![],
             enrolled_at: 0,
             cert_serial: String::new(),
             cert_not_after: 0,
+            ..Default::default()
         };
         snap.agents
             .insert("db".into(), std::sync::Arc::new(info.clone()));

@@ -93,6 +93,10 @@ pub const FORWARD_CONNECTED: &str = "bastide_logs_forward_connected";
 pub const LOGS_DROPPED: &str = "bastide_logs_dropped_events_total";
 pub const LOGS_REFUSED_BATCHES: &str = "bastide_logs_refused_batches_total";
 pub const LOGS_STORE_FULL: &str = "bastide_logs_store_full";
+/// Scrape-time gauges: active agents whose observed address is none of their claims, and
+/// active agents that lost a claimed address to a conflict (see `crate::addresses`).
+pub const AGENTS_ADDRESS_MISMATCH: &str = "bastide_agents_address_mismatch";
+pub const AGENTS_ADDRESS_CONFLICT: &str = "bastide_agents_address_conflict";
 /// Scrape-time gauge: active agents by configuration state (see `ConfigState::summary`).
 pub const AGENTS_CONFIG_STATE: &str = "bastide_agents_config_state";
 

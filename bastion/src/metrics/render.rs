@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use crate::hostmetrics::escape_label;
+use crate::metrics::names;
 use crate::registry::Registry;
 
 pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -46,6 +47,36 @@ pub fn agents(registry: &Registry, out: &mut String) {
         let _ = writeln!(out, "bastide_agents{{state=\"{state}\"}} {n}");
     }
     let active: Vec<_> = snap.active().collect();
+    let flagged = |flag: &str| {
+        active
+            .iter()
+            .filter(|a| a.flags.iter().any(|f| f == flag))
+            .count()
+    };
+    family(
+        out,
+        names::AGENTS_ADDRESS_MISMATCH,
+        "gauge",
+        "Enrolled agents whose connection comes from none of the addresses they claim.",
+    );
+    let _ = writeln!(
+        out,
+        "{} {}",
+        names::AGENTS_ADDRESS_MISMATCH,
+        flagged(crate::registry::FLAG_MISMATCH)
+    );
+    family(
+        out,
+        names::AGENTS_ADDRESS_CONFLICT,
+        "gauge",
+        "Enrolled agents claiming an address another live agent claims too (used by neither).",
+    );
+    let _ = writeln!(
+        out,
+        "{} {}",
+        names::AGENTS_ADDRESS_CONFLICT,
+        flagged(crate::registry::FLAG_CONFLICT)
+    );
     family(
         out,
         "bastide_agent_up",

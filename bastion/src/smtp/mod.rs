@@ -45,7 +45,7 @@ pub struct SmtpConfig {
     /// Client networks allowed to relay, as CIDRs ("10.0.0.0/8", "127.0.0.1/32").
     #[serde(default)]
     pub allow_networks: Vec<String>,
-    /// Enrolled, non-revoked agents' addresses may relay too.
+    /// Enrolled, non-revoked agents' accepted addresses (see `crate::addresses`) may relay too.
     #[serde(default = "yes")]
     pub allow_agents: bool,
     /// When not empty, the only recipient domains accepted (after rewriting).

@@ -76,7 +76,8 @@ impl Shared {
         }
     }
 
-    /// Configured networks, or an enrolled agent's address (from the registry).
+    /// Configured networks, or an enrolled agent's ACCEPTED address (the registry applies
+    /// the address policy, `crate::addresses`: a mere claim never opens the relay).
     fn allowed(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
         if self.networks.iter().any(|n| n.contains(ip)) {

@@ -2,6 +2,13 @@
 //! or FQDN in the project zone) resolved from the registry snapshot, or an address, or a
 //! host name a rule names. Deny by default: a jump is allowed only by a rule that names the
 //! admin (or one of their groups), the port, and matches every selector it gives.
+//!
+//! Addresses come from the registry's ACCEPTED addresses only (`crate::addresses`): an
+//! agent's name jumps to its first accepted address, and a typed-in address is credited to
+//! an agent (so that `agents`/`labels` rules apply) only when it is that agent's accepted
+//! address, which is unique across agents. Anything else is a plain address that a
+//! `cidrs` or `hosts` rule must allow, as with OpenSSH's `PermitOpen`: what a VM says
+//! about itself never widens what an admin may reach.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -118,11 +125,21 @@ pub async fn decide(
         match a.addresses.first() {
             Some(ip) => (Some(a), *ip),
             None => {
+                let why = if a.refused.is_empty() {
+                    String::new()
+                } else {
+                    let r: Vec<String> = a
+                        .refused
+                        .iter()
+                        .map(|r| format!("{}: {}", r.address, r.reason))
+                        .collect();
+                    format!(" (refused claims: {})", r.join("; "))
+                };
                 return Err(deny(
-                    format!("agent {} has no known address", a.name),
+                    format!("agent {} has no accepted address{why}", a.name),
                     None,
                     Some(a),
-                ))
+                ));
             }
         }
     } else if let Ok(ip) = lhost
@@ -130,6 +147,8 @@ pub async fn decide(
         .trim_end_matches(']')
         .parse::<IpAddr>()
     {
+        // Credited only to the agent whose accepted address it is (never to a mere claim).
+        let ip = ip.to_canonical();
         (snap.active().find(|a| a.addresses.contains(&ip)), ip)
     } else if rules
         .iter()
@@ -191,6 +210,7 @@ mod tests {
             enrolled_at: 0,
             cert_serial: String::new(),
             cert_not_after: 0,
+            ..Default::default()
         })
     }
 
@@ -263,5 +283,28 @@ mod tests {
         revoked.revoked = true;
         snap.agents.insert("web01".into(), Arc::new(revoked));
         assert!(decide(&p, "alice", &snap, "web01", 22).await.is_err());
+    }
+
+    /// An address an agent only claims (refused by the address policy) is no target of its
+    /// name and is not credited to it: `agents`/`labels` rules do not open it.
+    #[tokio::test]
+    async fn refused_claims_are_neither_targets_nor_credited() {
+        let mut snap = Snapshot::default();
+        let mut evil = (*agent("web66", "10.0.0.66", &[("env", "prod")])).clone();
+        evil.addresses.clear();
+        evil.claimed = vec!["127.0.0.1".parse().unwrap()];
+        evil.refused = vec![crate::registry::RefusedAddress {
+            address: "127.0.0.1".parse().unwrap(),
+            reason: "an address of the bastion itself".into(),
+        }];
+        snap.agents.insert("web66".into(), Arc::new(evil));
+        let p = policy(vec![rule(&["alice"], |r| r.agents = vec!["web*".into()])]);
+        let d = decide(&p, "alice", &snap, "web66", 22).await.unwrap_err();
+        assert!(d.reason.contains("no accepted address"), "{}", d.reason);
+        assert!(d.reason.contains("bastion itself"), "{}", d.reason);
+        let d = decide(&p, "alice", &snap, "127.0.0.1", 22)
+            .await
+            .unwrap_err();
+        assert_eq!(d.agent, None, "credited to the claiming agent");
     }
 }

@@ -51,7 +51,7 @@ pub struct SyslogConfig {
     /// Client networks allowed to send.
     #[serde(default)]
     pub allow: Vec<IpNet>,
-    /// Enrolled, non-revoked agents' registered addresses may send too.
+    /// Enrolled, non-revoked agents' accepted addresses (see `crate::addresses`) may send too.
     #[serde(default = "yes")]
     pub allow_agents: bool,
     /// Longest message kept, in bytes; the rest is cut off and counted.
