@@ -85,6 +85,35 @@ pub struct AgentsConfig {
     /// Time a client has to complete its TLS handshake.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Most connections without a client certificate at once (they can only enroll).
+    #[serde(default = "default_max_unauthenticated_connections")]
+    pub max_unauthenticated_connections: usize,
+    /// Most connections from one source address that have not shown a client certificate:
+    /// TLS handshakes in progress and certificate-less connections together.
+    #[serde(default = "default_max_unauthenticated_per_address")]
+    pub max_unauthenticated_per_address: usize,
+    /// A connection without a client certificate is closed after this long without a byte
+    /// from the client, and a short grace after its enrollment call answered.
+    #[serde(default = "default_unauthenticated_idle_timeout", with = "humantime_serde")]
+    pub unauthenticated_idle_timeout: Duration,
+    /// A connection without a client certificate is closed this long after its handshake,
+    /// busy or not.
+    #[serde(default = "default_unauthenticated_lifetime", with = "humantime_serde")]
+    pub unauthenticated_lifetime: Duration,
+    /// Renewals an agent may make in a burst.
+    #[serde(default = "default_renew_burst")]
+    pub renew_burst: u32,
+    /// One more renewal is allowed per this interval, up to `renew_burst` (default: a tenth
+    /// of `cert_lifetime`; agents renew at two thirds of it).
+    #[serde(default, with = "humantime_serde")]
+    pub renew_interval: Option<Duration>,
+}
+
+impl AgentsConfig {
+    /// The renewal refill interval, defaulted from the certificate lifetime.
+    pub fn renew_interval(&self) -> Duration {
+        self.renew_interval.unwrap_or(self.cert_lifetime / 10)
+    }
 }
 
 /// `[admin]`: the Unix socket the admin CLI talks to.
@@ -111,6 +140,21 @@ fn default_max_connections() -> usize {
 }
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_max_unauthenticated_connections() -> usize {
+    256
+}
+fn default_max_unauthenticated_per_address() -> usize {
+    16
+}
+fn default_unauthenticated_idle_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_unauthenticated_lifetime() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_renew_burst() -> u32 {
+    5
 }
 fn default_socket_mode() -> u32 {
     0o600
@@ -214,6 +258,31 @@ impl Config {
             if a.handshake_timeout.is_zero() {
                 bad("agents.handshake_timeout", "must be positive".into());
             }
+            if a.max_unauthenticated_connections == 0 {
+                bad(
+                    "agents.max_unauthenticated_connections",
+                    "must be positive (enrollment needs it)".into(),
+                );
+            }
+            if a.max_unauthenticated_per_address == 0 {
+                bad(
+                    "agents.max_unauthenticated_per_address",
+                    "must be positive (every handshake counts until its certificate is seen)"
+                        .into(),
+                );
+            }
+            if a.unauthenticated_idle_timeout.is_zero() {
+                bad("agents.unauthenticated_idle_timeout", "must be positive".into());
+            }
+            if a.unauthenticated_lifetime.is_zero() {
+                bad("agents.unauthenticated_lifetime", "must be positive".into());
+            }
+            if a.renew_burst == 0 {
+                bad("agents.renew_burst", "must be at least 1".into());
+            }
+            if a.renew_interval().is_zero() {
+                bad("agents.renew_interval", "must be positive".into());
+            }
         }
         if let Some(adm) = &self.admin {
             if adm.mode & !0o660 != 0 || adm.mode & 0o600 != 0o600 {
@@ -306,6 +375,16 @@ heartbeat_interval = "10s"
 heartbeat_timeout = "35s"
 max_connections = 20000
 handshake_timeout = "10s"
+# Connections without a client certificate can only enroll: at most this many at once,
+# at most this many per source address (handshakes in progress count too), closed when
+# idle or after their lifetime.
+max_unauthenticated_connections = 256
+max_unauthenticated_per_address = 16
+unauthenticated_idle_timeout = "5s"
+unauthenticated_lifetime = "30s"
+# Renewals per agent: a burst, then one per interval (default: cert_lifetime / 10).
+renew_burst = 5
+# renew_interval = "2h24m"
 
 # Unix socket of the admin CLI (never a TCP port).
 [admin]
