@@ -145,7 +145,7 @@ fn default_max_unauthenticated_connections() -> usize {
     256
 }
 fn default_max_unauthenticated_per_address() -> usize {
-    16
+    32
 }
 fn default_unauthenticated_idle_timeout() -> Duration {
     Duration::from_secs(5)
@@ -379,7 +379,7 @@ handshake_timeout = "10s"
 # at most this many per source address (handshakes in progress count too), closed when
 # idle or after their lifetime.
 max_unauthenticated_connections = 256
-max_unauthenticated_per_address = 16
+max_unauthenticated_per_address = 32
 unauthenticated_idle_timeout = "5s"
 unauthenticated_lifetime = "30s"
 # Renewals per agent: a burst, then one per interval (default: cert_lifetime / 10).
