@@ -180,16 +180,18 @@ pub async fn run(
             let unauth = unauth.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => match AgentConn::new(tls, peer, &registry, permit, slot, &unauth) {
-                        Ok(conn) => {
-                            let _ = tx.send(Ok(conn)).await;
-                        }
-                        Err(reason) => {
-                            metrics::counter!(names::AGENT_CONNECTIONS_REFUSED, "reason" => reason)
+                    Ok(Ok(tls)) => {
+                        match AgentConn::new(tls, peer, &registry, permit, slot, &unauth) {
+                            Ok(conn) => {
+                                let _ = tx.send(Ok(conn)).await;
+                            }
+                            Err(reason) => {
+                                metrics::counter!(names::AGENT_CONNECTIONS_REFUSED, "reason" => reason)
                                 .increment(1);
-                            debug!(%peer, reason, "agents: certificate-less connection refused: limit reached");
+                                debug!(%peer, reason, "agents: certificate-less connection refused: limit reached");
+                            }
                         }
-                    },
+                    }
                     Ok(Err(e)) => {
                         metrics::counter!(names::HANDSHAKE_FAILURES).increment(1);
                         debug!(%peer, error = %e, "agents: TLS handshake failed")

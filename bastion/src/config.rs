@@ -94,7 +94,10 @@ pub struct AgentsConfig {
     pub max_unauthenticated_per_address: usize,
     /// A connection without a client certificate is closed after this long without a byte
     /// from the client, and a short grace after its enrollment call answered.
-    #[serde(default = "default_unauthenticated_idle_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_unauthenticated_idle_timeout",
+        with = "humantime_serde"
+    )]
     pub unauthenticated_idle_timeout: Duration,
     /// A connection without a client certificate is closed this long after its handshake,
     /// busy or not.
@@ -272,7 +275,10 @@ impl Config {
                 );
             }
             if a.unauthenticated_idle_timeout.is_zero() {
-                bad("agents.unauthenticated_idle_timeout", "must be positive".into());
+                bad(
+                    "agents.unauthenticated_idle_timeout",
+                    "must be positive".into(),
+                );
             }
             if a.unauthenticated_lifetime.is_zero() {
                 bad("agents.unauthenticated_lifetime", "must be positive".into());

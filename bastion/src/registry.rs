@@ -323,7 +323,10 @@ impl Registry {
         let mut store = store;
         let pruned = store.prune_certs(unix_now())?;
         if pruned > 0 {
-            info!(certificates = pruned, "expired agent certificates pruned from the store");
+            info!(
+                certificates = pruned,
+                "expired agent certificates pruned from the store"
+            );
         }
         for a in store.agents()? {
             state.agents.insert(a.name.clone(), a);
@@ -673,8 +676,7 @@ impl Registry {
             let mut st = self.write_state();
             // The same pruning as the store's (superseded and expired certificates go).
             st.certs.retain(|serial, c| {
-                c.not_after >= now
-                    && !(c.agent == id.name && !c.revoked && *serial != id.serial)
+                c.not_after >= now && !(c.agent == id.name && !c.revoked && *serial != id.serial)
             });
             st.certs.insert(cert.serial.clone(), cert);
             if let Some(a) = st.agents.get_mut(&id.name) {

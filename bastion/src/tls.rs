@@ -212,7 +212,12 @@ impl Drop for SourceSlot {
 }
 
 impl UnauthLimits {
-    pub fn new(max_total: usize, max_per_source: usize, idle: Duration, lifetime: Duration) -> Self {
+    pub fn new(
+        max_total: usize,
+        max_per_source: usize,
+        idle: Duration,
+        lifetime: Duration,
+    ) -> Self {
         Self {
             per_source: Arc::new(Mutex::new(HashMap::new())),
             max_per_source,
@@ -393,8 +398,12 @@ impl AgentConn {
         if let Some(cut) = self.cut.as_mut() {
             if let Poll::Ready(reason) = cut.as_mut().poll(cx) {
                 match &self.info.identity {
-                    Some(id) => tracing::info!(agent = %id.name, reason, "cutting agent connection"),
-                    None => tracing::debug!(peer = %self.info.peer, reason, "closing certificate-less connection"),
+                    Some(id) => {
+                        tracing::info!(agent = %id.name, reason, "cutting agent connection")
+                    }
+                    None => {
+                        tracing::debug!(peer = %self.info.peer, reason, "closing certificate-less connection")
+                    }
                 }
                 return Err(io::Error::new(io::ErrorKind::ConnectionAborted, reason));
             }

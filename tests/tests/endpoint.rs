@@ -69,7 +69,10 @@ fn heartbeat(seq: u64) -> AgentMessage {
 
 /// Runs a session on `client`: a heartbeat every 50 ms, recording when each ack arrives,
 /// until the stream ends. Errors (a refused session) end it at once.
-async fn heartbeat_session(mut client: AgentClient<Channel>, last_ack: Arc<Mutex<Option<Instant>>>) {
+async fn heartbeat_session(
+    mut client: AgentClient<Channel>,
+    last_ack: Arc<Mutex<Option<Instant>>>,
+) {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     if tx.send(heartbeat(1)).await.is_err() {
         return;
@@ -113,7 +116,9 @@ impl HeldHandshake {
         mut cfg: rustls::ClientConfig,
     ) -> (
         Self,
-        tokio::task::JoinHandle<std::io::Result<tokio_rustls::client::TlsStream<tokio::io::DuplexStream>>>,
+        tokio::task::JoinHandle<
+            std::io::Result<tokio_rustls::client::TlsStream<tokio::io::DuplexStream>>,
+        >,
     ) {
         // Small records: the client's last flight (certificate, its signature, Finished)
         // spans many records, the last of which holds only the end of Finished.
@@ -200,28 +205,7 @@ fn revocation_during_handshakes_leaves_no_connection_alive() {
     let addr = b.agents_addr.clone();
     let tls = agent_tls(&a);
     rt.block_on(async {
-        // 1. Handshakes held just before their end: certificate checked, Finished not sent.
-        let mut held = Vec::new();
-        for _ in 0..10 {
-            held.push(HeldHandshake::start(&addr, tls.clone()).await);
-        }
-        // The client side of a TLS 1.3 handshake ends when it has written its Finished.
-        let mut streams = Vec::new();
-        for (_, hs) in held.iter_mut() {
-            streams.push(
-                tokio::time::timeout(Duration::from_secs(10), hs)
-                    .await
-                    .unwrap()
-                    .unwrap()
-                    .unwrap(),
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        for (h, _) in &held {
-            assert!(h.queued.load(Ordering::SeqCst) >= 2, "final flight not split");
-            h.release_all_but_last();
-        }
-        // 2. Many parallel connections with the same certificate, each handshaking anew in
+        // 1. Many parallel connections with the same certificate, each handshaking anew in
         // a loop and holding a session with heartbeats.
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut acks: Vec<Arc<Mutex<Option<Instant>>>> = Vec::new();
@@ -247,11 +231,41 @@ fn revocation_during_handshakes_leaves_no_connection_alive() {
                 }
             }));
         }
-        // Let the loops run, and let the bastion read the held certificates.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let before = acks.iter().filter(|a| a.lock().unwrap().is_some()).count();
-        assert!(before > 0, "no session ever got a heartbeat ack");
+        // Let the loops run until sessions answer (a loaded machine is slow to start 50).
+        let acks_now = acks.clone();
+        let started = tokio::task::block_in_place(|| {
+            bastide_tests::wait_for(Duration::from_secs(30), || {
+                acks_now
+                    .iter()
+                    .any(|a| a.lock().unwrap().is_some())
+                    .then_some(())
+            })
+        });
+        assert!(started.is_some(), "no session ever got a heartbeat ack");
 
+        // 2. Handshakes held just before their end: certificate checked, Finished not sent.
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            held.push(HeldHandshake::start(&addr, tls.clone()).await);
+        }
+        // The client side of a TLS 1.3 handshake ends when it has written its Finished.
+        let mut streams = Vec::new();
+        for (_, hs) in held.iter_mut() {
+            streams.push(
+                tokio::time::timeout(Duration::from_secs(10), hs)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for (h, _) in &held {
+            assert!(h.queued.load(Ordering::SeqCst) >= 2, "final flight not split");
+            h.release_all_but_last();
+        }
+        // Time for the bastion to read the certificates (and check their serial).
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         // 3. Revoke in the middle of it all.
         let b2 = &b;
         let out = tokio::task::block_in_place(|| b2.cli(&["agents", "revoke", "web01"]));
@@ -421,7 +435,10 @@ fn certificateless_flood_leaves_agents_connected_and_enrollment_open() {
         web.log_text()
     );
     let held = open.load(Ordering::SeqCst);
-    assert!(held <= 32, "one source holds {held} certificate-less connections");
+    assert!(
+        held <= 32,
+        "one source holds {held} certificate-less connections"
+    );
     stop.store(true, Ordering::SeqCst);
     rt.block_on(async {
         for t in tasks {
@@ -481,8 +498,15 @@ fn certificateless_connections_close_when_idle_old_or_enrolled() {
             }
         })
         .await;
-        assert!(closed.is_ok(), "an idle certificate-less connection stayed open 10 s");
-        assert!(t0.elapsed() < Duration::from_secs(3), "closed after {:?}", t0.elapsed());
+        assert!(
+            closed.is_ok(),
+            "an idle certificate-less connection stayed open 10 s"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "closed after {:?}",
+            t0.elapsed()
+        );
 
         // Busy: calls every 200 ms (each refused: no certificate) keep it from being idle,
         // and the lifetime closes it anyway.
@@ -581,7 +605,12 @@ async fn renew_many(b: &Bastion, a: &Agent, n: usize) -> (usize, usize, String) 
             let mut client = AgentClient::new(ch);
             let (mut ok, mut refused, mut msg) = (0, 0, String::new());
             while next.fetch_add(1, Ordering::SeqCst) < n {
-                match client.renew(RenewRequest { csr_der: csr.clone() }).await {
+                match client
+                    .renew(RenewRequest {
+                        csr_der: csr.clone(),
+                    })
+                    .await
+                {
                     Ok(_) => ok += 1,
                     Err(s) if s.code() == tonic::Code::ResourceExhausted => {
                         refused += 1;
@@ -646,7 +675,10 @@ fn renewals_past_a_lifted_limit_leave_the_store_bounded() {
     // A limit lifted far enough to grant thousands of renewals: pruning alone must keep the
     // store bounded.
     b.edit_config(|c| {
-        c.replace("renew_burst = 5", "renew_burst = 100000\nrenew_interval = \"1ms\"")
+        c.replace(
+            "renew_burst = 5",
+            "renew_burst = 100000\nrenew_interval = \"1ms\"",
+        )
     });
     b.start();
     let a = Agent::new("web01");
@@ -671,7 +703,9 @@ fn renewals_past_a_lifted_limit_leave_the_store_bounded() {
         bytes < bytes_500 + 8 * 1024 * 1024,
         "store grew from {bytes_500} to {bytes} bytes"
     );
-    let db = std::fs::metadata(b.state_dir().join("registry.sqlite")).unwrap().len();
+    let db = std::fs::metadata(b.state_dir().join("registry.sqlite"))
+        .unwrap()
+        .len();
     assert!(db < 512 * 1024, "registry.sqlite is {db} bytes");
     // The revocation still reaches what is left.
     b.cli_ok(&["agents", "revoke", "web01"]);
