@@ -133,6 +133,11 @@ pub fn server_config(paths: &PkiPaths, registry: &Registry) -> Result<rustls::Se
         .with_single_cert(vec![server_cert, ca], key)
         .context("server certificate and key")?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: a resumed handshake does not run the client verifier, so a
+    // ticket obtained before a revocation would reopen a connection after it. Agents hold
+    // long-lived connections; a full handshake per connection costs nothing that matters.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 
