@@ -546,3 +546,33 @@ impl Agent for Service {
         Ok(Response::new(Box::pin(acks)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_are_a_burst_then_one_per_interval() {
+        let l = RenewLimiter::new(3, Duration::from_secs(60));
+        for _ in 0..3 {
+            assert!(l.take("web01").is_ok());
+        }
+        let (wait, first) = l.take("web01").unwrap_err();
+        assert!(first);
+        assert!(wait <= Duration::from_secs(60) && wait > Duration::from_secs(59));
+        // Logged once per streak.
+        assert!(!l.take("web01").unwrap_err().1);
+        // Another agent has its own bucket.
+        assert!(l.take("db01").is_ok());
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let (wait, _) = l.take("web01").unwrap_err();
+        assert!(wait <= Duration::from_secs(30), "{wait:?}");
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(l.take("web01").is_ok());
+        assert!(l.take("web01").is_err());
+        // A renewal that passes starts a new streak.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(l.take("web01").is_ok());
+        assert!(l.take("web01").unwrap_err().1);
+    }
+}

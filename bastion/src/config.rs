@@ -517,6 +517,37 @@ mod tests {
     }
 
     #[test]
+    fn agents_endpoint_bounds_are_checked() {
+        let dir = std::env::temp_dir().join(format!("bastide-cfg-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("b.toml");
+        std::fs::write(
+            &f,
+            "project = \"p\"\nstate_dir = \"/nonexistent\"\n[agents]\nlisten = \"127.0.0.1:1\"\nmax_unauthenticated_connections = 0\nmax_unauthenticated_per_address = 0\nunauthenticated_idle_timeout = \"0s\"\nunauthenticated_lifetime = \"0s\"\nrenew_burst = 0\nrenew_interval = \"0s\"\n",
+        )
+        .unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        for key in [
+            "agents.max_unauthenticated_connections",
+            "agents.max_unauthenticated_per_address",
+            "agents.unauthenticated_idle_timeout",
+            "agents.unauthenticated_lifetime",
+            "agents.renew_burst",
+            "agents.renew_interval",
+        ] {
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        std::fs::write(
+            &f,
+            "project = \"p\"\nstate_dir = \"/x\"\n[agents]\nlisten = \"127.0.0.1:1\"\ncert_lifetime = \"10h\"\n",
+        )
+        .unwrap();
+        let a = Config::parse_file(&f).unwrap().agents.unwrap();
+        assert_eq!(a.renew_interval(), Duration::from_secs(3600));
+        assert_eq!(a.max_unauthenticated_per_address, 32);
+    }
+
+    #[test]
     fn dns_problems_are_named() {
         let dir = std::env::temp_dir().join(format!("bastide-cfg-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -546,6 +546,41 @@ mod tests {
     }
 
     #[test]
+    fn renewal_prunes_superseded_and_expired_keeps_revoked_until_expiry() {
+        let dir = std::env::temp_dir().join(format!("bastide-store-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = Store::create(&dir.join("r.sqlite")).unwrap();
+        let cert = |serial: &str, agent: &str, not_after: i64, revoked: bool| CertRow {
+            serial: serial.into(),
+            agent: agent.into(),
+            issued_at: 0,
+            not_after,
+            revoked,
+        };
+        let tx = s.conn.transaction().unwrap();
+        for c in [
+            cert("old", "web01", 1000, false),
+            cert("proving", "web01", 1000, false),
+            cert("replaced", "web01", 1000, true),
+            cert("expired", "web01", 10, true),
+            cert("other", "db01", 1000, false),
+            cert("other-expired", "db01", 10, false),
+        ] {
+            Store::put_cert(&tx, &c).unwrap();
+        }
+        tx.commit().unwrap();
+        let pruned = s
+            .commit_renewal("web01", "proving", &cert("new", "web01", 2000, false), 100)
+            .unwrap();
+        assert_eq!(pruned, 3);
+        let mut left: Vec<String> = s.certs().unwrap().into_iter().map(|c| c.serial).collect();
+        left.sort();
+        assert_eq!(left, ["new", "other", "proving", "replaced"]);
+        assert_eq!(s.prune_certs(1500).unwrap(), 3);
+        assert_eq!(s.certs().unwrap().len(), 1);
+    }
+
+    #[test]
     fn migrates_a_version_1_store() {
         let dir = std::env::temp_dir().join(format!("bastide-store-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).unwrap();
