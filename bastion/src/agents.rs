@@ -2,6 +2,7 @@
 //! authentication; every other call takes the agent's identity from its verified client
 //! certificate, never from request fields.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,13 +29,81 @@ use crate::config_push::ConfigPushHandle;
 use crate::hostmetrics::HostMetrics;
 use crate::metrics::names;
 use crate::pki::AgentIdentity;
-use crate::registry::{EnrollError, Facts, Registry, RegistryError};
+use crate::registry::{EnrollError, Facts, Registry, RegistryError, SerialRefusal};
 use crate::service::{self, Ctx};
-use crate::tls::{AgentConn, ConnInfo};
+use crate::tls::{AgentConn, ConnInfo, UnauthLimits};
 
 /// Largest gRPC message an agent may send: a log batch (registration facts, CSRs and
 /// heartbeats stay far below).
 pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// HTTP/2 limits per connection. An agent uses a handful of streams (session, logs,
+/// registration, renewal) and small headers; a client that opens and resets streams in a
+/// loop is closed once it has this many resets pending.
+const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+const MAX_PENDING_RESETS: usize = 32;
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(300);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Per-agent token bucket for certificate renewals: each renewal signs a certificate and
+/// writes the store, so an enrolled VM must not be able to loop on it. The map holds only
+/// agents whose certificate passed the registry's check, so it is bounded by the fleet.
+#[derive(Clone)]
+struct RenewLimiter {
+    burst: f64,
+    interval: Duration,
+    buckets: Arc<std::sync::Mutex<HashMap<String, Bucket>>>,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: tokio::time::Instant,
+    /// A refusal was logged since the last renewal that passed.
+    logged: bool,
+}
+
+impl RenewLimiter {
+    fn new(burst: u32, interval: Duration) -> Self {
+        Self {
+            burst: f64::from(burst.max(1)),
+            interval: interval.max(Duration::from_millis(1)),
+            buckets: Arc::default(),
+        }
+    }
+
+    /// Takes one renewal for `agent`, or tells when the next one is allowed and whether
+    /// this is the first refusal since the last renewal (to log once, not per call).
+    fn take(&self, agent: &str) -> Result<(), (Duration, bool)> {
+        let now = tokio::time::Instant::now();
+        let mut m = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let refill = |b: &Bucket| {
+            (b.tokens + now.duration_since(b.at).as_secs_f64() / self.interval.as_secs_f64())
+                .min(self.burst)
+        };
+        if m.len() > 4096 {
+            // Full buckets are the same as no bucket.
+            m.retain(|_, b| refill(b) < self.burst);
+        }
+        let b = m.entry(agent.to_string()).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+            logged: false,
+        });
+        b.tokens = refill(b);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            b.logged = false;
+            Ok(())
+        } else {
+            let wait = self.interval.mul_f64(1.0 - b.tokens);
+            let first = !b.logged;
+            b.logged = true;
+            Err((wait, first))
+        }
+    }
+}
 
 /// The services that receive from (logs) or send to (config) agents over this endpoint,
 /// when they are on.
@@ -111,10 +180,26 @@ pub async fn run(
     let (tx, rx) = mpsc::channel::<Result<AgentConn, std::io::Error>>(256);
     let acceptor = TlsAcceptor::from(tls);
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    let unauth = UnauthLimits::new(
+        cfg.max_unauthenticated_connections,
+        cfg.max_unauthenticated_per_address,
+        cfg.unauthenticated_idle_timeout,
+        cfg.unauthenticated_lifetime,
+    );
     let accept_shutdown = shutdown.clone();
     let accept_registry = registry.clone();
     let handshake_timeout = cfg.handshake_timeout;
     let accept_loop = tokio::spawn(async move {
+        // Refusals are logged at most once a second: a flood must not become a log flood.
+        let mut last_refusal_log: Option<tokio::time::Instant> = None;
+        let mut refused = |peer: SocketAddr, reason: &'static str| {
+            metrics::counter!(names::AGENT_CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+            let now = tokio::time::Instant::now();
+            if last_refusal_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+                last_refusal_log = Some(now);
+                warn!(%peer, reason, "agents: connection refused by a limit (logged at most once a second)");
+            }
+        };
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = accept_shutdown.cancelled() => break,
@@ -129,19 +214,32 @@ pub async fn run(
                 },
             };
             let Ok(permit) = limit.clone().try_acquire_owned() else {
-                warn!(%peer, "agents: connection limit reached, refusing connection");
+                refused(peer, "connections");
+                continue;
+            };
+            // Until it shows a client certificate, a connection counts against its source.
+            let Some(slot) = unauth.source_slot(peer.ip()) else {
+                refused(peer, "per_address");
                 continue;
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let registry = accept_registry.clone();
+            let unauth = unauth.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx
-                            .send(Ok(AgentConn::new(tls, peer, &registry, permit)))
-                            .await;
+                        match AgentConn::new(tls, peer, &registry, permit, slot, &unauth) {
+                            Ok(conn) => {
+                                let _ = tx.send(Ok(conn)).await;
+                            }
+                            Err(reason) => {
+                                metrics::counter!(names::AGENT_CONNECTIONS_REFUSED, "reason" => reason)
+                                .increment(1);
+                                debug!(%peer, reason, "agents: certificate-less connection refused: limit reached");
+                            }
+                        }
                     }
                     Ok(Err(e)) => {
                         metrics::counter!(names::HANDSHAKE_FAILURES).increment(1);
@@ -157,6 +255,7 @@ pub async fn run(
     });
 
     let svc = Service {
+        renew_limit: RenewLimiter::new(cfg.renew_burst, cfg.renew_interval()),
         registry,
         hosts,
         heartbeat_interval: cfg.heartbeat_interval,
@@ -166,9 +265,16 @@ pub async fn run(
         config_push,
     };
     info!(listen = %local, "agents endpoint listening");
-    // No HTTP/2 keepalive pings: the session's heartbeats already prove liveness both ways,
-    // and pings would double the per-agent wake-ups at fleet scale.
+    // HTTP/2 keepalive pings only every few minutes: the session's heartbeats already prove
+    // liveness both ways, and frequent pings would multiply the per-agent wake-ups at fleet
+    // scale; these only close connections whose peer vanished without a session.
     let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(MAX_HEADER_LIST)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+        .http2_max_local_error_reset_streams(Some(MAX_PENDING_RESETS))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(EnrollmentServer::new(svc.clone()).max_decoding_message_size(64 * 1024))
         .add_service(AgentServer::new(svc).max_decoding_message_size(MAX_MESSAGE))
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown.cancelled())
@@ -179,6 +285,7 @@ pub async fn run(
 
 #[derive(Clone)]
 struct Service {
+    renew_limit: RenewLimiter,
     registry: Registry,
     hosts: HostMetrics,
     heartbeat_interval: Duration,
@@ -192,12 +299,25 @@ fn conn_info<T>(req: &Request<T>) -> Option<&ConnInfo> {
     req.extensions().get::<ConnInfo>()
 }
 
-fn identity<T>(req: &Request<T>) -> Result<AgentIdentity, Status> {
-    conn_info(req)
-        .and_then(|c| c.identity.clone())
-        .ok_or_else(|| {
-            Status::unauthenticated("a client certificate issued by this bastion is required")
-        })
+impl Service {
+    /// The caller's identity, from its verified client certificate, checked against the
+    /// registry again at every call and stream: a certificate revoked (or superseded and
+    /// pruned) since the handshake opens nothing new.
+    fn identity<T>(&self, req: &Request<T>) -> Result<AgentIdentity, Status> {
+        let id = conn_info(req)
+            .and_then(|c| c.identity.clone())
+            .ok_or_else(|| {
+                Status::unauthenticated("a client certificate issued by this bastion is required")
+            })?;
+        self.registry.check_serial(&id.serial).map_err(|r| {
+            debug!(agent = %id.name, serial = %id.serial, reason = %r, "call refused: certificate no longer valid");
+            match r {
+                SerialRefusal::Revoked => Status::permission_denied(r.to_string()),
+                SerialRefusal::Unknown => Status::unauthenticated(r.to_string()),
+            }
+        })?;
+        Ok(id)
+    }
 }
 
 fn peer<T>(req: &Request<T>) -> Option<SocketAddr> {
@@ -257,6 +377,10 @@ impl Enrollment for Service {
         req: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
         let peer = peer(&req);
+        // The connection closes shortly after this answer (see `AgentConn`).
+        let _done = conn_info(&req)
+            .and_then(|c| c.enrolled.clone())
+            .map(|t| t.drop_guard());
         let r = req.into_inner();
         let name: String = r.name.chars().take(64).collect();
         let registry = self.registry.clone();
@@ -291,7 +415,7 @@ impl Agent for Service {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        let id = identity(&req)?;
+        let id = self.identity(&req)?;
         let peer_ip = peer(&req).map(|p| p.ip());
         let r = req.into_inner();
         let facts = Facts {
@@ -329,7 +453,7 @@ impl Agent for Service {
         &self,
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let id = identity(&req)?;
+        let id = self.identity(&req)?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel::<Result<BastionMessage, Status>>(16);
         self.registry.session_started(&id.name);
@@ -426,7 +550,17 @@ impl Agent for Service {
     }
 
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
-        let id = identity(&req)?;
+        let id = self.identity(&req)?;
+        if let Err((wait, first)) = self.renew_limit.take(&id.name) {
+            metrics::counter!(names::RENEWALS_REFUSED).increment(1);
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            if first {
+                warn!(agent = %id.name, retry_in_secs = secs, "renewal refused: rate limit (logged once until a renewal passes)");
+            }
+            return Err(Status::resource_exhausted(format!(
+                "certificate renewal rate limit reached: retry in {secs}s"
+            )));
+        }
         let r = req.into_inner();
         let registry = self.registry.clone();
         let id2 = id.clone();
@@ -449,7 +583,7 @@ impl Agent for Service {
         &self,
         req: Request<Streaming<LogBatch>>,
     ) -> Result<Response<Self::ShipLogsStream>, Status> {
-        let id = identity(&req)?;
+        let id = self.identity(&req)?;
         let Some(logs) = self.logs.clone() else {
             debug!(agent = %id.name, "log shipping refused: no [logs] table");
             return Err(Status::failed_precondition(
@@ -459,5 +593,35 @@ impl Agent for Service {
         let acks =
             crate::logs::ingest::ship(logs, id.name, req.into_inner(), self.shutdown.clone()).await;
         Ok(Response::new(Box::pin(acks)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_are_a_burst_then_one_per_interval() {
+        let l = RenewLimiter::new(3, Duration::from_secs(60));
+        for _ in 0..3 {
+            assert!(l.take("web01").is_ok());
+        }
+        let (wait, first) = l.take("web01").unwrap_err();
+        assert!(first);
+        assert!(wait <= Duration::from_secs(60) && wait > Duration::from_secs(59));
+        // Logged once per streak.
+        assert!(!l.take("web01").unwrap_err().1);
+        // Another agent has its own bucket.
+        assert!(l.take("db01").is_ok());
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let (wait, _) = l.take("web01").unwrap_err();
+        assert!(wait <= Duration::from_secs(30), "{wait:?}");
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(l.take("web01").is_ok());
+        assert!(l.take("web01").is_err());
+        // A renewal that passes starts a new streak.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(l.take("web01").is_ok());
+        assert!(l.take("web01").unwrap_err().1);
     }
 }

@@ -160,6 +160,38 @@ pub struct AgentsConfig {
     /// is used. "networks": every claimed address inside `networks` (NAT, multi-homed VMs).
     #[serde(default)]
     pub claimed_addresses: crate::addresses::ClaimedAddresses,
+    /// Most connections without a client certificate at once (they can only enroll).
+    #[serde(default = "default_max_unauthenticated_connections")]
+    pub max_unauthenticated_connections: usize,
+    /// Most connections from one source address that have not shown a client certificate:
+    /// TLS handshakes in progress and certificate-less connections together.
+    #[serde(default = "default_max_unauthenticated_per_address")]
+    pub max_unauthenticated_per_address: usize,
+    /// A connection without a client certificate is closed after this long without a byte
+    /// from the client, and a short grace after its enrollment call answered.
+    #[serde(
+        default = "default_unauthenticated_idle_timeout",
+        with = "humantime_serde"
+    )]
+    pub unauthenticated_idle_timeout: Duration,
+    /// A connection without a client certificate is closed this long after its handshake,
+    /// busy or not.
+    #[serde(default = "default_unauthenticated_lifetime", with = "humantime_serde")]
+    pub unauthenticated_lifetime: Duration,
+    /// Renewals an agent may make in a burst.
+    #[serde(default = "default_renew_burst")]
+    pub renew_burst: u32,
+    /// One more renewal is allowed per this interval, up to `renew_burst` (default: a tenth
+    /// of `cert_lifetime`; agents renew at two thirds of it).
+    #[serde(default, with = "humantime_serde")]
+    pub renew_interval: Option<Duration>,
+}
+
+impl AgentsConfig {
+    /// The renewal refill interval, defaulted from the certificate lifetime.
+    pub fn renew_interval(&self) -> Duration {
+        self.renew_interval.unwrap_or(self.cert_lifetime / 10)
+    }
 }
 
 /// `[admin]`: the Unix socket the admin CLI talks to.
@@ -186,6 +218,21 @@ fn default_max_connections() -> usize {
 }
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_max_unauthenticated_connections() -> usize {
+    256
+}
+fn default_max_unauthenticated_per_address() -> usize {
+    32
+}
+fn default_unauthenticated_idle_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_unauthenticated_lifetime() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_renew_burst() -> u32 {
+    5
 }
 fn default_socket_mode() -> u32 {
     0o600
@@ -323,6 +370,34 @@ impl Config {
             if a.handshake_timeout.is_zero() {
                 bad("agents.handshake_timeout", "must be positive".into());
             }
+            if a.max_unauthenticated_connections == 0 {
+                bad(
+                    "agents.max_unauthenticated_connections",
+                    "must be positive (enrollment needs it)".into(),
+                );
+            }
+            if a.max_unauthenticated_per_address == 0 {
+                bad(
+                    "agents.max_unauthenticated_per_address",
+                    "must be positive (every handshake counts until its certificate is seen)"
+                        .into(),
+                );
+            }
+            if a.unauthenticated_idle_timeout.is_zero() {
+                bad(
+                    "agents.unauthenticated_idle_timeout",
+                    "must be positive".into(),
+                );
+            }
+            if a.unauthenticated_lifetime.is_zero() {
+                bad("agents.unauthenticated_lifetime", "must be positive".into());
+            }
+            if a.renew_burst == 0 {
+                bad("agents.renew_burst", "must be at least 1".into());
+            }
+            if a.renew_interval().is_zero() {
+                bad("agents.renew_interval", "must be positive".into());
+            }
         }
         if let Some(adm) = &self.admin {
             if adm.mode & !0o660 != 0 || adm.mode & 0o600 != 0o600 {
@@ -422,6 +497,16 @@ handshake_timeout = "10s"
 # "observed": use a claimed address only when the agent's connection comes from it (safe
 # default). "networks": any claimed address inside the networks (VMs behind NAT).
 # claimed_addresses = "observed"
+# Connections without a client certificate can only enroll: at most this many at once,
+# at most this many per source address (handshakes in progress count too), closed when
+# idle or after their lifetime.
+max_unauthenticated_connections = 256
+max_unauthenticated_per_address = 32
+unauthenticated_idle_timeout = "5s"
+unauthenticated_lifetime = "30s"
+# Renewals per agent: a burst, then one per interval (default: cert_lifetime / 10).
+renew_burst = 5
+# renew_interval = "2h24m"
 
 # Unix socket of the admin CLI (never a TCP port).
 [admin]
@@ -575,6 +660,37 @@ mod tests {
         assert!(e.contains("project"), "{e}");
         assert!(e.contains("state_dir"), "{e}");
         assert!(e.contains("heartbeat_timeout"), "{e}");
+    }
+
+    #[test]
+    fn agents_endpoint_bounds_are_checked() {
+        let dir = std::env::temp_dir().join(format!("bastide-cfg-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("b.toml");
+        std::fs::write(
+            &f,
+            "project = \"p\"\nstate_dir = \"/nonexistent\"\n[agents]\nlisten = \"127.0.0.1:1\"\nmax_unauthenticated_connections = 0\nmax_unauthenticated_per_address = 0\nunauthenticated_idle_timeout = \"0s\"\nunauthenticated_lifetime = \"0s\"\nrenew_burst = 0\nrenew_interval = \"0s\"\n",
+        )
+        .unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        for key in [
+            "agents.max_unauthenticated_connections",
+            "agents.max_unauthenticated_per_address",
+            "agents.unauthenticated_idle_timeout",
+            "agents.unauthenticated_lifetime",
+            "agents.renew_burst",
+            "agents.renew_interval",
+        ] {
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        std::fs::write(
+            &f,
+            "project = \"p\"\nstate_dir = \"/x\"\n[agents]\nlisten = \"127.0.0.1:1\"\ncert_lifetime = \"10h\"\n",
+        )
+        .unwrap();
+        let a = Config::parse_file(&f).unwrap().agents.unwrap();
+        assert_eq!(a.renew_interval(), Duration::from_secs(3600));
+        assert_eq!(a.max_unauthenticated_per_address, 32);
     }
 
     #[test]

@@ -364,6 +364,14 @@ impl Registry {
         settings: RegistrySettings,
     ) -> Result<Self, RegistryError> {
         let mut state = State::default();
+        let mut store = store;
+        let pruned = store.prune_certs(unix_now())?;
+        if pruned > 0 {
+            info!(
+                certificates = pruned,
+                "expired agent certificates pruned from the store"
+            );
+        }
         for a in store.agents()? {
             state.agents.insert(a.name.clone(), a);
         }
@@ -803,9 +811,14 @@ impl Registry {
             not_after: issued.not_after,
             revoked: false,
         };
-        store.commit_renewal(&id.name, &cert)?;
+        let now = cert.issued_at;
+        let pruned = store.commit_renewal(&id.name, &id.serial, &cert, now)?;
         {
             let mut st = self.write_state();
+            // The same pruning as the store's (superseded and expired certificates go).
+            st.certs.retain(|serial, c| {
+                c.not_after >= now && !(c.agent == id.name && !c.revoked && *serial != id.serial)
+            });
             st.certs.insert(cert.serial.clone(), cert);
             if let Some(a) = st.agents.get_mut(&id.name) {
                 a.cert_serial = issued.serial.clone();
@@ -815,7 +828,7 @@ impl Registry {
         drop(store);
         self.publish();
         self.emit(RegistryEvent::Renewed(id.name.clone()));
-        info!(agent = %id.name, old_serial = %id.serial, serial = %issued.serial, not_after = issued.not_after, "agent certificate renewed");
+        info!(agent = %id.name, old_serial = %id.serial, serial = %issued.serial, not_after = issued.not_after, certificates_pruned = pruned, "agent certificate renewed");
         Ok(Enrolled {
             name: id.name.clone(),
             certificate_pem: issued.pem,

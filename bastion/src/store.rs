@@ -405,16 +405,46 @@ impl Store {
         Ok(())
     }
 
-    /// Records a renewed certificate for an existing agent.
-    pub fn commit_renewal(&mut self, agent: &str, cert: &CertRow) -> Result<()> {
+    /// Records a renewed certificate for an existing agent, in the same transaction as the
+    /// pruning that keeps the table bounded (see [`Store::prune_certs`]): the agent's other
+    /// unrevoked certificates than `proving` (the one the renewal came on) and the new one
+    /// are superseded and deleted. Returns the number of rows deleted.
+    pub fn commit_renewal(
+        &mut self,
+        agent: &str,
+        proving: &str,
+        cert: &CertRow,
+        now: i64,
+    ) -> Result<usize> {
         let tx = self.conn.transaction()?;
         Self::put_cert(&tx, cert)?;
         tx.execute(
             "UPDATE agents SET cert_serial = ?2, cert_not_after = ?3 WHERE name = ?1",
             params![agent, cert.serial, cert.not_after],
         )?;
+        let superseded = tx.execute(
+            "DELETE FROM certs WHERE agent = ?1 AND revoked = 0 AND serial <> ?2 AND serial <> ?3",
+            params![agent, proving, cert.serial],
+        )?;
+        let expired = Self::delete_expired(&tx, now)?;
         tx.commit()?;
-        Ok(())
+        Ok(superseded + expired)
+    }
+
+    /// Deletes certificates past their expiry. What the handshake check needs is kept: a
+    /// revoked certificate stays known as revoked until it expires (so that its holder hears
+    /// "revoked", and stops), and an expired one is refused by the certificate verifier before
+    /// its serial is looked up. A serial missing from the table is refused too, so pruning
+    /// can change why a certificate is refused, never whether.
+    pub fn prune_certs(&mut self, now: i64) -> Result<usize> {
+        let tx = self.conn.transaction()?;
+        let n = Self::delete_expired(&tx, now)?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    fn delete_expired(tx: &rusqlite::Transaction<'_>, now: i64) -> Result<usize> {
+        Ok(tx.execute("DELETE FROM certs WHERE not_after < ?1", params![now])?)
     }
 
     /// Marks an agent and all its certificates revoked.
@@ -513,6 +543,41 @@ mod tests {
         Store::create(&p).unwrap();
         assert!(Store::create(&p).is_err());
         Store::open(&p).unwrap();
+    }
+
+    #[test]
+    fn renewal_prunes_superseded_and_expired_keeps_revoked_until_expiry() {
+        let dir = std::env::temp_dir().join(format!("bastide-store-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = Store::create(&dir.join("r.sqlite")).unwrap();
+        let cert = |serial: &str, agent: &str, not_after: i64, revoked: bool| CertRow {
+            serial: serial.into(),
+            agent: agent.into(),
+            issued_at: 0,
+            not_after,
+            revoked,
+        };
+        let tx = s.conn.transaction().unwrap();
+        for c in [
+            cert("old", "web01", 1000, false),
+            cert("proving", "web01", 1000, false),
+            cert("replaced", "web01", 1000, true),
+            cert("expired", "web01", 10, true),
+            cert("other", "db01", 1000, false),
+            cert("other-expired", "db01", 10, false),
+        ] {
+            Store::put_cert(&tx, &c).unwrap();
+        }
+        tx.commit().unwrap();
+        let pruned = s
+            .commit_renewal("web01", "proving", &cert("new", "web01", 2000, false), 100)
+            .unwrap();
+        assert_eq!(pruned, 3);
+        let mut left: Vec<String> = s.certs().unwrap().into_iter().map(|c| c.serial).collect();
+        left.sort();
+        assert_eq!(left, ["new", "other", "proving", "replaced"]);
+        assert_eq!(s.prune_certs(1500).unwrap(), 3);
+        assert_eq!(s.certs().unwrap().len(), 1);
     }
 
     #[test]

@@ -1,13 +1,17 @@
 //! TLS for the agents' endpoint: rustls (TLS 1.3 only, ring provider), a client verifier that
 //! consults the registry at every handshake, and a connection type that the registry can cut
-//! (revocation) and that closes itself when its client certificate expires.
+//! (revocation) and that closes itself when its client certificate expires, or, without a
+//! client certificate, when idle, enrolled or old.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use rustls::client::danger::HandshakeSignatureValid;
@@ -17,8 +21,10 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::pki::{identity_from_cert, AgentIdentity, PkiPaths};
 use crate::registry::{Registry, SerialRefusal};
@@ -127,6 +133,11 @@ pub fn server_config(paths: &PkiPaths, registry: &Registry) -> Result<rustls::Se
         .with_single_cert(vec![server_cert, ca], key)
         .context("server certificate and key")?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: a resumed handshake does not run the client verifier, so a
+    // ticket obtained before a revocation would reopen a connection after it. Agents hold
+    // long-lived connections; a full handshake per connection costs nothing that matters.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 
@@ -154,6 +165,89 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// The agent identity from the verified client certificate, if one was presented.
     pub identity: Option<AgentIdentity>,
+    /// On a connection without a client certificate: cancelled by the enrollment handler
+    /// once it answered, so that the connection closes after a short grace.
+    pub enrolled: Option<CancellationToken>,
+}
+
+/// Grace between an enrollment's answer and the close of its certificate-less connection:
+/// time for the answer to reach the client.
+const ENROLLED_GRACE: Duration = Duration::from_secs(1);
+
+/// The key connections are counted under per source: the address, or its /64 for IPv6
+/// (one host commonly holds a whole /64).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+/// Bounds on connections that have not shown a client certificate: they can only enroll,
+/// so a stranger must not hold more than a few of them, nor hold them long.
+#[derive(Clone, Debug)]
+pub struct UnauthLimits {
+    per_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max_per_source: usize,
+    total: Arc<Semaphore>,
+    pub idle: Duration,
+    pub lifetime: Duration,
+}
+
+/// One connection counted against its source address until dropped.
+#[derive(Debug)]
+pub struct SourceSlot {
+    per_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    key: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl UnauthLimits {
+    pub fn new(
+        max_total: usize,
+        max_per_source: usize,
+        idle: Duration,
+        lifetime: Duration,
+    ) -> Self {
+        Self {
+            per_source: Arc::new(Mutex::new(HashMap::new())),
+            max_per_source,
+            total: Arc::new(Semaphore::new(max_total)),
+            idle,
+            lifetime,
+        }
+    }
+
+    /// Counts a new connection from `ip` (its handshake, then the connection if it shows no
+    /// client certificate); `None` when that source already holds its share. The map holds
+    /// only sources with a live connection, so it is bounded by the connection limit.
+    pub fn source_slot(&self, ip: IpAddr) -> Option<SourceSlot> {
+        let key = source_key(ip);
+        let mut m = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(key).or_insert(0);
+        if *n >= self.max_per_source {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            per_source: self.per_source.clone(),
+            key,
+        })
+    }
 }
 
 /// Closes the registry's record of a connection when it ends.
@@ -170,68 +264,151 @@ impl Drop for ConnGuard {
     }
 }
 
+type CutFuture = Pin<Box<dyn Future<Output = &'static str> + Send>>;
+
+/// What keeps a certificate-less connection counted: its source slot and its share of the
+/// total.
+struct UnauthHold {
+    _slot: SourceSlot,
+    _permit: OwnedSemaphorePermit,
+}
+
 /// A TLS connection from an agent that ends itself when cut.
 pub struct AgentConn {
     io: TlsStream<TcpStream>,
     info: ConnInfo,
-    cut: Option<Pin<Box<dyn Future<Output = &'static str> + Send>>>,
+    cut: Option<CutFuture>,
+    /// Milliseconds from `opened` to the last byte read (certificate-less connections).
+    last_read: Option<Arc<AtomicU64>>,
+    opened: Instant,
     _guard: Option<ConnGuard>,
+    _unauth: Option<UnauthHold>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl AgentConn {
-    /// Wraps a completed handshake, registering the connection with the registry when the
-    /// client presented a certificate.
+    /// Wraps a completed handshake. With a client certificate the connection is registered
+    /// with the registry so that revocation cuts it; the serial is checked again once it
+    /// is registered, so that a revocation that ran during the handshake (after the
+    /// verifier's check, before the registration) cuts it too. Without one it keeps its
+    /// source slot and a share of `limits`' total, or is refused (`Err` with the reason)
+    /// when the total is spent.
     pub fn new(
         io: TlsStream<TcpStream>,
         peer: SocketAddr,
         registry: &Registry,
         permit: OwnedSemaphorePermit,
-    ) -> Self {
+        slot: SourceSlot,
+        limits: &UnauthLimits,
+    ) -> Result<Self, &'static str> {
         let identity = io
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(|c| registry.ca().identity(c).ok());
+        let opened = Instant::now();
+        let mut last_read = None;
+        let mut unauth = None;
+        let mut enrolled = None;
         let (cut, guard) = match &identity {
             Some(id) => {
+                drop(slot);
                 let (conn_id, token) = registry.connection_opened(&id.name);
                 metrics::gauge!(crate::metrics::names::AGENT_CONNECTIONS).increment(1.0);
+                let guard = ConnGuard {
+                    registry: registry.clone(),
+                    agent: id.name.clone(),
+                    id: conn_id,
+                };
+                if let Err(r) = registry.check_serial(&id.serial) {
+                    // Revoked between the verifier's check and `connection_opened`: the
+                    // revocation's cut list did not hold this connection yet.
+                    tracing::warn!(agent = %id.name, serial = %id.serial, reason = %r, %peer, "certificate refused after the handshake: cutting the connection");
+                    metrics::counter!(crate::metrics::names::AGENT_CONNECTIONS_REFUSED, "reason" => "revoked").increment(1);
+                    token.cancel();
+                }
                 let left = (id.not_after - crate::unix_now()).max(0) as u64;
-                let expiry = tokio::time::Instant::now() + std::time::Duration::from_secs(left);
-                let fut: Pin<Box<dyn Future<Output = &'static str> + Send>> =
-                    Box::pin(async move {
-                        tokio::select! {
-                            _ = token.cancelled_owned() => "certificate revoked",
-                            _ = tokio::time::sleep_until(expiry) => "certificate expired",
-                        }
-                    });
-                (
-                    Some(fut),
-                    Some(ConnGuard {
-                        registry: registry.clone(),
-                        agent: id.name.clone(),
-                        id: conn_id,
-                    }),
-                )
+                let expiry = opened + Duration::from_secs(left);
+                let fut: CutFuture = Box::pin(async move {
+                    tokio::select! {
+                        _ = token.cancelled_owned() => "certificate revoked",
+                        _ = tokio::time::sleep_until(expiry) => "certificate expired",
+                    }
+                });
+                (Some(fut), Some(guard))
             }
-            None => (None, None),
+            None => {
+                let Ok(total) = limits.total.clone().try_acquire_owned() else {
+                    return Err("unauthenticated");
+                };
+                unauth = Some(UnauthHold {
+                    _slot: slot,
+                    _permit: total,
+                });
+                let read = Arc::new(AtomicU64::new(0));
+                last_read = Some(read.clone());
+                let done = CancellationToken::new();
+                enrolled = Some(done.clone());
+                let (idle, lifetime) = (limits.idle, limits.lifetime);
+                let fut: CutFuture = Box::pin(async move {
+                    let mut deadline = opened + lifetime;
+                    let mut reason = "lifetime";
+                    loop {
+                        let seen = read.load(Ordering::Relaxed);
+                        let idle_at = opened + Duration::from_millis(seen) + idle;
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(deadline) => break,
+                            _ = tokio::time::sleep_until(idle_at), if idle_at < deadline => {
+                                if read.load(Ordering::Relaxed) == seen {
+                                    reason = "idle";
+                                    break;
+                                }
+                            }
+                            _ = done.cancelled(), if reason == "lifetime" => {
+                                reason = "enrolled";
+                                deadline = deadline.min(Instant::now() + ENROLLED_GRACE);
+                            }
+                        }
+                    }
+                    if reason != "enrolled" {
+                        metrics::counter!(crate::metrics::names::AGENT_CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+                    }
+                    match reason {
+                        "idle" => "idle without a client certificate",
+                        "enrolled" => "enrollment answered",
+                        _ => "certificate-less connection lifetime reached",
+                    }
+                });
+                (Some(fut), None)
+            }
         };
-        Self {
+        Ok(Self {
             io,
-            info: ConnInfo { peer, identity },
+            info: ConnInfo {
+                peer,
+                identity,
+                enrolled,
+            },
             cut,
+            last_read,
+            opened,
             _guard: guard,
+            _unauth: unauth,
             _permit: permit,
-        }
+        })
     }
 
     fn check_cut(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         if let Some(cut) = self.cut.as_mut() {
             if let Poll::Ready(reason) = cut.as_mut().poll(cx) {
-                if let Some(id) = &self.info.identity {
-                    tracing::info!(agent = %id.name, reason, "cutting agent connection");
+                match &self.info.identity {
+                    Some(id) => {
+                        tracing::info!(agent = %id.name, reason, "cutting agent connection")
+                    }
+                    None => {
+                        tracing::debug!(peer = %self.info.peer, reason, "closing certificate-less connection")
+                    }
                 }
                 return Err(io::Error::new(io::ErrorKind::ConnectionAborted, reason));
             }
@@ -247,7 +424,14 @@ impl AsyncRead for AgentConn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         self.check_cut(cx)?;
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            if let Some(seen) = &self.last_read {
+                seen.store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+        }
+        r
     }
 }
 

@@ -16,6 +16,8 @@ pub const REGISTRATIONS: &str = "bastide_agent_registrations_total";
 pub const HEARTBEATS: &str = "bastide_agent_heartbeats_total";
 pub const HANDSHAKE_FAILURES: &str = "bastide_agent_handshake_failures_total";
 pub const AGENT_CONNECTIONS: &str = "bastide_agent_connections";
+pub const AGENT_CONNECTIONS_REFUSED: &str = "bastide_agent_connections_refused_total";
+pub const RENEWALS_REFUSED: &str = "bastide_agent_renewals_refused_total";
 pub const METRICS_BATCHES: &str = "bastide_agent_metrics_batches_total";
 pub const METRICS_DROPPED: &str = "bastide_agent_metrics_samples_dropped_total";
 pub const ADMIN_REQUESTS: &str = "bastide_admin_requests_total";
@@ -127,6 +129,17 @@ pub fn describe() {
         AGENT_CONNECTIONS,
         Unit::Count,
         "Open TLS connections on the agents endpoint."
+    );
+    describe_counter!(
+        AGENT_CONNECTIONS_REFUSED,
+        Unit::Count,
+        "Connections to the agents endpoint closed by a limit, by reason (connections, \
+         unauthenticated, per_address, idle, lifetime, revoked)."
+    );
+    describe_counter!(
+        RENEWALS_REFUSED,
+        Unit::Count,
+        "Certificate renewals refused by the per-agent rate limit."
     );
     describe_counter!(
         METRICS_BATCHES,

@@ -127,6 +127,16 @@ fn main() -> Result<()> {
     let text = std::fs::read_to_string(&cfg)?
         .replace("0.0.0.0:4443", &addr)
         .replace("127.0.0.1:9469", &metrics_addr)
+        // The whole simulated fleet dials from 127.0.0.1: lift the per-source bounds meant
+        // for strangers' certificate-less connections.
+        .replace(
+            "max_unauthenticated_per_address = 32",
+            "max_unauthenticated_per_address = 1000000",
+        )
+        .replace(
+            "max_unauthenticated_connections = 256",
+            "max_unauthenticated_connections = 1000000",
+        )
         .replace(
             "heartbeat_interval = \"10s\"",
             &format!(
