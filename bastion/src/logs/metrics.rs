@@ -36,6 +36,10 @@ pub struct Counters {
     pub compressed: AtomicU64,
     pub syslog_connections: AtomicU64,
     pub syslog_refused: AtomicU64,
+    /// Syslog lines refused: a new sender that is not an agent past `max_unknown_hosts`.
+    pub syslog_unknown_host_refused: AtomicU64,
+    /// Host directories of senders that are not agents (see `syslog::UnknownHosts`).
+    pub syslog_unknown_hosts: AtomicU64,
     pub forward_queue_bytes: AtomicU64,
     pub forward_sent: AtomicU64,
     pub forward_dropped: AtomicU64,
@@ -160,6 +164,18 @@ impl Counters {
             names::SYSLOG_REFUSED,
             "Syslog clients refused (network not allowed, connection limit, TLS handshake).",
             &self.syslog_refused,
+        );
+        one(
+            &mut v,
+            names::SYSLOG_UNKNOWN_HOST_REFUSED,
+            "Syslog lines refused because their sender is not an agent and max_unknown_hosts hosts of such senders exist.",
+            &self.syslog_unknown_host_refused,
+        );
+        one(
+            &mut v,
+            names::SYSLOG_UNKNOWN_HOSTS,
+            "Host directories of syslog senders that are not agents (named after their address).",
+            &self.syslog_unknown_hosts,
         );
         one(
             &mut v,
