@@ -26,9 +26,18 @@ fn tree_files_that_are_symbolic_links_are_refused_by_config_check() {
     let project = tree.project_dir().join("project.toml");
     let template = tree.dir.path().join("templates/ntp.conf.j2");
     let cases = [
-        (project.clone(), "projects/demo/project.toml: is a symbolic link"),
-        (tree.host_file("web1"), "hosts/web1.toml: is a symbolic link"),
-        (template.clone(), "templates/ntp.conf.j2: is a symbolic link"),
+        (
+            project.clone(),
+            "projects/demo/project.toml: is a symbolic link",
+        ),
+        (
+            tree.host_file("web1"),
+            "hosts/web1.toml: is a symbolic link",
+        ),
+        (
+            template.clone(),
+            "templates/ntp.conf.j2: is a symbolic link",
+        ),
     ];
     for (path, want) in &cases {
         let saved = std::fs::read(path).ok();

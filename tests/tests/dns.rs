@@ -602,7 +602,9 @@ fn closed_within(s: &mut TcpStream, drip: &[u8], within: Duration) -> Option<Dur
             next += 1;
         }
         let left = within.saturating_sub(t0.elapsed());
-        let wait = left.min(Duration::from_secs(1)).max(Duration::from_millis(1));
+        let wait = left
+            .min(Duration::from_secs(1))
+            .max(Duration::from_millis(1));
         s.set_read_timeout(Some(wait)).unwrap();
         match s.read(&mut buf) {
             Ok(0) => return Some(t0.elapsed()),

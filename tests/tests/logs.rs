@@ -185,7 +185,10 @@ fn logger_over_udp_and_tcp_is_stored_per_host() {
     assert!(line.contains(" octet"), "{line}");
     let day = line[..10].to_string();
     assert!(store_dir(b).join(own).join(format!("{day}.log")).is_file());
-    assert!(!store_dir(b).join(&hostname).exists(), "a claimed name got a directory");
+    assert!(
+        !store_dir(b).join(&hostname).exists(),
+        "a claimed name got a directory"
+    );
 
     // A 100 KiB line (TCP, newline framing) is cut at max_message_bytes and counted.
     let mut big = b"big-line-token ".to_vec();
@@ -250,7 +253,9 @@ fn logger_over_udp_and_tcp_is_stored_per_host() {
     // bastide logs --host GLOB --grep RE finds it, --json gives the fields.
     let out = b.cli_ok(&["logs", "--host", "ip-127-*", "--grep", "invalid-utf8-t.ken"]);
     assert_eq!(out.lines().count(), 1, "{out}");
-    assert!(out.contains("ip-127-0-0-1 app user.notice claimed-host=latin1host caf\u{fffd} invalid-utf8-token"));
+    assert!(out.contains(
+        "ip-127-0-0-1 app user.notice claimed-host=latin1host caf\u{fffd} invalid-utf8-token"
+    ));
     let out = b.cli_ok(&[
         "logs",
         "--host",
@@ -891,12 +896,17 @@ fn syslog_files_by_source_address_never_by_claimed_hostname() {
     let (host, line) = wait_line(b, "forged-3164-token");
     assert_eq!(host, "ip-127-77-0-7");
     assert!(
-        line.contains(" ip-127-77-0-7 cron[5] user.notice claimed-host=victim-host forged-3164-token"),
+        line.contains(
+            " ip-127-77-0-7 cron[5] user.notice claimed-host=victim-host forged-3164-token"
+        ),
         "{line}"
     );
     let (host, line) = wait_line(b, "forged-tcp-token");
     assert_eq!(host, "ip-127-77-0-8");
-    assert!(line.contains(" claimed-host=web01 forged-tcp-token"), "{line}");
+    assert!(
+        line.contains(" claimed-host=web01 forged-tcp-token"),
+        "{line}"
+    );
     for (host, line) in stored(b) {
         assert!(
             host.starts_with("ip-127-77-0-") || !line.contains("forged-"),
@@ -905,7 +915,9 @@ fn syslog_files_by_source_address_never_by_claimed_hostname() {
     }
     assert!(!store_dir(b).join("victim-host").exists());
     // `bastide logs --host web01` shows none of it.
-    let out = b.cli_ok(&["logs", "--host", "web01", "--grep", "forged", "--since", "3650d"]);
+    let out = b.cli_ok(&[
+        "logs", "--host", "web01", "--grep", "forged", "--since", "3650d",
+    ]);
     assert_eq!(out, "", "{out}");
 }
 
@@ -920,7 +932,10 @@ fn syslog_caps_the_host_directories_of_senders_that_are_not_agents() {
     let to = format!("127.0.0.1:{}", s.udp);
     for (i, src) in ["127.77.1.1", "127.77.1.2"].iter().enumerate() {
         udp_from(src)
-            .send_to(format!("<13>1 - h{i} app - - - admitted-{i}").as_bytes(), &to)
+            .send_to(
+                format!("<13>1 - h{i} app - - - admitted-{i}").as_bytes(),
+                &to,
+            )
             .unwrap();
         let (host, _) = wait_line(b, &format!("admitted-{i}"));
         assert_eq!(host, format!("ip-127-77-1-{}", i + 1));
@@ -947,7 +962,8 @@ fn syslog_caps_the_host_directories_of_senders_that_are_not_agents() {
         b.log_text()
     );
     assert!(
-        b.log_text().contains("max_unknown_hosts host directories exist"),
+        b.log_text()
+            .contains("max_unknown_hosts host directories exist"),
         "{}",
         b.log_text()
     );

@@ -125,7 +125,9 @@ enum ReadError {
 
 /// The refusal of a symbolic link, in the words every refusal uses.
 fn symlink_refused(rel: &str) -> String {
-    format!("{rel}: is a symbolic link (refused: the tree holds regular files and directories only)")
+    format!(
+        "{rel}: is a symbolic link (refused: the tree holds regular files and directories only)"
+    )
 }
 
 /// Reads `rel` (a relative path under `root`) without following a symbolic link anywhere
@@ -165,7 +167,9 @@ fn read_in_tree(root: &Path, rel: &str) -> Result<String, ReadError> {
         }
         walked.push_str(d);
         if !valid_component(d) {
-            return Err(ReadError::Refused(format!("{walked}: invalid path component")));
+            return Err(ReadError::Refused(format!(
+                "{walked}: invalid path component"
+            )));
         }
         dir = openat(&dir, *d, dir_flags, Mode::empty()).map_err(|e| io(&walked, e))?;
     }
@@ -699,7 +703,11 @@ mod tests {
 
         // Each kind of link alone, then all of them reported at once.
         let cases: Vec<(PathBuf, &Path, &str)> = vec![
-            (root.join("global.toml"), &secret, "global.toml: is a symbolic link"),
+            (
+                root.join("global.toml"),
+                &secret,
+                "global.toml: is a symbolic link",
+            ),
             (
                 proj.join("hosts/web1.toml"),
                 &secret,
@@ -721,7 +729,11 @@ mod tests {
         // A dangling link is refused too, not taken for an absent level.
         symlink(dir.join("nowhere"), root.join("global.toml")).unwrap();
         let e = Tree::load(&root, &pos, "group").unwrap_err();
-        assert!(e.iter().any(|e| e.contains("global.toml: is a symbolic link")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|e| e.contains("global.toml: is a symbolic link")),
+            "{e:?}"
+        );
         std::fs::remove_file(root.join("global.toml")).unwrap();
         // A directory on the way: clouds/c/sites -> outside.
         let sites = root.join("clouds/c/sites");
@@ -729,7 +741,8 @@ mod tests {
         symlink(&outside.join("sites"), &sites).unwrap();
         let e = Tree::load(&root, &pos, "group").unwrap_err();
         assert!(
-            e.iter().any(|e| e.contains("clouds/c/sites: is a symbolic link")),
+            e.iter()
+                .any(|e| e.contains("clouds/c/sites: is a symbolic link")),
             "{e:?}"
         );
         std::fs::remove_file(&sites).unwrap();
@@ -738,7 +751,10 @@ mod tests {
         std::fs::remove_dir(proj.join("hosts")).unwrap();
         symlink(&outside, proj.join("hosts")).unwrap();
         let e = Tree::load(&root, &pos, "group").unwrap_err();
-        assert!(e.iter().any(|e| e.contains("p/hosts: is a symbolic link")), "{e:?}");
+        assert!(
+            e.iter().any(|e| e.contains("p/hosts: is a symbolic link")),
+            "{e:?}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

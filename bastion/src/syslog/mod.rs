@@ -1027,7 +1027,10 @@ mod tests {
 
     #[test]
     fn messages_become_lines_filed_by_address_with_the_claimed_name_kept() {
-        let mut b = Batch::new(Source::Udp, Arc::from(address_host("10.0.0.9".parse().unwrap())));
+        let mut b = Batch::new(
+            Source::Udp,
+            Arc::from(address_host("10.0.0.9".parse().unwrap())),
+        );
         b.handle(
             b"<38>1 2024-02-29T01:02:03.123Z ../../etc sshd 812 - - Accepted key\n",
             false,
@@ -1054,15 +1057,28 @@ mod tests {
             "{}",
             all[2]
         );
-        assert!(all[3].ends_with(" ip-10-0-0-9 app user.notice no host"), "{}", all[3]);
+        assert!(
+            all[3].ends_with(" ip-10-0-0-9 app user.notice no host"),
+            "{}",
+            all[3]
+        );
 
         // An agent's own host name is not repeated; any other claim is kept.
         let mut b = Batch::new(Source::Udp, Arc::from("web01"));
-        b.handle(b"<13>1 2024-02-29T01:02:03.123Z WEB01 app - - - mine", false);
-        b.handle(b"<13>1 2024-02-29T01:02:03.123Z db01 app - - - theirs", false);
+        b.handle(
+            b"<13>1 2024-02-29T01:02:03.123Z WEB01 app - - - mine",
+            false,
+        );
+        b.handle(
+            b"<13>1 2024-02-29T01:02:03.123Z db01 app - - - theirs",
+            false,
+        );
         let text = String::from_utf8(b.finish()[0].data.clone()).unwrap();
         assert!(text.contains(" web01 app user.notice mine\n"), "{text}");
-        assert!(text.contains(" web01 app user.notice claimed-host=db01 theirs\n"), "{text}");
+        assert!(
+            text.contains(" web01 app user.notice claimed-host=db01 theirs\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -1080,7 +1096,14 @@ mod tests {
             assert_eq!(sanitize_host(name), name, "a safe path component");
             assert_eq!(host_address(name), Some(canonical(ip)));
         }
-        for not in ["web01", "ip-10-0-0", "ip-10-0-0-256", "ip6-zz", "ip-010-0-0-5", "ip6-FD00--1"] {
+        for not in [
+            "web01",
+            "ip-10-0-0",
+            "ip-10-0-0-256",
+            "ip6-zz",
+            "ip-010-0-0-5",
+            "ip6-FD00--1",
+        ] {
             assert_eq!(host_address(not), None, "{not}");
         }
     }

@@ -47,7 +47,10 @@ fn connect_from(source: Ipv4Addr, target: SocketAddr) -> Result<TcpStream> {
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    anyhow::ensure!(a.conns <= 254, "--conns: at most 254 (one 127.0.1.x source each)");
+    anyhow::ensure!(
+        a.conns <= 254,
+        "--conns: at most 254 (one 127.0.1.x source each)"
+    );
     let target = a
         .target
         .to_socket_addrs()
