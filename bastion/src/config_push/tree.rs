@@ -738,7 +738,7 @@ mod tests {
         // A directory on the way: clouds/c/sites -> outside.
         let sites = root.join("clouds/c/sites");
         std::fs::rename(&sites, dir.join("sites.real")).unwrap();
-        symlink(&outside.join("sites"), &sites).unwrap();
+        symlink(outside.join("sites"), &sites).unwrap();
         let e = Tree::load(&root, &pos, "group").unwrap_err();
         assert!(
             e.iter()
