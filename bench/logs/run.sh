@@ -35,16 +35,20 @@ BASTIDE=$ROOT/target/release/bastide
 GEN=$ROOT/target/release/syslog-gen
 
 # Waits until each host file under $1 holds END-MARKER; prints elapsed seconds since $2.
+# $3: how host h's directory is named: "address" (bastide files a sender that is not an
+# agent under its source address, ip-127-0-1-<h+1>) or "hostname" (rsyslog's %HOSTNAME%).
 # Cheap check first: the marker in the file's last 300 bytes. rsyslog does not always write
 # a connection's lines in order (a run had END-MARKER 1 line before the end), so a file whose
 # size did not change since the previous poll is searched whole.
 wait_done() {
-    local dir=$1 start=$2
+    local dir=$1 start=$2 naming=$3
     declare -A size=()
     while :; do
         local done=0
         for h in $(seq 0 $((CONNS - 1))); do
-            f=$(ls "$dir"/bench-h$h/*.log 2>/dev/null | tail -1 || true)
+            local name=bench-h$h
+            [ "$naming" = address ] && name=ip-127-0-1-$((h + 1))
+            f=$(ls "$dir"/$name/*.log 2>/dev/null | tail -1 || true)
             [ -n "$f" ] || continue
             if tail -c 300 "$f" | grep -q END-MARKER; then
                 done=$((done + 1))
@@ -84,7 +88,7 @@ CONF
     start=$(python3 -c 'import time; print(time.time())')
     "$GEN" --target "127.0.0.1:$p" --lines "$LINES" --conns "$CONNS" --size "$SIZE" >/dev/null
     local secs
-    secs=$(wait_done "$d/logs" "$start")
+    secs=$(wait_done "$d/logs" "$start" address)
     kill "$pid"; wait "$pid" 2>/dev/null || true
     echo "$secs"
 }
@@ -111,7 +115,7 @@ CONF
     start=$(python3 -c 'import time; print(time.time())')
     "$GEN" --target "127.0.0.1:$p" --lines "$LINES" --conns "$CONNS" --size "$SIZE" >/dev/null
     local secs
-    secs=$(wait_done "$d/logs" "$start")
+    secs=$(wait_done "$d/logs" "$start" hostname)
     kill "$pid"; wait "$pid" 2>/dev/null || true
     echo "$secs"
 }

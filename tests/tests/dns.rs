@@ -612,4 +612,111 @@ fn claims_the_address_policy_refuses_get_no_record() {
         let ptr = answers(port, &["-x", ip]);
         assert!(ptr.is_empty(), "PTR for {ip}: {ptr:?}");
     }
+/// A blocking TCP connection to the bastion's DNS port from a chosen loopback source
+/// address (127.0.0.x): std cannot bind a client socket, tokio's `TcpSocket` can.
+fn tcp_from(src: &str, port: u16) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        let s = sock
+            .connect(format!("127.0.0.1:{port}").parse().unwrap())
+            .await
+            .unwrap();
+        let s = s.into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
+    })
+}
+
+/// Sends `drip` one byte a second (nothing when empty) until the server closes the
+/// connection (end of stream or reset) or `within` passes; how long the server took.
+fn closed_within(s: &mut TcpStream, drip: &[u8], within: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    let mut next = 0;
+    let mut buf = [0u8; 512];
+    while t0.elapsed() < within {
+        if next < drip.len() {
+            if s.write_all(&drip[next..next + 1]).is_err() {
+                return Some(t0.elapsed());
+            }
+            next += 1;
+        }
+        let left = within.saturating_sub(t0.elapsed());
+        let wait = left
+            .min(Duration::from_secs(1))
+            .max(Duration::from_millis(1));
+        s.set_read_timeout(Some(wait)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return Some(t0.elapsed()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Some(t0.elapsed()),
+        }
+    }
+    None
+}
+
+/// Issue 16, point 8: DNS over TCP checks the allow-list when it accepts, before reading
+/// anything and before taking a connection slot, and closes a connection `tcp_idle_timeout`
+/// after its last complete query whatever trickles in meanwhile: clients outside the list or
+/// dripping a query one byte a second cannot hold the `max_tcp_connections` slots, and
+/// `dig +tcp` gets through.
+#[test]
+fn tcp_strangers_and_slow_drip_clients_cannot_hold_slots() {
+    let (b, port) = bastion_with_dns("max_tcp_connections = 2\ntcp_idle_timeout = \"2s\"\n");
+    // allow = 127.0.0.1/32: five clients from 127.0.0.2, kept open by the test.
+    let mut strangers: Vec<TcpStream> = (0..5).map(|_| tcp_from("127.0.0.2", port)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = dig(port, &["+tcp", "proj.test", "SOA"]);
+    assert_eq!(
+        status(&out),
+        "NOERROR",
+        "strangers took the slots: {out}\n{}",
+        b.log_text()
+    );
+    for (i, s) in strangers.iter_mut().enumerate() {
+        let t = closed_within(s, &[], Duration::from_secs(1));
+        assert!(
+            t.is_some(),
+            "stranger {i} not closed at accept:\n{}",
+            b.log_text()
+        );
+    }
+
+    // Two allowed clients drip a query one byte a second (it would take 29 s to complete).
+    let q = raw_query(7, "proj.test", 6);
+    let mut frame = (q.len() as u16).to_be_bytes().to_vec();
+    frame.extend_from_slice(&q);
+    let drips: Vec<_> = (0..2)
+        .map(|_| {
+            let mut s = tcp_from("127.0.0.1", port);
+            let frame = frame.clone();
+            std::thread::spawn(move || closed_within(&mut s, &frame, Duration::from_secs(8)))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // Meanwhile the bound holds: a third connection is turned away.
+    let mut third = tcp_from("127.0.0.1", port);
+    assert!(
+        closed_within(&mut third, &[], Duration::from_secs(1)).is_some(),
+        "a third connection was served past max_tcp_connections = 2"
+    );
+    for d in drips {
+        let t = d.join().unwrap();
+        assert!(
+            t.is_some_and(|t| t < Duration::from_millis(3500)),
+            "a slow-drip client held its slot for {t:?} (tcp_idle_timeout = 2s)\n{}",
+            b.log_text()
+        );
+    }
+    let out = dig(port, &["+tcp", "proj.test", "SOA"]);
+    assert_eq!(status(&out), "NOERROR", "{out}");
 }

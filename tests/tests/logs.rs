@@ -160,17 +160,23 @@ fn logger_over_udp_and_tcp_is_stored_per_host() {
         .unwrap()
         .trim()
         .to_lowercase();
+    // Filed under the sender's address (127.0.0.1 is no agent's), the HOSTNAME logger
+    // claims kept at the head of the message.
+    let own = "ip-127-0-0-1";
     let (host, line) = wait_line(b, "udp-5424-token");
-    assert_eq!(host, hostname, "filed under the sender's hostname");
+    assert_eq!(host, own, "filed under the sender's address");
     let f: Vec<&str> = line.splitn(5, ' ').collect();
     assert!(
         f[0].ends_with('Z') && f[0].contains('T'),
         "RFC 3339 UTC: {line}"
     );
-    assert_eq!(f[1], hostname);
+    assert_eq!(f[1], own);
     assert!(f[2].starts_with("app5424"), "{line}");
     assert_eq!(f[3], "auth.warning", "{line}");
-    assert_eq!(f[4], "udp-5424-token");
+    assert!(
+        f[4].eq_ignore_ascii_case(&format!("claimed-host={hostname} udp-5424-token")),
+        "{line}"
+    );
     let (_, line) = wait_line(b, "udp-3164-token");
     assert!(line.contains(" app3164"), "{line}");
     let (_, line) = wait_line(b, "tcp-5424-token");
@@ -178,10 +184,11 @@ fn logger_over_udp_and_tcp_is_stored_per_host() {
     let (_, line) = wait_line(b, "tcp-octet-3164-token");
     assert!(line.contains(" octet"), "{line}");
     let day = line[..10].to_string();
-    assert!(store_dir(b)
-        .join(&hostname)
-        .join(format!("{day}.log"))
-        .is_file());
+    assert!(store_dir(b).join(own).join(format!("{day}.log")).is_file());
+    assert!(
+        !store_dir(b).join(&hostname).exists(),
+        "a claimed name got a directory"
+    );
 
     // A 100 KiB line (TCP, newline framing) is cut at max_message_bytes and counted.
     let mut big = b"big-line-token ".to_vec();
@@ -216,17 +223,20 @@ fn logger_over_udp_and_tcp_is_stored_per_host() {
     t.write_all(b"not syslog at all unparsed-token\n").unwrap();
     drop(t);
     let (host, line) = wait_line(b, "invalid-utf8-token");
-    assert_eq!(host, "latin1host");
-    assert!(line.contains("caf\u{fffd} invalid-utf8-token"), "{line}");
+    assert_eq!(host, own);
+    assert!(
+        line.contains(" app user.notice claimed-host=latin1host caf\u{fffd} invalid-utf8-token"),
+        "{line}"
+    );
     assert_eq!(
         metric(b, "bastide_logs_invalid_utf8_total{source=\"tcp\"}"),
         1.0
     );
     let (host, line) = wait_line(b, "escape-token");
-    assert_eq!(host, "___.._etc");
-    assert!(
-        line.starts_with("2026-11-27T10:00:00.000Z ___.._etc evil user.notice"),
-        "{line}"
+    assert_eq!(host, own);
+    assert_eq!(
+        line,
+        "2026-11-27T10:00:00.000Z ip-127-0-0-1 evil user.notice claimed-host=../../etc escape-token"
     );
     assert!(!b.dir.path().join("etc").exists(), "escaped the store");
     for e in std::fs::read_dir(store_dir(b)).unwrap().flatten() {
@@ -236,18 +246,29 @@ fn logger_over_udp_and_tcp_is_stored_per_host() {
         );
     }
     let (host, _) = wait_line(b, "unparsed-token");
-    assert_eq!(host, "127.0.0.1");
+    assert_eq!(host, own);
     assert!(metric(b, "bastide_logs_parse_failures_total{source=\"tcp\"}") >= 1.0);
     assert!(metric(b, "bastide_logs_events_total{source=\"udp\"}") >= 2.0);
 
     // bastide logs --host GLOB --grep RE finds it, --json gives the fields.
-    let out = b.cli_ok(&["logs", "--host", "latin1*", "--grep", "invalid-utf8-t.ken"]);
+    let out = b.cli_ok(&["logs", "--host", "ip-127-*", "--grep", "invalid-utf8-t.ken"]);
     assert_eq!(out.lines().count(), 1, "{out}");
-    assert!(out.contains("latin1host app user.notice caf\u{fffd} invalid-utf8-token"));
-    let out = b.cli_ok(&["logs", "--host", "___*", "--json", "--since", "3650d"]);
+    assert!(out.contains(
+        "ip-127-0-0-1 app user.notice claimed-host=latin1host caf\u{fffd} invalid-utf8-token"
+    ));
+    let out = b.cli_ok(&[
+        "logs",
+        "--host",
+        "ip-127-0-0-1",
+        "--grep",
+        "escape-token",
+        "--json",
+        "--since",
+        "3650d",
+    ]);
     let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(v["app"], "evil");
-    assert_eq!(v["message"], "escape-token");
+    assert_eq!(v["message"], "claimed-host=../../etc escape-token");
     let out = b.cli_ok(&["logs", "--grep", "token", "--until", "2000-01-01T00:00:00Z"]);
     assert_eq!(out, "", "--until filters by event time");
     let bad = b.cli(&["logs", "--grep", "("]);
@@ -492,8 +513,10 @@ fn forwarding_delivers_after_the_collector_comes_back() {
         got.extend_from_slice(&buf[..n]);
     }
     let text = String::from_utf8(got).unwrap();
-    // RFC 5424 with octet-counting framing, PRI and fields kept.
-    let m = "<14>1 2026-11-27T10:00:00.000Z fwdhost app 42 - - forwarded-0-end";
+    // RFC 5424 with octet-counting framing, PRI and fields kept; the host is the one the
+    // line is filed under (the sender's address), the claimed one stays in the message.
+    let m =
+        "<14>1 2026-11-27T10:00:00.000Z ip-127-0-0-1 app 42 - - claimed-host=fwdhost forwarded-0-end";
     assert!(text.starts_with(&format!("{} {m}", m.len())), "{text}");
     for i in 0..20 {
         assert!(text.contains(&format!("forwarded-{i}-end")), "{text}");
@@ -809,12 +832,16 @@ fn forwarding_over_tls_reaches_a_real_rsyslog() {
             "{needle} once: {text}"
         );
     }
-    // rsyslog parsed what it got as RFC 5424: the original host and app survive the hop.
+    // rsyslog parsed what it got as RFC 5424: the host the line is filed under (the
+    // sender's address), the app and the claimed host name in the message survive the hop.
     let line = text
         .lines()
         .find(|l| l.contains("tls-forwarded-3-end"))
         .unwrap();
-    assert!(line.contains(" tlshost tlsapp "), "{line}");
+    assert!(
+        line.contains(" ip-127-0-0-1 tlsapp ") && line.contains("claimed-host=tlshost "),
+        "{line}"
+    );
     assert!(wait_for(Duration::from_secs(5), || {
         (metric(&s.b, "bastide_logs_forward_connected") == 1.0).then_some(())
     })
@@ -900,4 +927,153 @@ fn a_claimed_address_does_not_open_syslog() {
         .filter(|(_, l)| l.contains("from-the-claimed-address"))
         .collect();
     assert!(leaked.is_empty(), "admitted through a claim: {leaked:?}");
+/// A UDP syslog sender bound to its own loopback source address (127.x.y.z): `logger` has
+/// no option to choose its source.
+fn udp_from(src: &str) -> std::net::UdpSocket {
+    std::net::UdpSocket::bind(format!("{src}:0")).unwrap()
+}
+
+/// A TCP syslog connection from `src` (std cannot bind a client socket; tokio's can).
+fn tcp_from(src: &str, port: u16) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        let s = sock
+            .connect(format!("127.0.0.1:{port}").parse().unwrap())
+            .await
+            .unwrap();
+        let s = s.into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
+    })
+}
+
+/// Issue 16, point 6: a sender that is not an agent cannot write under another host's name.
+/// Senders on 127.77.0.7 and 127.77.0.8 (addresses no agent has) claim the HOSTNAME of an
+/// enrolled agent and of another machine, over UDP (RFC 5424 and 3164) and TCP: every line is
+/// filed under the sender's own address (`ip-127-77-0-7`), the claimed name is kept in the
+/// message (`claimed-host=web01 ...`), and nothing lands under the claimed names.
+#[test]
+fn syslog_files_by_source_address_never_by_claimed_hostname() {
+    let s = bastion_with_syslog("");
+    let b = &s.b;
+    let mut agent = Agent::new("web01");
+    agent.enroll_ok(b, &b.token(&[]));
+    agent.start();
+    assert!(
+        b.wait_state("web01", "online", Duration::from_secs(20)),
+        "{}",
+        agent.log_text()
+    );
+    let u = udp_from("127.77.0.7");
+    let to = format!("127.0.0.1:{}", s.udp);
+    u.send_to(
+        b"<38>1 2026-11-27T10:00:00.000Z web01 sshd 812 - - forged-5424-token",
+        &to,
+    )
+    .unwrap();
+    u.send_to(
+        b"<13>Nov 27 10:00:01 victim-host cron[5]: forged-3164-token",
+        &to,
+    )
+    .unwrap();
+    let mut t = tcp_from("127.77.0.8", s.tcp);
+    t.write_all(b"<13>1 2026-11-27T10:00:02.000Z web01 app - - - forged-tcp-token\n")
+        .unwrap();
+    drop(t);
+
+    let (host, line) = wait_line(b, "forged-5424-token");
+    assert_eq!(host, "ip-127-77-0-7", "{line}");
+    assert_eq!(
+        line,
+        "2026-11-27T10:00:00.000Z ip-127-77-0-7 sshd[812] auth.info claimed-host=web01 forged-5424-token"
+    );
+    let (host, line) = wait_line(b, "forged-3164-token");
+    assert_eq!(host, "ip-127-77-0-7");
+    assert!(
+        line.contains(
+            " ip-127-77-0-7 cron[5] user.notice claimed-host=victim-host forged-3164-token"
+        ),
+        "{line}"
+    );
+    let (host, line) = wait_line(b, "forged-tcp-token");
+    assert_eq!(host, "ip-127-77-0-8");
+    assert!(
+        line.contains(" claimed-host=web01 forged-tcp-token"),
+        "{line}"
+    );
+    for (host, line) in stored(b) {
+        assert!(
+            host.starts_with("ip-127-77-0-") || !line.contains("forged-"),
+            "a forged line under {host}: {line}"
+        );
+    }
+    assert!(!store_dir(b).join("victim-host").exists());
+    // `bastide logs --host web01` shows none of it.
+    let out = b.cli_ok(&[
+        "logs", "--host", "web01", "--grep", "forged", "--since", "3650d",
+    ]);
+    assert_eq!(out, "", "{out}");
+}
+
+/// Issue 16, point 6: senders that are not agents create at most `max_unknown_hosts` host
+/// directories. With 2, senders on 127.77.1.1 and 127.77.1.2 are stored; a third one's lines
+/// (UDP and TCP) are refused and counted one by one, the first two still get through, and
+/// no third directory appears.
+#[test]
+fn syslog_caps_the_host_directories_of_senders_that_are_not_agents() {
+    let s = bastion_with("max_unknown_hosts = 2", "");
+    let b = &s.b;
+    let to = format!("127.0.0.1:{}", s.udp);
+    for (i, src) in ["127.77.1.1", "127.77.1.2"].iter().enumerate() {
+        udp_from(src)
+            .send_to(
+                format!("<13>1 - h{i} app - - - admitted-{i}").as_bytes(),
+                &to,
+            )
+            .unwrap();
+        let (host, _) = wait_line(b, &format!("admitted-{i}"));
+        assert_eq!(host, format!("ip-127-77-1-{}", i + 1));
+    }
+    let series = "bastide_syslog_unknown_host_refused_total";
+    assert_eq!(metric(b, series), 0.0);
+    let third = udp_from("127.77.1.3");
+    for i in 0..5 {
+        third
+            .send_to(format!("<13>1 - h3 app - - - refused-{i}").as_bytes(), &to)
+            .unwrap();
+    }
+    let mut t = tcp_from("127.77.1.3", s.tcp);
+    t.write_all(b"<13>1 - h3 app - - - refused-tcp-0\n<13>1 - h3 app - - - refused-tcp-1\n<13>1 - h3 app - - - refused-tcp-2\n")
+        .unwrap();
+    drop(t);
+    let got = wait_for(Duration::from_secs(10), || {
+        (metric(b, series) == 8.0).then_some(())
+    });
+    assert!(
+        got.is_some(),
+        "{series} = {} (want 8: 5 datagrams, 3 TCP lines)\n{}",
+        metric(b, series),
+        b.log_text()
+    );
+    assert!(
+        b.log_text()
+            .contains("max_unknown_hosts host directories exist"),
+        "{}",
+        b.log_text()
+    );
+    // The admitted senders still get through.
+    udp_from("127.77.1.1")
+        .send_to(b"<13>1 - h0 app - - - still-admitted", &to)
+        .unwrap();
+    let (host, _) = wait_line(b, "still-admitted");
+    assert_eq!(host, "ip-127-77-1-1");
+    assert!(stored(b).iter().all(|(_, l)| !l.contains("refused-")));
+    assert!(!store_dir(b).join("ip-127-77-1-3").exists());
+    assert_eq!(metric(b, "bastide_syslog_unknown_hosts"), 2.0);
+    assert_eq!(metric(b, series), 8.0);
 }

@@ -116,12 +116,92 @@ pub fn valid_component(s: &str) -> bool {
         && s.len() <= 255
 }
 
-fn read_bounded(path: &Path) -> Result<String, String> {
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
-    if meta.len() > MAX_FILE {
-        return Err(format!("larger than {MAX_FILE} bytes"));
+/// Why a file of the tree was not read: absent (a level that is simply not there) or refused.
+#[derive(Debug, PartialEq, Eq)]
+enum ReadError {
+    Missing,
+    Refused(String),
+}
+
+/// The refusal of a symbolic link, in the words every refusal uses.
+fn symlink_refused(rel: &str) -> String {
+    format!(
+        "{rel}: is a symbolic link (refused: the tree holds regular files and directories only)"
+    )
+}
+
+/// Reads `rel` (a relative path under `root`) without following a symbolic link anywhere
+/// below `root`: every directory is opened with `O_NOFOLLOW | O_DIRECTORY` from the one
+/// before it and the file with `O_NOFOLLOW`, so a link in place of a level file, a template
+/// or a directory on the way (swapped in after a check, too) is refused, never read. A link
+/// could otherwise make the tree read and push any file the bastion can read (its own keys).
+/// Special files (FIFOs, devices) are refused as well, and nothing larger than [`MAX_FILE`].
+fn read_in_tree(root: &Path, rel: &str) -> Result<String, ReadError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::Mode;
+    use std::io::Read;
+
+    let io = |what: &str, e: Errno| match e {
+        Errno::ENOENT => ReadError::Missing,
+        Errno::ELOOP => ReadError::Refused(symlink_refused(what)),
+        // O_DIRECTORY on a link (or a file where a directory was expected).
+        Errno::ENOTDIR => match std::fs::symlink_metadata(root.join(what)) {
+            Ok(m) if m.file_type().is_symlink() => ReadError::Refused(symlink_refused(what)),
+            _ => ReadError::Refused(format!("{what}: not a directory")),
+        },
+        e => ReadError::Refused(format!("{what}: {}", std::io::Error::from(e))),
+    };
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut dir: std::os::fd::OwnedFd = std::fs::File::open(root)
+        .map_err(|e| ReadError::Refused(format!("{}: {e}", root.display())))?
+        .into();
+    let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+    let Some((last, dirs)) = parts.split_last() else {
+        return Err(ReadError::Refused(format!("{rel:?}: empty path")));
+    };
+    let mut walked = String::new();
+    for d in dirs {
+        if !walked.is_empty() {
+            walked.push('/');
+        }
+        walked.push_str(d);
+        if !valid_component(d) {
+            return Err(ReadError::Refused(format!(
+                "{walked}: invalid path component"
+            )));
+        }
+        dir = openat(&dir, *d, dir_flags, Mode::empty()).map_err(|e| io(&walked, e))?;
     }
-    std::fs::read_to_string(path).map_err(|e| e.to_string())
+    let fd = openat(
+        &dir,
+        *last,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+        Mode::empty(),
+    )
+    .map_err(|e| io(rel, e))?;
+    let file = std::fs::File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| ReadError::Refused(format!("{rel}: {e}")))?;
+    if !meta.is_file() {
+        return Err(ReadError::Refused(format!("{rel}: not a regular file")));
+    }
+    if meta.len() > MAX_FILE {
+        return Err(ReadError::Refused(format!(
+            "{rel}: larger than {MAX_FILE} bytes"
+        )));
+    }
+    let mut text = String::new();
+    file.take(MAX_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| ReadError::Refused(format!("{rel}: {e}")))?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(ReadError::Refused(format!(
+            "{rel}: larger than {MAX_FILE} bytes"
+        )));
+    }
+    Ok(text)
 }
 
 impl Tree {
@@ -148,15 +228,22 @@ impl Tree {
             (Level::Project, format!("{project}/project.toml")),
         ];
         for (level, rel) in levels {
-            let path = root.join(&rel);
-            if path.exists() {
-                if let Some(f) = parse_level(root, &rel, level, &mut errors) {
-                    tree.common.push(f);
-                }
+            // An absent level is normal; anything else that is not a regular file is refused.
+            if let Some(f) = parse_level(root, &rel, level, &mut errors) {
+                tree.common.push(f);
             }
         }
         for (level, sub) in [(Level::Group, "groups"), (Level::Host, "hosts")] {
             let dir = root.join(&project).join(sub);
+            // A link in place of the directory (or of one above it) is refused, not listed.
+            match std::fs::symlink_metadata(&dir) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    errors.push(symlink_refused(&format!("{project}/{sub}")));
+                    continue;
+                }
+                Ok(_) => {}
+                Err(_) => continue,
+            }
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
@@ -182,8 +269,12 @@ impl Tree {
             }
         }
         let tdir = root.join("templates");
-        if tdir.is_dir() {
-            load_templates(&tdir, &tdir, &mut tree.templates, &mut errors);
+        match std::fs::symlink_metadata(&tdir) {
+            Ok(m) if m.file_type().is_symlink() => errors.push(symlink_refused("templates")),
+            Ok(m) if m.is_dir() => {
+                load_templates(root, &tdir, &mut tree.templates, &mut errors);
+            }
+            _ => {}
         }
         if errors.is_empty() {
             Ok(tree)
@@ -214,10 +305,11 @@ fn parse_level(
     level: Level,
     errors: &mut Vec<String>,
 ) -> Option<LevelFile> {
-    let text = match read_bounded(&root.join(rel)) {
+    let text = match read_in_tree(root, rel) {
         Ok(t) => t,
-        Err(e) => {
-            errors.push(format!("{rel}: {e}"));
+        Err(ReadError::Missing) => return None,
+        Err(ReadError::Refused(e)) => {
+            errors.push(e);
             return None;
         }
     };
@@ -265,8 +357,10 @@ fn check_deletes(t: &Table, prefix: &str, rel: &str, errors: &mut Vec<String>) {
     }
 }
 
+/// Loads every template under `dir` (inside `root`/templates). A symbolic link, to a file
+/// or a directory, is refused with an error naming it, like a level file that is one.
 fn load_templates(
-    base: &Path,
+    root: &Path,
     dir: &Path,
     out: &mut BTreeMap<String, String>,
     errors: &mut Vec<String>,
@@ -283,22 +377,27 @@ fn load_templates(
             continue;
         }
         let Ok(ft) = e.file_type() else { continue };
-        if ft.is_dir() {
-            load_templates(base, &p, out, errors);
+        let rel = p
+            .strip_prefix(root)
+            .map(|r| r.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if ft.is_symlink() {
+            errors.push(symlink_refused(&rel));
+        } else if ft.is_dir() {
+            load_templates(root, &p, out, errors);
         } else if ft.is_file() {
             if out.len() >= MAX_TEMPLATES {
                 errors.push(format!("templates: more than {MAX_TEMPLATES} templates"));
                 return;
             }
-            let name = p
-                .strip_prefix(base)
-                .map(|r| r.to_string_lossy().to_string())
-                .unwrap_or_default();
-            match read_bounded(&p) {
+            let name = rel.strip_prefix("templates/").unwrap_or(&rel).to_string();
+            match read_in_tree(root, &rel) {
                 Ok(src) => {
                     out.insert(name, src);
                 }
-                Err(err) => errors.push(format!("templates/{name}: {err}")),
+                // Gone between the listing and the read: as if never there.
+                Err(ReadError::Missing) => {}
+                Err(ReadError::Refused(err)) => errors.push(err),
             }
         }
     }
@@ -574,6 +673,88 @@ mod tests {
         assert!(e.iter().any(|e| e.starts_with("global.toml")), "{e:?}");
         assert!(e.iter().any(|e| e.contains("bogus")), "{e:?}");
         assert!(e.iter().any(|e| e.contains("vars._delete")), "{e:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Issue 16, point 8: a level file that is a symbolic link (to a secret outside the
+    /// tree) is refused with an error naming it, never read, as templates that are links
+    /// are; so is a link in place of a directory on the way or of the hosts directory.
+    #[test]
+    fn symbolic_links_in_the_tree_are_refused() {
+        use std::os::unix::fs::symlink;
+        let dir = std::env::temp_dir().join(format!("bastide-tree-{}", rand::random::<u64>()));
+        let outside = dir.join("outside");
+        let root = dir.join("tree");
+        let proj = root.join("clouds/c/sites/s/instances/i/projects/p");
+        std::fs::create_dir_all(proj.join("hosts")).unwrap();
+        std::fs::create_dir_all(root.join("templates")).unwrap();
+        std::fs::create_dir_all(outside.join("sites/s")).unwrap();
+        let secret = outside.join("secret.toml");
+        std::fs::write(&secret, "[vars]\nsecret = \"s3cret\"\n").unwrap();
+        std::fs::write(outside.join("sites/s/site.toml"), "[vars]\nsecret = 2\n").unwrap();
+        std::fs::write(proj.join("project.toml"), "[vars]\na = 1\n").unwrap();
+        let pos = Position {
+            cloud: "c".into(),
+            site: "s".into(),
+            instance: "i".into(),
+            project: "p".into(),
+        };
+        assert!(Tree::load(&root, &pos, "group").is_ok());
+
+        // Each kind of link alone, then all of them reported at once.
+        let cases: Vec<(PathBuf, &Path, &str)> = vec![
+            (
+                root.join("global.toml"),
+                &secret,
+                "global.toml: is a symbolic link",
+            ),
+            (
+                proj.join("hosts/web1.toml"),
+                &secret,
+                "projects/p/hosts/web1.toml: is a symbolic link",
+            ),
+            (
+                root.join("templates/x.j2"),
+                &secret,
+                "templates/x.j2: is a symbolic link",
+            ),
+        ];
+        for (link, to, want) in &cases {
+            symlink(to, link).unwrap();
+            let e = Tree::load(&root, &pos, "group").unwrap_err();
+            assert!(e.iter().any(|e| e.contains(want)), "{want}: {e:?}");
+            assert!(!format!("{e:?}").contains("s3cret"), "{e:?}");
+            std::fs::remove_file(link).unwrap();
+        }
+        // A dangling link is refused too, not taken for an absent level.
+        symlink(dir.join("nowhere"), root.join("global.toml")).unwrap();
+        let e = Tree::load(&root, &pos, "group").unwrap_err();
+        assert!(
+            e.iter()
+                .any(|e| e.contains("global.toml: is a symbolic link")),
+            "{e:?}"
+        );
+        std::fs::remove_file(root.join("global.toml")).unwrap();
+        // A directory on the way: clouds/c/sites -> outside.
+        let sites = root.join("clouds/c/sites");
+        std::fs::rename(&sites, dir.join("sites.real")).unwrap();
+        symlink(outside.join("sites"), &sites).unwrap();
+        let e = Tree::load(&root, &pos, "group").unwrap_err();
+        assert!(
+            e.iter()
+                .any(|e| e.contains("clouds/c/sites: is a symbolic link")),
+            "{e:?}"
+        );
+        std::fs::remove_file(&sites).unwrap();
+        std::fs::rename(dir.join("sites.real"), &sites).unwrap();
+        // The hosts directory itself.
+        std::fs::remove_dir(proj.join("hosts")).unwrap();
+        symlink(&outside, proj.join("hosts")).unwrap();
+        let e = Tree::load(&root, &pos, "group").unwrap_err();
+        assert!(
+            e.iter().any(|e| e.contains("p/hosts: is a symbolic link")),
+            "{e:?}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

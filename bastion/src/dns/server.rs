@@ -523,6 +523,9 @@ async fn tcp_serve(
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let slots = Arc::new(Semaphore::new(TCP_PIPELINE));
     let mut eof = false;
+    // Only a complete query moves the deadline, never a byte: a client dripping one byte a
+    // second is closed `idle` after its last whole query (or its connection) like a silent
+    // one, so it cannot hold one of the `max_tcp_connections` slots for longer.
     let mut deadline = Instant::now() + idle;
     loop {
         let mut off = 0;
@@ -533,6 +536,7 @@ async fn tcp_serve(
             }
             let msg = &inbuf[off + 2..off + 2 + len];
             off += 2 + len;
+            deadline = Instant::now() + idle;
             match res.handle(msg, peer.ip(), Transport::Tcp) {
                 Action::Drop => {}
                 Action::Reply(b) => write_frame(&mut w, &b).await?,
@@ -578,10 +582,14 @@ async fn tcp_serve(
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(b) = rx.recv() => write_frame(&mut w, &b).await?,
+            Some(b) = rx.recv() => {
+                write_frame(&mut w, &b).await?;
+                // An answer that took long does not leave its client closed at once.
+                deadline = deadline.max(Instant::now() + idle / 2);
+            }
             r = rd.read_buf(&mut inbuf), if !eof && inbuf.len() < 2 + u16::MAX as usize => match r {
                 Ok(0) => eof = true,
-                Ok(_) => deadline = Instant::now() + idle,
+                Ok(_) => {}
                 Err(e) => return Err(e),
             },
             _ = tokio::time::sleep_until(deadline), if !busy => break,
@@ -606,6 +614,13 @@ async fn tcp_accept(
                 continue;
             }
         };
+        // The allow-list is checked before anything is read and before a slot is taken: a
+        // client outside it costs an accept and a close, never one of the connections.
+        if !res.allowed(peer.ip()) {
+            inc(&metrics().refused);
+            debug!(client = %peer, "dns: TCP client not allowed: closing");
+            continue;
+        }
         let Ok(permit) = conns.clone().try_acquire_owned() else {
             inc(&metrics().overloaded);
             debug!(client = %peer, "dns: too many TCP connections: closing");

@@ -36,6 +36,10 @@ pub struct Counters {
     pub compressed: AtomicU64,
     pub syslog_connections: AtomicU64,
     pub syslog_refused: AtomicU64,
+    /// Syslog lines refused: a new sender that is not an agent past `max_unknown_hosts`.
+    pub syslog_unknown_host_refused: AtomicU64,
+    /// Host directories of senders that are not agents (see `syslog::UnknownHosts`).
+    pub syslog_unknown_hosts: AtomicU64,
     pub forward_queue_bytes: AtomicU64,
     pub forward_sent: AtomicU64,
     pub forward_dropped: AtomicU64,
@@ -84,6 +88,11 @@ impl Counters {
             (names::LOGS_COMPRESSED, &self.compressed),
             (names::SYSLOG_CONNECTIONS, &self.syslog_connections),
             (names::SYSLOG_REFUSED, &self.syslog_refused),
+            (
+                names::SYSLOG_UNKNOWN_HOST_REFUSED,
+                &self.syslog_unknown_host_refused,
+            ),
+            (names::SYSLOG_UNKNOWN_HOSTS, &self.syslog_unknown_hosts),
             (names::FORWARD_QUEUE_BYTES, &self.forward_queue_bytes),
             (names::FORWARD_SENT, &self.forward_sent),
             (names::FORWARD_DROPPED, &self.forward_dropped),

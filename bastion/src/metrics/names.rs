@@ -88,6 +88,8 @@ pub const LOGS_RETENTION_DELETED: &str = "bastide_logs_retention_deleted_files_t
 pub const LOGS_COMPRESSED: &str = "bastide_logs_compressed_files_total";
 pub const SYSLOG_CONNECTIONS: &str = "bastide_syslog_connections";
 pub const SYSLOG_REFUSED: &str = "bastide_syslog_refused_total";
+pub const SYSLOG_UNKNOWN_HOST_REFUSED: &str = "bastide_syslog_unknown_host_refused_total";
+pub const SYSLOG_UNKNOWN_HOSTS: &str = "bastide_syslog_unknown_hosts";
 pub const FORWARD_QUEUE_BYTES: &str = "bastide_logs_forward_queue_bytes";
 pub const FORWARD_SENT: &str = "bastide_logs_forward_sent_total";
 pub const FORWARD_DROPPED: &str = "bastide_logs_forward_dropped_total";
@@ -319,6 +321,10 @@ pub fn describe() {
             SYSLOG_REFUSED,
             "Syslog clients refused (network not allowed, connection limit, TLS handshake).",
         ),
+        (
+            SYSLOG_UNKNOWN_HOST_REFUSED,
+            "Syslog lines refused because their sender is not an agent and max_unknown_hosts hosts of such senders exist.",
+        ),
         (FORWARD_SENT, "Events sent to the central collector."),
         (
             FORWARD_DROPPED,
@@ -345,6 +351,10 @@ pub fn describe() {
             "Bytes in the log store at the last retention pass.",
         ),
         (SYSLOG_CONNECTIONS, "Open syslog TCP and TLS connections."),
+        (
+            SYSLOG_UNKNOWN_HOSTS,
+            "Host directories of syslog senders that are not agents (named after their address).",
+        ),
         (
             FORWARD_QUEUE_BYTES,
             "Bytes waiting in the forwarding queue.",

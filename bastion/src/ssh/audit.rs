@@ -2,6 +2,11 @@
 //! truncated or rewritten by the daemon) and fsynced each: a denied attempt is one line
 //! (`"event":"denied"`); an allowed jump writes a `"start"` line when it opens and an
 //! `"end"` line (with the end time and bytes each way) when it closes.
+//!
+//! The log fails closed: the start line is on disk before the jump channel is accepted, and
+//! when it cannot be written the jump is refused ([`Audit::write_start`]) unless
+//! `[ssh] audit_fail_open = true`. Denied and end lines are written after the fact and can
+//! only be logged when they fail.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -46,6 +51,18 @@ pub struct Record {
 #[derive(Clone)]
 pub struct Audit {
     file: Arc<Mutex<File>>,
+    fail_open: bool,
+}
+
+/// A record that is not on disk.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot encode the audit record: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("cannot write the audit log: {0}")]
+    Write(#[from] std::io::Error),
+    #[error("audit write task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 pub fn now_rfc3339() -> String {
@@ -53,8 +70,9 @@ pub fn now_rfc3339() -> String {
 }
 
 impl Audit {
-    /// Opens (creating with mode 0600) the log for appending.
-    pub fn open(path: &Path) -> Result<Self> {
+    /// Opens (creating with mode 0600) the log for appending. `fail_open`: see
+    /// [`Audit::write_start`].
+    pub fn open(path: &Path, fail_open: bool) -> Result<Self> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -63,33 +81,54 @@ impl Audit {
             .with_context(|| format!("opening audit log {}", path.display()))?;
         Ok(Self {
             file: Arc::new(Mutex::new(file)),
+            fail_open,
         })
     }
 
-    /// Appends one record and fsyncs it. A failure is logged loudly: losing the audit trail
-    /// must be visible, but must not cut admins off.
-    pub async fn write(&self, rec: &Record) {
-        let mut line = match serde_json::to_vec(rec) {
-            Ok(l) => l,
-            Err(e) => {
-                error!(error = %e, "audit: cannot encode record");
-                return;
-            }
-        };
+    /// Appends one record and fsyncs it.
+    async fn append(&self, rec: &Record) -> Result<(), AuditError> {
+        let mut line = serde_json::to_vec(rec)?;
         line.push(b'\n');
         let file = self.file.clone();
-        let r = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let mut f = file
                 .lock()
                 .map_err(|_| std::io::Error::other("audit lock poisoned"))?;
-            f.write_all(&line)?;
-            f.sync_data()
+            // A short write (disk full midway) would leave half a line that the next record
+            // completes into garbage: cut the file back to where this record started.
+            let at = f.metadata()?.len();
+            let r = f.write_all(&line).and_then(|()| f.sync_data());
+            if r.is_err() {
+                let _ = f.set_len(at);
+            }
+            r
         })
-        .await;
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => error!(error = %e, "audit: write failed"),
-            Err(e) => error!(error = %e, "audit: write task failed"),
+        .await??;
+        Ok(())
+    }
+
+    /// Appends a record written after the fact (a denial, the end of a jump): a failure is
+    /// logged loudly, there is nothing left to refuse.
+    pub async fn write(&self, rec: &Record) {
+        if let Err(e) = self.append(rec).await {
+            error!(error = %e, admin = %rec.who.admin, target = %rec.target, event = rec.event, "audit: record lost");
+        }
+    }
+
+    /// Appends the start line of a jump, before the channel is accepted. `Err` (with the
+    /// reason) means the jump must be refused: the line is not on disk and the log fails
+    /// closed. With `audit_fail_open` the failure is only logged and `Ok` returned.
+    pub async fn write_start(&self, rec: &Record) -> Result<(), AuditError> {
+        match self.append(rec).await {
+            Ok(()) => Ok(()),
+            Err(e) if self.fail_open => {
+                error!(error = %e, admin = %rec.who.admin, target = %rec.target, "audit: start line lost; jump let through (audit_fail_open = true)");
+                Ok(())
+            }
+            Err(e) => {
+                error!(error = %e, admin = %rec.who.admin, target = %rec.target, "audit: start line cannot be written; jump refused (audit_fail_open = false)");
+                Err(e)
+            }
         }
     }
 }

@@ -24,6 +24,11 @@ pub struct SshConfig {
     pub listen: SocketAddr,
     /// Append-only JSON-lines audit log of every jump attempt.
     pub audit_log: PathBuf,
+    /// false (the default): a jump whose start line cannot be written to `audit_log` (disk
+    /// full, I/O error) is refused, so no session runs unaudited. true: it is let through and
+    /// only logged. Read at start-up, like `audit_log`.
+    #[serde(default)]
+    pub audit_fail_open: bool,
     /// Name (or address) admins use to reach the bastion, for `bastide ssh config` and
     /// `bastide ssh known-hosts`. Default: the listen address.
     #[serde(default)]

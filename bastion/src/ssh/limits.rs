@@ -10,8 +10,14 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Source addresses remembered before full buckets are forgotten.
+/// Most source addresses remembered. Past it, full buckets are forgotten first, then the
+/// fullest (least drained) ones down to [`EVICT_TO`]: rotating source addresses (an IPv6
+/// /64 holds 2^64) cannot grow the map, and the drained bucket of an address that keeps
+/// failing is the last to go.
 const MAX_TRACKED: usize = 65_536;
+/// Size the map is brought back to when it is full, so eviction runs once per
+/// `MAX_TRACKED - EVICT_TO` new addresses, not on each.
+const EVICT_TO: usize = MAX_TRACKED * 3 / 4;
 
 #[derive(Debug)]
 struct Bucket {
@@ -46,11 +52,8 @@ impl RateLimiter {
         let Ok(mut map) = self.buckets.lock() else {
             return true;
         };
-        if map.len() >= MAX_TRACKED {
-            map.retain(|_, b| {
-                let earned = now.duration_since(b.last).as_secs_f64() / self.refill.as_secs_f64();
-                b.tokens + earned < self.burst
-            });
+        if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
+            self.evict(&mut map, now);
         }
         let b = map.entry(ip).or_insert(Bucket {
             tokens: self.burst,
@@ -63,6 +66,38 @@ impl RateLimiter {
         } else {
             false
         }
+    }
+
+    /// Tokens a bucket would hold at `now`.
+    fn level(&self, b: &Bucket, now: Instant) -> f64 {
+        let earned = now.duration_since(b.last).as_secs_f64() / self.refill.as_secs_f64();
+        (b.tokens + earned).min(self.burst)
+    }
+
+    /// Forgets full buckets (they hold nothing a fresh one would not), then, if the map is
+    /// still above [`EVICT_TO`], the fullest buckets, the oldest first among equals.
+    fn evict(&self, map: &mut HashMap<IpAddr, Bucket>, now: Instant) {
+        map.retain(|_, b| self.level(b, now) < self.burst);
+        if map.len() <= EVICT_TO {
+            return;
+        }
+        let mut order: Vec<(f64, Instant, IpAddr)> = map
+            .iter()
+            .map(|(ip, b)| (self.level(b, now), b.last, *ip))
+            .collect();
+        let excess = map.len() - EVICT_TO;
+        // Fullest first; among equals, the least recently seen first.
+        order.select_nth_unstable_by(excess - 1, |a, b| {
+            b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1))
+        });
+        for (_, _, ip) in &order[..excess] {
+            map.remove(ip);
+        }
+    }
+
+    /// Source addresses currently remembered.
+    pub fn tracked(&self) -> usize {
+        self.buckets.lock().map(|m| m.len()).unwrap_or(0)
     }
 
     /// Gives back the token of a connection that authenticated.
@@ -141,6 +176,35 @@ mod tests {
         assert!(!rl.try_take(ip, t0 + Duration::from_secs(10)));
         rl.refund(ip, t0 + Duration::from_secs(10));
         assert!(rl.try_take(ip, t0 + Duration::from_secs(10)));
+    }
+
+    /// Issue 16, point 8: a million rotating source addresses (one failed connection each,
+    /// within one refill period, so no bucket is full again) keep the map at its cap, and an
+    /// address that drained its bucket before the flood is still limited after it.
+    #[test]
+    fn rotating_sources_cannot_grow_the_map() {
+        let rl = RateLimiter::new(3, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let brute: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..3 {
+            assert!(rl.try_take(brute, t0));
+        }
+        assert!(!rl.try_take(brute, t0));
+        let mut most = 0;
+        for i in 0..1_000_000u32 {
+            let ip = IpAddr::V6(std::net::Ipv6Addr::from(
+                (0x2001_0db8u128 << 96) | u128::from(i),
+            ));
+            let now = t0 + Duration::from_micros(u64::from(i));
+            assert!(rl.try_take(ip, now), "a new source has its burst");
+            most = most.max(rl.tracked());
+        }
+        assert!(most <= MAX_TRACKED, "map grew to {most}");
+        assert!(rl.tracked() >= EVICT_TO);
+        assert!(
+            !rl.try_take(brute, t0 + Duration::from_secs(1)),
+            "the drained bucket survived the flood"
+        );
     }
 
     #[test]

@@ -241,7 +241,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         live: RwLock::new(Arc::new(live)),
         registry,
-        audit: audit::Audit::open(&ssh.audit_log)?,
+        audit: audit::Audit::open(&ssh.audit_log, ssh.audit_fail_open)?,
         counters: counters(),
         limiter: limits::RateLimiter::new(ssh.rate_limit_burst, ssh.rate_limit_refill),
         sessions: Arc::new(limits::Sessions::default()),
@@ -694,6 +694,22 @@ async fn jump(
         };
     let _ = tcp.set_nodelay(true);
     set_keepalive(&tcp, live.policy.keepalive_interval);
+    // A start line, on disk before the channel is accepted: a long session is visible in the
+    // audit log while it runs and survives a crash of the daemon, and a jump whose line
+    // cannot be written is refused (unless `audit_fail_open`).
+    rec.decision = "allowed";
+    rec.reason = format!("rule {}", allowed.rule);
+    rec.event = "start";
+    if let Err(e) = shared.audit.write_start(&rec).await {
+        drop(tcp);
+        shared.counters.jumps_denied.fetch_add(1, Ordering::Relaxed);
+        reply
+            .reject(reject_with(format!(
+                "refused: the bastion cannot write its audit log ({e}); no jump runs unaudited"
+            )))
+            .await;
+        return;
+    }
     reply.accept().await;
     shared
         .counters
@@ -701,12 +717,6 @@ async fn jump(
         .fetch_add(1, Ordering::Relaxed);
     shared.counters.jumps_open.fetch_add(1, Ordering::Relaxed);
     info!(admin = %id.admin, source = %peer, target = %host, resolved = %target, rule = allowed.rule, "ssh: jump opened");
-    // A start line, on disk before any byte is forwarded: a long session is visible in the
-    // audit log while it runs, and survives a crash of the daemon.
-    rec.decision = "allowed";
-    rec.reason = format!("rule {}", allowed.rule);
-    rec.event = "start";
-    shared.audit.write(&rec).await;
     let traffic = Arc::new(forward::Traffic::default());
     let why = forward::pump(
         channel,

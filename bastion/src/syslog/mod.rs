@@ -2,21 +2,29 @@
 //! VMs). RFC 5424 and RFC 3164 (parsed with `syslog_loose`) over UDP, over TCP with
 //! octet-counting or newline framing detected per message (RFC 6587), and over TLS
 //! (RFC 5425) with the bastion's server certificate. Clients must be in `allow` or be an
-//! enrolled agent's registered address (deny by default).
+//! enrolled agent's accepted address (deny by default).
 //!
 //! Nothing is dropped for being odd: an unparseable message is stored whole with the
 //! reception time (and counted), invalid UTF-8 is decoded lossily (and counted), a message
-//! longer than `max_message_bytes` is cut there (and counted). A message from the registered
-//! address of exactly one enrolled agent is filed under that agent's name; otherwise under
-//! the hostname it claims, sanitised into one path component, or the sender's address.
+//! longer than `max_message_bytes` is cut there (and counted).
+//!
+//! Where a message is filed is decided by the address it comes from, never by what it says:
+//! a sender at an accepted address of exactly one active agent (the registry's
+//! `AgentInfo::addresses`) is filed under that agent's name, anyone else under a name made of
+//! its address ([`address_host`]: `ip-10-0-0-5`, `ip6-fd00--1`). The HOSTNAME a message
+//! claims is kept as evidence at the head of the stored message, `claimed-host=NAME `, when
+//! it differs from the name the line is filed under. Senders that are not agents create at
+//! most `max_unknown_hosts` host directories; lines from a new one past that are refused and
+//! counted (`bastide_syslog_unknown_host_refused_total`).
 
 pub mod service;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;
@@ -66,6 +74,10 @@ pub struct SyslogConfig {
     /// Time a TLS client has to complete its handshake.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Most host directories for senders that are not agents (named after their address);
+    /// lines from a new such sender past it are refused and counted.
+    #[serde(default = "default_max_unknown_hosts")]
+    pub max_unknown_hosts: usize,
 }
 
 fn yes() -> bool {
@@ -82,6 +94,9 @@ fn default_idle_timeout() -> Duration {
 }
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_max_unknown_hosts() -> usize {
+    1024
 }
 
 impl SyslogConfig {
@@ -115,6 +130,15 @@ impl SyslogConfig {
         }
         if self.handshake_timeout.is_zero() {
             bad("handshake_timeout", "must be positive");
+        }
+        if self.max_unknown_hosts == 0 && !self.allow.is_empty() {
+            bad(
+                "max_unknown_hosts",
+                "0 while allow is set: nobody in allow but agents could send",
+            );
+        }
+        if self.max_unknown_hosts > 1_000_000 {
+            bad("max_unknown_hosts", "must be at most 1000000");
         }
         p
     }
@@ -219,35 +243,194 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The host name the lines of a sender that is not an agent are filed under, made of its
+/// address alone: `ip-10-0-0-5`, `ip6-fd00--1` (colons become dashes; an IPv4-mapped IPv6
+/// address is its IPv4 address). Always a safe path component (`[a-z0-9-]`).
+pub fn address_host(ip: IpAddr) -> String {
+    match canonical(ip) {
+        IpAddr::V4(v4) => format!("ip-{}", v4.to_string().replace('.', "-")),
+        IpAddr::V6(v6) => format!("ip6-{}", v6.to_string().replace(':', "-")),
+    }
+}
+
+/// The address of a name made by [`address_host`] (exactly as it makes it), if it is one.
+pub fn host_address(name: &str) -> Option<IpAddr> {
+    let ip = if let Some(r) = name.strip_prefix("ip-") {
+        IpAddr::V4(r.replace('-', ".").parse::<Ipv4Addr>().ok()?)
+    } else if let Some(r) = name.strip_prefix("ip6-") {
+        IpAddr::V6(r.replace('-', ":").parse::<Ipv6Addr>().ok()?)
+    } else {
+        return None;
+    };
+    (address_host(ip) == name).then_some(ip)
+}
+
+/// How often a full set of unknown hosts looks at the store again for directories that
+/// retention removed.
+const RESCAN: Duration = Duration::from_secs(60);
+/// Least time between two warnings about refused senders.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// The host directories of senders that are not agents, bounded by `max_unknown_hosts`:
+/// every address of `allow` could otherwise create its own (a /8 is 16 million of them).
+/// Counted from the store's directories named by [`address_host`] at start-up and, once
+/// full, again every [`RESCAN`] (so that what retention removes frees its place), plus the
+/// hosts admitted since, whose directory may not exist yet.
+struct UnknownHosts {
+    max: usize,
+    dir: PathBuf,
+    state: Mutex<Unknown>,
+}
+
+#[derive(Default)]
+struct Unknown {
+    known: HashMap<IpAddr, Arc<str>>,
+    /// Admitted since the last scan.
+    recent: HashMap<IpAddr, Arc<str>>,
+    last_warn: Option<Instant>,
+    refused_since_warn: u64,
+}
+
+/// Address-named host directories of the store.
+fn scan_unknown(dir: &Path) -> HashMap<IpAddr, Arc<str>> {
+    let mut out = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(ip) = host_address(&name) {
+            out.insert(ip, Arc::from(name));
+        }
+    }
+    out
+}
+
+impl UnknownHosts {
+    fn new(dir: PathBuf, max: usize) -> Self {
+        let known = scan_unknown(&dir);
+        counters()
+            .syslog_unknown_hosts
+            .store(known.len() as u64, Relaxed);
+        Self {
+            max,
+            dir,
+            state: Mutex::new(Unknown {
+                known,
+                ..Unknown::default()
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Unknown> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The host name of a sender that is not an agent, or None when it would be a new host
+    /// past `max_unknown_hosts`.
+    fn admit(&self, ip: IpAddr) -> Option<Arc<str>> {
+        let mut s = self.lock();
+        if let Some(h) = s.known.get(&ip) {
+            return Some(h.clone());
+        }
+        if s.known.len() >= self.max {
+            return None;
+        }
+        let h: Arc<str> = Arc::from(address_host(ip));
+        s.known.insert(ip, h.clone());
+        s.recent.insert(ip, h.clone());
+        counters()
+            .syslog_unknown_hosts
+            .store(s.known.len() as u64, Relaxed);
+        Some(h)
+    }
+
+    /// Counts `lines` refused from `peer`, with a warning at most every [`WARN_EVERY`].
+    fn refused(&self, peer: IpAddr, lines: u64) {
+        if lines == 0 {
+            return;
+        }
+        counters()
+            .syslog_unknown_host_refused
+            .fetch_add(lines, Relaxed);
+        let mut s = self.lock();
+        s.refused_since_warn += lines;
+        if s.last_warn.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            warn!(%peer, max_unknown_hosts = self.max, refused = s.refused_since_warn, "syslog: lines from a new sender that is not an agent refused: max_unknown_hosts host directories exist");
+            s.last_warn = Some(Instant::now());
+            s.refused_since_warn = 0;
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.lock().known.len() >= self.max
+    }
+
+    /// Looks at the store again (blocking): hosts whose directory is gone free their place.
+    fn rescan(&self) {
+        let mut found = scan_unknown(&self.dir);
+        let mut s = self.lock();
+        found.extend(s.recent.drain());
+        s.known = found;
+        counters()
+            .syslog_unknown_hosts
+            .store(s.known.len() as u64, Relaxed);
+    }
+}
+
 #[derive(Clone)]
 struct Ctx {
     cfg: Arc<SyslogConfig>,
     store: Store,
     agents: AgentAddrs,
+    unknown: Arc<UnknownHosts>,
+}
+
+/// What the address of a sender earns it.
+enum Admit {
+    /// May send; its lines are filed under this host name.
+    Host(Arc<str>),
+    /// Not an agent (or `allow_agents` is off) and not in `allow`.
+    NotAllowed,
+    /// In `allow`, not an agent, and `max_unknown_hosts` other such hosts exist.
+    OverCap,
 }
 
 impl Ctx {
-    /// Whether `ip` may send, and the agent it is filed under if any.
-    fn admit(&self, ip: IpAddr) -> Option<Option<Arc<str>>> {
+    /// Whether `ip` may send, and the host its lines are filed under: the agent whose
+    /// accepted address it is, or else a name made of the address. Never what it claims.
+    fn admit(&self, ip: IpAddr) -> Admit {
         let ip = canonical(ip);
-        let agent = if self.cfg.allow_agents {
-            self.agents.get().get(&ip).cloned()
-        } else {
-            None
-        };
-        if agent.is_some() || self.cfg.allow.iter().any(|n| n.contains(&ip)) {
-            Some(agent.flatten())
-        } else {
-            None
+        let agent = self.agents.get().get(&ip).cloned().flatten();
+        let in_allow = self.cfg.allow.iter().any(|n| n.contains(&ip));
+        match agent {
+            Some(a) if self.cfg.allow_agents || in_allow => Admit::Host(a),
+            _ if !in_allow => Admit::NotAllowed,
+            _ => match self.unknown.admit(ip) {
+                Some(h) => Admit::Host(h),
+                None => Admit::OverCap,
+            },
         }
     }
 }
 
+/// What precedes the HOSTNAME a message claims in the stored message, when it is not the
+/// name the line is filed under.
+pub const CLAIMED: &str = "claimed-host=";
+
 /// Turns raw messages into stored lines, grouped by host.
 struct Batch {
     source: Source,
-    peer: IpAddr,
-    agent: Option<Arc<str>>,
+    /// The host the next messages are filed under (see [`Ctx::admit`]).
+    host: Arc<str>,
+    /// The stored message with its claimed host name in front.
+    scratch: Vec<u8>,
     now: i64,
     chunks: Vec<Chunk>,
     events: u64,
@@ -258,11 +441,11 @@ struct Batch {
 }
 
 impl Batch {
-    fn new(source: Source, peer: IpAddr, agent: Option<Arc<str>>) -> Self {
+    fn new(source: Source, host: Arc<str>) -> Self {
         Self {
             source,
-            peer,
-            agent,
+            host,
+            scratch: Vec::new(),
             now: now_ms(),
             chunks: Vec::new(),
             events: 0,
@@ -273,15 +456,16 @@ impl Batch {
         }
     }
 
-    fn chunk(&mut self, host: &str) -> &mut Chunk {
+    fn chunk(&mut self) -> &mut Chunk {
         let day = day_of(self.now);
+        let host = &self.host;
         let pos = self
             .chunks
             .iter()
-            .rposition(|c| &*c.host == host)
+            .rposition(|c| c.host == *host)
             .unwrap_or_else(|| {
                 self.chunks.push(Chunk {
-                    host: Arc::from(host),
+                    host: host.clone(),
                     day,
                     data: Vec::with_capacity(16 * 1024),
                     lines: 0,
@@ -332,16 +516,8 @@ impl Batch {
         )
         .ok()
         .filter(|m| m.facility.is_some());
-        let peer_name = || sanitize_host(&self.peer.to_string());
         match parsed {
             Some(m) => {
-                let host = match &self.agent {
-                    Some(a) => a.to_string(),
-                    None => match m.hostname {
-                        Some(h) if !h.is_empty() && h != "-" => sanitize_host(h),
-                        _ => peer_name(),
-                    },
-                };
                 let app = match (&m.appname, &m.procid) {
                     (Some(a), Some(p)) => format!("{a}[{p}]"),
                     (Some(a), None) => a.to_string(),
@@ -350,18 +526,35 @@ impl Batch {
                 let ts = m.timestamp.map(|t| t.timestamp_millis()).unwrap_or(now);
                 let fac = m.facility.map_or(DEFAULT_FACILITY, |f| f as u8);
                 let sev = m.severity.map_or(DEFAULT_SEVERITY, |s| s as u8);
-                let msg = m.msg.as_bytes();
-                let c = self.chunk(&host);
+                // The claimed HOSTNAME is evidence, not an identity: kept in the message
+                // when it is not the name the line is filed under.
+                let claimed = m
+                    .hostname
+                    .filter(|h| !h.is_empty() && *h != "-" && sanitize_host(h) != *self.host);
+                let mut buf = std::mem::take(&mut self.scratch);
+                let msg: &[u8] = match claimed {
+                    Some(h) => {
+                        buf.clear();
+                        buf.extend_from_slice(CLAIMED.as_bytes());
+                        buf.extend_from_slice(h.as_bytes());
+                        if !m.msg.is_empty() {
+                            buf.push(b' ');
+                            buf.extend_from_slice(m.msg.as_bytes());
+                        }
+                        &buf
+                    }
+                    None => m.msg.as_bytes(),
+                };
+                let host = self.host.clone();
+                let c = self.chunk();
                 push_line(&mut c.data, ts, &host, &app, fac, sev, msg);
                 c.lines += 1;
+                self.scratch = buf;
             }
             None => {
                 self.unparsed += 1;
-                let host = match &self.agent {
-                    Some(a) => a.to_string(),
-                    None => peer_name(),
-                };
-                let c = self.chunk(&host);
+                let host = self.host.clone();
+                let c = self.chunk();
                 push_line(
                     &mut c.data,
                     now,
@@ -510,13 +703,38 @@ pub async fn run(
     sockets: Sockets,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let dir = store.dir().to_path_buf();
+    let max = cfg.max_unknown_hosts;
+    let unknown = Arc::new(
+        tokio::task::spawn_blocking(move || UnknownHosts::new(dir, max))
+            .await
+            .context("syslog: counting the store's host directories")?,
+    );
     let ctx = Ctx {
         cfg: Arc::new(cfg),
         store,
         agents: AgentAddrs::new(registry),
+        unknown: unknown.clone(),
     };
     let limit = Arc::new(Semaphore::new(ctx.cfg.max_connections));
     let mut set = JoinSet::new();
+    {
+        let shutdown = shutdown.clone();
+        set.spawn(async move {
+            let mut tick = tokio::time::interval(RESCAN);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                if unknown.full() {
+                    let u = unknown.clone();
+                    let _ = tokio::task::spawn_blocking(move || u.rescan()).await;
+                }
+            }
+        });
+    }
     for s in sockets.udp {
         info!(listen = %s.local_addr()?, "syslog UDP listening");
         set.spawn(udp(ctx.clone(), s, shutdown.clone()));
@@ -567,14 +785,20 @@ async fn udp(ctx: Ctx, sock: UdpSocket, shutdown: CancellationToken) {
         };
         let mut batch: Option<Batch> = None;
         let take = |batch: &mut Option<Batch>, n: usize, peer: SocketAddr, buf: &[u8]| {
-            let Some(agent) = ctx.admit(peer.ip()) else {
-                counters().syslog_refused.fetch_add(1, Relaxed);
-                debug!(%peer, "syslog UDP: client network not allowed");
-                return;
+            let host = match ctx.admit(peer.ip()) {
+                Admit::Host(h) => h,
+                Admit::NotAllowed => {
+                    counters().syslog_refused.fetch_add(1, Relaxed);
+                    debug!(%peer, "syslog UDP: client network not allowed");
+                    return;
+                }
+                Admit::OverCap => {
+                    ctx.unknown.refused(peer.ip(), 1);
+                    return;
+                }
             };
-            let b = batch.get_or_insert_with(|| Batch::new(Source::Udp, peer.ip(), None));
-            b.peer = peer.ip();
-            b.agent = agent;
+            let b = batch.get_or_insert_with(|| Batch::new(Source::Udp, host.clone()));
+            b.host = host;
             b.handle(&buf[..n.min(max)], n > max);
         };
         take(&mut batch, n, peer, &buf);
@@ -612,10 +836,16 @@ async fn accept(
                 }
             },
         };
-        let Some(agent) = ctx.admit(peer.ip()) else {
-            counters().syslog_refused.fetch_add(1, Relaxed);
-            debug!(%peer, "syslog: client network not allowed");
-            continue;
+        // None: a new host past max_unknown_hosts, whose lines are read, counted, dropped
+        // (closing would only make it reconnect at once).
+        let host = match ctx.admit(peer.ip()) {
+            Admit::Host(h) => Some(h),
+            Admit::OverCap => None,
+            Admit::NotAllowed => {
+                counters().syslog_refused.fetch_add(1, Relaxed);
+                debug!(%peer, "syslog: client network not allowed");
+                continue;
+            }
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             counters().syslog_refused.fetch_add(1, Relaxed);
@@ -630,10 +860,10 @@ async fn accept(
             let c = counters();
             c.syslog_connections.fetch_add(1, Relaxed);
             match tls {
-                None => stream(ctx, tcp, peer, agent, Source::Tcp, shutdown).await,
+                None => stream(ctx, tcp, peer, host, Source::Tcp, shutdown).await,
                 Some(a) => {
                     match tokio::time::timeout(ctx.cfg.handshake_timeout, a.accept(tcp)).await {
-                        Ok(Ok(s)) => stream(ctx, s, peer, agent, Source::Tls, shutdown).await,
+                        Ok(Ok(s)) => stream(ctx, s, peer, host, Source::Tls, shutdown).await,
                         Ok(Err(e)) => {
                             c.syslog_refused.fetch_add(1, Relaxed);
                             debug!(%peer, error = %e, "syslog TLS: handshake failed");
@@ -654,7 +884,7 @@ async fn stream<S: AsyncRead + Unpin>(
     ctx: Ctx,
     mut s: S,
     peer: SocketAddr,
-    agent: Option<Arc<str>>,
+    host: Option<Arc<str>>,
     source: Source,
     shutdown: CancellationToken,
 ) {
@@ -677,7 +907,16 @@ async fn stream<S: AsyncRead + Unpin>(
                 true
             }
         };
-        let mut batch = Batch::new(source, peer.ip(), agent.clone());
+        let Some(host) = &host else {
+            let mut n = 0u64;
+            framer.frames(eof, &mut |_, _| n += 1);
+            ctx.unknown.refused(peer.ip(), n);
+            if eof {
+                break;
+            }
+            continue;
+        };
+        let mut batch = Batch::new(source, host.clone());
         framer.frames(eof, &mut |frame, truncated| batch.handle(frame, truncated));
         if ctx.store.append(source, batch.finish()).await.is_err() || eof {
             break;
@@ -690,10 +929,18 @@ async fn stream<S: AsyncRead + Unpin>(
 /// sockets or a store.
 #[doc(hidden)]
 pub mod fuzzing {
-    use super::{Batch, Framer, Source};
+    use super::{address_host, Batch, Framer, Source};
     use crate::logs::Chunk;
     use std::net::IpAddr;
     use std::sync::Arc;
+
+    /// The host a sender is filed under: the agent's name, or a name of its address.
+    fn host(peer: IpAddr, agent: Option<&str>) -> Arc<str> {
+        match agent {
+            Some(a) => Arc::from(a),
+            None => Arc::from(address_host(peer)),
+        }
+    }
 
     /// One TCP connection delivering `reads` in turn (end of stream after the last):
     /// the frames cut (with their truncation flag) and the lines stored from them.
@@ -709,7 +956,7 @@ pub mod fuzzing {
         for (i, r) in reads.iter().enumerate() {
             framer.buf.extend_from_slice(r);
             let eof = i + 1 == reads.len();
-            let mut batch = Batch::new(Source::Tcp, peer, agent.map(Arc::from));
+            let mut batch = Batch::new(Source::Tcp, host(peer, agent));
             framer.frames(eof, &mut |frame, truncated| {
                 frames.push((frame.to_vec(), truncated));
                 batch.handle(frame, truncated);
@@ -721,7 +968,7 @@ pub mod fuzzing {
 
     /// One UDP datagram, cut at `max` as the receiver does.
     pub fn datagram(msg: &[u8], max: usize, peer: IpAddr, agent: Option<&str>) -> Vec<Chunk> {
-        let mut batch = Batch::new(Source::Udp, peer, agent.map(Arc::from));
+        let mut batch = Batch::new(Source::Udp, host(peer, agent));
         batch.handle(&msg[..msg.len().min(max)], msg.len() > max);
         batch.finish()
     }
@@ -781,34 +1028,107 @@ mod tests {
     }
 
     #[test]
-    fn messages_become_lines() {
-        let mut b = Batch::new(Source::Udp, "10.0.0.9".parse().unwrap(), None);
+    fn messages_become_lines_filed_by_address_with_the_claimed_name_kept() {
+        let mut b = Batch::new(
+            Source::Udp,
+            Arc::from(address_host("10.0.0.9".parse().unwrap())),
+        );
         b.handle(
             b"<38>1 2024-02-29T01:02:03.123Z ../../etc sshd 812 - - Accepted key\n",
             false,
         );
         b.handle(b"<13>Feb 28 01:02:03 web2 cron[5]: ran job", false);
         b.handle(b"garbage \xff without pri", false);
+        b.handle(b"<13>1 2024-02-29T01:02:03.123Z - app - - - no host", false);
         let chunks = b.finish();
-        let all: Vec<String> = chunks
-            .iter()
-            .map(|c| String::from_utf8(c.data.clone()).unwrap())
-            .collect();
-        assert_eq!(chunks[0].host.as_ref(), "___.._etc");
+        assert_eq!(chunks.len(), 1, "one sender, one host");
+        assert_eq!(chunks[0].host.as_ref(), "ip-10-0-0-9");
+        let text = String::from_utf8(chunks[0].data.clone()).unwrap();
+        let all: Vec<&str> = text.lines().collect();
         assert_eq!(
             all[0],
-            "2024-02-29T01:02:03.123Z ___.._etc sshd[812] auth.info Accepted key\n"
+            "2024-02-29T01:02:03.123Z ip-10-0-0-9 sshd[812] auth.info claimed-host=../../etc Accepted key"
         );
         assert!(
-            all[1].contains(" web2 cron[5] user.notice ran job\n"),
+            all[1].contains(" ip-10-0-0-9 cron[5] user.notice claimed-host=web2 ran job"),
             "{}",
             all[1]
         );
-        assert_eq!(chunks[2].host.as_ref(), "10.0.0.9");
         assert!(
-            all[2].ends_with(" 10.0.0.9 - user.notice garbage \u{fffd} without pri\n"),
+            all[2].ends_with(" ip-10-0-0-9 - user.notice garbage \u{fffd} without pri"),
             "{}",
             all[2]
         );
+        assert!(
+            all[3].ends_with(" ip-10-0-0-9 app user.notice no host"),
+            "{}",
+            all[3]
+        );
+
+        // An agent's own host name is not repeated; any other claim is kept.
+        let mut b = Batch::new(Source::Udp, Arc::from("web01"));
+        b.handle(
+            b"<13>1 2024-02-29T01:02:03.123Z WEB01 app - - - mine",
+            false,
+        );
+        b.handle(
+            b"<13>1 2024-02-29T01:02:03.123Z db01 app - - - theirs",
+            false,
+        );
+        let text = String::from_utf8(b.finish()[0].data.clone()).unwrap();
+        assert!(text.contains(" web01 app user.notice mine\n"), "{text}");
+        assert!(
+            text.contains(" web01 app user.notice claimed-host=db01 theirs\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn address_names_are_safe_and_reversible() {
+        for (ip, name) in [
+            ("10.0.0.5", "ip-10-0-0-5"),
+            ("127.0.0.1", "ip-127-0-0-1"),
+            ("fd00::1", "ip6-fd00--1"),
+            ("::", "ip6---"),
+            ("2001:db8:0:1:2:3:4:5", "ip6-2001-db8-0-1-2-3-4-5"),
+            ("::ffff:192.0.2.7", "ip-192-0-2-7"),
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(address_host(ip), name);
+            assert_eq!(sanitize_host(name), name, "a safe path component");
+            assert_eq!(host_address(name), Some(canonical(ip)));
+        }
+        for not in [
+            "web01",
+            "ip-10-0-0",
+            "ip-10-0-0-256",
+            "ip6-zz",
+            "ip-010-0-0-5",
+            "ip6-FD00--1",
+        ] {
+            assert_eq!(host_address(not), None, "{not}");
+        }
+    }
+
+    #[test]
+    fn unknown_hosts_are_capped_and_retention_frees_places() {
+        let dir = std::env::temp_dir().join(format!("bastide-syslog-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(dir.join("ip-10-0-0-1")).unwrap();
+        std::fs::create_dir_all(dir.join("web01")).unwrap();
+        let u = UnknownHosts::new(dir.clone(), 2);
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        // The directory already in the store counts; the agent's does not.
+        assert_eq!(u.admit(ip("10.0.0.1")).as_deref(), Some("ip-10-0-0-1"));
+        assert_eq!(u.admit(ip("10.0.0.2")).as_deref(), Some("ip-10-0-0-2"));
+        assert!(u.full());
+        assert_eq!(u.admit(ip("10.0.0.3")), None);
+        assert_eq!(u.admit(ip("10.0.0.2")).as_deref(), Some("ip-10-0-0-2"));
+        // Retention removed 10.0.0.1's directory; 10.0.0.2 was admitted since the last scan
+        // (its directory not written yet) and keeps its place.
+        std::fs::remove_dir(dir.join("ip-10-0-0-1")).unwrap();
+        u.rescan();
+        assert_eq!(u.admit(ip("10.0.0.3")).as_deref(), Some("ip-10-0-0-3"));
+        assert_eq!(u.admit(ip("10.0.0.4")), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

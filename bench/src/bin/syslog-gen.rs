@@ -2,9 +2,13 @@
 //! LINES RFC 5424 messages of SIZE bytes with octet-counting framing (RFC 6587), then a
 //! final `END-MARKER` line, so the caller knows a host's file is complete when its last line
 //! is the marker. Prints the send rate; the receiver's rate is measured by the script.
+//!
+//! Connection `c` comes from its own source address, `127.0.1.<c+1>`: the bastion files a
+//! sender that is not an agent under a name of its address (`ip-127-0-1-1`, ...), never under
+//! the HOSTNAME it claims (`bench-h<c>`, which rsyslog's per-host template uses).
 
 use std::io::{BufWriter, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -18,7 +22,8 @@ struct Args {
     /// Lines per connection.
     #[arg(long, default_value_t = 250_000)]
     lines: usize,
-    /// Connections, one host name each (bench-h0, bench-h1, ...).
+    /// Connections, one host name each (bench-h0, bench-h1, ...) and one source address
+    /// each (127.0.1.1, 127.0.1.2, ...); at most 254.
     #[arg(long, default_value_t = 4)]
     conns: usize,
     /// Bytes per message (header included).
@@ -26,15 +31,40 @@ struct Args {
     size: usize,
 }
 
+/// A TCP connection to `target` from `source` (std cannot bind a client socket).
+fn connect_from(source: Ipv4Addr, target: SocketAddr) -> Result<TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(SocketAddr::new(source.into(), 0))?;
+        let s = sock.connect(target).await?.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(s)
+    })
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
+    anyhow::ensure!(
+        a.conns <= 254,
+        "--conns: at most 254 (one 127.0.1.x source each)"
+    );
+    let target = a
+        .target
+        .to_socket_addrs()
+        .with_context(|| format!("target {}", a.target))?
+        .find(SocketAddr::is_ipv4)
+        .with_context(|| format!("target {}: no IPv4 address", a.target))?;
     let start = Instant::now();
     let threads: Vec<_> = (0..a.conns)
         .map(|c| {
-            let target = a.target.clone();
             let (lines, size) = (a.lines, a.size);
+            let source = Ipv4Addr::new(127, 0, 1, c as u8 + 1);
             std::thread::spawn(move || -> Result<()> {
-                let s = TcpStream::connect(&target).with_context(|| format!("connect {target}"))?;
+                let s = connect_from(source, target)
+                    .with_context(|| format!("connect {target} from {source}"))?;
                 let mut w = BufWriter::with_capacity(256 * 1024, s);
                 let head = format!("<13>1 2026-11-27T10:00:00.000Z bench-h{c} benchapp 42 - - ");
                 for i in 0..lines {
