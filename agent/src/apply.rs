@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch, Mutex};
 use tracing::{info, warn};
 
 use crate::fsutil::sync_dir;
+use crate::logs::allow::{self, AllowList};
 
 /// `[config]` of the agent's local configuration. Defaults allow nothing.
 #[derive(Debug, Clone, Deserialize)]
@@ -41,6 +42,22 @@ pub struct PushPolicy {
     /// Longest an action may run before it counts as failed.
     #[serde(default = "default_action_timeout", with = "humantime_serde")]
     pub action_timeout: Duration,
+    /// Globs of the real paths (symbolic links resolved) pushed log sources may read; `*`
+    /// stays within a directory, `**` spans directories. Empty (the default): a revision
+    /// with log sources is refused.
+    #[serde(default)]
+    pub allow_log_sources: Vec<String>,
+    /// Shortest host metrics interval a push may set (a push of 0, metrics off, is allowed).
+    #[serde(default = "default_min_metrics_interval", with = "humantime_serde")]
+    pub min_metrics_interval: Duration,
+    /// Whether a pushed file mode may carry the setuid, setgid or sticky bit (refused by
+    /// default: a pushed setuid-root program is a root shell for every local user).
+    #[serde(default)]
+    pub allow_special_modes: bool,
+}
+
+fn default_min_metrics_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn default_action_timeout() -> Duration {
@@ -53,6 +70,9 @@ impl Default for PushPolicy {
             allow_dirs: Vec::new(),
             actions: BTreeMap::new(),
             action_timeout: default_action_timeout(),
+            allow_log_sources: Vec::new(),
+            min_metrics_interval: default_min_metrics_interval(),
+            allow_special_modes: false,
         }
     }
 }
@@ -98,9 +118,56 @@ impl PushPolicy {
         if self.action_timeout.is_zero() {
             out.push("config.action_timeout: must be positive".into());
         }
+        if let Err(p) = AllowList::new(&self.allow_log_sources) {
+            out.extend(p);
+        }
+        if self.min_metrics_interval < Duration::from_secs(1) {
+            out.push("config.min_metrics_interval: must be at least 1s".into());
+        }
         out
     }
+
+    /// Why the pushed agent settings may not take effect here, if they may not: the
+    /// setting (as `ConfigResult.file`) and the reason, naming the local key to change.
+    pub fn refuse_settings(&self, s: &AgentSettings) -> Option<(String, String)> {
+        if let Some(n) = s.metrics_interval_secs {
+            let every = Duration::from_secs(u64::from(n));
+            if n != 0 && every < self.min_metrics_interval {
+                return Some((
+                    "settings.metrics_interval".into(),
+                    format!(
+                        "pushed metrics interval {n}s is below the agent's local [config] min_metrics_interval ({}s)",
+                        self.min_metrics_interval.as_secs()
+                    ),
+                ));
+            }
+        }
+        if s.log_sources.len() > MAX_PUSHED_LOG_SOURCES {
+            return Some((
+                "settings.log_sources".into(),
+                format!("more than {MAX_PUSHED_LOG_SOURCES} pushed log sources"),
+            ));
+        }
+        let allow = AllowList::from_valid(&self.allow_log_sources);
+        for (i, l) in s.log_sources.iter().enumerate() {
+            let mut cfg = crate::logs::LogSourceConfig::file(&l.path);
+            if !l.multiline_start.is_empty() {
+                cfg.multiline_start = Some(l.multiline_start.clone());
+            }
+            let problems = cfg.validate(&format!("settings.log_sources[{i}]"));
+            if !problems.is_empty() {
+                return Some((l.path.clone(), problems.join("; ")));
+            }
+            if let Err(why) = allow::check_pushed(&allow, &l.path) {
+                return Some((l.path.clone(), why));
+            }
+        }
+        None
+    }
 }
+
+/// Most log sources one revision may push.
+const MAX_PUSHED_LOG_SOURCES: usize = 64;
 
 /// Settings the bastion pushed, as in force now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -143,10 +210,18 @@ impl Applier {
     /// Loads the last applied revision and settings from the state directory.
     pub fn open(state_dir: &Path, policy: PushPolicy) -> Self {
         let state_file = state_dir.join("config-applied.pb");
-        let saved = fs::read(&state_file)
+        let mut saved = fs::read(&state_file)
             .ok()
             .and_then(|b| ConfigPush::decode(b.as_slice()).ok())
             .unwrap_or_default();
+        // The local file may have narrowed since: what it no longer allows is dropped, and
+        // the revision forgotten so that the bastion pushes it again and hears why.
+        if let Some((what, why)) =
+            policy.refuse_settings(&saved.settings.clone().unwrap_or_default())
+        {
+            warn!(revision = %saved.revision, setting = %what, reason = %why, "the applied revision's settings are no longer allowed by the local file: dropped");
+            saved = ConfigPush::default();
+        }
         let settings = PushedSettings::from(&saved.settings.unwrap_or_default());
         let (log_sources, _) = watch::channel(settings.log_sources.clone());
         let (settings, _) = watch::channel(settings);
@@ -212,6 +287,14 @@ impl Applier {
                 ok: true,
                 ..ConfigResult::default()
             };
+        }
+        // Settings first: a refused revision leaves nothing behind, files included.
+        if let Some((what, why)) = self
+            .inner
+            .policy
+            .refuse_settings(&push.settings.clone().unwrap_or_default())
+        {
+            return nack(&what, anyhow!(why));
         }
         let policy = self.inner.policy.clone();
         let files = push.files.clone();

@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bastide_tests::{http_get, wait_for, Agent, Bastion, EnvTree as Tree};
+use bastide_tests::{http_get, log_store_lines, wait_for, Agent, Bastion, EnvTree as Tree};
 use serde_json::Value;
 
 const PROJECT: &str = "demo";
@@ -570,5 +570,121 @@ fn refused_revision_is_shown_and_config_reload_sends_it_again() {
     assert!(
         body.contains("bastide_agents_config_state{state=\"refused\"} 0"),
         "{body}"
+    );
+}
+
+/// A compromised bastion pushes log sources to read the VM's secrets: a file outside the
+/// agent's local `[config] allow_log_sources`, then a symbolic link planted inside an allowed
+/// directory, then (after an allowed revision is applied) a link that appears later. Each
+/// refused revision is NACKed naming the path and the local setting, nothing of it applies,
+/// and no secret line ever reaches the bastion's log store.
+#[test]
+fn pushed_log_sources_outside_the_local_allow_list_are_refused_even_through_symlinks() {
+    let mut bastion = Bastion::init(PROJECT);
+    let store = bastion.enable_log_store(None, "");
+    let mut agent = Agent::new("logread");
+    let out = agent.dir.path().join("etc");
+    let app = agent.dir.path().join("app");
+    let secret_dir = agent.dir.path().join("secret");
+    for d in [&out, &app, &secret_dir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let shadow = secret_dir.join("shadow");
+    std::fs::write(&shadow, "root:SECRET-HASH:19000::::::\n").unwrap();
+    let tree = Tree::new(PROJECT, &out, "");
+    bastion.enable_config_push(tree.dir.path());
+    bastion.start();
+    agent.append_config(&format!(
+        "[logs]\nbatch_timeout = \"100ms\"\npoll_interval = \"50ms\"\n[config]\nallow_dirs = [{:?}]\nallow_log_sources = [{:?}]\n",
+        out.display().to_string(),
+        format!("{}/*.log", app.display())
+    ));
+    agent.enroll_ok(&bastion, &bastion.token(&[]));
+    agent.start();
+    let s = Setup {
+        bastion,
+        agent,
+        tree,
+        out,
+    };
+    assert!(s
+        .bastion
+        .wait_state("logread", "online", Duration::from_secs(20)));
+    let ntp = s.out.join("ntp.conf");
+    wait_content(&s, &ntp, "server project.ntp", Duration::from_secs(10));
+    let good = wait_agent(&s, in_sync);
+    let push = |ntp: &str, path: &Path| {
+        s.tree.write_project(&format!(
+            "[vars]\nntp = \"{ntp}\"\n\n[agent]\nlog_sources = [{{ path = {:?} }}]\n",
+            path.display().to_string()
+        ))
+    };
+    let refused = |needle: &str| {
+        let a = wait_agent(&s, |a| {
+            a["config_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(needle))
+        });
+        let err = a["config_error"].as_str().unwrap().to_string();
+        assert!(err.contains("allow_log_sources"), "{err}");
+        assert_eq!(a["config_applied"], good["config_applied"]);
+        // Nothing of the refused revision applied, not even its allowed file.
+        assert!(read(&ntp).contains("server project.ntp"));
+        err
+    };
+
+    // 1. The secret itself.
+    push("evil1.ntp", &shadow);
+    let err = refused("secret/shadow");
+    assert!(err.contains(&shadow.display().to_string()), "{err}");
+
+    // 2. A glob under the allowed directory, where a local link leads to the secret.
+    std::os::unix::fs::symlink(&shadow, app.join("shadow.log")).unwrap();
+    push("evil2.ntp", &app.join("*.log"));
+    let err = refused("resolves to");
+    assert!(err.contains("shadow"), "{err}");
+
+    // 3. Without the link the same source is allowed and ships; a link planted afterwards
+    // is never read.
+    std::fs::remove_file(app.join("shadow.log")).unwrap();
+    std::fs::write(app.join("web.log"), "allowed line one\n").unwrap();
+    push("good.ntp", &app.join("*.log"));
+    wait_content(&s, &ntp, "server good.ntp", Duration::from_secs(10));
+    wait_agent(&s, |a| {
+        in_sync(a) && a["config_applied"] != good["config_applied"]
+    });
+    let shipped = wait_for(Duration::from_secs(20), || {
+        log_store_lines(&store, "logread")
+            .iter()
+            .any(|l| l.contains("allowed line one"))
+            .then_some(())
+    });
+    assert!(shipped.is_some(), "{}", s.agent.log_text());
+    std::os::unix::fs::symlink(&shadow, app.join("late.log")).unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&shadow)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"SECRET-LATER\n"))
+        .unwrap();
+    std::fs::write(app.join("web2.log"), "allowed line two\n").unwrap();
+    let shipped = wait_for(Duration::from_secs(20), || {
+        log_store_lines(&store, "logread")
+            .iter()
+            .any(|l| l.contains("allowed line two"))
+            .then_some(())
+    });
+    assert!(shipped.is_some(), "{}", s.agent.log_text());
+    std::thread::sleep(Duration::from_millis(500));
+    let lines = log_store_lines(&store, "logread");
+    assert!(
+        !lines.iter().any(|l| l.contains("SECRET")),
+        "a secret reached the bastion: {lines:?}"
+    );
+    assert!(
+        s.agent
+            .log_text()
+            .contains("refused by the local allow-list"),
+        "{}",
+        s.agent.log_text()
     );
 }
