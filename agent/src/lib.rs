@@ -2,6 +2,7 @@
 //! outgoing mutual-TLS gRPC session to it.
 
 pub mod apply;
+pub mod beneath;
 pub mod cli;
 pub mod config;
 pub mod enroll;
