@@ -688,3 +688,129 @@ fn pushed_log_sources_outside_the_local_allow_list_are_refused_even_through_syml
         s.agent.log_text()
     );
 }
+
+/// A local unprivileged user (`nobody`) who owns a directory under the allowed one swaps
+/// its subdirectory for a symbolic link to a directory outside, in a tight loop, while the
+/// bastion pushes revision after revision into that subdirectory (one file in it, one in a
+/// directory to create below it). Nothing is ever written outside the allowed directory.
+#[test]
+fn racing_a_directory_swap_for_a_symlink_never_redirects_a_write_outside() {
+    use std::os::unix::fs::PermissionsExt;
+    let setpriv = bastide_tests::require("setpriv", "util-linux");
+    let perl = bastide_tests::require("perl", "perl-base");
+    assert!(
+        bastide_tests::is_root(),
+        "this test plays a local user against the root agent: run it as root (CI does)"
+    );
+    let race = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(race.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = race.path().join("etc");
+    let outside = race.path().join("outside");
+    let shared = out.join("shared");
+    std::fs::create_dir_all(shared.join("sub")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    for d in [race.path(), out.as_path(), outside.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // The local user owns `shared` (and what is in it): it may rename and link there.
+    for d in [&shared, &shared.join("sub")] {
+        std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap();
+    }
+
+    let mut bastion = Bastion::init(PROJECT);
+    let mut agent = Agent::new("racer");
+    let tree = Tree::new(PROJECT, &out, "");
+    bastion.enable_config_push(tree.dir.path());
+    bastion.start();
+    agent.append_config(&format!(
+        "[config]\nallow_dirs = [{:?}]\n",
+        out.display().to_string()
+    ));
+    agent.enroll_ok(&bastion, &bastion.token(&[]));
+    agent.start();
+    let s = Setup {
+        bastion,
+        agent,
+        tree,
+        out,
+    };
+    assert!(s
+        .bastion
+        .wait_state("racer", "online", Duration::from_secs(20)));
+    wait_content(
+        &s,
+        &s.out.join("ntp.conf"),
+        "server project.ntp",
+        Duration::from_secs(10),
+    );
+    let push = |i: usize| {
+        s.tree.write_project(&format!(
+            "[vars]\nntp = \"r{i}.ntp\"\n\n[files.race]\npath = {:?}\ncontent = \"race {i}\"\nmode = \"0644\"\n\n[files.deep]\npath = {:?}\ncontent = \"deep {i}\"\nmode = \"0644\"\n",
+            shared.join("sub/race.conf").display().to_string(),
+            shared.join("sub/new/deep.conf").display().to_string(),
+        ))
+    };
+
+    // The attacker: rename the real directory away, put a link to `outside` in its place,
+    // then put the directory back, as fast as it can.
+    let script = format!(
+        "chdir {:?} or die; while (1) {{ rename 'sub', 'sub.real'; symlink {:?}, 'sub'; unlink 'sub'; rename 'sub.real', 'sub'; }}",
+        shared.display().to_string(),
+        outside.display().to_string()
+    );
+    let mut attacker = std::process::Command::new(&setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&perl)
+        .args(["-e", &script])
+        .spawn()
+        .unwrap();
+    let rounds = 60;
+    for i in 0..rounds {
+        push(i);
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "a write was redirected outside the allowed directory\nagent:\n{}",
+            s.agent.log_text()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    let leaked: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "written outside the allowed directory: {leaked:?}\nagent:\n{}",
+        s.agent.log_text()
+    );
+    let log = s.agent.log_text();
+    let applies =
+        log.matches("configuration applied").count() + log.matches("configuration refused").count();
+    assert!(applies >= rounds / 3, "only {applies} applies ran:\n{log}");
+
+    // Once the race is over, the next revision lands where it belongs.
+    if std::fs::symlink_metadata(shared.join("sub")).is_ok_and(|m| m.file_type().is_symlink()) {
+        std::fs::remove_file(shared.join("sub")).unwrap();
+    }
+    if !shared.join("sub").exists() {
+        std::fs::rename(shared.join("sub.real"), shared.join("sub")).unwrap();
+    }
+    push(rounds);
+    wait_content(
+        &s,
+        &shared.join("sub/race.conf"),
+        &format!("race {rounds}"),
+        Duration::from_secs(10),
+    );
+    wait_content(
+        &s,
+        &shared.join("sub/new/deep.conf"),
+        &format!("deep {rounds}"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+}
