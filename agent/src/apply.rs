@@ -831,6 +831,45 @@ mod tests {
     }
 
     #[test]
+    fn pushed_settings_are_bounded_by_the_local_file() {
+        let d = tmpdir();
+        let policy = PushPolicy {
+            min_metrics_interval: Duration::from_secs(10),
+            allow_log_sources: vec![format!("{}/*.log", d.display())],
+            ..PushPolicy::default()
+        };
+        let s = |secs: Option<u32>, paths: &[&str]| AgentSettings {
+            metrics_interval_secs: secs,
+            log_sources: paths
+                .iter()
+                .map(|p| LogSource {
+                    path: p.to_string(),
+                    multiline_start: String::new(),
+                })
+                .collect(),
+        };
+        let (what, why) = policy.refuse_settings(&s(Some(1), &[])).unwrap();
+        assert_eq!(what, "settings.metrics_interval");
+        assert!(why.contains("min_metrics_interval"), "{why}");
+        assert!(policy.refuse_settings(&s(Some(0), &[])).is_none());
+        assert!(policy.refuse_settings(&s(Some(10), &[])).is_none());
+        let app = format!("{}/*.log", d.display());
+        assert!(policy.refuse_settings(&s(None, &[&app])).is_none());
+        let (what, why) = policy.refuse_settings(&s(None, &["/etc/shadow"])).unwrap();
+        assert_eq!(what, "/etc/shadow");
+        assert!(why.contains("allow_log_sources"), "{why}");
+        // Nothing pushed is read by default.
+        assert!(PushPolicy::default()
+            .refuse_settings(&s(None, &[&app]))
+            .is_some());
+        let many: Vec<String> = (0..=MAX_PUSHED_LOG_SOURCES)
+            .map(|i| format!("{}/{i}.log", d.display()))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(policy.refuse_settings(&s(None, &many)).is_some());
+    }
+
+    #[test]
     fn unknown_action_refuses_before_writing() {
         let d = tmpdir();
         let policy = PushPolicy {

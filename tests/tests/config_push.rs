@@ -758,12 +758,24 @@ fn racing_a_directory_swap_for_a_symlink_never_redirects_a_write_outside() {
         shared.display().to_string(),
         outside.display().to_string()
     );
-    let mut attacker = std::process::Command::new(&setpriv)
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&perl)
-        .args(["-e", &script])
-        .spawn()
-        .unwrap();
+    /// Killed however the test ends (a failed assertion included).
+    struct Attacker(std::process::Child);
+    impl Drop for Attacker {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let attacker = Attacker(
+        std::process::Command::new(&setpriv)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&perl)
+            .args(["-e", &script])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let rounds = 60;
     for i in 0..rounds {
         push(i);
@@ -776,8 +788,7 @@ fn racing_a_directory_swap_for_a_symlink_never_redirects_a_write_outside() {
         );
     }
     std::thread::sleep(Duration::from_millis(500));
-    let _ = attacker.kill();
-    let _ = attacker.wait();
+    drop(attacker);
     let leaked: Vec<_> = std::fs::read_dir(&outside)
         .unwrap()
         .map(|e| e.unwrap().path())
