@@ -718,6 +718,23 @@ mod tests {
         assert!(cfg.config.allow_dirs.is_empty() && cfg.config.actions.is_empty());
         assert_eq!(cfg.config.action_timeout, Duration::from_secs(60));
         assert!(cfg.config.problems().is_empty());
+        assert!(cfg.config.allow_log_sources.is_empty() && !cfg.config.allow_special_modes);
+        assert_eq!(cfg.config.min_metrics_interval, Duration::from_secs(1));
+        // The keys as the README and packaging/agent.toml show them.
+        let cfg: crate::config::AgentConfig = toml::from_str(
+            "[config]\nallow_dirs = [\"/etc/chrony\"]\naction_timeout = \"60s\"\nallow_log_sources = [\"/var/log/app/*.log\"]\nmin_metrics_interval = \"1s\"\nallow_special_modes = false\n[config.actions]\nchrony = \"/usr/bin/systemctl restart chrony\"\n",
+        )
+        .unwrap();
+        assert!(cfg.config.problems().is_empty());
+        let bad: crate::config::AgentConfig =
+            toml::from_str("[config]\nallow_log_sources = [\"var/log/*\", \"/a/../b\"]\nmin_metrics_interval = \"0s\"\n")
+                .unwrap();
+        assert_eq!(
+            bad.config.problems().len(),
+            3,
+            "{:?}",
+            bad.config.problems()
+        );
     }
 
     #[test]
