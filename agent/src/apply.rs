@@ -1,12 +1,16 @@
 //! Applying a configuration pushed by the bastion, within what the local configuration allows
-//! (the bastion cannot change it): files only under `[config] allow_dirs`, actions only those
-//! named in `[config.actions]`. Everything is checked before anything is written; missing
-//! parent directories are created (0755, the file's owner and group) only below an allowed
-//! directory; each changed file is written atomically (temporary file in the same directory, fsync, owner and
-//! mode, rename, fsync of the directory), unchanged files are left alone (mtime kept). If an
-//! `on_change` action fails, the revision's files are restored to their previous content and
-//! the revision is refused (NACK). The applied revision and its agent settings are kept in
-//! the state directory, so that a restarted agent reports it and keeps its settings.
+//! (the bastion cannot change it): files only under `[config] allow_dirs`, reached without any
+//! symbolic link through descriptors of the allowed directory opened once ([`crate::beneath`]);
+//! no setuid/setgid/sticky mode unless `allow_special_modes`; actions only those named in
+//! `[config.actions]`; log sources only within `allow_log_sources`; a metrics interval no
+//! shorter than `min_metrics_interval`. Everything is checked before anything is written;
+//! missing parent directories are created (0755, the file's owner and group) only below an
+//! allowed directory; each changed file is written atomically (temporary file in the same
+//! directory, fsync, owner and mode on its descriptor, rename, fsync of the directory),
+//! unchanged files are left alone (mtime kept). If an `on_change` action fails, the
+//! revision's files are restored (through the same walk) and the revision is refused (NACK).
+//! The applied revision and its agent settings are kept in the state directory, so that a
+//! restarted agent reports it and keeps its settings.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
