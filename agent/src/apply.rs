@@ -1,17 +1,20 @@
 //! Applying a configuration pushed by the bastion, within what the local configuration allows
-//! (the bastion cannot change it): files only under `[config] allow_dirs`, actions only those
-//! named in `[config.actions]`. Everything is checked before anything is written; missing
-//! parent directories are created (0755, the file's owner and group) only below an allowed
-//! directory; each changed file is written atomically (temporary file in the same directory, fsync, owner and
-//! mode, rename, fsync of the directory), unchanged files are left alone (mtime kept). If an
-//! `on_change` action fails, the revision's files are restored to their previous content and
-//! the revision is refused (NACK). The applied revision and its agent settings are kept in
-//! the state directory, so that a restarted agent reports it and keeps its settings.
+//! (the bastion cannot change it): files only under `[config] allow_dirs`, reached without any
+//! symbolic link through descriptors of the allowed directory opened once ([`crate::beneath`]);
+//! no setuid/setgid/sticky mode unless `allow_special_modes`; actions only those named in
+//! `[config.actions]`; log sources only within `allow_log_sources`; a metrics interval no
+//! shorter than `min_metrics_interval`. Everything is checked before anything is written;
+//! missing parent directories are created (0755, the file's owner and group) only below an
+//! allowed directory; each changed file is written atomically (temporary file in the same
+//! directory, fsync, owner and mode on its descriptor, rename, fsync of the directory),
+//! unchanged files are left alone (mtime kept). If an `on_change` action fails, the
+//! revision's files are restored (through the same walk) and the revision is refused (NACK).
+//! The applied revision and its agent settings are kept in the state directory, so that a
+//! restarted agent reports it and keeps its settings.
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::ffi::OsString;
+use std::fs;
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -26,7 +29,8 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch, Mutex};
 use tracing::{info, warn};
 
-use crate::fsutil::sync_dir;
+use crate::beneath::{Dir, Existing, Root};
+use crate::logs::allow::{self, AllowList};
 
 /// `[config]` of the agent's local configuration. Defaults allow nothing.
 #[derive(Debug, Clone, Deserialize)]
@@ -41,6 +45,22 @@ pub struct PushPolicy {
     /// Longest an action may run before it counts as failed.
     #[serde(default = "default_action_timeout", with = "humantime_serde")]
     pub action_timeout: Duration,
+    /// Globs of the real paths (symbolic links resolved) pushed log sources may read; `*`
+    /// stays within a directory, `**` spans directories. Empty (the default): a revision
+    /// with log sources is refused.
+    #[serde(default)]
+    pub allow_log_sources: Vec<String>,
+    /// Shortest host metrics interval a push may set (a push of 0, metrics off, is allowed).
+    #[serde(default = "default_min_metrics_interval", with = "humantime_serde")]
+    pub min_metrics_interval: Duration,
+    /// Whether a pushed file mode may carry the setuid, setgid or sticky bit (refused by
+    /// default: a pushed setuid-root program is a root shell for every local user).
+    #[serde(default)]
+    pub allow_special_modes: bool,
+}
+
+fn default_min_metrics_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn default_action_timeout() -> Duration {
@@ -53,6 +73,9 @@ impl Default for PushPolicy {
             allow_dirs: Vec::new(),
             actions: BTreeMap::new(),
             action_timeout: default_action_timeout(),
+            allow_log_sources: Vec::new(),
+            min_metrics_interval: default_min_metrics_interval(),
+            allow_special_modes: false,
         }
     }
 }
@@ -98,9 +121,56 @@ impl PushPolicy {
         if self.action_timeout.is_zero() {
             out.push("config.action_timeout: must be positive".into());
         }
+        if let Err(p) = AllowList::new(&self.allow_log_sources) {
+            out.extend(p);
+        }
+        if self.min_metrics_interval < Duration::from_secs(1) {
+            out.push("config.min_metrics_interval: must be at least 1s".into());
+        }
         out
     }
+
+    /// Why the pushed agent settings may not take effect here, if they may not: the
+    /// setting (as `ConfigResult.file`) and the reason, naming the local key to change.
+    pub fn refuse_settings(&self, s: &AgentSettings) -> Option<(String, String)> {
+        if let Some(n) = s.metrics_interval_secs {
+            let every = Duration::from_secs(u64::from(n));
+            if n != 0 && every < self.min_metrics_interval {
+                return Some((
+                    "settings.metrics_interval".into(),
+                    format!(
+                        "pushed metrics interval {n}s is below the agent's local [config] min_metrics_interval ({}s)",
+                        self.min_metrics_interval.as_secs()
+                    ),
+                ));
+            }
+        }
+        if s.log_sources.len() > MAX_PUSHED_LOG_SOURCES {
+            return Some((
+                "settings.log_sources".into(),
+                format!("more than {MAX_PUSHED_LOG_SOURCES} pushed log sources"),
+            ));
+        }
+        let allow = AllowList::from_valid(&self.allow_log_sources);
+        for (i, l) in s.log_sources.iter().enumerate() {
+            let mut cfg = crate::logs::LogSourceConfig::file(&l.path);
+            if !l.multiline_start.is_empty() {
+                cfg.multiline_start = Some(l.multiline_start.clone());
+            }
+            let problems = cfg.validate(&format!("settings.log_sources[{i}]"));
+            if !problems.is_empty() {
+                return Some((l.path.clone(), problems.join("; ")));
+            }
+            if let Err(why) = allow::check_pushed(&allow, &l.path) {
+                return Some((l.path.clone(), why));
+            }
+        }
+        None
+    }
 }
+
+/// Most log sources one revision may push.
+const MAX_PUSHED_LOG_SOURCES: usize = 64;
 
 /// Settings the bastion pushed, as in force now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -143,10 +213,18 @@ impl Applier {
     /// Loads the last applied revision and settings from the state directory.
     pub fn open(state_dir: &Path, policy: PushPolicy) -> Self {
         let state_file = state_dir.join("config-applied.pb");
-        let saved = fs::read(&state_file)
+        let mut saved = fs::read(&state_file)
             .ok()
             .and_then(|b| ConfigPush::decode(b.as_slice()).ok())
             .unwrap_or_default();
+        // The local file may have narrowed since: what it no longer allows is dropped, and
+        // the revision forgotten so that the bastion pushes it again and hears why.
+        if let Some((what, why)) =
+            policy.refuse_settings(&saved.settings.clone().unwrap_or_default())
+        {
+            warn!(revision = %saved.revision, setting = %what, reason = %why, "the applied revision's settings are no longer allowed by the local file: dropped");
+            saved = ConfigPush::default();
+        }
         let settings = PushedSettings::from(&saved.settings.unwrap_or_default());
         let (log_sources, _) = watch::channel(settings.log_sources.clone());
         let (settings, _) = watch::channel(settings);
@@ -213,6 +291,14 @@ impl Applier {
                 ..ConfigResult::default()
             };
         }
+        // Settings first: a refused revision leaves nothing behind, files included.
+        if let Some((what, why)) = self
+            .inner
+            .policy
+            .refuse_settings(&push.settings.clone().unwrap_or_default())
+        {
+            return nack(&what, anyhow!(why));
+        }
         let policy = self.inner.policy.clone();
         let files = push.files.clone();
         let written = match tokio::task::spawn_blocking(move || write_all(&policy, &files)).await {
@@ -224,7 +310,7 @@ impl Applier {
         let mut actions: Vec<(String, String)> = Vec::new();
         for w in &written {
             if !w.on_change.is_empty() && !actions.iter().any(|(a, _)| *a == w.on_change) {
-                actions.push((w.on_change.clone(), w.path.display().to_string()));
+                actions.push((w.on_change.clone(), w.target.path.display().to_string()));
             }
         }
         for (name, file) in actions {
@@ -328,32 +414,56 @@ impl Applier {
 /// Largest existing file a push may replace (its content is kept for a rollback).
 const MAX_EXISTING: u64 = 16 * 1024 * 1024;
 
+/// Most parent directories one file may need created.
+const MAX_NEW_DIRS: usize = 16;
+
+/// Where a managed file goes: an allowed directory (opened once per apply), the
+/// directories below it, and its name.
+#[derive(Debug, Clone)]
+struct Target {
+    root: Arc<Root>,
+    dirs: Vec<OsString>,
+    name: OsString,
+    /// The full path, for messages and actions.
+    path: PathBuf,
+}
+
+impl Target {
+    fn dir(
+        &self,
+        create: bool,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        created: &mut Vec<Vec<OsString>>,
+    ) -> Result<Dir> {
+        self.root.walk(&self.dirs, create, uid, gid, created)
+    }
+}
+
 /// A file this revision changed, and what to put back.
 #[derive(Debug, Clone)]
 struct Written {
-    path: PathBuf,
+    target: Target,
     on_change: String,
-    /// Previous content and (mode, uid, gid); `None`: the file did not exist.
-    previous: Option<(Vec<u8>, u32, u32, u32)>,
-    /// Parent directories created for it, outermost first (removed by a rollback).
-    created_dirs: Vec<PathBuf>,
+    /// Previous content, mode and owner; `None`: the file did not exist.
+    previous: Option<Existing>,
+    /// Parent directories created for it, outermost first, as components below the root
+    /// (removed by a rollback).
+    created_dirs: Vec<Vec<OsString>>,
 }
 
 /// Resolved target of one managed file.
 struct Plan<'a> {
     file: &'a ManagedFile,
-    path: PathBuf,
+    target: Target,
     uid: Option<u32>,
     gid: Option<u32>,
-    /// Missing parent directories, outermost first.
-    dirs: Vec<PathBuf>,
 }
 
-/// Whether `path` (lexically normal, absolute) is inside an allowed directory, also once
-/// symbolic links in its directory are resolved. Returns the directories to create for it
-/// (outermost first): missing parents are created only strictly under an allowed directory
-/// that exists, its real location checked on the deepest directory that exists.
-fn allowed(policy: &PushPolicy, path: &Path) -> Result<Vec<PathBuf>> {
+/// The allowed directory `path` lies under, and its place there: `path` must be absolute,
+/// without `.` or `..`, strictly below an entry of `[config] allow_dirs`. Each allowed
+/// directory is opened once per apply (`roots`); nothing below it is reached by path.
+fn target(policy: &PushPolicy, roots: &mut Vec<Arc<Root>>, path: &Path) -> Result<Target> {
     let normal = path.is_absolute()
         && path
             .components()
@@ -361,104 +471,34 @@ fn allowed(policy: &PushPolicy, path: &Path) -> Result<Vec<PathBuf>> {
     if !normal {
         return Err(anyhow!("not an absolute path without . or .."));
     }
-    let parent = path
-        .parent()
-        .ok_or_else(|| anyhow!("no parent directory"))?;
-    // The deepest directory of the path that exists, and the ones to create below it.
-    let mut missing = Vec::new();
-    let mut existing = parent;
-    let real_existing = loop {
-        match fs::symlink_metadata(existing) {
-            Ok(_) => {
-                let real = existing
-                    .canonicalize()
-                    .with_context(|| format!("resolving {}", existing.display()))?;
-                if !real.is_dir() {
-                    return Err(anyhow!("{} is not a directory", existing.display()));
-                }
-                break real;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                missing.push(existing.to_path_buf());
-                existing = existing
-                    .parent()
-                    .ok_or_else(|| anyhow!("no existing parent directory"))?;
-            }
-            Err(e) => return Err(anyhow!("{}: {e}", existing.display())),
+    let Some(allowed) = policy
+        .allow_dirs
+        .iter()
+        .find(|d| path.starts_with(d) && path != d.as_path())
+    else {
+        return Err(anyhow!(
+            "outside the directories this agent allows ([config] allow_dirs)"
+        ));
+    };
+    let rel = path
+        .strip_prefix(allowed)
+        .map_err(|_| anyhow!("outside the directories this agent allows ([config] allow_dirs)"))?;
+    let mut comps: Vec<OsString> = rel.iter().map(OsString::from).collect();
+    let name = comps.pop().ok_or_else(|| anyhow!("no file name"))?;
+    let root = match roots.iter().find(|r| r.path() == allowed.as_path()) {
+        Some(r) => r.clone(),
+        None => {
+            let r = Arc::new(Root::open(allowed)?);
+            roots.push(r.clone());
+            r
         }
     };
-    missing.reverse();
-    if missing.len() > MAX_NEW_DIRS {
-        return Err(anyhow!(
-            "more than {MAX_NEW_DIRS} missing parent directories"
-        ));
-    }
-    for d in &policy.allow_dirs {
-        let real_dir = d.canonicalize().unwrap_or_else(|_| d.clone());
-        if path.starts_with(d) && real_existing.starts_with(&real_dir) {
-            return Ok(missing);
-        }
-    }
-    Err(anyhow!(
-        "outside the directories this agent allows ([config] allow_dirs)"
-    ))
-}
-
-/// Most parent directories one file may need created.
-const MAX_NEW_DIRS: usize = 16;
-
-/// Creates `dirs` (outermost first) with mode 0755 and the file's owner and group, each
-/// made durable in its parent; returns those it created (not those that appeared since
-/// the check). The file's real parent is checked again once they exist.
-fn create_dirs(
-    policy: &PushPolicy,
-    path: &Path,
-    dirs: &[PathBuf],
-    uid: Option<u32>,
-    gid: Option<u32>,
-) -> Result<Vec<PathBuf>> {
-    use std::os::unix::fs::DirBuilderExt;
-    let mut created = Vec::new();
-    let result = (|| -> Result<()> {
-        for d in dirs {
-            match fs::DirBuilder::new().mode(0o755).create(d) {
-                Ok(()) => {
-                    created.push(d.clone());
-                    // Exactly 0755, whatever the umask.
-                    fs::set_permissions(d, fs::Permissions::from_mode(0o755))?;
-                    if uid.is_some() || gid.is_some() {
-                        std::os::unix::fs::chown(d, uid, gid)
-                            .with_context(|| format!("setting the owner of {}", d.display()))?;
-                    }
-                    sync_dir(d.parent().unwrap_or(Path::new("/")))?;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(anyhow!("creating directory {}: {e}", d.display())),
-            }
-        }
-        if !allowed(policy, path)?.is_empty() {
-            return Err(anyhow!(
-                "its parent directories vanished while being created"
-            ));
-        }
-        Ok(())
-    })();
-    match result {
-        Ok(()) => Ok(created),
-        Err(e) => {
-            remove_dirs(&created);
-            Err(e)
-        }
-    }
-}
-
-/// Removes directories a revision created, innermost first, if they are empty.
-fn remove_dirs(created: &[PathBuf]) {
-    for d in created.iter().rev() {
-        if fs::remove_dir(d).is_ok() {
-            let _ = sync_dir(d.parent().unwrap_or(Path::new("/")));
-        }
-    }
+    Ok(Target {
+        root,
+        dirs: comps,
+        name,
+        path: path.to_path_buf(),
+    })
 }
 
 /// Checks every file, then writes those whose content differs. On a write error, what was
@@ -467,11 +507,11 @@ fn write_all(
     policy: &PushPolicy,
     files: &[ManagedFile],
 ) -> std::result::Result<Vec<Written>, (String, anyhow::Error)> {
+    let mut roots = Vec::new();
     let mut plans = Vec::with_capacity(files.len());
     for f in files {
         let fail = |e: anyhow::Error| (f.path.clone(), e);
-        let path = PathBuf::from(&f.path);
-        let dirs = allowed(policy, &path).map_err(fail)?;
+        let target = target(policy, &mut roots, Path::new(&f.path)).map_err(fail)?;
         if !f.on_change.is_empty() && !policy.actions.contains_key(&f.on_change) {
             return Err(fail(anyhow!(
                 "on_change action {:?} is not in the local [config.actions]: nothing applied",
@@ -480,6 +520,12 @@ fn write_all(
         }
         if f.mode > 0o7777 {
             return Err(fail(anyhow!("invalid mode {:o}", f.mode)));
+        }
+        if f.mode & 0o7000 != 0 && !policy.allow_special_modes {
+            return Err(fail(anyhow!(
+                "mode {:04o} has the setuid, setgid or sticky bit: refused unless the local [config] allow_special_modes = true",
+                f.mode
+            )));
         }
         let uid = if f.owner.is_empty() {
             None
@@ -505,145 +551,93 @@ fn write_all(
                     .as_raw(),
             )
         };
-        if let Ok(m) = fs::symlink_metadata(&path) {
-            if !m.is_file() {
-                return Err(fail(anyhow!("exists and is not a regular file")));
-            }
-            // Its content is kept in memory for a rollback: bounded.
-            if m.len() > MAX_EXISTING {
-                return Err(fail(anyhow!(
-                    "the existing file is larger than {MAX_EXISTING} bytes: not managed"
-                )));
-            }
+        // Walked now without creating anything: links, non-directories, too many missing
+        // directories and unmanageable existing files refuse the revision before any write.
+        let missing = target.root.missing(&target.dirs).map_err(fail)?;
+        if missing > MAX_NEW_DIRS {
+            return Err(fail(anyhow!(
+                "more than {MAX_NEW_DIRS} missing parent directories"
+            )));
+        }
+        if missing == 0 {
+            let dir = target
+                .dir(false, None, None, &mut Vec::new())
+                .map_err(fail)?;
+            dir.read_existing(&target.name, MAX_EXISTING)
+                .map_err(fail)?;
         }
         plans.push(Plan {
             file: f,
-            path,
+            target,
             uid,
             gid,
-            dirs,
         });
     }
     let mut written: Vec<Written> = Vec::new();
     for p in plans {
-        let previous = match fs::read(&p.path) {
-            Ok(content) => {
-                let m = fs::metadata(&p.path).map_err(|e| (p.file.path.clone(), e.into()));
-                let m = match m {
-                    Ok(m) => m,
-                    Err(e) => {
-                        let _ = rollback(&written);
-                        return Err(e);
+        let mut created_dirs = Vec::new();
+        let result = (|| -> Result<Option<Existing>> {
+            let dir = p.target.dir(true, p.uid, p.gid, &mut created_dirs)?;
+            let previous = dir.read_existing(&p.target.name, MAX_EXISTING)?;
+            if let Some(old) = &previous {
+                if old.content == p.file.content {
+                    // Same content: never rewritten; fix only owner and mode if they differ.
+                    let want_uid = p.uid.unwrap_or(old.uid);
+                    let want_gid = p.gid.unwrap_or(old.gid);
+                    if old.mode != p.file.mode || want_uid != old.uid || want_gid != old.gid {
+                        dir.set_attrs(&p.target.name, p.file.mode, Some(want_uid), Some(want_gid))?;
                     }
-                };
-                Some((content, m.mode() & 0o7777, m.uid(), m.gid()))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => {
-                let _ = rollback(&written);
-                return Err((p.file.path.clone(), e.into()));
-            }
-        };
-        if let Some((content, mode, uid, gid)) = &previous {
-            if *content == p.file.content {
-                // Same content: never rewritten; fix only owner and mode if they differ.
-                let want_uid = p.uid.unwrap_or(*uid);
-                let want_gid = p.gid.unwrap_or(*gid);
-                if *mode != p.file.mode {
-                    let _ = fs::set_permissions(&p.path, fs::Permissions::from_mode(p.file.mode));
+                    return Ok(previous);
                 }
-                if want_uid != *uid || want_gid != *gid {
-                    let _ = std::os::unix::fs::chown(&p.path, Some(want_uid), Some(want_gid));
-                }
-                continue;
             }
-        }
-        let (uid, gid) = match &previous {
-            Some((_, _, u, g)) => (p.uid.or(Some(*u)), p.gid.or(Some(*g))),
-            None => (p.uid, p.gid),
-        };
-        let created_dirs = match create_dirs(policy, &p.path, &p.dirs, p.uid, p.gid) {
-            Ok(c) => c,
+            let (uid, gid) = match &previous {
+                Some(old) => (p.uid.or(Some(old.uid)), p.gid.or(Some(old.gid))),
+                None => (p.uid, p.gid),
+            };
+            dir.write_file(&p.target.name, &p.file.content, p.file.mode, uid, gid)?;
+            Ok(previous)
+        })();
+        match result {
+            Ok(Some(old)) if old.content == p.file.content => {}
+            Ok(previous) => written.push(Written {
+                target: p.target,
+                on_change: p.file.on_change.clone(),
+                previous,
+                created_dirs,
+            }),
             Err(e) => {
+                p.target.root.remove_dirs(&created_dirs);
                 let _ = rollback(&written);
                 return Err((p.file.path.clone(), e));
             }
-        };
-        if let Err(e) = write_file(&p.path, &p.file.content, p.file.mode, uid, gid) {
-            remove_dirs(&created_dirs);
-            let _ = rollback(&written);
-            return Err((p.file.path.clone(), e));
         }
-        written.push(Written {
-            path: p.path,
-            on_change: p.file.on_change.clone(),
-            previous,
-            created_dirs,
-        });
     }
     Ok(written)
 }
 
-/// Atomic write: temporary file in the same directory, content, fsync, owner and mode,
-/// rename over the target, fsync of the directory.
-fn write_file(
-    path: &Path,
-    data: &[u8],
-    mode: u32,
-    uid: Option<u32>,
-    gid: Option<u32>,
-) -> Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| anyhow!("no parent directory"))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("no file name"))?
-        .to_string_lossy();
-    let tmp = dir.join(format!(".{name}.bastide-{}", std::process::id()));
-    // A stale temporary file (crash) is removed; create_new never follows a planted symlink.
-    let _ = fs::remove_file(&tmp);
-    let result = (|| -> Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(data)?;
-        if uid.is_some() || gid.is_some() {
-            std::os::unix::fs::fchown(&f, uid, gid).context("setting owner")?;
-        }
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    sync_dir(dir)
-}
-
-/// Puts back what `written` replaced, last first; files that did not exist are removed, and
-/// so are the directories created for them.
+/// Puts back what `written` replaced, last first, through the same walk as the apply: files
+/// that did not exist are removed, and so are the directories created for them.
 fn rollback(written: &[Written]) -> Result<()> {
     let mut first_err = None;
     for w in written.iter().rev() {
-        let r = match &w.previous {
-            Some((content, mode, uid, gid)) => {
-                write_file(&w.path, content, *mode, Some(*uid), Some(*gid))
-            }
-            None => fs::remove_file(&w.path)
-                .map_err(anyhow::Error::from)
-                .and_then(|()| sync_dir(w.path.parent().unwrap_or(Path::new("/")))),
-        };
+        let t = &w.target;
+        let r = t
+            .dir(false, None, None, &mut Vec::new())
+            .and_then(|dir| match &w.previous {
+                Some(old) => dir.write_file(
+                    &t.name,
+                    &old.content,
+                    old.mode,
+                    Some(old.uid),
+                    Some(old.gid),
+                ),
+                None => dir.remove_file(&t.name),
+            });
         if let Err(e) = r {
-            warn!(file = %w.path.display(), error = %format!("{e:#}"), "rollback of a file failed");
+            warn!(file = %t.path.display(), error = %format!("{e:#}"), "rollback of a file failed");
             first_err.get_or_insert(e);
         }
-        remove_dirs(&w.created_dirs);
+        t.root.remove_dirs(&w.created_dirs);
     }
     match first_err {
         None => Ok(()),
@@ -654,6 +648,7 @@ fn rollback(written: &[Written]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     fn tmpdir() -> PathBuf {
         let d = std::env::temp_dir().join(format!("bastide-apply-{}", rand::random::<u64>()));
@@ -727,6 +722,23 @@ mod tests {
         assert!(cfg.config.allow_dirs.is_empty() && cfg.config.actions.is_empty());
         assert_eq!(cfg.config.action_timeout, Duration::from_secs(60));
         assert!(cfg.config.problems().is_empty());
+        assert!(cfg.config.allow_log_sources.is_empty() && !cfg.config.allow_special_modes);
+        assert_eq!(cfg.config.min_metrics_interval, Duration::from_secs(1));
+        // The keys as the README and packaging/agent.toml show them.
+        let cfg: crate::config::AgentConfig = toml::from_str(
+            "[config]\nallow_dirs = [\"/etc/chrony\"]\naction_timeout = \"60s\"\nallow_log_sources = [\"/var/log/app/*.log\"]\nmin_metrics_interval = \"1s\"\nallow_special_modes = false\n[config.actions]\nchrony = \"/usr/bin/systemctl restart chrony\"\n",
+        )
+        .unwrap();
+        assert!(cfg.config.problems().is_empty());
+        let bad: crate::config::AgentConfig =
+            toml::from_str("[config]\nallow_log_sources = [\"var/log/*\", \"/a/../b\"]\nmin_metrics_interval = \"0s\"\n")
+                .unwrap();
+        assert_eq!(
+            bad.config.problems().len(),
+            3,
+            "{:?}",
+            bad.config.problems()
+        );
     }
 
     #[test]
@@ -772,6 +784,110 @@ mod tests {
             "{:#}",
             e.1
         );
+    }
+
+    #[test]
+    fn setuid_setgid_and_sticky_modes_are_refused_unless_allowed() {
+        let d = tmpdir();
+        let mut policy = PushPolicy {
+            allow_dirs: vec![d.clone()],
+            ..PushPolicy::default()
+        };
+        for mode in [0o4755, 0o2755, 0o1777, 0o6755] {
+            let mut f = file(&d.join("prog"), "#!/bin/sh\n", "");
+            f.mode = mode;
+            let e = write_all(&policy, &[f]).unwrap_err();
+            assert!(
+                format!("{:#}", e.1).contains("allow_special_modes"),
+                "{:#}",
+                e.1
+            );
+            assert!(!d.join("prog").exists());
+        }
+        // Same content already there: the mode is not changed to a refused one either.
+        fs::write(d.join("same"), "x").unwrap();
+        let mut f = file(&d.join("same"), "x", "");
+        f.mode = 0o4755;
+        assert!(write_all(&policy, &[f.clone()]).is_err());
+        assert_eq!(fs::metadata(d.join("same")).unwrap().mode() & 0o7000, 0);
+        policy.allow_special_modes = true;
+        write_all(&policy, &[f]).unwrap();
+        assert_eq!(
+            fs::metadata(d.join("same")).unwrap().mode() & 0o7777,
+            0o4755
+        );
+    }
+
+    #[test]
+    fn links_in_the_middle_or_at_the_end_refuse_the_revision_and_write_nothing() {
+        let d = tmpdir();
+        let allowed_dir = d.join("etc");
+        let outside = d.join("outside");
+        fs::create_dir_all(allowed_dir.join("app")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("shadow"), "secret").unwrap();
+        std::os::unix::fs::symlink(&outside, allowed_dir.join("app/sub")).unwrap();
+        std::os::unix::fs::symlink(outside.join("shadow"), allowed_dir.join("app/x.conf")).unwrap();
+        let policy = PushPolicy {
+            allow_dirs: vec![allowed_dir.clone()],
+            ..PushPolicy::default()
+        };
+        let ok = file(&allowed_dir.join("ok.conf"), "fine", "");
+        for bad in [
+            allowed_dir.join("app/sub/new.conf"),
+            allowed_dir.join("app/sub/deeper/new.conf"),
+            allowed_dir.join("app/x.conf"),
+        ] {
+            let e = write_all(&policy, &[ok.clone(), file(&bad, "owned", "")]).unwrap_err();
+            assert_eq!(e.0, bad.display().to_string());
+            assert!(format!("{:#}", e.1).contains("symbolic link"), "{:#}", e.1);
+        }
+        // Nothing applied, nothing read or written outside.
+        assert!(!allowed_dir.join("ok.conf").exists());
+        assert_eq!(
+            fs::read_to_string(outside.join("shadow")).unwrap(),
+            "secret"
+        );
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn pushed_settings_are_bounded_by_the_local_file() {
+        let d = tmpdir();
+        let policy = PushPolicy {
+            min_metrics_interval: Duration::from_secs(10),
+            allow_log_sources: vec![format!("{}/*.log", d.display())],
+            ..PushPolicy::default()
+        };
+        let s = |secs: Option<u32>, paths: &[&str]| AgentSettings {
+            metrics_interval_secs: secs,
+            log_sources: paths
+                .iter()
+                .map(|p| LogSource {
+                    path: p.to_string(),
+                    multiline_start: String::new(),
+                })
+                .collect(),
+        };
+        let (what, why) = policy.refuse_settings(&s(Some(1), &[])).unwrap();
+        assert_eq!(what, "settings.metrics_interval");
+        assert!(why.contains("min_metrics_interval"), "{why}");
+        assert!(policy.refuse_settings(&s(Some(0), &[])).is_none());
+        assert!(policy.refuse_settings(&s(Some(10), &[])).is_none());
+        let app = format!("{}/*.log", d.display());
+        assert!(policy.refuse_settings(&s(None, &[&app])).is_none());
+        let (what, why) = policy.refuse_settings(&s(None, &["/etc/shadow"])).unwrap();
+        assert_eq!(what, "/etc/shadow");
+        assert!(why.contains("allow_log_sources"), "{why}");
+        // Nothing pushed is read by default.
+        assert!(PushPolicy::default()
+            .refuse_settings(&s(None, &[&app]))
+            .is_some());
+        let many: Vec<String> = (0..=MAX_PUSHED_LOG_SOURCES)
+            .map(|i| format!("{}/{i}.log", d.display()))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(policy.refuse_settings(&s(None, &many)).is_some());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod backoff;
+pub mod beneath;
 pub mod cli;
 pub mod config;
 pub mod enroll;

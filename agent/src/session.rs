@@ -61,7 +61,12 @@ pub async fn run_with_log_sources(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let applier = crate::apply::Applier::open(state_dir, cfg.config.clone());
-    let effective = follow_pushed_sources(log_sources, applier.log_sources(), &shutdown);
+    let effective = follow_pushed_sources(
+        log_sources,
+        applier.log_sources(),
+        cfg.config.allow_log_sources.clone(),
+        &shutdown,
+    );
     // Logs must not take heartbeats and metrics down with them: without a usable buffer
     // directory the agent runs on without shipping logs, and says so.
     let logs = match crate::logs::start(state_dir, &cfg.logs, effective, shutdown.clone()) {
@@ -107,16 +112,19 @@ pub async fn run_with_log_sources(
 }
 
 /// The log sources in effect: the ones pushed by the bastion when it pushed any, else the
-/// local ones. Pushed sources are files (with an optional multiline rule); the journal stays a
-/// local decision.
+/// local ones. Pushed sources are files (with an optional multiline rule), each confined to
+/// the local `[config] allow_log_sources` (checked again on every file it opens); the
+/// journal stays a local decision.
 fn follow_pushed_sources(
     mut local: watch::Receiver<Vec<LogSourceConfig>>,
     mut pushed: watch::Receiver<Vec<bastide_proto::v1::LogSource>>,
+    allow: Vec<String>,
     shutdown: &CancellationToken,
 ) -> watch::Receiver<Vec<LogSourceConfig>> {
     fn effective(
         local: &watch::Receiver<Vec<LogSourceConfig>>,
         pushed: &watch::Receiver<Vec<bastide_proto::v1::LogSource>>,
+        allow: &[String],
     ) -> Vec<LogSourceConfig> {
         let pushed = pushed.borrow();
         if pushed.is_empty() {
@@ -129,11 +137,12 @@ fn follow_pushed_sources(
                 if !p.multiline_start.is_empty() {
                     s.multiline_start = Some(p.multiline_start.clone());
                 }
+                s.pushed_allow = Some(allow.to_vec());
                 s
             })
             .collect()
     }
-    let (tx, rx) = watch::channel(effective(&local, &pushed));
+    let (tx, rx) = watch::channel(effective(&local, &pushed, &allow));
     let shutdown = shutdown.clone();
     tokio::spawn(async move {
         loop {
@@ -142,7 +151,7 @@ fn follow_pushed_sources(
                 r = local.changed() => if r.is_err() { return },
                 r = pushed.changed() => if r.is_err() { return },
             }
-            let now = effective(&local, &pushed);
+            let now = effective(&local, &pushed, &allow);
             tx.send_if_modified(|cur| {
                 let changed = *cur != now;
                 if changed {

@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bastide_tests::{http_get, wait_for, Agent, Bastion, EnvTree as Tree};
+use bastide_tests::{http_get, log_store_lines, wait_for, Agent, Bastion, EnvTree as Tree};
 use serde_json::Value;
 
 const PROJECT: &str = "demo";
@@ -571,4 +571,257 @@ fn refused_revision_is_shown_and_config_reload_sends_it_again() {
         body.contains("bastide_agents_config_state{state=\"refused\"} 0"),
         "{body}"
     );
+}
+
+/// A compromised bastion pushes log sources to read the VM's secrets: a file outside the
+/// agent's local `[config] allow_log_sources`, then a symbolic link planted inside an allowed
+/// directory, then (after an allowed revision is applied) a link that appears later. Each
+/// refused revision is NACKed naming the path and the local setting, nothing of it applies,
+/// and no secret line ever reaches the bastion's log store.
+#[test]
+fn pushed_log_sources_outside_the_local_allow_list_are_refused_even_through_symlinks() {
+    let mut bastion = Bastion::init(PROJECT);
+    let store = bastion.enable_log_store(None, "");
+    let mut agent = Agent::new("logread");
+    let out = agent.dir.path().join("etc");
+    let app = agent.dir.path().join("app");
+    let secret_dir = agent.dir.path().join("secret");
+    for d in [&out, &app, &secret_dir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let shadow = secret_dir.join("shadow");
+    std::fs::write(&shadow, "root:SECRET-HASH:19000::::::\n").unwrap();
+    let tree = Tree::new(PROJECT, &out, "");
+    bastion.enable_config_push(tree.dir.path());
+    bastion.start();
+    agent.append_config(&format!(
+        "[logs]\nbatch_timeout = \"100ms\"\npoll_interval = \"50ms\"\n[config]\nallow_dirs = [{:?}]\nallow_log_sources = [{:?}]\n",
+        out.display().to_string(),
+        format!("{}/*.log", app.display())
+    ));
+    agent.enroll_ok(&bastion, &bastion.token(&[]));
+    agent.start();
+    let s = Setup {
+        bastion,
+        agent,
+        tree,
+        out,
+    };
+    assert!(s
+        .bastion
+        .wait_state("logread", "online", Duration::from_secs(20)));
+    let ntp = s.out.join("ntp.conf");
+    wait_content(&s, &ntp, "server project.ntp", Duration::from_secs(10));
+    let good = wait_agent(&s, in_sync);
+    let push = |ntp: &str, path: &Path| {
+        s.tree.write_project(&format!(
+            "[vars]\nntp = \"{ntp}\"\n\n[agent]\nlog_sources = [{{ path = {:?} }}]\n",
+            path.display().to_string()
+        ))
+    };
+    let refused = |needle: &str| {
+        let a = wait_agent(&s, |a| {
+            a["config_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(needle))
+        });
+        let err = a["config_error"].as_str().unwrap().to_string();
+        assert!(err.contains("allow_log_sources"), "{err}");
+        assert_eq!(a["config_applied"], good["config_applied"]);
+        // Nothing of the refused revision applied, not even its allowed file.
+        assert!(read(&ntp).contains("server project.ntp"));
+        err
+    };
+
+    // 1. The secret itself.
+    push("evil1.ntp", &shadow);
+    let err = refused("secret/shadow");
+    assert!(err.contains(&shadow.display().to_string()), "{err}");
+
+    // 2. A glob under the allowed directory, where a local link leads to the secret.
+    std::os::unix::fs::symlink(&shadow, app.join("shadow.log")).unwrap();
+    push("evil2.ntp", &app.join("*.log"));
+    let err = refused("resolves to");
+    assert!(err.contains("shadow"), "{err}");
+
+    // 3. Without the link the same source is allowed and ships; a link planted afterwards
+    // is never read.
+    std::fs::remove_file(app.join("shadow.log")).unwrap();
+    std::fs::write(app.join("web.log"), "allowed line one\n").unwrap();
+    push("good.ntp", &app.join("*.log"));
+    wait_content(&s, &ntp, "server good.ntp", Duration::from_secs(10));
+    wait_agent(&s, |a| {
+        in_sync(a) && a["config_applied"] != good["config_applied"]
+    });
+    let shipped = wait_for(Duration::from_secs(20), || {
+        log_store_lines(&store, "logread")
+            .iter()
+            .any(|l| l.contains("allowed line one"))
+            .then_some(())
+    });
+    assert!(shipped.is_some(), "{}", s.agent.log_text());
+    std::os::unix::fs::symlink(&shadow, app.join("late.log")).unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&shadow)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"SECRET-LATER\n"))
+        .unwrap();
+    std::fs::write(app.join("web2.log"), "allowed line two\n").unwrap();
+    let shipped = wait_for(Duration::from_secs(20), || {
+        log_store_lines(&store, "logread")
+            .iter()
+            .any(|l| l.contains("allowed line two"))
+            .then_some(())
+    });
+    assert!(shipped.is_some(), "{}", s.agent.log_text());
+    std::thread::sleep(Duration::from_millis(500));
+    let lines = log_store_lines(&store, "logread");
+    assert!(
+        !lines.iter().any(|l| l.contains("SECRET")),
+        "a secret reached the bastion: {lines:?}"
+    );
+    assert!(
+        s.agent
+            .log_text()
+            .contains("refused by the local allow-list"),
+        "{}",
+        s.agent.log_text()
+    );
+}
+
+/// A local unprivileged user (`nobody`) who owns a directory under the allowed one swaps
+/// its subdirectory for a symbolic link to a directory outside, in a tight loop, while the
+/// bastion pushes revision after revision into that subdirectory (one file in it, one in a
+/// directory to create below it). Nothing is ever written outside the allowed directory.
+#[test]
+fn racing_a_directory_swap_for_a_symlink_never_redirects_a_write_outside() {
+    use std::os::unix::fs::PermissionsExt;
+    let setpriv = bastide_tests::require("setpriv", "util-linux");
+    let perl = bastide_tests::require("perl", "perl-base");
+    assert!(
+        bastide_tests::is_root(),
+        "this test plays a local user against the root agent: run it as root (CI does)"
+    );
+    let race = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(race.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = race.path().join("etc");
+    let outside = race.path().join("outside");
+    let shared = out.join("shared");
+    std::fs::create_dir_all(shared.join("sub")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    for d in [race.path(), out.as_path(), outside.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // The local user owns `shared` (and what is in it): it may rename and link there.
+    for d in [&shared, &shared.join("sub")] {
+        std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap();
+    }
+
+    let mut bastion = Bastion::init(PROJECT);
+    let mut agent = Agent::new("racer");
+    let tree = Tree::new(PROJECT, &out, "");
+    bastion.enable_config_push(tree.dir.path());
+    bastion.start();
+    agent.append_config(&format!(
+        "[config]\nallow_dirs = [{:?}]\n",
+        out.display().to_string()
+    ));
+    agent.enroll_ok(&bastion, &bastion.token(&[]));
+    agent.start();
+    let s = Setup {
+        bastion,
+        agent,
+        tree,
+        out,
+    };
+    assert!(s
+        .bastion
+        .wait_state("racer", "online", Duration::from_secs(20)));
+    wait_content(
+        &s,
+        &s.out.join("ntp.conf"),
+        "server project.ntp",
+        Duration::from_secs(10),
+    );
+    let push = |i: usize| {
+        s.tree.write_project(&format!(
+            "[vars]\nntp = \"r{i}.ntp\"\n\n[files.race]\npath = {:?}\ncontent = \"race {i}\"\nmode = \"0644\"\n\n[files.deep]\npath = {:?}\ncontent = \"deep {i}\"\nmode = \"0644\"\n",
+            shared.join("sub/race.conf").display().to_string(),
+            shared.join("sub/new/deep.conf").display().to_string(),
+        ))
+    };
+
+    // The attacker: rename the real directory away, put a link to `outside` in its place,
+    // then put the directory back, as fast as it can.
+    let script = format!(
+        "chdir {:?} or die; while (1) {{ rename 'sub', 'sub.real'; symlink {:?}, 'sub'; unlink 'sub'; rename 'sub.real', 'sub'; }}",
+        shared.display().to_string(),
+        outside.display().to_string()
+    );
+    /// Killed however the test ends (a failed assertion included).
+    struct Attacker(std::process::Child);
+    impl Drop for Attacker {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let attacker = Attacker(
+        std::process::Command::new(&setpriv)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&perl)
+            .args(["-e", &script])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let rounds = 60;
+    for i in 0..rounds {
+        push(i);
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "a write was redirected outside the allowed directory\nagent:\n{}",
+            s.agent.log_text()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    drop(attacker);
+    let leaked: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "written outside the allowed directory: {leaked:?}\nagent:\n{}",
+        s.agent.log_text()
+    );
+    let log = s.agent.log_text();
+    let applies =
+        log.matches("configuration applied").count() + log.matches("configuration refused").count();
+    assert!(applies >= rounds / 3, "only {applies} applies ran:\n{log}");
+
+    // Once the race is over, the next revision lands where it belongs.
+    if std::fs::symlink_metadata(shared.join("sub")).is_ok_and(|m| m.file_type().is_symlink()) {
+        std::fs::remove_file(shared.join("sub")).unwrap();
+    }
+    if !shared.join("sub").exists() {
+        std::fs::rename(shared.join("sub.real"), shared.join("sub")).unwrap();
+    }
+    push(rounds);
+    wait_content(
+        &s,
+        &shared.join("sub/race.conf"),
+        &format!("race {rounds}"),
+        Duration::from_secs(10),
+    );
+    wait_content(
+        &s,
+        &shared.join("sub/new/deep.conf"),
+        &format!("deep {rounds}"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
 }

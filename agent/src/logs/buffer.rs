@@ -112,6 +112,23 @@ pub fn encode_event_parts(
     }
 }
 
+/// The `seq` field of an encoded `LogBatch` (its head precedes its events, as
+/// `append_encoded` writes it), without decoding the events.
+fn batch_seq(mut buf: &[u8]) -> Result<u64> {
+    use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+    let mut seq = 0;
+    while !buf.is_empty() {
+        let (tag, wire) = decode_key(&mut buf)?;
+        match (tag, wire) {
+            (2, WireType::Varint) => seq = decode_varint(&mut buf)?,
+            // The events: the head is complete.
+            (3, _) => break,
+            _ => skip_field(wire, tag, &mut buf, DecodeContext::default())?,
+        }
+    }
+    Ok(seq)
+}
+
 /// A buffered record whose tail is its batch encoded as a `LogBatch` message.
 #[derive(Debug)]
 pub struct RawBatch {
@@ -417,19 +434,40 @@ impl Buffer {
         Ok(Ok(seq))
     }
 
+    /// The record of `e`, checksum verified, and checked to be the batch `e` names: a
+    /// corrupted or misplaced index entry is an error, never another batch.
     fn record(&self, e: &Entry) -> Result<Vec<u8>> {
         let path = seg_path(&self.dir, e.seg);
         let f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        if (e.len as usize) < HEADER {
+            bail!(
+                "{}: index entry of batch {} is shorter than a record header",
+                path.display(),
+                e.seq
+            );
+        }
         let mut rec = vec![0u8; e.len as usize];
         f.read_exact_at(&mut rec, e.offset)?;
         let crc = u32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
         if crc32fast::hash(&rec[8..]) != crc {
             bail!("{}: record {} fails its checksum", path.display(), e.seq);
         }
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&rec[8..16]);
+        let found = u64::from_le_bytes(seq);
+        if found != e.seq {
+            bail!(
+                "{}: the index points batch {} at the record of batch {found}",
+                path.display(),
+                e.seq
+            );
+        }
         Ok(rec)
     }
 
-    /// The batch `seq` still encoded (checksum verified), if still unacknowledged.
+    /// The batch `seq` still encoded (checksum verified), if still unacknowledged. The
+    /// record found must carry `seq` (in its header and in its `LogBatch`): a corrupted or
+    /// misplaced index is an error, not a wrong batch.
     pub fn read_raw(&self, seq: u64) -> Result<Option<RawBatch>> {
         let Some(front) = self.index.front() else {
             return Ok(None);
@@ -440,11 +478,23 @@ impl Buffer {
         let Some(e) = self.index.get((seq - front.seq) as usize).copied() else {
             return Ok(None);
         };
+        if e.seq != seq {
+            bail!(
+                "log buffer index out of order: batch {seq} asked, entry of batch {} found",
+                e.seq
+            );
+        }
         let rec = self.record(&e)?;
-        Ok(Some(RawBatch {
-            rec,
-            start: HEADER + e.meta_len as usize,
-        }))
+        let start = HEADER + e.meta_len as usize;
+        let Some(encoded) = rec.get(start..) else {
+            bail!("log buffer record {seq}: metadata longer than the record");
+        };
+        let found = batch_seq(encoded)
+            .with_context(|| format!("log buffer record {seq}: undecodable batch"))?;
+        if found != seq {
+            bail!("log buffer record {seq} holds batch {found}: not sent");
+        }
+        Ok(Some(RawBatch { rec, start }))
     }
 
     /// The batch `seq`, if still unacknowledged.
@@ -461,7 +511,15 @@ impl Buffer {
         let mut out = Vec::new();
         for e in self.index.iter().filter(|e| e.seq > seq) {
             let rec = self.record(e)?;
-            out.push((e.seq, rec[HEADER..HEADER + e.meta_len as usize].to_vec()));
+            let meta = rec
+                .get(HEADER..HEADER + e.meta_len as usize)
+                .with_context(|| {
+                    format!(
+                        "log buffer record {}: metadata longer than the record",
+                        e.seq
+                    )
+                })?;
+            out.push((e.seq, meta.to_vec()));
         }
         Ok(out)
     }
@@ -620,6 +678,51 @@ mod tests {
         drop(b);
         let mut b = Buffer::open(d.path(), 1 << 20).unwrap();
         assert_eq!(b.append(&[ev(7, 10)], b"").unwrap(), Ok(7));
+    }
+
+    #[test]
+    fn a_misplaced_or_corrupted_index_is_an_error_not_another_batch() {
+        let d = tempfile::tempdir().unwrap();
+        let mut b = Buffer::open(d.path(), 1 << 20).unwrap();
+        for i in 1..=3 {
+            b.append(&[ev(i, 100)], b"m").unwrap().unwrap();
+        }
+        assert_eq!(b.read(1).unwrap().unwrap().seq, 1);
+        // The entry of batch 1 points at the record of batch 2.
+        let (second_offset, second_len) = (b.index[1].offset, b.index[1].len);
+        let saved = b.index[0];
+        b.index[0].offset = second_offset;
+        b.index[0].len = second_len;
+        let e = b.read(1).unwrap_err();
+        assert!(format!("{e:#}").contains("batch 2"), "{e:#}");
+        assert!(b.read_raw(1).is_err());
+        b.index[0] = saved;
+        // An entry out of place in the index.
+        b.index[1].seq = 7;
+        assert!(b.read(2).is_err());
+        b.index[1].seq = 2;
+        assert_eq!(b.read(2).unwrap().unwrap().seq, 2);
+        drop(b);
+
+        // A record whose header says 1 but whose batch says 3 (checksum made valid).
+        let seg = seg_path(d.path(), 1);
+        let mut data = fs::read(&seg).unwrap();
+        let len = u32::from_le_bytes(data[0..4].try_into().unwrap()) as usize;
+        let meta_len = u32::from_le_bytes(data[28..32].try_into().unwrap()) as usize;
+        let mut head = &data[HEADER + meta_len..len];
+        let (tag, _) = prost::encoding::decode_key(&mut head).unwrap();
+        assert_eq!(tag, 1);
+        prost::encoding::decode_varint(&mut head).unwrap();
+        let seq_at = len - head.len();
+        assert_eq!(&data[seq_at..seq_at + 2], &[0x10, 1]);
+        data[seq_at + 1] = 3;
+        let crc = crc32fast::hash(&data[8..len]);
+        data[4..8].copy_from_slice(&crc.to_le_bytes());
+        fs::write(&seg, &data).unwrap();
+        let b = Buffer::open(d.path(), 1 << 20).unwrap();
+        let e = b.read_raw(1).unwrap_err();
+        assert!(format!("{e:#}").contains("holds batch 3"), "{e:#}");
+        assert_eq!(b.read(2).unwrap().unwrap().seq, 2);
     }
 
     #[test]

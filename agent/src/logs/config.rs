@@ -75,6 +75,10 @@ pub struct LogSourceConfig {
     /// instead of the local system journal, e.g. a container's or another namespace's.
     #[serde(default)]
     pub journal_directory: Option<PathBuf>,
+    /// Set for a source pushed by the bastion (never from the file): the local `[config]
+    /// allow_log_sources` globs that every file it opens must match by its real path.
+    #[serde(skip)]
+    pub pushed_allow: Option<Vec<String>>,
 }
 
 impl LogSourceConfig {
@@ -89,6 +93,7 @@ impl LogSourceConfig {
             multiline_timeout: default_multiline_timeout(),
             start_at: StartAt::Beginning,
             journal_directory: None,
+            pushed_allow: None,
         }
     }
 

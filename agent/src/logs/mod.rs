@@ -9,6 +9,7 @@
 //! the updates of later batches are replayed, so a crash between the buffer write and the
 //! checkpoint write neither loses nor repeats lines.
 
+pub mod allow;
 pub mod buffer;
 pub mod checkpoint;
 pub mod config;

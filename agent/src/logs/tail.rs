@@ -5,8 +5,9 @@
 //! Every event carries the checkpoint position just after its last line, so a source's
 //! checkpoint never passes lines that are not yet in the buffer.
 
+use std::collections::HashSet;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use regex::bytes::Regex;
 use tracing::{info, warn};
 
+use super::allow::{self, AllowList};
 use super::buffer::encode_event_parts;
 use super::checkpoint::{Checkpoints, FilePos, Fingerprint, Update, FINGERPRINT_BYTES};
 use super::config::{LogSourceConfig, StartAt};
@@ -68,6 +70,11 @@ pub struct FileTailer {
     out_ends: Vec<(u32, u64)>,
     /// The time given to the events of the current read (one clock read per chunk).
     now_ms: i64,
+    /// A source pushed by the bastion: the local allow-list every file it opens must pass
+    /// (by the real path of the open descriptor).
+    allow: Option<AllowList>,
+    /// Files refused by `allow` (device, inode): not opened again, reported once.
+    refused: HashSet<(u64, u64)>,
 }
 
 /// The part of an emit callback's answer that matters: false once the pipeline is gone.
@@ -108,6 +115,8 @@ impl FileTailer {
             out: Vec::new(),
             out_ends: Vec::new(),
             now_ms: now_ms(),
+            allow: cfg.pushed_allow.as_deref().map(AllowList::from_valid),
+            refused: HashSet::new(),
         })
     }
 
@@ -143,14 +152,37 @@ impl FileTailer {
         out
     }
 
-    fn open(&self, path: &Path, dev: u64, ino: u64, offset: u64, rotated: bool) -> Option<Tailed> {
-        let file = match File::open(path) {
+    fn open(
+        &mut self,
+        path: &Path,
+        dev: u64,
+        ino: u64,
+        offset: u64,
+        rotated: bool,
+    ) -> Option<Tailed> {
+        if self.refused.contains(&(dev, ino)) {
+            return None;
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true);
+        if self.allow.is_some() {
+            // A FIFO swapped in after the glob saw a regular file must not block the source.
+            options.custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits());
+        }
+        let file = match options.open(path) {
             Ok(f) => f,
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "cannot open log file");
                 return None;
             }
         };
+        if let Some(allow) = &self.allow {
+            if let Some(why) = allow::refuse_open(allow, path, &file) {
+                warn!(source = %self.source, path = %path.display(), reason = %why, "pushed log source: file refused by the local allow-list, not read");
+                self.refused.insert((dev, ino));
+                return None;
+            }
+        }
         let fp = Fingerprint::of(&file).ok()?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let app = self.app.clone().unwrap_or_else(|| {
@@ -266,7 +298,7 @@ impl FileTailer {
         }
     }
 
-    fn find_rotated(&self, c: &FilePos) -> Option<Tailed> {
+    fn find_rotated(&mut self, c: &FilePos) -> Option<Tailed> {
         let dir = Path::new(&c.path).parent()?;
         for de in std::fs::read_dir(dir).ok()?.flatten().take(10_000) {
             let Ok(m) = de.metadata() else { continue };
