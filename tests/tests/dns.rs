@@ -612,6 +612,8 @@ fn claims_the_address_policy_refuses_get_no_record() {
         let ptr = answers(port, &["-x", ip]);
         assert!(ptr.is_empty(), "PTR for {ip}: {ptr:?}");
     }
+}
+
 /// A blocking TCP connection to the bastion's DNS port from a chosen loopback source
 /// address (127.0.0.x): std cannot bind a client socket, tokio's `TcpSocket` can.
 fn tcp_from(src: &str, port: u16) -> TcpStream {

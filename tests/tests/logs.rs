@@ -927,6 +927,8 @@ fn a_claimed_address_does_not_open_syslog() {
         .filter(|(_, l)| l.contains("from-the-claimed-address"))
         .collect();
     assert!(leaked.is_empty(), "admitted through a claim: {leaked:?}");
+}
+
 /// A UDP syslog sender bound to its own loopback source address (127.x.y.z): `logger` has
 /// no option to choose its source.
 fn udp_from(src: &str) -> std::net::UdpSocket {
