@@ -55,7 +55,7 @@ cat >> "$WORK/b/state/bastide.toml" <<TOML
 
 [smtp]
 listen = "127.0.0.1:$BPORT"
-allow_networks = ["127.0.0.0/8"]
+allow = ["127.0.0.0/8"]
 max_connections_per_client = 1000
 
 [smtp.relay]

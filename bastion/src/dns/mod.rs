@@ -43,7 +43,8 @@ pub const MAX_SERVFAIL_TTL: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsConfig {
-    /// Addresses to serve on, UDP and TCP each.
+    /// Addresses to serve on, UDP and TCP each (one string or a list).
+    #[serde(deserialize_with = "bastide_common::tomlcfg::one_or_many")]
     pub listen: Vec<SocketAddr>,
     /// Resolvers that names outside the zone are forwarded to, tried in order with failover.
     #[serde(default)]
