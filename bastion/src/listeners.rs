@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Every listener of one service.
@@ -25,9 +25,13 @@ impl TcpListeners {
         }
         let mut list = Vec::with_capacity(addrs.len());
         for a in addrs {
-            let l = TcpListener::bind(a)
-                .await
-                .with_context(|| format!("{}: {key}: cannot bind {a}", source.display()))?;
+            let l = TcpListener::bind(a).await.map_err(|e| {
+                let hint = in_use_hint(&e, key, source);
+                anyhow::Error::new(e).context(format!(
+                    "{}: {key}: cannot bind {a}{hint}",
+                    source.display()
+                ))
+            })?;
             list.push(l);
         }
         Ok(Self::from(list))
@@ -74,6 +78,19 @@ impl From<TcpListener> for TcpListeners {
     }
 }
 
+/// What to do when an address is taken: another process (often another bastion on the same
+/// host) holds it.
+pub fn in_use_hint(e: &std::io::Error, key: &str, source: &Path) -> String {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        format!(
+            " (another process listens there, another bastion?: `ss -ltnp` names it; give this one another address in {key} of {})",
+            source.display()
+        )
+    } else {
+        String::new()
+    }
+}
+
 /// The one address of a `listen` list to tell others (the SSH config snippet, cloud-init,
 /// template variables): the first that is not a wildcard (0.0.0.0, ::), else the first.
 pub fn advertised(addrs: &[SocketAddr]) -> Option<SocketAddr> {
@@ -116,10 +133,14 @@ mod tests {
             .await
             .err()
             .unwrap();
+        let e = format!("{e:#}");
         assert!(
-            format!("{e:#}").starts_with(&format!("f.toml: smtp.listen: cannot bind {a}")),
-            "{e:#}"
+            e.starts_with(&format!(
+                "f.toml: smtp.listen: cannot bind {a} (another process listens there"
+            )),
+            "{e}"
         );
+        assert!(e.contains("smtp.listen of f.toml"), "{e}");
     }
 
     #[test]
