@@ -818,6 +818,19 @@ async fn status(socket: &Path, json: bool) -> Result<()> {
             .collect();
         println!("services      {}", list.join(", "));
     }
+    if let Some(l) = v["listen"].as_object() {
+        let list: Vec<String> = l
+            .iter()
+            .map(|(k, addrs)| {
+                let addrs: Vec<&str> = addrs
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                    .unwrap_or_default();
+                format!("{k} {}", addrs.join(" "))
+            })
+            .collect();
+        println!("listen        {}", list.join(", "));
+    }
     let a = &v["agents"];
     println!(
         "agents        {} online, {} offline, {} revoked",

@@ -833,7 +833,13 @@ fn a_second_bastion_on_the_same_host_gets_listeners_that_do_not_collide() {
     assert_ne!(second.metrics_addr, first.metrics_addr);
     second.start();
     for b in [&first, &second] {
-        b.cli_ok(&["agents", "list"]);
+        // `status` says where each bastion listens.
+        let status = b.cli_ok(&["status"]);
+        assert!(
+            status.contains(&format!("listen        agents {}", b.agents_addr))
+                && status.contains(&format!("metrics {}", b.metrics_addr)),
+            "{status}"
+        );
         let status = first_line(&b.metrics_addr, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
         assert!(
             status.starts_with("HTTP/1.") && status.contains(" 200 "),
