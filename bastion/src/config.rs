@@ -485,6 +485,29 @@ impl Config {
     }
 }
 
+/// `deserialize_with` for an `allow` list: client networks as CIDRs ("10.0.0.0/24") or single
+/// addresses ("10.0.0.5"), in every table alike; a single string is a list of one.
+pub fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    struct Net(ipnet::IpNet);
+    impl<'de> Deserialize<'de> for Net {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let s = String::deserialize(d)?;
+            if let Ok(n) = s.parse::<ipnet::IpNet>() {
+                return Ok(Net(n.trunc()));
+            }
+            s.parse::<std::net::IpAddr>()
+                .map(|a| Net(a.into()))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{s:?} is not a network (a.b.c.d/len, x::/len) or an address"
+                    ))
+                })
+        }
+    }
+    let nets: Vec<Net> = bastide_common::tomlcfg::one_or_many(d)?;
+    Ok(nets.into_iter().map(|n| n.0).collect())
+}
+
 /// The listeners `bastide init` chose (see `cli::init`).
 pub struct InitListen {
     pub agents: Vec<SocketAddr>,
@@ -814,6 +837,42 @@ instance = "i"
         for ip in ["127.0.0.1", "::1", "10.0.0.7"] {
             assert!(own.contains(&ip.parse().unwrap()), "{ip} {own:?}");
         }
+        // `allow` takes CIDRs or addresses in every table.
+        std::fs::write(
+            &f,
+            format!("{lists}\n")
+                .replace(
+                    "[metrics]\n",
+                    "[metrics]\nallow = [\"10.0.0.5\", \"10.1.0.0/16\"]\n",
+                )
+                .replace("[syslog]\n", "[syslog]\nallow = \"10.0.0.9\"\n"),
+        )
+        .unwrap();
+        let cfg = Config::parse_file(&f).unwrap();
+        assert_eq!(
+            cfg.metrics.unwrap().allow,
+            vec![
+                "10.0.0.5/32".parse().unwrap(),
+                "10.1.0.0/16".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            cfg.syslog.unwrap().allow,
+            vec!["10.0.0.9/32".parse().unwrap()]
+        );
+        std::fs::write(
+            &f,
+            lists.replace(
+                "[metrics]\n",
+                "[metrics]\nallow = [\"10.0.0.5\", \"nope\"]\n",
+            ),
+        )
+        .unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("metrics.allow[1]: \"nope\" is not a network"),
+            "{e}"
+        );
         std::fs::write(&f, lists.replace("listen = \"127.0.0.1:4\"", "listen = []")).unwrap();
         let e = Config::load(&f).unwrap_err().to_string();
         assert!(

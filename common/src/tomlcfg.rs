@@ -235,6 +235,15 @@ fn remove(value: &mut toml::Value, segments: &[String]) -> bool {
     }
 }
 
+/// [`one_or_many`] for an optional list (`#[serde(default, deserialize_with = ...)]`).
+pub fn some_one_or_many<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    one_or_many(d).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,7 +51,10 @@ pub struct DnsConfig {
     pub upstreams: Vec<SocketAddr>,
     /// Client networks that get answers; absent: loopback and the networks of the bastion's
     /// own interfaces. Others get REFUSED.
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "bastide_common::tomlcfg::some_one_or_many"
+    )]
     pub allow: Option<Vec<String>>,
     /// TTL of the zone's records.
     #[serde(default = "default_zone_ttl", with = "humantime_serde")]

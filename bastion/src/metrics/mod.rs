@@ -46,7 +46,10 @@ pub struct MetricsConfig {
     #[serde(deserialize_with = "bastide_common::tomlcfg::one_or_many")]
     pub listen: Vec<SocketAddr>,
     /// Client networks allowed to scrape (default: loopback only).
-    #[serde(default = "default_allow")]
+    #[serde(
+        default = "default_allow",
+        deserialize_with = "crate::config::networks"
+    )]
     pub allow: Vec<IpNet>,
     /// File holding the bearer token scrapers must send (mode 0600/0640 at most).
     #[serde(default)]

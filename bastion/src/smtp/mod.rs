@@ -43,8 +43,8 @@ pub struct SmtpConfig {
     /// Spool directory (default: `<state_dir>/mail`).
     #[serde(default)]
     pub spool_dir: Option<PathBuf>,
-    /// Client networks allowed to relay, as CIDRs ("10.0.0.0/8", "127.0.0.1/32").
-    #[serde(default)]
+    /// Client networks allowed to relay, as CIDRs ("10.0.0.0/8") or addresses ("10.0.0.5").
+    #[serde(default, deserialize_with = "bastide_common::tomlcfg::one_or_many")]
     pub allow: Vec<String>,
     /// Enrolled, non-revoked agents' accepted addresses (see `crate::addresses`) may relay too.
     #[serde(default = "yes")]
