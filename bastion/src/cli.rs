@@ -198,7 +198,7 @@ pub enum TokenCmd {
         #[arg(long)]
         cloud_init: bool,
         /// HOST:PORT the VMs dial to reach this bastion (with --cloud-init; default:
-        /// agents.listen when it is a specific address). The host must be one of the
+        /// the first specific address of agents.listen). The host must be one of the
         /// server certificate's names (`bastide init --san`).
         #[arg(long, requires = "cloud_init")]
         bastion: Option<String>,
