@@ -115,9 +115,9 @@ pub fn bastion_vars(cfg: &Config) -> serde_json::Value {
     // Where a VM's rsyslog forwards to: TCP when the receiver has it (no loss on a full
     // socket buffer), else UDP.
     if let Some(s) = &cfg.syslog {
-        let (addr, protocol) = match (s.tcp.first(), s.udp.first()) {
-            (Some(t), _) => (Some(*t), "tcp"),
-            (None, Some(u)) => (Some(*u), "udp"),
+        let (addr, protocol) = match (advertised(&s.tcp), advertised(&s.udp)) {
+            (Some(t), _) => (Some(t), "tcp"),
+            (None, Some(u)) => (Some(u), "udp"),
             _ => (None, ""),
         };
         if let Some(a) = addr {
