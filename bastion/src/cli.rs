@@ -918,3 +918,34 @@ async fn logs(socket: &Path, a: &LogsArgs) -> Result<()> {
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A default held by another process moves to the next free port, with a note naming
+    /// the flag; an address the admin gave is kept, with a warning when it is taken now.
+    #[test]
+    fn init_listeners_avoid_taken_defaults_and_keep_given_ones() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = held.local_addr().unwrap();
+        let (addrs, note) = init_listen("metrics.listen", &[], taken);
+        assert_eq!(addrs.len(), 1);
+        assert_ne!(addrs[0], taken);
+        assert!(addrs[0].port() > taken.port(), "{addrs:?}");
+        assert!(
+            note.contains(&format!("{taken} is in use on this host"))
+                && note.contains("--metrics-listen"),
+            "{note}"
+        );
+        let (addrs, note) = init_listen("agents.listen", &[taken], taken);
+        assert_eq!(addrs, vec![taken]);
+        assert!(
+            note.contains("warning") && note.contains(&taken.to_string()),
+            "{note}"
+        );
+        drop(held);
+        let (addrs, note) = init_listen("agents.listen", &[], taken);
+        assert_eq!((addrs, note), (vec![taken], String::new()));
+    }
+}
