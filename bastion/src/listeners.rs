@@ -91,6 +91,15 @@ pub fn in_use_hint(e: &std::io::Error, key: &str, source: &Path) -> String {
     }
 }
 
+/// [`in_use_hint`] for an error that carries an I/O error somewhere in its chain (the DNS and
+/// syslog services bind their own sockets).
+pub fn in_use_hint_of(e: &anyhow::Error, key: &str, source: &Path) -> String {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<std::io::Error>())
+        .map(|io| in_use_hint(io, key, source))
+        .unwrap_or_default()
+}
+
 /// The one address of a `listen` list to tell others (the SSH config snippet, cloud-init,
 /// template variables): the first that is not a wildcard (0.0.0.0, ::), else the first.
 pub fn advertised(addrs: &[SocketAddr]) -> Option<SocketAddr> {
@@ -141,6 +150,22 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("smtp.listen of f.toml"), "{e}");
+    }
+
+    #[test]
+    fn an_address_in_use_deep_in_an_error_gets_the_hint() {
+        let io = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let e = anyhow::Error::new(io).context("cannot bind TCP 127.0.0.1:53");
+        let hint = in_use_hint_of(&e, "dns.listen", Path::new("f.toml"));
+        assert!(
+            hint.contains("another process listens there") && hint.contains("dns.listen of f.toml"),
+            "{hint}"
+        );
+        let other = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        assert_eq!(
+            in_use_hint_of(&other, "dns.listen", Path::new("f.toml")),
+            ""
+        );
     }
 
     #[test]
