@@ -299,6 +299,9 @@ fn status(registry: &Registry, cfg: &Config) -> Result<serde_json::Value> {
             "dns": c.dns.is_some(),
             "smtp": c.smtp.is_some(),
             "ssh": c.ssh.is_some(),
+            "logs": c.logs.is_some(),
+            "syslog": c.syslog.is_some(),
+            "config_push": c.config_push.is_some(),
         })
     });
     // Where each service listens, as configured (`listen` lists; syslog per protocol).

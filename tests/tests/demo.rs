@@ -233,6 +233,7 @@ fn on_a_machine_without_sshd_swaks_or_postfix_every_printed_command_works() {
 fn check_every_command(demo: &Demo, ssh: bool) {
     let ids: BTreeSet<&str> = demo.commands.iter().map(|(i, _)| i.as_str()).collect();
     let mut expected: BTreeSet<&str> = [
+        "status",
         "agents",
         "dig",
         "dig-forward",
@@ -272,6 +273,28 @@ fn check_every_command(demo: &Demo, ssh: bool) {
     for (id, cmd) in &demo.commands {
         let ctx = |o: &Output| format!("[{id}] {cmd}\n{}\n{}", transcript(o), demo.logs());
         match id.as_str() {
+            "status" => {
+                let o = demo.run(cmd);
+                let text = String::from_utf8_lossy(&o.stdout).to_string();
+                assert!(o.status.success(), "{}", ctx(&o));
+                let services = text
+                    .lines()
+                    .find(|l| l.starts_with("services"))
+                    .unwrap_or_default();
+                for s in [
+                    "admin",
+                    "agents",
+                    "dns",
+                    "metrics",
+                    "smtp",
+                    "ssh",
+                    "logs",
+                    "syslog",
+                    "config_push",
+                ] {
+                    assert!(services.contains(&format!("{s} on")), "{s}: {}", ctx(&o));
+                }
+            }
             "agents" => {
                 let o = demo.run(cmd);
                 let text = String::from_utf8_lossy(&o.stdout).to_string();
