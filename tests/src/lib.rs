@@ -94,6 +94,27 @@ pub fn require(program: &str, package: &str) -> PathBuf {
 /// (`net.ipv4.ip_local_port_range`): a port the kernel chose for `bind(0)` can be given
 /// again, between its release and the daemon's bind, as the source port of one of the many
 /// client connections the tests open in parallel ("Address already in use", seen in CI).
+/// A blocking TCP connection to `127.0.0.1:port` from a chosen loopback source address
+/// (an agent's 127.0.1.x, an attacker's 127.0.0.x): std cannot bind a client socket before
+/// connecting, tokio's `TcpSocket` can.
+pub fn tcp_from(src: &str, port: u16) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        let s = sock
+            .connect(format!("127.0.0.1:{port}").parse().unwrap())
+            .await
+            .unwrap();
+        let s = s.into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
+    })
+}
+
 pub fn free_port() -> u16 {
     use std::collections::HashSet;
     use std::net::UdpSocket;
