@@ -485,28 +485,7 @@ impl Config {
     }
 }
 
-/// `deserialize_with` for an `allow` list: client networks as CIDRs ("10.0.0.0/24") or single
-/// addresses ("10.0.0.5"), in every table alike; a single string is a list of one.
-pub fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
-    struct Net(ipnet::IpNet);
-    impl<'de> Deserialize<'de> for Net {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            let s = String::deserialize(d)?;
-            if let Ok(n) = s.parse::<ipnet::IpNet>() {
-                return Ok(Net(n.trunc()));
-            }
-            s.parse::<std::net::IpAddr>()
-                .map(|a| Net(a.into()))
-                .map_err(|_| {
-                    serde::de::Error::custom(format!(
-                        "{s:?} is not a network (a.b.c.d/len, x::/len) or an address"
-                    ))
-                })
-        }
-    }
-    let nets: Vec<Net> = bastide_common::tomlcfg::one_or_many(d)?;
-    Ok(nets.into_iter().map(|n| n.0).collect())
-}
+pub use bastide_common::tomlcfg::networks;
 
 /// The listeners `bastide init` chose (see `cli::init`).
 pub struct InitListen {

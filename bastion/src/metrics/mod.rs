@@ -48,7 +48,7 @@ pub struct MetricsConfig {
     /// Client networks allowed to scrape (default: loopback only).
     #[serde(
         default = "default_allow",
-        deserialize_with = "crate::config::networks"
+        deserialize_with = "bastide_common::tomlcfg::networks"
     )]
     pub allow: Vec<IpNet>,
     /// File holding the bearer token scrapers must send (mode 0600/0640 at most).

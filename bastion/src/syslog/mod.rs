@@ -57,7 +57,7 @@ pub struct SyslogConfig {
     #[serde(default, deserialize_with = "bastide_common::tomlcfg::one_or_many")]
     pub tls: Vec<SocketAddr>,
     /// Client networks allowed to send (CIDRs or addresses).
-    #[serde(default, deserialize_with = "crate::config::networks")]
+    #[serde(default, deserialize_with = "bastide_common::tomlcfg::networks")]
     pub allow: Vec<IpNet>,
     /// Enrolled, non-revoked agents' accepted addresses (see `crate::addresses`) may send too.
     #[serde(default = "yes")]
