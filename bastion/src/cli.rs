@@ -75,10 +75,29 @@ pub enum Command {
     /// Configuration push: the environment tree rendered for each agent.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// The registry store: copy from SQLite to PostgreSQL.
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Write the man pages (bastide.1 and one per subcommand) into a directory.
     Manpages { dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCmd {
+    /// Copy the SQLite registry (tokens, agents, certificates, revocations, pushed
+    /// configuration states) into an empty PostgreSQL database, with the bastion stopped.
+    /// Then set `backend = "postgres"` in [store] and start the bastion.
+    Migrate {
+        /// Target backend (only "postgres").
+        #[arg(long, value_parser = ["postgres"])]
+        to: String,
+        /// Connection string instead of [store]'s url/host/port/dbname/user (no password in
+        /// it: [store] password_file; TLS from [store] sslmode and ca_file).
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -275,12 +294,50 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Config(ref c) => config_cmd(&socket(&cli)?, c).await,
+        Command::Store(ref c) => store_cmd(&cli, c),
         Command::Completions { shell } => bastide_common::clidocs::print_completions(
             <Cli as clap::CommandFactory>::command(),
             shell,
         ),
         Command::Manpages { ref dir } => {
             bastide_common::clidocs::write_man_pages(<Cli as clap::CommandFactory>::command(), dir)
+        }
+    }
+}
+
+fn store_cmd(cli: &Cli, cmd: &StoreCmd) -> Result<()> {
+    match cmd {
+        StoreCmd::Migrate { to: _, url } => {
+            let cfg = Config::load(&cli.config)?;
+            if let Some(adm) = &cfg.admin {
+                if std::os::unix::net::UnixStream::connect(&adm.socket).is_ok() {
+                    bail!(
+                        "the bastion is running (its admin socket {} answers): stop it first, the copy must see the SQLite store at rest",
+                        adm.socket.display()
+                    );
+                }
+            }
+            let target = cfg
+                .store
+                .postgres_settings(url.as_deref())
+                .map_err(|e| anyhow::anyhow!("{}: [store]: {e}", cli.config.display()))?;
+            let from = cfg.store_path();
+            let n = crate::store::copy::sqlite_to_postgres(&from, &target)?;
+            println!(
+                "copied {} tokens, {} agents, {} certificates from {} to {}",
+                n.tokens,
+                n.agents,
+                n.certs,
+                from.display(),
+                target.describe
+            );
+            if cfg.store.backend != crate::store::BackendKind::Postgres {
+                println!(
+                    "next: set backend = \"postgres\" in [store] of {} and start the bastion",
+                    cli.config.display()
+                );
+            }
+            Ok(())
         }
     }
 }

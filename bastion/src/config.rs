@@ -125,6 +125,9 @@ pub struct Config {
     /// `[config_push]`: the environment tree rendered and pushed to agents.
     #[serde(default)]
     pub config_push: Option<crate::config_push::ConfigPushConfig>,
+    /// `[store]`: the registry's store, SQLite in the state directory unless set.
+    #[serde(default)]
+    pub store: crate::store::StoreConfig,
     /// Path of the file this was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -273,8 +276,10 @@ impl Config {
         PkiPaths::new(&self.state_dir)
     }
 
+    /// The SQLite registry file (the store itself with the default backend, the source of
+    /// `bastide store migrate` otherwise).
     pub fn store_path(&self) -> PathBuf {
-        self.state_dir.join("registry.sqlite")
+        self.store.sqlite_path(&self.state_dir)
     }
 
     /// Every address a listener of this configuration is bound to (for the address
@@ -341,7 +346,9 @@ impl Config {
             if let Err(e) = crate::pki::read_cert_pem(&pki.ca_cert) {
                 bad("state_dir", format!("{e:#}"));
             }
-            if !self.store_path().is_file() {
+            if self.store.backend == crate::store::BackendKind::Sqlite
+                && !self.store_path().is_file()
+            {
                 bad(
                     "state_dir",
                     format!(
@@ -350,6 +357,9 @@ impl Config {
                     ),
                 );
             }
+        }
+        for (key, reason) in self.store.problems() {
+            bad(&key, reason);
         }
         if let Some(a) = &self.agents {
             if a.cert_lifetime < Duration::from_secs(2) {

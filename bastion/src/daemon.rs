@@ -50,7 +50,8 @@ fn settings(cfg: &Config) -> RegistrySettings {
 
 /// Opens the registry of a validated configuration.
 pub fn open_registry(cfg: &Config) -> Result<Registry> {
-    let store = Store::open(&cfg.store_path())?;
+    let store = Store::open_configured(&cfg.store, &cfg.state_dir)?;
+    tracing::info!(store = %store.describe(), "registry store open");
     let ca = AgentCa::load(&cfg.pki_paths(), &cfg.project, cfg.zone.as_deref())?;
     Ok(Registry::open(store, ca, settings(cfg))?)
 }

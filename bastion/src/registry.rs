@@ -765,7 +765,11 @@ impl Registry {
         };
         store
             .commit_enrollment(&row.id, &agent, &cert)
-            .map_err(|e| EnrollError::Internal(e.to_string()))?;
+            .map_err(|e| match e {
+                // The last use went to another enrollment meanwhile (another node's).
+                StoreError::TokenUsed(_) => EnrollError::TokenUsed,
+                e => EnrollError::Internal(e.to_string()),
+            })?;
         {
             let mut st = self.write_state();
             for c in st.certs.values_mut().filter(|c| c.agent == name) {
