@@ -518,6 +518,21 @@ unauthenticated_lifetime = "30s"
 renew_burst = 5
 # renew_interval = "2h24m"
 
+# Registry store: SQLite in state_dir (the default, one bastion). PostgreSQL holds the
+# registry several bastions share; copy an existing SQLite registry into it once with
+# `bastide store migrate --to postgres` (see the README, "Store").
+# [store]
+# backend = "postgres"
+# host = "db1.example.org"        # or url = "postgresql://bastide@db1.example.org:5432/bastide"
+# port = 5432
+# dbname = "bastide"
+# user = "bastide"
+# password_file = "/etc/bastide/postgres.password"   # mode 0600
+# sslmode = "verify-full"         # or "disable", for a server on loopback or a Unix socket
+# ca_file = "/etc/bastide/postgres-ca.pem"
+# pool_size = 4
+# timeout = "10s"
+
 # Unix socket of the admin CLI (never a TCP port).
 [admin]
 socket = "{dir}/admin.sock"

@@ -391,6 +391,24 @@ impl Bastion {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Appends a `[store]` table naming database `db` of `pg` (no TLS, the password in a
+    /// 0600 file of the state directory), with `backend` "postgres" or "sqlite" (the
+    /// PostgreSQL keys then only name the target of `bastide store migrate`).
+    pub fn set_postgres_store(&self, pg: &Postgres, db: &str, backend: &str) {
+        let pw = self.state_dir().join("postgres.password");
+        pg.write_password_file(&pw);
+        let text = format!(
+            "\n[store]\nbackend = {backend:?}\nurl = {:?}\npassword_file = {:?}\nsslmode = \"disable\"\n",
+            pg.url(db),
+            pw.display().to_string()
+        );
+        self.edit_config(|c| match c.find("\n[store]\n") {
+            // Replace a [store] table appended before (always the last one).
+            Some(i) => format!("{}{text}", &c[..i]),
+            None => format!("{c}{text}"),
+        });
+    }
 }
 
 impl Drop for Bastion {

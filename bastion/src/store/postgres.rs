@@ -29,7 +29,7 @@ use super::{
 };
 
 /// Key of the advisory lock the schema migrations hold ("bastide" in ASCII, truncated).
-const MIGRATION_LOCK: i64 = 0x6261_7374_6964_65;
+const MIGRATION_LOCK: i64 = 0x0062_6173_7469_6465;
 
 /// Schema steps, version `i + 1` at index `i`. Never edit a released step: add one.
 const MIGRATIONS: &[(&str, &str)] = &[(
