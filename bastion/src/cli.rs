@@ -75,6 +75,13 @@ pub enum Command {
     /// Configuration push: the environment tree rendered for each agent.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Write this node's identity (agent CA and key, server certificate and key, SSH host
+    /// key) into a bundle, mode 0600, for `bastide init --join` on another node.
+    ExportIdentity {
+        /// The bundle to write (refused if it exists).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// The registry store: copy from SQLite to PostgreSQL.
     #[command(subcommand)]
     Store(StoreCmd),
@@ -171,14 +178,18 @@ pub struct InitArgs {
     #[arg(long)]
     pub dir: PathBuf,
     /// Cloud project name (a lowercase DNS label).
-    #[arg(long)]
-    pub project: String,
+    #[arg(long, required_unless_present = "join", conflicts_with = "join")]
+    pub project: Option<String>,
     /// DNS zone of the project's VMs.
     #[arg(long)]
     pub zone: Option<String>,
     /// Extra names or addresses for the server certificate (how agents reach the bastion).
-    #[arg(long = "san")]
+    #[arg(long = "san", conflicts_with = "join")]
     pub sans: Vec<String>,
+    /// Make another node of an existing project: take its identity (agent CA, server
+    /// certificate, SSH host key) from a bundle `bastide export-identity` wrote.
+    #[arg(long, conflicts_with = "zone")]
+    pub join: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -278,7 +289,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             crate::daemon::serve(cfg).await
         }
         Command::CheckConfig => {
-            Config::load(&cli.config)?;
+            let cfg = Config::load(&cli.config)?;
+            crate::daemon::check_store_identity(&cfg)
+                .with_context(|| format!("{}: [store]", cli.config.display()))?;
             println!("{}: configuration OK", cli.config.display());
             Ok(())
         }
@@ -295,6 +308,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Config(ref c) => config_cmd(&socket(&cli)?, c).await,
         Command::Store(ref c) => store_cmd(&cli, c),
+        Command::ExportIdentity { ref out } => export_identity(&cli, out),
         Command::Completions { shell } => bastide_common::clidocs::print_completions(
             <Cli as clap::CommandFactory>::command(),
             shell,
@@ -303,6 +317,30 @@ pub async fn run(cli: Cli) -> Result<()> {
             bastide_common::clidocs::write_man_pages(<Cli as clap::CommandFactory>::command(), dir)
         }
     }
+}
+
+fn export_identity(cli: &Cli, out: &Path) -> Result<()> {
+    let cfg = Config::parse_file(&cli.config)?;
+    let id = crate::pki::Identity::read(&cfg.pki_paths(), &cfg.project, cfg.zone.as_deref())?;
+    id.check()?;
+    let text = serde_json::to_string_pretty(&id)?;
+    // create_new: never overwrite (the old file's mode could be wider than 0600).
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("creating {}", out.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    println!(
+        "identity of project {} written to {} (mode 0600; it holds the agent CA key: move it to the new node and delete it)",
+        id.project,
+        out.display()
+    );
+    Ok(())
 }
 
 fn store_cmd(cli: &Cli, cmd: &StoreCmd) -> Result<()> {
@@ -438,10 +476,32 @@ fn socket(cli: &Cli) -> Result<PathBuf> {
 }
 
 fn init(a: &InitArgs) -> Result<()> {
-    if !crate::pki::valid_agent_name(&a.project) {
-        bail!("--project {:?}: must be a lowercase DNS label", a.project);
+    let joined = match &a.join {
+        Some(bundle) => {
+            crate::fsutil::check_secret_file(bundle)?;
+            let text = std::fs::read_to_string(bundle)
+                .with_context(|| format!("reading {}", bundle.display()))?;
+            let id: crate::pki::Identity = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not an identity bundle", bundle.display()))?;
+            id.check()
+                .with_context(|| format!("{}", bundle.display()))?;
+            Some(id)
+        }
+        None => None,
+    };
+    let project = match (&joined, &a.project) {
+        (Some(id), _) => id.project.clone(),
+        (None, Some(p)) => p.clone(),
+        (None, None) => bail!("--project or --join is required"),
+    };
+    let zone = match &joined {
+        Some(id) => id.zone.clone(),
+        None => a.zone.clone(),
+    };
+    if !crate::pki::valid_agent_name(&project) {
+        bail!("--project {project:?}: must be a lowercase DNS label");
     }
-    if let Some(z) = &a.zone {
+    if let Some(z) = &zone {
         if !crate::pki::valid_zone(z) {
             bail!("--zone {z:?}: not a valid DNS zone name");
         }
@@ -452,7 +512,10 @@ fn init(a: &InitArgs) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("resolving {}", a.dir.display()))?;
     let paths = crate::pki::PkiPaths::new(&dir);
-    crate::pki::init(&paths, &a.project, a.zone.as_deref(), &a.sans)?;
+    match &joined {
+        Some(id) => id.install(&paths)?,
+        None => crate::pki::init(&paths, &project, zone.as_deref(), &a.sans)?,
+    }
     let store = dir.join("registry.sqlite");
     if !store.exists() {
         crate::store::Store::create(&store)?;
@@ -462,7 +525,7 @@ fn init(a: &InitArgs) -> Result<()> {
     if !cfg_path.exists() {
         crate::fsutil::write_atomic(
             &cfg_path,
-            crate::config::default_file(&a.project, a.zone.as_deref(), &dir).as_bytes(),
+            crate::config::default_file(&project, zone.as_deref(), &dir).as_bytes(),
             0o640,
         )?;
     }
@@ -797,6 +860,9 @@ async fn status(socket: &Path, json: bool) -> Result<()> {
             })
             .collect();
         println!("services      {}", list.join(", "));
+    }
+    if let Some(s) = v["store"].as_str() {
+        println!("store         {s}");
     }
     let a = &v["agents"];
     println!(

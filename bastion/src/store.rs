@@ -92,7 +92,13 @@ pub struct Dump {
     pub tokens: Vec<TokenRow>,
     pub agents: Vec<AgentRow>,
     pub certs: Vec<CertRow>,
+    /// The project's identity facts ([`Backend::identity`]).
+    pub identity: BTreeMap<String, String>,
 }
+
+/// Identity key: the pin (`sha256:...` of its SubjectPublicKeyInfo) of the agent CA every
+/// node of the project must present.
+pub const AGENT_CA_PIN: &str = "agent_ca_pin";
 
 /// What the registry asks of its store. Each call is one transaction: it has happened
 /// durably when it returns `Ok`.
@@ -139,6 +145,13 @@ pub trait Backend: Send {
     /// Persists pushed-configuration states (kept in memory between flushes) in one
     /// transaction: (name, desired, applied, error).
     fn flush_config(&mut self, rows: &[(String, String, String, String)]) -> Result<()>;
+    /// A fact about the project this store belongs to ([`AGENT_CA_PIN`]), if recorded.
+    fn identity(&mut self, key: &str) -> Result<Option<String>>;
+    /// Every identity fact.
+    fn identities(&mut self) -> Result<BTreeMap<String, String>>;
+    /// Records `value` under `key` unless a value is there already; returns the value the
+    /// store holds afterwards (the first node to claim wins, the others compare).
+    fn claim_identity(&mut self, key: &str, value: &str) -> Result<String>;
     /// Whether the store holds no token, agent or certificate.
     fn is_empty(&mut self) -> Result<bool>;
     /// Writes every row of `d` in one transaction (into an empty store: the copy of
@@ -150,6 +163,7 @@ pub trait Backend: Send {
             tokens: self.tokens()?,
             agents: self.agents()?,
             certs: self.certs()?,
+            identity: self.identities()?,
         })
     }
     /// Which store this is, for logs ("SQLite /var/lib/bastide/registry.sqlite").
@@ -185,6 +199,25 @@ impl Store {
                     message: e,
                 })?;
                 Ok(Self::Postgres(PgStore::connect(&settings)?))
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Opens the configured store to read it (`check-config`): the PostgreSQL schema is not
+    /// migrated (another version of bastide may be serving from it).
+    pub fn open_for_check(cfg: &StoreConfig, state_dir: &Path) -> Result<Self> {
+        match cfg.backend {
+            BackendKind::Sqlite => Self::open(&cfg.sqlite_path(state_dir)),
+            BackendKind::Postgres => {
+                let settings = cfg.postgres_settings(None).map_err(|e| StoreError::Open {
+                    path: "[store]".into(),
+                    message: e,
+                })?;
+                Ok(Self::Postgres(PgStore::connect_without_migrating(
+                    &settings,
+                )?))
             }
         }
     }
@@ -679,6 +712,7 @@ pub(crate) mod tests {
                     cert("other", "db01", 1000, false),
                     cert("other-expired", "db01", 10, false),
                 ],
+                identity: BTreeMap::new(),
             })
             .unwrap();
             let pruned = s
@@ -709,6 +743,7 @@ pub(crate) mod tests {
                     cert("a", "web01", 1000, false),
                     cert("b", "web02", 1000, false),
                 ],
+                identity: BTreeMap::new(),
             })
             .unwrap();
             assert!(s.revoke_agent("web02").unwrap());
@@ -748,6 +783,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn identity_is_claimed_once() {
+        each_backend(|s| {
+            assert_eq!(s.identity(AGENT_CA_PIN).unwrap(), None);
+            assert_eq!(
+                s.claim_identity(AGENT_CA_PIN, "sha256:aa").unwrap(),
+                "sha256:aa"
+            );
+            assert_eq!(
+                s.claim_identity(AGENT_CA_PIN, "sha256:bb").unwrap(),
+                "sha256:aa"
+            );
+            assert_eq!(
+                s.identity(AGENT_CA_PIN).unwrap().as_deref(),
+                Some("sha256:aa")
+            );
+            assert_eq!(s.identities().unwrap().len(), 1, "no internal key shown");
+        });
+    }
+
+    #[test]
     fn dump_and_import_round_trip() {
         each_backend(|s| {
             let mut a = agent("web01", "a", "t");
@@ -760,6 +815,7 @@ pub(crate) mod tests {
                 tokens: vec![t],
                 agents: vec![a],
                 certs: vec![cert("a", "web01", 1000, false)],
+                identity: [(AGENT_CA_PIN.to_string(), "sha256:00ff".to_string())].into(),
             };
             s.import(&d).unwrap();
             assert_eq!(s.dump().unwrap(), d);

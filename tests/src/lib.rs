@@ -213,20 +213,24 @@ pub struct Bastion {
 impl Bastion {
     /// `bastide init` in a fresh directory, with the agents endpoint on a free port.
     pub fn init(project: &str) -> Self {
+        Self::init_with(&["--project", project, "--zone", &format!("{project}.test.")])
+    }
+
+    /// `bastide init --join BUNDLE`: another node of the project that exported `bundle`.
+    pub fn join(bundle: &Path) -> Self {
+        Self::init_with(&["--join", &bundle.display().to_string()])
+    }
+
+    fn init_with(args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("bastide-test-")
             .tempdir()
             .expect("tempdir");
         let state = dir.path().join("state");
         let out = Command::new(bin("bastide"))
-            .args([
-                "init",
-                "--project",
-                project,
-                "--zone",
-                &format!("{project}.test."),
-                "--dir",
-            ])
+            .arg("init")
+            .args(args)
+            .arg("--dir")
             .arg(&state)
             .output()
             .expect("bastide init");

@@ -39,7 +39,12 @@ fn foundation_flows_on_postgres() {
     );
     assert_eq!(
         pg.psql("bastide", "SELECT max(version) FROM schema_migrations"),
-        "1"
+        "2"
+    );
+    let status = b.cli_ok(&["status"]);
+    assert!(
+        status.contains("store         PostgreSQL bastide@127.0.0.1"),
+        "{status}"
     );
 
     // Enrollment and registration, written to PostgreSQL.
@@ -112,7 +117,16 @@ fn foundation_flows_on_postgres() {
     });
     let renewed = renewed.expect("no renewal recorded in PostgreSQL");
     assert_eq!(b.agent("web01").unwrap()["cert_serial"], renewed.as_str());
-    assert!(web01.log_text().contains("certificate renewed"));
+    // The agent logs it once it has written the new certificate, just after the commit.
+    assert!(
+        wait_for(Duration::from_secs(5), || web01
+            .log_text()
+            .contains("certificate renewed")
+            .then_some(()))
+        .is_some(),
+        "{}",
+        web01.log_text()
+    );
 
     // Revocation: the session is cut, the agent stops, PostgreSQL has it revoked.
     let mut web03 = Agent::new("web03");
@@ -311,4 +325,105 @@ fn sqlite_store_migrates_to_postgres_and_the_bastion_starts_on_it() {
     assert!(stderr(&out).contains("revoked"), "{}", stderr(&out));
     Agent::new("db04").enroll_ok(&b, &valid);
     assert_eq!(pg.psql("bastide", "SELECT count(*) FROM agents"), "7");
+}
+
+#[test]
+fn a_second_node_joins_with_the_first_nodes_identity() {
+    use std::os::unix::fs::PermissionsExt;
+    let pg = Postgres::start();
+    pg.create_db("bastide");
+    let mut a = Bastion::init("proj");
+    a.set_postgres_store(&pg, "bastide", "postgres");
+    a.start();
+    assert_eq!(
+        pg.psql(
+            "bastide",
+            "SELECT value FROM meta WHERE key = 'agent_ca_pin'"
+        ),
+        a.pin,
+        "the first node binds the store to its CA"
+    );
+
+    let bundle = a.dir.path().join("identity.json");
+    let bundle_s = bundle.display().to_string();
+    let out = a.cli_ok(&["export-identity", "--out", &bundle_s]);
+    assert!(out.contains("mode 0600"), "{out}");
+    let mode = std::fs::metadata(&bundle).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let again = a.cli(&["export-identity", "--out", &bundle_s]);
+    assert!(!again.status.success(), "never overwritten");
+
+    // A node made with a plain `init` has a CA of its own: refused by check-config and at
+    // start, naming the way to do it.
+    let stray = Bastion::init("proj");
+    stray.set_postgres_store(&pg, "bastide", "postgres");
+    let out = stray.cli(&["check-config"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is not the one of the registry") && stderr(&out).contains("--join"),
+        "{}",
+        stderr(&out)
+    );
+    let st = std::process::Command::new(bastide_tests::bin("bastide"))
+        .arg("--config")
+        .arg(&stray.config)
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!st.status.success());
+    assert!(
+        stderr(&st).contains("is not the one of the registry"),
+        "{}",
+        stderr(&st)
+    );
+
+    // A bundle readable by others is refused.
+    let open = a.dir.path().join("open.json");
+    std::fs::copy(&bundle, &open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new(bastide_tests::bin("bastide"))
+        .args(["init", "--join", &open.display().to_string(), "--dir"])
+        .arg(a.dir.path().join("nope"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("group or others"), "{}", stderr(&out));
+
+    // A node made with --join: same CA pin, same SSH host key, same server certificate.
+    let mut b = Bastion::join(&bundle);
+    b.set_postgres_store(&pg, "bastide", "postgres");
+    b.cli_ok(&["check-config"]);
+    assert_eq!(a.pin, b.pin);
+    for f in [
+        "ssh_host_ed25519_key.pub",
+        "pki/server.crt",
+        "pki/agent-ca.crt",
+    ] {
+        assert_eq!(
+            std::fs::read(a.state_dir().join(f)).unwrap(),
+            std::fs::read(b.state_dir().join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    for f in ["ssh_host_ed25519_key", "pki/agent-ca.key", "pki/server.key"] {
+        let m = std::fs::metadata(b.state_dir().join(f)).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600, "{f}");
+    }
+    // A token created on node A enrolls an agent on node B (same pin), which then runs there.
+    let token = a.token(&[]);
+    b.start();
+    let mut web01 = Agent::new("web01");
+    web01.enroll_ok(&b, &token);
+    web01.start();
+    assert!(
+        b.wait_state("web01", "online", Duration::from_secs(10)),
+        "{}",
+        web01.log_text()
+    );
+    assert_eq!(pg.psql("bastide", "SELECT uses_left FROM tokens"), "0");
+    assert_eq!(
+        pg.psql("bastide", "SELECT name FROM agents"),
+        "web01",
+        "one registry"
+    );
 }

@@ -46,7 +46,19 @@ pub fn sqlite_to_postgres(from: &std::path::Path, to: &PgSettings) -> Result<Cop
             message: "the target already holds a registry (tokens, agents or certificates): refusing to merge into it".into(),
         });
     }
-    dst.import(&dump)?;
+    let theirs = dst.identities()?;
+    for (k, v) in &dump.identity {
+        if let Some(t) = theirs.get(k).filter(|t| *t != v) {
+            return Err(StoreError::Open {
+                path: dst.describe(),
+                message: format!("the target belongs to another project identity ({k} {t}, this registry's is {v})"),
+            });
+        }
+    }
+    // A node that started on the target before the copy recorded the same identity.
+    let mut to_import = dump.clone();
+    to_import.identity.retain(|k, _| !theirs.contains_key(k));
+    dst.import(&to_import)?;
     let mut back = dst.dump()?;
     let mut dump = dump;
     canon(&mut dump);
@@ -70,6 +82,7 @@ pub fn sqlite_to_postgres(from: &std::path::Path, to: &PgSettings) -> Result<Cop
 }
 
 fn canon(d: &mut Dump) {
+    // BTreeMap: already in order.
     d.tokens.sort_by(|a, b| a.id.cmp(&b.id));
     d.agents.sort_by(|a, b| a.name.cmp(&b.name));
     d.certs.sort_by(|a, b| a.serial.cmp(&b.serial));

@@ -16,6 +16,7 @@
 //! nodes starting together apply each step once, one after the other, and a failed step
 //! leaves nothing half-applied (PostgreSQL's DDL is transactional).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
@@ -32,9 +33,10 @@ use super::{
 const MIGRATION_LOCK: i64 = 0x0062_6173_7469_6465;
 
 /// Schema steps, version `i + 1` at index `i`. Never edit a released step: add one.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "registry: tokens, agents, certificates",
-    "CREATE TABLE tokens (
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "registry: tokens, agents, certificates",
+        "CREATE TABLE tokens (
         id TEXT PRIMARY KEY, hash BYTEA NOT NULL, created BIGINT NOT NULL,
         expires BIGINT NOT NULL, uses_left BIGINT NOT NULL CHECK (uses_left >= 0),
         uses_total BIGINT NOT NULL, name_pattern TEXT, labels TEXT NOT NULL,
@@ -51,7 +53,12 @@ const MIGRATIONS: &[(&str, &str)] = &[(
         serial TEXT PRIMARY KEY, agent TEXT NOT NULL, issued_at BIGINT NOT NULL,
         not_after BIGINT NOT NULL, revoked BOOLEAN NOT NULL);
      CREATE INDEX certs_agent ON certs(agent);",
-)];
+    ),
+    (
+        "identity: the project's agent CA pin",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    ),
+];
 
 /// The schema version this bastide writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -306,6 +313,22 @@ impl PgStore {
     /// Connects (failing if the server cannot be reached within the timeout) and brings the
     /// schema up to date.
     pub fn connect(s: &PgSettings) -> Result<Self> {
+        let store = Self::connect_without_migrating(s)?;
+        let open_err = |e: StoreError| StoreError::Open {
+            path: s.describe.clone(),
+            message: e.to_string(),
+        };
+        let from = store
+            .run(|pool| async move { migrate(&pool).await })
+            .map_err(open_err)?;
+        if from < SCHEMA_VERSION {
+            tracing::info!(store = %s.describe, from, to = SCHEMA_VERSION, "registry schema migrated");
+        }
+        Ok(store)
+    }
+
+    /// Connects and checks the server answers, leaving the schema as it is.
+    pub fn connect_without_migrating(s: &PgSettings) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("bastide-store-pg")
@@ -337,16 +360,15 @@ impl PgStore {
             timeout: s.timeout,
             describe: s.describe.clone(),
         };
-        let open_err = |e: StoreError| StoreError::Open {
-            path: s.describe.clone(),
-            message: e.to_string(),
-        };
-        let from = store
-            .run(|pool| async move { migrate(&pool).await })
-            .map_err(open_err)?;
-        if from < SCHEMA_VERSION {
-            tracing::info!(store = %s.describe, from, to = SCHEMA_VERSION, "registry schema migrated");
-        }
+        store
+            .run(|pool| async move {
+                client(&pool).await?.simple_query("SELECT 1").await?;
+                Ok(())
+            })
+            .map_err(|e| StoreError::Open {
+                path: s.describe.clone(),
+                message: e.to_string(),
+            })?;
         Ok(store)
     }
 
@@ -654,8 +676,61 @@ impl Backend for PgStore {
             for x in &d.certs {
                 put_cert(&tx, x).await?;
             }
+            for (k, v) in &d.identity {
+                tx.execute("INSERT INTO meta(key, value) VALUES ($1, $2)", &[k, v])
+                    .await?;
+            }
             tx.commit().await?;
             Ok(())
+        })
+    }
+
+    fn identity(&mut self, key: &str) -> Result<Option<String>> {
+        let key = key.to_string();
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            // Also asked by `check-config` before this node migrated the schema.
+            let exists: bool = c
+                .query_one("SELECT to_regclass('meta') IS NOT NULL", &[])
+                .await?
+                .try_get(0)?;
+            if !exists {
+                return Ok(None);
+            }
+            Ok(
+                c.query_opt("SELECT value FROM meta WHERE key = $1", &[&key])
+                    .await?
+                    .map(|r| r.try_get(0))
+                    .transpose()?,
+            )
+        })
+    }
+
+    fn identities(&mut self) -> Result<BTreeMap<String, String>> {
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            c.query("SELECT key, value FROM meta", &[])
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect()
+        })
+    }
+
+    fn claim_identity(&mut self, key: &str, value: &str) -> Result<String> {
+        let (key, value) = (key.to_string(), value.to_string());
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            c.execute(
+                "INSERT INTO meta(key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                &[&key, &value],
+            )
+            .await?;
+            Ok(
+                c.query_one("SELECT value FROM meta WHERE key = $1", &[&key])
+                    .await?
+                    .try_get(0)?,
+            )
         })
     }
 

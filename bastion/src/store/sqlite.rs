@@ -519,6 +519,12 @@ impl Backend for SqliteStore {
         for c in &d.certs {
             Self::put_cert(&tx, c)?;
         }
+        for (k, v) in d.identity.iter().filter(|(k, _)| *k != "schema_version") {
+            tx.execute(
+                "INSERT INTO meta(key, value) VALUES (?1, ?2)",
+                params![k, v],
+            )?;
+        }
         {
             let mut stmt = tx.prepare(
                 "UPDATE agents SET config_desired = ?2, config_applied = ?3, config_error = ?4
@@ -535,6 +541,41 @@ impl Backend for SqliteStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    fn identity(&mut self, key: &str) -> Result<Option<String>> {
+        if key == "schema_version" {
+            return Ok(None);
+        }
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    fn identities(&mut self) -> Result<BTreeMap<String, String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT key, value FROM meta WHERE key <> 'schema_version'")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<BTreeMap<_, _>>>()?)
+    }
+
+    fn claim_identity(&mut self, key: &str, value: &str) -> Result<String> {
+        if key == "schema_version" {
+            return Err(StoreError::Corrupt("reserved key".into()));
+        }
+        self.conn.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )?;
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })?)
     }
 
     fn describe(&self) -> String {
