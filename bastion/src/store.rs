@@ -1009,6 +1009,46 @@ pub(crate) mod tests {
         assert!(e.contains("certificate") || e.contains("Unknown"), "{e}");
     }
 
+    /// Rates of the hot store operations on each backend, printed (not asserted):
+    /// `cargo test -p bastide --lib store::tests::op_rates -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn op_rates() {
+        for mut fx in [sqlite(), postgres()] {
+            let s = &mut fx.store;
+            let n = 300;
+            s.insert_token(&token("t", n, 0)).unwrap();
+            let start = std::time::Instant::now();
+            for i in 0..n {
+                let name = format!("vm{i:04}");
+                let serial = format!("s{i}");
+                s.commit_enrollment(
+                    "t",
+                    &agent(&name, &serial, "t"),
+                    &cert(&serial, &name, 1000, false),
+                )
+                .unwrap();
+            }
+            let enroll = n as f64 / start.elapsed().as_secs_f64();
+            let start = std::time::Instant::now();
+            for i in 0..n {
+                let mut a = agent(&format!("vm{i:04}"), "x", "t");
+                a.hostname = "h".into();
+                a.last_seen = Some(i as i64);
+                s.update_facts(&a).unwrap();
+            }
+            let register = n as f64 / start.elapsed().as_secs_f64();
+            let seen: Vec<(String, i64)> = (0..n).map(|i| (format!("vm{i:04}"), 9)).collect();
+            let start = std::time::Instant::now();
+            s.flush_last_seen(&seen).unwrap();
+            let flush = start.elapsed();
+            eprintln!(
+                "{}: {enroll:.0} enrollments/s, {register:.0} registrations/s, last-seen flush of {n} agents in {flush:?}",
+                s.describe()
+            );
+        }
+    }
+
     fn rcgen_ca_pem() -> String {
         let k = rcgen::KeyPair::generate().unwrap();
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
