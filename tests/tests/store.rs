@@ -155,6 +155,26 @@ fn foundation_flows_on_postgres() {
     );
     assert_eq!(b.agent("web03").unwrap()["state"], "revoked");
     assert_eq!(b.agents().len(), 3, "{:?}", b.agents());
+
+    // PostgreSQL down: check-config and a start fail at once, saying so.
+    b.stop();
+    let mut pg = pg;
+    pg.stop();
+    let out = b.cli(&["check-config"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("PostgreSQL") && stderr(&out).contains("unavailable"),
+        "{}",
+        stderr(&out)
+    );
+    let out = b.cli(&["serve"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("registry store PostgreSQL bastide@127.0.0.1")
+            && stderr(&out).contains("connect"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// Rows of a SQLite table as psql prints them (`|` between columns, booleans as t/f).
