@@ -1223,6 +1223,18 @@ impl Postgres {
         set_mode(&data, 0o700);
         me.chown(&data);
         me.chown(&me.dir.path().join("server.log"));
+        let reachable = me
+            .as_server_user(Path::new("/usr/bin/test"))
+            .arg("-w")
+            .arg(&data)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            reachable,
+            "PostgreSQL's user cannot reach {}: every parent directory must be searchable by others (set TMPDIR to such a directory)",
+            data.display()
+        );
         me.chown(&sock);
         me.chown(&pwfile);
         let out = me
