@@ -520,7 +520,7 @@ renew_burst = 5
 
 # Registry store: SQLite in state_dir (the default, one bastion). PostgreSQL holds the
 # registry several bastions share; copy an existing SQLite registry into it once with
-# `bastide store migrate --to postgres` (see the README, "Store").
+# `bastide store migrate --to postgres` (see docs/store.md). Changes need a restart.
 # [store]
 # backend = "postgres"
 # host = "db1.example.org"        # or url = "postgresql://bastide@db1.example.org:5432/bastide"
