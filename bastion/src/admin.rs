@@ -327,6 +327,7 @@ fn status(registry: &Registry, cfg: &Config) -> Result<serde_json::Value> {
     Ok(serde_json::json!({
         "version": crate::VERSION,
         "project": registry.ca().project,
+        "store": registry.store_description(),
         "services": services,
         "listen": listen,
         "agents": { "online": online, "offline": offline, "revoked": revoked },

@@ -76,10 +76,36 @@ pub enum Command {
     /// Configuration push: the environment tree rendered for each agent.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Write this node's identity (agent CA and key, server certificate and key, SSH host
+    /// key) into a bundle, mode 0600, for `bastide init --join` on another node.
+    ExportIdentity {
+        /// The bundle to write (refused if it exists).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The registry store: copy from SQLite to PostgreSQL.
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Write the man pages (bastide.1 and one per subcommand) into a directory.
     Manpages { dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCmd {
+    /// Copy the SQLite registry (tokens, agents, certificates, revocations, pushed
+    /// configuration states) into an empty PostgreSQL database, with the bastion stopped.
+    /// Then set `backend = "postgres"` in [store] and start the bastion.
+    Migrate {
+        /// Target backend (only "postgres").
+        #[arg(long, value_parser = ["postgres"])]
+        to: String,
+        /// Connection string instead of [store]'s url/host/port/dbname/user (no password in
+        /// it: [store] password_file; TLS from [store] sslmode and ca_file).
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -153,13 +179,13 @@ pub struct InitArgs {
     #[arg(long)]
     pub dir: PathBuf,
     /// Cloud project name (a lowercase DNS label).
-    #[arg(long)]
-    pub project: String,
+    #[arg(long, required_unless_present = "join", conflicts_with = "join")]
+    pub project: Option<String>,
     /// DNS zone of the project's VMs.
     #[arg(long)]
     pub zone: Option<String>,
     /// Extra names or addresses for the server certificate (how agents reach the bastion).
-    #[arg(long = "san")]
+    #[arg(long = "san", conflicts_with = "join")]
     pub sans: Vec<String>,
     /// Address of the agents endpoint (agents.listen; repeat for several). Default:
     /// 0.0.0.0:4443, or the next free port when another process (another bastion) holds it.
@@ -169,6 +195,10 @@ pub struct InitArgs {
     /// 127.0.0.1:9469, or the next free port when another process holds it.
     #[arg(long = "metrics-listen", value_name = "ADDR")]
     pub metrics_listen: Vec<SocketAddr>,
+    /// Make another node of an existing project: take its identity (agent CA, server
+    /// certificate, SSH host key) from a bundle `bastide export-identity` wrote.
+    #[arg(long, conflicts_with = "zone")]
+    pub join: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -268,7 +298,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             crate::daemon::serve(cfg).await
         }
         Command::CheckConfig => {
-            Config::load(&cli.config)?;
+            let cfg = Config::load(&cli.config)?;
+            crate::daemon::check_store_identity(&cfg)
+                .with_context(|| format!("{}: [store]", cli.config.display()))?;
             println!("{}: configuration OK", cli.config.display());
             Ok(())
         }
@@ -284,12 +316,75 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Config(ref c) => config_cmd(&socket(&cli)?, c).await,
+        Command::Store(ref c) => store_cmd(&cli, c),
+        Command::ExportIdentity { ref out } => export_identity(&cli, out),
         Command::Completions { shell } => bastide_common::clidocs::print_completions(
             <Cli as clap::CommandFactory>::command(),
             shell,
         ),
         Command::Manpages { ref dir } => {
             bastide_common::clidocs::write_man_pages(<Cli as clap::CommandFactory>::command(), dir)
+        }
+    }
+}
+
+fn export_identity(cli: &Cli, out: &Path) -> Result<()> {
+    let cfg = Config::parse_file(&cli.config)?;
+    let id = crate::pki::Identity::read(&cfg.pki_paths(), &cfg.project, cfg.zone.as_deref())?;
+    id.check()?;
+    let text = serde_json::to_string_pretty(&id)?;
+    // create_new: never overwrite (the old file's mode could be wider than 0600).
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("creating {}", out.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    println!(
+        "identity of project {} written to {} (mode 0600; it holds the agent CA key: move it to the new node and delete it)",
+        id.project,
+        out.display()
+    );
+    Ok(())
+}
+
+fn store_cmd(cli: &Cli, cmd: &StoreCmd) -> Result<()> {
+    match cmd {
+        StoreCmd::Migrate { to: _, url } => {
+            let cfg = Config::load(&cli.config)?;
+            if let Some(adm) = &cfg.admin {
+                if std::os::unix::net::UnixStream::connect(&adm.socket).is_ok() {
+                    bail!(
+                        "the bastion is running (its admin socket {} answers): stop it first, the copy must see the SQLite store at rest",
+                        adm.socket.display()
+                    );
+                }
+            }
+            let target = cfg
+                .store
+                .postgres_settings(url.as_deref())
+                .map_err(|e| anyhow::anyhow!("{}: [store]: {e}", cli.config.display()))?;
+            let from = cfg.store_path();
+            let n = crate::store::copy::sqlite_to_postgres(&from, &target)?;
+            println!(
+                "copied {} tokens, {} agents, {} certificates from {} to {}",
+                n.tokens,
+                n.agents,
+                n.certs,
+                from.display(),
+                target.describe
+            );
+            if cfg.store.backend != crate::store::BackendKind::Postgres {
+                println!(
+                    "next: set backend = \"postgres\" in [store] of {} and start the bastion",
+                    cli.config.display()
+                );
+            }
+            Ok(())
         }
     }
 }
@@ -390,10 +485,32 @@ fn socket(cli: &Cli) -> Result<PathBuf> {
 }
 
 fn init(a: &InitArgs) -> Result<()> {
-    if !crate::pki::valid_agent_name(&a.project) {
-        bail!("--project {:?}: must be a lowercase DNS label", a.project);
+    let joined = match &a.join {
+        Some(bundle) => {
+            crate::fsutil::check_secret_file(bundle)?;
+            let text = std::fs::read_to_string(bundle)
+                .with_context(|| format!("reading {}", bundle.display()))?;
+            let id: crate::pki::Identity = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not an identity bundle", bundle.display()))?;
+            id.check()
+                .with_context(|| format!("{}", bundle.display()))?;
+            Some(id)
+        }
+        None => None,
+    };
+    let project = match (&joined, &a.project) {
+        (Some(id), _) => id.project.clone(),
+        (None, Some(p)) => p.clone(),
+        (None, None) => bail!("--project or --join is required"),
+    };
+    let zone = match &joined {
+        Some(id) => id.zone.clone(),
+        None => a.zone.clone(),
+    };
+    if !crate::pki::valid_agent_name(&project) {
+        bail!("--project {project:?}: must be a lowercase DNS label");
     }
-    if let Some(z) = &a.zone {
+    if let Some(z) = &zone {
         if !crate::pki::valid_zone(z) {
             bail!("--zone {z:?}: not a valid DNS zone name");
         }
@@ -404,7 +521,10 @@ fn init(a: &InitArgs) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("resolving {}", a.dir.display()))?;
     let paths = crate::pki::PkiPaths::new(&dir);
-    crate::pki::init(&paths, &a.project, a.zone.as_deref(), &a.sans)?;
+    match &joined {
+        Some(id) => id.install(&paths)?,
+        None => crate::pki::init(&paths, &project, zone.as_deref(), &a.sans)?,
+    }
     let store = dir.join("registry.sqlite");
     if !store.exists() {
         crate::store::Store::create(&store)?;
@@ -421,7 +541,7 @@ fn init(a: &InitArgs) -> Result<()> {
         };
         crate::fsutil::write_atomic(
             &cfg_path,
-            crate::config::default_file(&a.project, a.zone.as_deref(), &dir, &listen).as_bytes(),
+            crate::config::default_file(&project, zone.as_deref(), &dir, &listen).as_bytes(),
             0o640,
         )?;
         listeners = vec![("agents.listen: ", agents), ("metrics.listen:", metrics)];
@@ -830,6 +950,9 @@ async fn status(socket: &Path, json: bool) -> Result<()> {
             })
             .collect();
         println!("listen        {}", list.join(", "));
+    }
+    if let Some(s) = v["store"].as_str() {
+        println!("store         {s}");
     }
     let a = &v["agents"];
     println!(

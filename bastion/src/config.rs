@@ -138,6 +138,9 @@ pub struct Config {
     /// `[config_push]`: the environment tree rendered and pushed to agents.
     #[serde(default)]
     pub config_push: Option<crate::config_push::ConfigPushConfig>,
+    /// `[store]`: the registry's store, SQLite in the state directory unless set.
+    #[serde(default)]
+    pub store: crate::store::StoreConfig,
     /// Path of the file this was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -288,8 +291,10 @@ impl Config {
         PkiPaths::new(&self.state_dir)
     }
 
+    /// The SQLite registry file (the store itself with the default backend, the source of
+    /// `bastide store migrate` otherwise).
     pub fn store_path(&self) -> PathBuf {
-        self.state_dir.join("registry.sqlite")
+        self.store.sqlite_path(&self.state_dir)
     }
 
     /// Every address a listener of this configuration is bound to (for the address
@@ -354,7 +359,9 @@ impl Config {
             if let Err(e) = crate::pki::read_cert_pem(&pki.ca_cert) {
                 bad("state_dir", format!("{e:#}"));
             }
-            if !self.store_path().is_file() {
+            if self.store.backend == crate::store::BackendKind::Sqlite
+                && !self.store_path().is_file()
+            {
                 bad(
                     "state_dir",
                     format!(
@@ -373,6 +380,9 @@ impl Config {
             if list.is_some_and(|l| l.is_empty()) {
                 bad(key, "at least one address is needed".into());
             }
+        }
+        for (key, reason) in self.store.problems() {
+            bad(&key, reason);
         }
         if let Some(a) = &self.agents {
             if a.cert_lifetime < Duration::from_secs(2) {
@@ -552,6 +562,21 @@ unauthenticated_lifetime = "30s"
 # Renewals per agent: a burst, then one per interval (default: cert_lifetime / 10).
 renew_burst = 5
 # renew_interval = "2h24m"
+
+# Registry store: SQLite in state_dir (the default, one bastion). PostgreSQL holds the
+# registry several bastions share; copy an existing SQLite registry into it once with
+# `bastide store migrate --to postgres` (see docs/store.md). Changes need a restart.
+# [store]
+# backend = "postgres"
+# host = "db1.example.org"        # or url = "postgresql://bastide@db1.example.org:5432/bastide"
+# port = 5432
+# dbname = "bastide"
+# user = "bastide"
+# password_file = "/etc/bastide/postgres.password"   # mode 0600
+# sslmode = "verify-full"         # or "disable", for a server on loopback or a Unix socket
+# ca_file = "/etc/bastide/postgres-ca.pem"
+# pool_size = 4
+# timeout = "10s"
 
 # Unix socket of the admin CLI (never a TCP port).
 [admin]

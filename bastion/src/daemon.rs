@@ -50,9 +50,36 @@ fn settings(cfg: &Config) -> RegistrySettings {
 
 /// Opens the registry of a validated configuration.
 pub fn open_registry(cfg: &Config) -> Result<Registry> {
-    let store = Store::open(&cfg.store_path())?;
+    let mut store = Store::open_configured(&cfg.store, &cfg.state_dir)?;
+    tracing::info!(store = %store.describe(), "registry store open");
     let ca = AgentCa::load(&cfg.pki_paths(), &cfg.project, cfg.zone.as_deref())?;
+    // The first node binds the store to its agent CA; every other node must present the
+    // same one (agents pin it), i.e. be made with `bastide init --join`.
+    let pin = crate::pki::spki_pin(&ca.cert_der)?;
+    let stored = store.claim_identity(crate::store::AGENT_CA_PIN, &pin)?;
+    if stored != pin {
+        anyhow::bail!("{}", ca_mismatch(&store.describe(), &pin, &stored));
+    }
     Ok(Registry::open(store, ca, settings(cfg))?)
+}
+
+fn ca_mismatch(store: &str, ours: &str, theirs: &str) -> String {
+    format!(
+        "this node's agent CA ({ours}) is not the one of the registry in {store} ({theirs}): agents pin one CA, so every node of a project must share it; create this node with `bastide export-identity` on an existing node and `bastide init --join`"
+    )
+}
+
+/// What `check-config` adds to the configuration's checks: the store answers and, when it
+/// is bound to an agent CA, that CA is this node's.
+pub fn check_store_identity(cfg: &Config) -> Result<()> {
+    let mut store = Store::open_for_check(&cfg.store, &cfg.state_dir)?;
+    let pin = crate::pki::spki_pin(&crate::pki::read_cert_pem(&cfg.pki_paths().ca_cert)?)?;
+    match store.identity(crate::store::AGENT_CA_PIN)? {
+        Some(stored) if stored != pin => {
+            anyhow::bail!("{}", ca_mismatch(&store.describe(), &pin, &stored))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Runs the daemon until a signal or a service failure.

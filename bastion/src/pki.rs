@@ -275,6 +275,121 @@ fn write_ssh_host_key(path: &Path) -> Result<()> {
     )
 }
 
+/// Format tag of the identity bundle (`bastide export-identity`).
+pub const IDENTITY_FORMAT: &str = "bastide-identity/1";
+
+/// What every node of a project shares, so that agents (which pin one CA and check the
+/// server name) and admins (whose known_hosts holds one key per bastion name) see one
+/// bastion: the agent CA with its key, the gRPC server certificate with its key, and the SSH
+/// host key. Written by `bastide export-identity` (mode 0600: it holds the CA key), read by
+/// `bastide init --join`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    pub format: String,
+    pub project: String,
+    pub zone: Option<String>,
+    pub ca_cert: String,
+    pub ca_key: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub ssh_host_key: String,
+}
+
+impl Identity {
+    /// Reads the identity of an initialised state directory.
+    pub fn read(paths: &PkiPaths, project: &str, zone: Option<&str>) -> Result<Self> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
+        for key in [&paths.ca_key, &paths.server_key, &paths.ssh_host_key] {
+            check_secret_file(key)?;
+        }
+        Ok(Self {
+            format: IDENTITY_FORMAT.into(),
+            project: project.into(),
+            zone: zone.map(str::to_string),
+            ca_cert: read(&paths.ca_cert)?,
+            ca_key: read(&paths.ca_key)?,
+            server_cert: read(&paths.server_cert)?,
+            server_key: read(&paths.server_key)?,
+            ssh_host_key: read(&paths.ssh_host_key)?,
+        })
+    }
+
+    /// Checks that the parts are what they claim and belong together: the CA key is the
+    /// CA certificate's, the server certificate is signed by that CA and matches its key,
+    /// the SSH key parses.
+    pub fn check(&self) -> Result<()> {
+        if self.format != IDENTITY_FORMAT {
+            bail!(
+                "identity bundle format {:?}, this bastide reads {IDENTITY_FORMAT:?}",
+                self.format
+            );
+        }
+        if !valid_agent_name(&self.project) {
+            bail!(
+                "identity bundle: project {:?} is not a DNS label",
+                self.project
+            );
+        }
+        use rustls_pki_types::pem::PemObject;
+        let ca_der = CertificateDer::from_pem_slice(self.ca_cert.as_bytes())
+            .context("identity bundle: CA certificate")?;
+        let ca_key = KeyPair::from_pem(&self.ca_key).context("identity bundle: CA key")?;
+        let (_, ca) =
+            X509Certificate::from_der(&ca_der).context("identity bundle: CA certificate")?;
+        if ca.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&ca_key).as_slice()
+        {
+            bail!("identity bundle: the CA key is not the CA certificate's");
+        }
+        let srv_der = CertificateDer::from_pem_slice(self.server_cert.as_bytes())
+            .context("identity bundle: server certificate")?;
+        let srv_key = KeyPair::from_pem(&self.server_key).context("identity bundle: server key")?;
+        let (_, srv) =
+            X509Certificate::from_der(&srv_der).context("identity bundle: server certificate")?;
+        if srv.public_key().raw
+            != rcgen::PublicKeyData::subject_public_key_info(&srv_key).as_slice()
+        {
+            bail!("identity bundle: the server key is not the server certificate's");
+        }
+        srv.verify_signature(Some(ca.public_key())).map_err(|_| {
+            anyhow::anyhow!("identity bundle: the server certificate is not signed by the CA")
+        })?;
+        russh::keys::ssh_key::PrivateKey::from_openssh(&self.ssh_host_key)
+            .context("identity bundle: SSH host key")?;
+        Ok(())
+    }
+
+    /// Writes the identity into a new state directory's files (refusing to overwrite a CA).
+    pub fn install(&self, paths: &PkiPaths) -> Result<()> {
+        self.check()?;
+        if paths.ca_key.exists() || paths.ca_cert.exists() || paths.ssh_host_key.exists() {
+            bail!(
+                "{} already holds an agent CA or an SSH host key: join into a new directory",
+                paths.dir.display()
+            );
+        }
+        crate::fsutil::ensure_dir(&paths.dir, 0o700)?;
+        write_atomic(&paths.ca_key, self.ca_key.as_bytes(), 0o600)?;
+        write_atomic(&paths.ca_cert, self.ca_cert.as_bytes(), 0o644)?;
+        write_atomic(&paths.server_key, self.server_key.as_bytes(), 0o600)?;
+        write_atomic(&paths.server_cert, self.server_cert.as_bytes(), 0o644)?;
+        write_atomic(&paths.ssh_host_key, self.ssh_host_key.as_bytes(), 0o600)?;
+        let key = russh::keys::ssh_key::PrivateKey::from_openssh(&self.ssh_host_key)
+            .context("identity bundle: SSH host key")?;
+        let public = key
+            .public_key()
+            .to_openssh()
+            .context("encoding SSH public key")?;
+        write_atomic(
+            &paths.ssh_host_key.with_extension("pub"),
+            format!("{public}\n").as_bytes(),
+            0o644,
+        )
+    }
+}
+
 impl AgentCa {
     /// Loads the CA (refusing a CA key readable by others) and reissues the server
     /// certificate if it is missing or close to expiry.

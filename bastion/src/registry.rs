@@ -287,6 +287,8 @@ struct State {
 
 struct Inner {
     store: Mutex<Store>,
+    /// Which store, for `status` (read without waiting for the store's lock).
+    store_describe: String,
     ca: AgentCa,
     settings: RwLock<RegistrySettings>,
     state: RwLock<State>,
@@ -402,6 +404,7 @@ impl Registry {
         let (events, _) = broadcast::channel(4096);
         let reg = Self {
             inner: Arc::new(Inner {
+                store_describe: store.describe(),
                 store: Mutex::new(store),
                 ca,
                 settings: RwLock::new(settings),
@@ -421,6 +424,11 @@ impl Registry {
 
     pub fn ca(&self) -> &AgentCa {
         &self.inner.ca
+    }
+
+    /// Which store the registry lives in ("SQLite /var/lib/bastide/registry.sqlite").
+    pub fn store_description(&self) -> &str {
+        &self.inner.store_describe
     }
 
     /// New settings (reload): the address policy is applied again to every agent.
@@ -765,7 +773,11 @@ impl Registry {
         };
         store
             .commit_enrollment(&row.id, &agent, &cert)
-            .map_err(|e| EnrollError::Internal(e.to_string()))?;
+            .map_err(|e| match e {
+                // The last use went to another enrollment meanwhile (another node's).
+                StoreError::TokenUsed(_) => EnrollError::TokenUsed,
+                e => EnrollError::Internal(e.to_string()),
+            })?;
         {
             let mut st = self.write_state();
             for c in st.certs.values_mut().filter(|c| c.agent == name) {

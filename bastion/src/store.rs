@@ -1,28 +1,27 @@
-//! The registry's persistent store: one SQLite database (rusqlite, bundled) in the state
-//! directory. Only the registry writes it.
+//! The registry's persistent store, behind one interface ([`Backend`]) with two
+//! implementations: SQLite in the state directory (the default, for a single bastion) and
+//! PostgreSQL (`[store] backend = "postgres"`, the state several bastions can share). Only the
+//! registry writes it.
 //!
-//! Why SQLite rather than redb: enrollment must consume a token, record a certificate and
-//! create or replace an agent in one atomic step, which a SQL transaction states directly;
-//! the file can be inspected by an admin with the stock `sqlite3` tool; and WAL mode with
-//! `synchronous=FULL` gives the durability we need at the write rates of a registry
-//! (enrollments, registrations and revocations, not heartbeats).
+//! The interface is synchronous, as the SQLite store always was: the registry calls it under
+//! its own lock, from `spawn_blocking` on the hot paths (enrollment, registration), and an
+//! `await` there would add a task hop to every SQLite write for nothing. The PostgreSQL
+//! backend runs its asynchronous client (tokio-postgres, deadpool-postgres) on a runtime of
+//! its own and blocks the caller on the answer, like a disk write (see `postgres.rs`).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::Deserialize;
 use thiserror::Error;
 
-const SCHEMA_VERSION: i64 = 2;
+pub mod copy;
+pub mod postgres;
+pub mod sqlite;
 
-/// Schema migrations, each taking the store from version `i + 1` to `i + 2`; run in one
-/// transaction at open. Never edit a released step: add one.
-const MIGRATIONS: &[&str] = &[
-    // 2: pushed configuration revisions and the last apply error of each agent.
-    "ALTER TABLE agents ADD COLUMN config_desired TEXT NOT NULL DEFAULT '';
-     ALTER TABLE agents ADD COLUMN config_applied TEXT NOT NULL DEFAULT '';
-     ALTER TABLE agents ADD COLUMN config_error TEXT NOT NULL DEFAULT '';",
-];
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -30,8 +29,15 @@ pub enum StoreError {
     Open { path: String, message: String },
     #[error("registry store: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("registry store (PostgreSQL): {0}")]
+    Postgres(String),
+    #[error("registry store (PostgreSQL) unavailable: {0}")]
+    Unavailable(String),
     #[error("registry store: corrupt row: {0}")]
     Corrupt(String),
+    /// The token's last use was taken meanwhile (by another enrollment, maybe on another node).
+    #[error("token {0} has no use left")]
+    TokenUsed(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -80,556 +86,973 @@ pub struct CertRow {
     pub revoked: bool,
 }
 
-pub struct Store {
-    conn: Connection,
+/// Every row of a store: what `bastide store migrate` copies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dump {
+    pub tokens: Vec<TokenRow>,
+    pub agents: Vec<AgentRow>,
+    pub certs: Vec<CertRow>,
+    /// The project's identity facts ([`Backend::identity`]).
+    pub identity: BTreeMap<String, String>,
 }
 
-fn json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "null".to_string())
-}
+/// Identity key: the pin (`sha256:...` of its SubjectPublicKeyInfo) of the agent CA every
+/// node of the project must present.
+pub const AGENT_CA_PIN: &str = "agent_ca_pin";
 
-fn unjson<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-impl Store {
-    /// Creates a new, empty store. Fails if the file exists.
-    pub fn create(path: &Path) -> Result<Self> {
-        let open_err = |message: String| StoreError::Open {
-            path: path.display().to_string(),
-            message,
-        };
-        if path.exists() {
-            return Err(open_err("already exists".into()));
-        }
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
-        )
-        .map_err(|e| open_err(e.to_string()))?;
-        let store = Self { conn };
-        store.pragmas()?;
-        store.conn.execute_batch(
-            "BEGIN;
-             CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             CREATE TABLE tokens (
-                id TEXT PRIMARY KEY, hash BLOB NOT NULL, created INTEGER NOT NULL,
-                expires INTEGER NOT NULL, uses_left INTEGER NOT NULL, uses_total INTEGER NOT NULL,
-                name_pattern TEXT, labels TEXT NOT NULL, replace INTEGER NOT NULL,
-                revoked INTEGER NOT NULL);
-             CREATE TABLE agents (
-                name TEXT PRIMARY KEY, labels TEXT NOT NULL, revoked INTEGER NOT NULL,
-                enrolled_at INTEGER NOT NULL, hostname TEXT NOT NULL, addresses TEXT NOT NULL,
-                os TEXT NOT NULL, agent_version TEXT NOT NULL, ssh_host_keys TEXT NOT NULL,
-                last_seen INTEGER, cert_serial TEXT NOT NULL, cert_not_after INTEGER NOT NULL,
-                token_id TEXT NOT NULL);
-             CREATE TABLE certs (
-                serial TEXT PRIMARY KEY, agent TEXT NOT NULL, issued_at INTEGER NOT NULL,
-                not_after INTEGER NOT NULL, revoked INTEGER NOT NULL);
-             CREATE INDEX certs_agent ON certs(agent);
-             COMMIT;",
-        )?;
-        store.conn.execute(
-            "INSERT INTO meta(key, value) VALUES ('schema_version', '1')",
-            [],
-        )?;
-        let mut store = store;
-        store.migrate(1)?;
-        Ok(store)
-    }
-
-    /// Opens an existing store; a missing, unreadable or corrupt file is an error, never
-    /// silently replaced by an empty one.
-    pub fn open(path: &Path) -> Result<Self> {
-        let open_err = |message: String| StoreError::Open {
-            path: path.display().to_string(),
-            message,
-        };
-        if !path.is_file() {
-            return Err(open_err("missing (create it with `bastide init`)".into()));
-        }
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
-            .map_err(|e| open_err(e.to_string()))?;
-        let store = Self { conn };
-        store.pragmas().map_err(|e| open_err(e.to_string()))?;
-        let check: String = store
-            .conn
-            .query_row("PRAGMA quick_check", [], |r| r.get(0))
-            .map_err(|e| open_err(format!("integrity check failed: {e}")))?;
-        if check != "ok" {
-            return Err(open_err(format!("integrity check failed: {check}")));
-        }
-        let version: Option<String> = store
-            .conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| open_err(format!("not a bastide registry: {e}")))?;
-        let mut store = store;
-        match version.as_deref().map(|v| v.parse::<i64>()) {
-            Some(Ok(v)) if v == SCHEMA_VERSION => Ok(store),
-            Some(Ok(v)) if (1..SCHEMA_VERSION).contains(&v) => {
-                store.migrate(v).map_err(|e| {
-                    open_err(format!("migrating schema {v} to {SCHEMA_VERSION}: {e}"))
-                })?;
-                Ok(store)
-            }
-            Some(_) => Err(open_err(format!(
-                "schema version {}, this bastide knows 1 to {SCHEMA_VERSION}",
-                version.unwrap_or_default()
-            ))),
-            None => Err(open_err(
-                "not a bastide registry (no schema version)".into(),
-            )),
-        }
-    }
-
-    /// Brings a store at schema `from` up to `SCHEMA_VERSION` in one transaction.
-    fn migrate(&mut self, from: i64) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        for v in from..SCHEMA_VERSION {
-            let step = MIGRATIONS
-                .get((v - 1) as usize)
-                .ok_or_else(|| StoreError::Corrupt(format!("no migration from schema {v}")))?;
-            tx.execute_batch(step)?;
-        }
-        tx.execute(
-            "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
-            params![SCHEMA_VERSION.to_string()],
-        )?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Persists pushed-configuration states (kept in memory between flushes) in one
-    /// transaction: (name, desired, applied, error).
-    pub fn flush_config(&mut self, rows: &[(String, String, String, String)]) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut stmt = tx.prepare(
-                "UPDATE agents SET config_desired = ?2, config_applied = ?3, config_error = ?4
-                 WHERE name = ?1",
-            )?;
-            for (name, d, a, e) in rows {
-                stmt.execute(params![name, d, a, e])?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    fn pragmas(&self) -> Result<()> {
-        self.conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
-        )?;
-        self.conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Ok(())
-    }
-
-    pub fn insert_token(&mut self, t: &TokenRow) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO tokens(id, hash, created, expires, uses_left, uses_total, name_pattern,
-                labels, replace, revoked) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
-            params![
-                t.id,
-                t.hash,
-                t.created,
-                t.expires,
-                t.uses_left,
-                t.uses_total,
-                t.name_pattern,
-                json(&t.labels),
-                t.replace,
-                t.revoked
-            ],
-        )?;
-        Ok(())
-    }
-
-    fn token_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(TokenRow, String)> {
-        Ok((
-            TokenRow {
-                id: r.get(0)?,
-                hash: r.get(1)?,
-                created: r.get(2)?,
-                expires: r.get(3)?,
-                uses_left: r.get(4)?,
-                uses_total: r.get(5)?,
-                name_pattern: r.get(6)?,
-                labels: BTreeMap::new(),
-                replace: r.get(8)?,
-                revoked: r.get(9)?,
-            },
-            r.get(7)?,
-        ))
-    }
-
-    const TOKEN_COLS: &'static str =
-        "id, hash, created, expires, uses_left, uses_total, name_pattern, labels, replace, revoked";
-
-    pub fn token(&self, id: &str) -> Result<Option<TokenRow>> {
-        let row = self
-            .conn
-            .query_row(
-                &format!("SELECT {} FROM tokens WHERE id = ?1", Self::TOKEN_COLS),
-                params![id],
-                Self::token_from_row,
-            )
-            .optional()?;
-        row.map(|(mut t, labels)| {
-            t.labels = unjson(&labels)?;
-            Ok(t)
-        })
-        .transpose()
-    }
-
-    pub fn tokens(&self) -> Result<Vec<TokenRow>> {
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT {} FROM tokens ORDER BY created",
-            Self::TOKEN_COLS
-        ))?;
-        let rows = stmt.query_map([], Self::token_from_row)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (mut t, labels) = row?;
-            t.labels = unjson(&labels)?;
-            out.push(t);
-        }
-        Ok(out)
-    }
-
-    pub fn revoke_token(&mut self, id: &str) -> Result<bool> {
-        Ok(self
-            .conn
-            .execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", params![id])?
-            > 0)
-    }
-
+/// What the registry asks of its store. Each call is one transaction: it has happened
+/// durably when it returns `Ok`.
+pub trait Backend: Send {
+    fn insert_token(&mut self, t: &TokenRow) -> Result<()>;
+    fn token(&mut self, id: &str) -> Result<Option<TokenRow>>;
+    /// Every token, oldest first.
+    fn tokens(&mut self) -> Result<Vec<TokenRow>>;
+    fn revoke_token(&mut self, id: &str) -> Result<bool>;
     /// Removes tokens expired for more than `grace` seconds.
-    pub fn purge_tokens(&mut self, now: i64, grace: i64) -> Result<usize> {
-        Ok(self.conn.execute(
-            "DELETE FROM tokens WHERE expires < ?1",
-            params![now - grace],
-        )?)
-    }
-
-    const AGENT_COLS: &'static str = "name, labels, revoked, enrolled_at, hostname, addresses, os,
-        agent_version, ssh_host_keys, last_seen, cert_serial, cert_not_after, token_id";
-    const CONFIG_COLS: &'static str = "config_desired, config_applied, config_error";
-
-    pub fn agents(&self) -> Result<Vec<AgentRow>> {
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT {}, {} FROM agents ORDER BY name",
-            Self::AGENT_COLS,
-            Self::CONFIG_COLS
-        ))?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                AgentRow {
-                    name: r.get(0)?,
-                    revoked: r.get(2)?,
-                    enrolled_at: r.get(3)?,
-                    hostname: r.get(4)?,
-                    os: r.get(6)?,
-                    agent_version: r.get(7)?,
-                    last_seen: r.get(9)?,
-                    cert_serial: r.get(10)?,
-                    cert_not_after: r.get(11)?,
-                    token_id: r.get(12)?,
-                    config_desired: r.get(13)?,
-                    config_applied: r.get(14)?,
-                    config_error: r.get(15)?,
-                    ..AgentRow::default()
-                },
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(8)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (mut a, labels, addresses, keys) = row?;
-            a.labels = unjson(&labels)?;
-            a.addresses = unjson(&addresses)?;
-            a.ssh_host_keys = unjson(&keys)?;
-            out.push(a);
-        }
-        Ok(out)
-    }
-
-    pub fn certs(&self) -> Result<Vec<CertRow>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT serial, agent, issued_at, not_after, revoked FROM certs")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(CertRow {
-                serial: r.get(0)?,
-                agent: r.get(1)?,
-                issued_at: r.get(2)?,
-                not_after: r.get(3)?,
-                revoked: r.get(4)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-    }
-
-    /// Records an enrollment in one transaction: the token use, the new certificate, the
-    /// agent row (replacing any previous one of that name) and the revocation of the
-    /// previous holder's certificates.
-    pub fn commit_enrollment(
-        &mut self,
-        token_id: &str,
-        agent: &AgentRow,
-        cert: &CertRow,
-    ) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        let used = tx.execute(
-            "UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?1 AND uses_left > 0",
-            params![token_id],
-        )?;
-        if used != 1 {
-            return Err(StoreError::Corrupt(format!(
-                "token {token_id} has no use left"
-            )));
-        }
-        tx.execute(
-            "UPDATE certs SET revoked = 1 WHERE agent = ?1",
-            params![agent.name],
-        )?;
-        Self::put_agent(&tx, agent)?;
-        Self::put_cert(&tx, cert)?;
-        tx.commit()?;
-        Ok(())
-    }
-
+    fn purge_tokens(&mut self, now: i64, grace: i64) -> Result<usize>;
+    /// Every agent, by name.
+    fn agents(&mut self) -> Result<Vec<AgentRow>>;
+    fn certs(&mut self) -> Result<Vec<CertRow>>;
+    /// Records an enrollment in one transaction: the token use (refused with
+    /// [`StoreError::TokenUsed`] when none is left), the new certificate, the agent row
+    /// (replacing any previous one of that name, its pushed-configuration state included)
+    /// and the revocation of the previous holder's certificates.
+    fn commit_enrollment(&mut self, token_id: &str, agent: &AgentRow, cert: &CertRow)
+        -> Result<()>;
     /// Records a renewed certificate for an existing agent, in the same transaction as the
-    /// pruning that keeps the table bounded (see [`Store::prune_certs`]): the agent's other
+    /// pruning that keeps the table bounded (see [`Backend::prune_certs`]): the agent's other
     /// unrevoked certificates than `proving` (the one the renewal came on) and the new one
     /// are superseded and deleted. Returns the number of rows deleted.
-    pub fn commit_renewal(
+    fn commit_renewal(
         &mut self,
         agent: &str,
         proving: &str,
         cert: &CertRow,
         now: i64,
-    ) -> Result<usize> {
-        let tx = self.conn.transaction()?;
-        Self::put_cert(&tx, cert)?;
-        tx.execute(
-            "UPDATE agents SET cert_serial = ?2, cert_not_after = ?3 WHERE name = ?1",
-            params![agent, cert.serial, cert.not_after],
-        )?;
-        let superseded = tx.execute(
-            "DELETE FROM certs WHERE agent = ?1 AND revoked = 0 AND serial <> ?2 AND serial <> ?3",
-            params![agent, proving, cert.serial],
-        )?;
-        let expired = Self::delete_expired(&tx, now)?;
-        tx.commit()?;
-        Ok(superseded + expired)
-    }
-
+    ) -> Result<usize>;
     /// Deletes certificates past their expiry. What the handshake check needs is kept: a
     /// revoked certificate stays known as revoked until it expires (so that its holder hears
     /// "revoked", and stops), and an expired one is refused by the certificate verifier before
     /// its serial is looked up. A serial missing from the table is refused too, so pruning
     /// can change why a certificate is refused, never whether.
-    pub fn prune_certs(&mut self, now: i64) -> Result<usize> {
-        let tx = self.conn.transaction()?;
-        let n = Self::delete_expired(&tx, now)?;
-        tx.commit()?;
-        Ok(n)
-    }
-
-    fn delete_expired(tx: &rusqlite::Transaction<'_>, now: i64) -> Result<usize> {
-        Ok(tx.execute("DELETE FROM certs WHERE not_after < ?1", params![now])?)
-    }
-
+    fn prune_certs(&mut self, now: i64) -> Result<usize>;
     /// Marks an agent and all its certificates revoked.
-    pub fn revoke_agent(&mut self, name: &str) -> Result<bool> {
-        let tx = self.conn.transaction()?;
-        let n = tx.execute(
-            "UPDATE agents SET revoked = 1 WHERE name = ?1",
-            params![name],
-        )?;
-        tx.execute(
-            "UPDATE certs SET revoked = 1 WHERE agent = ?1",
-            params![name],
-        )?;
-        tx.commit()?;
-        Ok(n > 0)
-    }
-
+    fn revoke_agent(&mut self, name: &str) -> Result<bool>;
     /// Stores the facts an agent registered.
-    pub fn update_facts(&mut self, a: &AgentRow) -> Result<()> {
-        self.conn.execute(
-            "UPDATE agents SET hostname = ?2, addresses = ?3, os = ?4, agent_version = ?5,
-                ssh_host_keys = ?6, last_seen = ?7 WHERE name = ?1",
-            params![
-                a.name,
-                a.hostname,
-                json(&a.addresses),
-                a.os,
-                a.agent_version,
-                json(&a.ssh_host_keys),
-                a.last_seen
-            ],
-        )?;
-        Ok(())
+    fn update_facts(&mut self, a: &AgentRow) -> Result<()>;
+    /// Persists last-seen times in one transaction (they are kept in memory between flushes).
+    fn flush_last_seen(&mut self, seen: &[(String, i64)]) -> Result<()>;
+    /// Persists pushed-configuration states (kept in memory between flushes) in one
+    /// transaction: (name, desired, applied, error).
+    fn flush_config(&mut self, rows: &[(String, String, String, String)]) -> Result<()>;
+    /// A fact about the project this store belongs to ([`AGENT_CA_PIN`]), if recorded.
+    fn identity(&mut self, key: &str) -> Result<Option<String>>;
+    /// Every identity fact.
+    fn identities(&mut self) -> Result<BTreeMap<String, String>>;
+    /// Records `value` under `key` unless a value is there already; returns the value the
+    /// store holds afterwards (the first node to claim wins, the others compare).
+    fn claim_identity(&mut self, key: &str, value: &str) -> Result<String>;
+    /// Whether the store holds no token, agent or certificate.
+    fn is_empty(&mut self) -> Result<bool>;
+    /// Writes every row of `d` in one transaction (into an empty store: the copy of
+    /// `bastide store migrate`, and tests).
+    fn import(&mut self, d: &Dump) -> Result<()>;
+    /// Every row, for the copy.
+    fn dump(&mut self) -> Result<Dump> {
+        Ok(Dump {
+            tokens: self.tokens()?,
+            agents: self.agents()?,
+            certs: self.certs()?,
+            identity: self.identities()?,
+        })
+    }
+    /// Which store this is, for logs ("SQLite /var/lib/bastide/registry.sqlite").
+    fn describe(&self) -> String;
+}
+
+/// The registry's store: one of the two backends.
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+impl Store {
+    /// Creates a new, empty SQLite store (`bastide init`). Fails if the file exists.
+    pub fn create(path: &Path) -> Result<Self> {
+        Ok(Self::Sqlite(SqliteStore::create(path)?))
     }
 
-    /// Persists last-seen times in one transaction (they are kept in memory between flushes).
-    pub fn flush_last_seen(&mut self, seen: &[(String, i64)]) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut stmt = tx.prepare("UPDATE agents SET last_seen = ?2 WHERE name = ?1")?;
-            for (name, t) in seen {
-                stmt.execute(params![name, t])?;
+    /// Opens an existing SQLite store; a missing, unreadable or corrupt file is an error,
+    /// never silently replaced by an empty one.
+    pub fn open(path: &Path) -> Result<Self> {
+        Ok(Self::Sqlite(SqliteStore::open(path)?))
+    }
+
+    /// Opens the store `[store]` names: the SQLite file of the state directory, or the
+    /// PostgreSQL database (whose schema is brought up to date first, one node at a time).
+    pub fn open_configured(cfg: &StoreConfig, state_dir: &Path) -> Result<Self> {
+        match cfg.backend {
+            BackendKind::Sqlite => Self::open(&cfg.sqlite_path(state_dir)),
+            BackendKind::Postgres => {
+                let settings = cfg.postgres_settings(None).map_err(|e| StoreError::Open {
+                    path: "[store]".into(),
+                    message: e,
+                })?;
+                Ok(Self::Postgres(PgStore::connect(&settings)?))
             }
         }
-        tx.commit()?;
-        Ok(())
-    }
-
-    fn put_agent(tx: &rusqlite::Transaction<'_>, a: &AgentRow) -> Result<()> {
-        tx.execute(
-            &format!(
-                "INSERT OR REPLACE INTO agents({}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)",
-                Self::AGENT_COLS
-            ),
-            params![
-                a.name,
-                json(&a.labels),
-                a.revoked,
-                a.enrolled_at,
-                a.hostname,
-                json(&a.addresses),
-                a.os,
-                a.agent_version,
-                json(&a.ssh_host_keys),
-                a.last_seen,
-                a.cert_serial,
-                a.cert_not_after,
-                a.token_id
-            ],
-        )?;
-        Ok(())
-    }
-
-    fn put_cert(tx: &rusqlite::Transaction<'_>, c: &CertRow) -> Result<()> {
-        tx.execute(
-            "INSERT INTO certs(serial, agent, issued_at, not_after, revoked) VALUES (?1,?2,?3,?4,?5)",
-            params![c.serial, c.agent, c.issued_at, c.not_after, c.revoked],
-        )?;
-        Ok(())
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl Store {
+    /// Opens the configured store to read it (`check-config`): the PostgreSQL schema is not
+    /// migrated (another version of bastide may be serving from it).
+    pub fn open_for_check(cfg: &StoreConfig, state_dir: &Path) -> Result<Self> {
+        match cfg.backend {
+            BackendKind::Sqlite => Self::open(&cfg.sqlite_path(state_dir)),
+            BackendKind::Postgres => {
+                let settings = cfg.postgres_settings(None).map_err(|e| StoreError::Open {
+                    path: "[store]".into(),
+                    message: e,
+                })?;
+                Ok(Self::Postgres(PgStore::connect_without_migrating(
+                    &settings,
+                )?))
+            }
+        }
+    }
+}
 
-    #[test]
-    fn refuses_missing_and_garbage() {
-        let dir = std::env::temp_dir().join(format!("bastide-store-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("r.sqlite");
-        assert!(Store::open(&p).is_err());
-        std::fs::write(&p, b"this is not a database, it is garbage................").unwrap();
-        assert!(Store::open(&p).is_err());
-        std::fs::remove_file(&p).unwrap();
-        Store::create(&p).unwrap();
-        assert!(Store::create(&p).is_err());
-        Store::open(&p).unwrap();
+impl std::ops::Deref for Store {
+    type Target = dyn Backend;
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Store::Sqlite(s) => s,
+            Store::Postgres(p) => p,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Store {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            Store::Sqlite(s) => s,
+            Store::Postgres(p) => p,
+        }
+    }
+}
+
+pub(crate) fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".to_string())
+}
+
+pub(crate) fn unjson<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+// ---- configuration ----
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    #[default]
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum SslMode {
+    /// TLS, the server's certificate checked against `ca_file` and its name against `host`.
+    #[default]
+    #[serde(rename = "verify-full")]
+    VerifyFull,
+    /// No TLS: only for a server on loopback or a Unix socket.
+    #[serde(rename = "disable")]
+    Disable,
+}
+
+/// `[store]`: where the registry lives. Absent: SQLite in the state directory. The PostgreSQL
+/// keys may be set while `backend` is still "sqlite": that is how `bastide store migrate`
+/// finds its target before the switch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// SQLite file (default `<state_dir>/registry.sqlite`).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// PostgreSQL connection string, a URL ("postgresql://bastide@db1:5432/bastide") or
+    /// key=value pairs; without password or sslmode (see `password_file`, `sslmode`).
+    /// Instead of `host`, `port`, `dbname` and `user`.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub dbname: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    /// File holding the password (mode 0600 or stricter); absent: no password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// CA certificate(s), PEM, that the server's certificate must chain to (verify-full).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Connections kept open to the server.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Bound on connecting and on each store operation.
+    #[serde(default = "default_store_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: BackendKind::default(),
+            path: None,
+            url: None,
+            host: None,
+            port: None,
+            dbname: None,
+            user: None,
+            password_file: None,
+            sslmode: SslMode::default(),
+            ca_file: None,
+            pool_size: default_pool_size(),
+            timeout: default_store_timeout(),
+        }
+    }
+}
+
+fn default_pool_size() -> usize {
+    4
+}
+
+fn default_store_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// What the PostgreSQL backend connects with, checked and resolved (password read).
+#[derive(Clone)]
+pub struct PgSettings {
+    pub config: tokio_postgres::Config,
+    /// PEM CA certificates when TLS is on.
+    pub tls_ca: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
+    pub pool_size: usize,
+    pub timeout: Duration,
+    /// "postgresql://user@host:port/dbname (TLS verify-full)", for logs; no secret.
+    pub describe: String,
+}
+
+impl StoreConfig {
+    pub fn sqlite_path(&self, state_dir: &Path) -> PathBuf {
+        self.path
+            .clone()
+            .unwrap_or_else(|| state_dir.join("registry.sqlite"))
     }
 
-    #[test]
-    fn renewal_prunes_superseded_and_expired_keeps_revoked_until_expiry() {
+    /// Whether any PostgreSQL key is set (they are then checked, whatever `backend` says).
+    pub fn has_postgres_keys(&self) -> bool {
+        self.url.is_some()
+            || self.host.is_some()
+            || self.port.is_some()
+            || self.dbname.is_some()
+            || self.user.is_some()
+            || self.password_file.is_some()
+            || self.ca_file.is_some()
+    }
+
+    /// Every problem of the section, as (key, reason).
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if self.pool_size == 0 {
+            out.push(("store.pool_size".into(), "must be at least 1".into()));
+        }
+        if self.timeout.is_zero() {
+            out.push(("store.timeout".into(), "must be positive".into()));
+        }
+        if self.backend == BackendKind::Postgres && self.path.is_some() {
+            out.push((
+                "store.path".into(),
+                "is the SQLite file: not with backend = \"postgres\"".into(),
+            ));
+        }
+        if self.backend == BackendKind::Postgres || self.has_postgres_keys() {
+            if self.backend == BackendKind::Postgres && self.url.is_none() && self.host.is_none() {
+                out.push((
+                    "store".into(),
+                    "backend = \"postgres\" needs `url` or `host`".into(),
+                ));
+            }
+            if let Err(e) = self.postgres_settings(None) {
+                out.push(("store".into(), e));
+            }
+        }
+        out
+    }
+
+    /// The PostgreSQL settings of this section; `url` (from `bastide store migrate --url`)
+    /// replaces the section's connection keys, the password file and TLS keys still apply.
+    pub fn postgres_settings(&self, url: Option<&str>) -> std::result::Result<PgSettings, String> {
+        let mut config = match url.or(self.url.as_deref()) {
+            Some(u) => {
+                if url.is_none()
+                    && (self.host.is_some()
+                        || self.port.is_some()
+                        || self.dbname.is_some()
+                        || self.user.is_some())
+                {
+                    return Err(
+                        "set either `url` or `host`/`port`/`dbname`/`user`, not both".into(),
+                    );
+                }
+                if u.contains("sslmode") || u.contains("sslrootcert") {
+                    return Err(
+                        "the connection string must not carry sslmode or sslrootcert: set `sslmode` and `ca_file` in [store]"
+                            .into(),
+                    );
+                }
+                let c: tokio_postgres::Config =
+                    u.parse().map_err(|e| format!("connection string: {e}"))?;
+                if c.get_password().is_some() {
+                    return Err(
+                        "the connection string must not carry the password: put it in a file named by `password_file` (mode 0600)"
+                            .into(),
+                    );
+                }
+                c
+            }
+            None => {
+                let mut c = tokio_postgres::Config::new();
+                c.host(self.host.as_deref().unwrap_or("localhost"));
+                c.port(self.port.unwrap_or(5432));
+                c.dbname(self.dbname.as_deref().unwrap_or("bastide"));
+                c.user(self.user.as_deref().unwrap_or("bastide"));
+                c
+            }
+        };
+        if config.get_hosts().is_empty() {
+            config.host("localhost");
+        }
+        if config.get_user().is_none() {
+            config.user("bastide");
+        }
+        if config.get_dbname().is_none() {
+            let user = config.get_user().unwrap_or("bastide").to_string();
+            config.dbname(&user);
+        }
+        if let Some(p) = &self.password_file {
+            crate::fsutil::check_secret_file(p).map_err(|e| format!("password_file: {e:#}"))?;
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| format!("password_file {}: {e}", p.display()))?;
+            let pw = text.trim_end_matches(['\n', '\r']);
+            if pw.is_empty() || pw.contains('\n') {
+                return Err(format!(
+                    "password_file {}: must hold the password on one line",
+                    p.display()
+                ));
+            }
+            config.password(pw);
+        }
+        config.application_name("bastide");
+        config.connect_timeout(self.timeout);
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        let tls_ca = match self.sslmode {
+            SslMode::Disable => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                None
+            }
+            SslMode::VerifyFull => {
+                let Some(ca) = &self.ca_file else {
+                    return Err(
+                        "sslmode = \"verify-full\" (the default) needs `ca_file`, the CA that signed the server's certificate (or sslmode = \"disable\" for a server on loopback)"
+                            .into(),
+                    );
+                };
+                use rustls_pki_types::pem::PemObject;
+                let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
+                    .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+                    .map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
+                if certs.is_empty() {
+                    return Err(format!("ca_file {}: no certificate in it", ca.display()));
+                }
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Some(certs)
+            }
+        };
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(s) => s.clone(),
+                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+            })
+            .collect();
+        let ports: Vec<String> = config.get_ports().iter().map(|p| p.to_string()).collect();
+        let describe = format!(
+            "PostgreSQL {}@{}:{}/{} ({})",
+            config.get_user().unwrap_or(""),
+            hosts.join(","),
+            if ports.is_empty() {
+                "5432".to_string()
+            } else {
+                ports.join(",")
+            },
+            config.get_dbname().unwrap_or(""),
+            match self.sslmode {
+                SslMode::Disable => "no TLS",
+                SslMode::VerifyFull => "TLS verify-full",
+            }
+        );
+        Ok(PgSettings {
+            config,
+            tls_ca,
+            pool_size: self.pool_size.max(1),
+            timeout: self.timeout,
+            describe,
+        })
+    }
+}
+
+/// The interface's tests, run against both backends: SQLite in a temporary directory and a
+/// real PostgreSQL started for the test (`bastide_tests::Postgres`; the test fails when
+/// PostgreSQL's programs are missing).
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use bastide_tests::Postgres;
+
+    /// A store of one backend, with what it needs kept alive.
+    #[allow(dead_code)] // `pg` and `dir` are kept alive for the store, not read.
+    pub(crate) struct Fixture {
+        pub store: Store,
+        pub pg: Option<Postgres>,
+        pub dir: PathBuf,
+    }
+
+    fn temp_dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!("bastide-store-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut s = Store::create(&dir.join("r.sqlite")).unwrap();
-        let cert = |serial: &str, agent: &str, not_after: i64, revoked: bool| CertRow {
+        dir
+    }
+
+    pub(crate) fn sqlite() -> Fixture {
+        let dir = temp_dir();
+        let store = Store::create(&dir.join("r.sqlite")).unwrap();
+        Fixture {
+            store,
+            pg: None,
+            dir,
+        }
+    }
+
+    /// `[store]` for a database of `pg`, password in a 0600 file of `dir`.
+    pub(crate) fn pg_config(pg: &Postgres, db: &str, dir: &Path) -> StoreConfig {
+        let pw = dir.join(format!("pg-password-{db}"));
+        pg.write_password_file(&pw);
+        StoreConfig {
+            backend: BackendKind::Postgres,
+            url: Some(pg.url(db)),
+            password_file: Some(pw),
+            sslmode: SslMode::Disable,
+            ..StoreConfig::default()
+        }
+    }
+
+    pub(crate) fn postgres() -> Fixture {
+        let pg = Postgres::start();
+        let dir = temp_dir();
+        pg.create_db("registry");
+        let cfg = pg_config(&pg, "registry", &dir);
+        let store = Store::open_configured(&cfg, &dir).unwrap();
+        Fixture {
+            store,
+            pg: Some(pg),
+            dir,
+        }
+    }
+
+    /// Runs `f` on a fresh store of each backend.
+    fn each_backend(f: impl Fn(&mut Store)) {
+        for mut fx in [sqlite(), postgres()] {
+            let what = fx.store.describe();
+            eprintln!("--- {what}");
+            f(&mut fx.store);
+        }
+    }
+
+    fn token(id: &str, uses: u32, created: i64) -> TokenRow {
+        TokenRow {
+            id: id.into(),
+            hash: vec![1, 2, 3, 0, 255],
+            created,
+            expires: created + 100,
+            uses_left: uses,
+            uses_total: uses,
+            name_pattern: Some("web*".into()),
+            labels: [("env".to_string(), "prod".to_string())].into(),
+            replace: false,
+            revoked: false,
+        }
+    }
+
+    fn agent(name: &str, serial: &str, token_id: &str) -> AgentRow {
+        AgentRow {
+            name: name.into(),
+            labels: [("role".to_string(), "web".to_string())].into(),
+            enrolled_at: 10,
+            agent_version: "0.1.0".into(),
+            cert_serial: serial.into(),
+            cert_not_after: 1000,
+            token_id: token_id.into(),
+            ..AgentRow::default()
+        }
+    }
+
+    fn cert(serial: &str, agent: &str, not_after: i64, revoked: bool) -> CertRow {
+        CertRow {
             serial: serial.into(),
             agent: agent.into(),
             issued_at: 0,
             not_after,
             revoked,
-        };
-        let tx = s.conn.transaction().unwrap();
-        for c in [
-            cert("old", "web01", 1000, false),
-            cert("proving", "web01", 1000, false),
-            cert("replaced", "web01", 1000, true),
-            cert("expired", "web01", 10, true),
-            cert("other", "db01", 1000, false),
-            cert("other-expired", "db01", 10, false),
-        ] {
-            Store::put_cert(&tx, &c).unwrap();
         }
-        tx.commit().unwrap();
-        let pruned = s
-            .commit_renewal("web01", "proving", &cert("new", "web01", 2000, false), 100)
-            .unwrap();
-        assert_eq!(pruned, 3);
-        let mut left: Vec<String> = s.certs().unwrap().into_iter().map(|c| c.serial).collect();
-        left.sort();
-        assert_eq!(left, ["new", "other", "proving", "replaced"]);
-        assert_eq!(s.prune_certs(1500).unwrap(), 3);
-        assert_eq!(s.certs().unwrap().len(), 1);
     }
 
     #[test]
-    fn migrates_a_version_1_store() {
-        let dir = std::env::temp_dir().join(format!("bastide-store-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("r.sqlite");
-        {
-            // A store as version 1 of bastide left it.
-            let c = Connection::open(&p).unwrap();
-            c.execute_batch(
-                "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                 INSERT INTO meta VALUES ('schema_version', '1');
-                 CREATE TABLE tokens (id TEXT PRIMARY KEY, hash BLOB NOT NULL, created INTEGER NOT NULL,
-                    expires INTEGER NOT NULL, uses_left INTEGER NOT NULL, uses_total INTEGER NOT NULL,
-                    name_pattern TEXT, labels TEXT NOT NULL, replace INTEGER NOT NULL, revoked INTEGER NOT NULL);
-                 CREATE TABLE agents (name TEXT PRIMARY KEY, labels TEXT NOT NULL, revoked INTEGER NOT NULL,
-                    enrolled_at INTEGER NOT NULL, hostname TEXT NOT NULL, addresses TEXT NOT NULL,
-                    os TEXT NOT NULL, agent_version TEXT NOT NULL, ssh_host_keys TEXT NOT NULL,
-                    last_seen INTEGER, cert_serial TEXT NOT NULL, cert_not_after INTEGER NOT NULL,
-                    token_id TEXT NOT NULL);
-                 CREATE TABLE certs (serial TEXT PRIMARY KEY, agent TEXT NOT NULL, issued_at INTEGER NOT NULL,
-                    not_after INTEGER NOT NULL, revoked INTEGER NOT NULL);
-                 INSERT INTO agents VALUES ('web1', '{}', 0, 1, 'h', '[]', 'linux', '1', '[]', NULL, 's', 2, 't');",
+    fn tokens_round_trip_revoke_and_purge() {
+        each_backend(|s| {
+            assert!(s.is_empty().unwrap());
+            s.insert_token(&token("bbbb", 2, 20)).unwrap();
+            s.insert_token(&token("aaaa", 1, 10)).unwrap();
+            assert!(
+                s.insert_token(&token("aaaa", 1, 10)).is_err(),
+                "duplicate id"
+            );
+            assert_eq!(s.token("aaaa").unwrap(), Some(token("aaaa", 1, 10)));
+            assert_eq!(s.token("nope").unwrap(), None);
+            let all: Vec<String> = s.tokens().unwrap().into_iter().map(|t| t.id).collect();
+            assert_eq!(all, ["aaaa", "bbbb"], "oldest first");
+            assert!(s.revoke_token("bbbb").unwrap());
+            assert!(!s.revoke_token("nope").unwrap());
+            assert!(s.token("bbbb").unwrap().unwrap().revoked);
+            // "aaaa" expires at 110, "bbbb" at 120: purge what expired before 115.
+            assert_eq!(s.purge_tokens(125, 10).unwrap(), 1);
+            assert_eq!(s.tokens().unwrap().len(), 1);
+            assert!(!s.is_empty().unwrap());
+        });
+    }
+
+    #[test]
+    fn enrollment_uses_the_token_once_and_replaces_the_previous_holder() {
+        each_backend(|s| {
+            s.insert_token(&token("t1", 2, 0)).unwrap();
+            s.commit_enrollment(
+                "t1",
+                &agent("web01", "s1", "t1"),
+                &cert("s1", "web01", 1000, false),
             )
             .unwrap();
+            s.flush_config(&[("web01".into(), "d1".into(), "a1".into(), "e1".into())])
+                .unwrap();
+            assert_eq!(s.agents().unwrap()[0].config_desired, "d1");
+            // Re-enrollment under the same name: the old certificate is revoked, the agent
+            // row replaced whole (its pushed-configuration state starts over).
+            s.commit_enrollment(
+                "t1",
+                &agent("web01", "s2", "t1"),
+                &cert("s2", "web01", 1000, false),
+            )
+            .unwrap();
+            let a = s.agents().unwrap();
+            assert_eq!(a.len(), 1);
+            assert_eq!(a[0], agent("web01", "s2", "t1"));
+            let mut certs = s.certs().unwrap();
+            certs.sort_by(|a, b| a.serial.cmp(&b.serial));
+            assert_eq!(
+                certs,
+                [
+                    cert("s1", "web01", 1000, true),
+                    cert("s2", "web01", 1000, false)
+                ]
+            );
+            assert_eq!(s.token("t1").unwrap().unwrap().uses_left, 0);
+            // No use left: refused, and nothing written.
+            let e = s
+                .commit_enrollment(
+                    "t1",
+                    &agent("web02", "s3", "t1"),
+                    &cert("s3", "web02", 1000, false),
+                )
+                .unwrap_err();
+            assert!(matches!(e, StoreError::TokenUsed(_)), "{e}");
+            assert_eq!(s.agents().unwrap().len(), 1);
+            assert_eq!(s.certs().unwrap().len(), 2);
+        });
+    }
+
+    #[test]
+    fn renewal_prunes_superseded_and_expired_keeps_revoked_until_expiry() {
+        each_backend(|s| {
+            s.import(&Dump {
+                tokens: vec![],
+                agents: vec![agent("web01", "proving", "t"), agent("db01", "other", "t")],
+                certs: vec![
+                    cert("old", "web01", 1000, false),
+                    cert("proving", "web01", 1000, false),
+                    cert("replaced", "web01", 1000, true),
+                    cert("expired", "web01", 10, true),
+                    cert("other", "db01", 1000, false),
+                    cert("other-expired", "db01", 10, false),
+                ],
+                identity: BTreeMap::new(),
+            })
+            .unwrap();
+            let pruned = s
+                .commit_renewal("web01", "proving", &cert("new", "web01", 2000, false), 100)
+                .unwrap();
+            assert_eq!(pruned, 3);
+            let mut left: Vec<String> = s.certs().unwrap().into_iter().map(|c| c.serial).collect();
+            left.sort();
+            assert_eq!(left, ["new", "other", "proving", "replaced"]);
+            let a = s.agents().unwrap();
+            let web = a.iter().find(|a| a.name == "web01").unwrap();
+            assert_eq!(
+                (web.cert_serial.as_str(), web.cert_not_after),
+                ("new", 2000)
+            );
+            assert_eq!(s.prune_certs(1500).unwrap(), 3);
+            assert_eq!(s.certs().unwrap().len(), 1);
+        });
+    }
+
+    #[test]
+    fn revocation_facts_last_seen_and_config_states_persist() {
+        each_backend(|s| {
+            s.import(&Dump {
+                tokens: vec![token("t", 1, 0)],
+                agents: vec![agent("web01", "a", "t"), agent("web02", "b", "t")],
+                certs: vec![
+                    cert("a", "web01", 1000, false),
+                    cert("b", "web02", 1000, false),
+                ],
+                identity: BTreeMap::new(),
+            })
+            .unwrap();
+            assert!(s.revoke_agent("web02").unwrap());
+            assert!(!s.revoke_agent("nobody").unwrap());
+            let mut facts = agent("web01", "a", "t");
+            facts.hostname = "web01.internal".into();
+            facts.addresses = vec!["10.0.0.5".into(), "fd00::5".into()];
+            facts.os = "Debian 13".into();
+            facts.agent_version = "0.2.0".into();
+            facts.ssh_host_keys = vec!["ssh-ed25519 AAAA web01".into()];
+            facts.last_seen = Some(50);
+            s.update_facts(&facts).unwrap();
+            s.flush_last_seen(&[
+                ("web01".into(), 77),
+                ("web02".into(), 78),
+                ("gone".into(), 1),
+            ])
+            .unwrap();
+            s.flush_config(&[
+                ("web01".into(), "d".into(), "a".into(), "".into()),
+                ("web02".into(), "d2".into(), "".into(), "refused: x".into()),
+            ])
+            .unwrap();
+            let a = s.agents().unwrap();
+            let mut want1 = facts.clone();
+            want1.last_seen = Some(77);
+            want1.config_desired = "d".into();
+            want1.config_applied = "a".into();
+            assert_eq!(a[0], want1);
+            assert!(a[1].revoked);
+            assert_eq!(a[1].last_seen, Some(78));
+            assert_eq!(a[1].config_error, "refused: x");
+            let certs = s.certs().unwrap();
+            assert!(certs.iter().find(|c| c.serial == "b").unwrap().revoked);
+            assert!(!certs.iter().find(|c| c.serial == "a").unwrap().revoked);
+        });
+    }
+
+    #[test]
+    fn identity_is_claimed_once() {
+        each_backend(|s| {
+            assert_eq!(s.identity(AGENT_CA_PIN).unwrap(), None);
+            assert_eq!(
+                s.claim_identity(AGENT_CA_PIN, "sha256:aa").unwrap(),
+                "sha256:aa"
+            );
+            assert_eq!(
+                s.claim_identity(AGENT_CA_PIN, "sha256:bb").unwrap(),
+                "sha256:aa"
+            );
+            assert_eq!(
+                s.identity(AGENT_CA_PIN).unwrap().as_deref(),
+                Some("sha256:aa")
+            );
+            assert_eq!(s.identities().unwrap().len(), 1, "no internal key shown");
+        });
+    }
+
+    #[test]
+    fn dump_and_import_round_trip() {
+        each_backend(|s| {
+            let mut a = agent("web01", "a", "t");
+            a.last_seen = None;
+            a.config_applied = "rev-3".into();
+            let mut t = token("t", 3, 5);
+            t.name_pattern = None;
+            t.labels.clear();
+            let d = Dump {
+                tokens: vec![t],
+                agents: vec![a],
+                certs: vec![cert("a", "web01", 1000, false)],
+                identity: [(AGENT_CA_PIN.to_string(), "sha256:00ff".to_string())].into(),
+            };
+            s.import(&d).unwrap();
+            assert_eq!(s.dump().unwrap(), d);
+        });
+    }
+
+    #[test]
+    fn postgres_migrations_are_versioned_and_run_once_across_nodes() {
+        let pg = Postgres::start();
+        let dir = temp_dir();
+        pg.create_db("reg");
+        let cfg = pg_config(&pg, "reg", &dir);
+        // Nodes starting together: each applies the steps under the advisory lock, so the
+        // steps run once and every node opens.
+        let opened: Vec<_> = (0..4)
+            .map(|_| {
+                let cfg = cfg.clone();
+                let dir = dir.clone();
+                std::thread::spawn(move || Store::open_configured(&cfg, &dir).map(|_| ()))
+            })
+            .collect();
+        for t in opened {
+            t.join().unwrap().unwrap();
         }
-        let mut s = Store::open(&p).unwrap();
-        let a = s.agents().unwrap();
-        assert_eq!(a[0].name, "web1");
-        assert_eq!(a[0].config_applied, "");
-        s.flush_config(&[("web1".into(), "d".into(), "a".into(), "e".into())])
-            .unwrap();
-        drop(s);
-        let s = Store::open(&p).unwrap();
-        let a = s.agents().unwrap();
         assert_eq!(
-            (
-                a[0].config_desired.as_str(),
-                a[0].config_applied.as_str(),
-                a[0].config_error.as_str()
+            pg.psql(
+                "reg",
+                "SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations"
             ),
-            ("d", "a", "e")
+            (1..=postgres::SCHEMA_VERSION)
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
         );
-        let v: String = s
-            .conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
+        // A schema newer than this bastide is refused, not written to.
+        pg.psql(
+            "reg",
+            &format!(
+                "INSERT INTO schema_migrations(version, description) VALUES ({}, 'from the future')",
+                postgres::SCHEMA_VERSION + 1
+            ),
+        );
+        let e = Store::open_configured(&cfg, &dir)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("upgrade bastide"), "{e}");
+    }
+
+    #[test]
+    fn postgres_token_is_single_use_across_nodes() {
+        let pg = Postgres::start();
+        let dir = temp_dir();
+        pg.create_db("reg");
+        let cfg = pg_config(&pg, "reg", &dir);
+        let mut first = Store::open_configured(&cfg, &dir).unwrap();
+        first.insert_token(&token("once", 1, 0)).unwrap();
+        // Two "nodes" (stores), ten enrollments each, on one single-use token.
+        let workers: Vec<_> = (0..20)
+            .map(|i| {
+                let cfg = cfg.clone();
+                let dir = dir.clone();
+                std::thread::spawn(move || {
+                    let mut s = Store::open_configured(&cfg, &dir).unwrap();
+                    let name = format!("vm{i}");
+                    let serial = format!("serial{i}");
+                    s.commit_enrollment(
+                        "once",
+                        &agent(&name, &serial, "once"),
+                        &cert(&serial, &name, 1000, false),
+                    )
+                })
+            })
+            .collect();
+        let results: Vec<_> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(ok, 1, "{results:?}");
+        assert!(results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| matches!(e, StoreError::TokenUsed(_))));
+        assert_eq!(first.agents().unwrap().len(), 1);
+        assert_eq!(first.certs().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn postgres_settings_are_checked() {
+        let dir = temp_dir();
+        let pw = dir.join("pw");
+        std::fs::write(&pw, "secret\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let base = StoreConfig {
+            backend: BackendKind::Postgres,
+            host: Some("db1.example".into()),
+            password_file: Some(pw.clone()),
+            sslmode: SslMode::Disable,
+            ..StoreConfig::default()
+        };
+        let e = base.postgres_settings(None).err().unwrap();
+        assert!(
+            e.contains("must not be accessible by group or others"),
+            "{e}"
+        );
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let s = base.postgres_settings(None).unwrap();
+        assert_eq!(s.config.get_password(), Some(&b"secret"[..]));
+        assert_eq!(s.config.get_dbname(), Some("bastide"));
+        assert_eq!(
+            s.describe,
+            "PostgreSQL bastide@db1.example:5432/bastide (no TLS)"
+        );
+        // The default is verify-full, which needs a CA file.
+        let tls = StoreConfig {
+            sslmode: SslMode::VerifyFull,
+            ..base.clone()
+        };
+        assert!(tls
+            .postgres_settings(None)
+            .err()
+            .unwrap()
+            .contains("ca_file"));
+        let with_pw = StoreConfig {
+            host: None,
+            url: Some("postgresql://bastide:hunter2@db1/bastide".into()),
+            ..base.clone()
+        };
+        assert!(with_pw
+            .postgres_settings(None)
+            .err()
+            .unwrap()
+            .contains("password_file"));
+        let both = StoreConfig {
+            url: Some("postgresql://bastide@db1/bastide".into()),
+            ..base.clone()
+        };
+        assert!(both
+            .postgres_settings(None)
+            .err()
+            .unwrap()
+            .contains("not both"));
+        // `--url` replaces the connection keys.
+        let s = base
+            .postgres_settings(Some("postgresql://other@db2:6543/reg"))
             .unwrap();
-        assert_eq!(v, SCHEMA_VERSION.to_string());
+        assert_eq!(s.describe, "PostgreSQL other@db2:6543/reg (no TLS)");
+        let sqlite_with_path = StoreConfig {
+            path: Some(dir.join("x.sqlite")),
+            ..base
+        };
+        assert!(sqlite_with_path
+            .problems()
+            .iter()
+            .any(|(k, _)| k == "store.path"));
+        assert!(StoreConfig::default().problems().is_empty());
+    }
+
+    #[test]
+    fn postgres_tls_verify_full() {
+        let pg = Postgres::start_tls();
+        let dir = temp_dir();
+        pg.create_db("reg");
+        let ca = dir.join("pg-ca.pem");
+        std::fs::write(&ca, pg.ca_pem.as_deref().unwrap()).unwrap();
+        let cfg = StoreConfig {
+            sslmode: SslMode::VerifyFull,
+            ca_file: Some(ca),
+            ..pg_config(&pg, "reg", &dir)
+        };
+        let mut s = Store::open_configured(&cfg, &dir).unwrap();
+        assert!(s.is_empty().unwrap());
+        assert!(s.describe().contains("TLS verify-full"));
+        // The server refuses TCP without TLS.
+        let plain = StoreConfig {
+            sslmode: SslMode::Disable,
+            ..cfg.clone()
+        };
+        assert!(Store::open_configured(&plain, &dir).is_err());
+        // A certificate from another CA is refused.
+        let other = rcgen_ca_pem();
+        let wrong = dir.join("other-ca.pem");
+        std::fs::write(&wrong, other).unwrap();
+        let cfg_wrong = StoreConfig {
+            ca_file: Some(wrong),
+            ..cfg
+        };
+        let e = Store::open_configured(&cfg_wrong, &dir)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("certificate") || e.contains("Unknown"), "{e}");
+    }
+
+    /// Rates of the hot store operations on each backend, printed (not asserted):
+    /// `cargo test -p bastide --lib store::tests::op_rates -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn op_rates() {
+        for mut fx in [sqlite(), postgres()] {
+            let s = &mut fx.store;
+            let n = 300;
+            s.insert_token(&token("t", n, 0)).unwrap();
+            let start = std::time::Instant::now();
+            for i in 0..n {
+                let name = format!("vm{i:04}");
+                let serial = format!("s{i}");
+                s.commit_enrollment(
+                    "t",
+                    &agent(&name, &serial, "t"),
+                    &cert(&serial, &name, 1000, false),
+                )
+                .unwrap();
+            }
+            let enroll = n as f64 / start.elapsed().as_secs_f64();
+            let start = std::time::Instant::now();
+            for i in 0..n {
+                let mut a = agent(&format!("vm{i:04}"), "x", "t");
+                a.hostname = "h".into();
+                a.last_seen = Some(i as i64);
+                s.update_facts(&a).unwrap();
+            }
+            let register = n as f64 / start.elapsed().as_secs_f64();
+            let seen: Vec<(String, i64)> = (0..n).map(|i| (format!("vm{i:04}"), 9)).collect();
+            let start = std::time::Instant::now();
+            s.flush_last_seen(&seen).unwrap();
+            let flush = start.elapsed();
+            eprintln!(
+                "{}: {enroll:.0} enrollments/s, {register:.0} registrations/s, last-seen flush of {n} agents in {flush:?}",
+                s.describe()
+            );
+        }
+    }
+
+    fn rcgen_ca_pem() -> String {
+        let k = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.self_signed(&k).unwrap().pem()
     }
 }

@@ -246,19 +246,34 @@ impl Bastion {
     /// `bastide init` in a fresh directory with `args` added (none: the listeners `init`
     /// picks itself); the addresses are read from what `init` prints.
     pub fn init_with(project: &str, args: &[&str]) -> Self {
+        let zone = format!("{project}.test.");
+        let mut all = vec!["--project", project, "--zone", &zone];
+        all.extend_from_slice(args);
+        Self::init_args(&all)
+    }
+
+    /// `bastide init --join BUNDLE`: another node of the project that exported `bundle`.
+    pub fn join(bundle: &Path) -> Self {
+        let agents = format!("127.0.0.1:{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
+        Self::init_args(&[
+            "--join",
+            &bundle.display().to_string(),
+            "--agents-listen",
+            &agents,
+            "--metrics-listen",
+            &metrics,
+        ])
+    }
+
+    fn init_args(args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("bastide-test-")
             .tempdir()
             .expect("tempdir");
         let state = dir.path().join("state");
         let out = Command::new(bin("bastide"))
-            .args([
-                "init",
-                "--project",
-                project,
-                "--zone",
-                &format!("{project}.test."),
-            ])
+            .arg("init")
             .args(args)
             .arg("--dir")
             .arg(&state)
@@ -430,6 +445,24 @@ impl Bastion {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Appends a `[store]` table naming database `db` of `pg` (no TLS, the password in a
+    /// 0600 file of the state directory), with `backend` "postgres" or "sqlite" (the
+    /// PostgreSQL keys then only name the target of `bastide store migrate`).
+    pub fn set_postgres_store(&self, pg: &Postgres, db: &str, backend: &str) {
+        let pw = self.state_dir().join("postgres.password");
+        pg.write_password_file(&pw);
+        let text = format!(
+            "\n[store]\nbackend = {backend:?}\nurl = {:?}\npassword_file = {:?}\nsslmode = \"disable\"\n",
+            pg.url(db),
+            pw.display().to_string()
+        );
+        self.edit_config(|c| match c.find("\n[store]\n") {
+            // Replace a [store] table appended before (always the last one).
+            Some(i) => format!("{}{text}", &c[..i]),
+            None => format!("{c}{text}"),
+        });
     }
 }
 
@@ -1143,4 +1176,269 @@ pub fn logger_to(port: u16, tcp: bool, msg: &str) -> Output {
         .args(["-S", "16384", "-t", "faults", msg])
         .output()
         .expect("run logger")
+}
+
+// ---- PostgreSQL (the shared registry store) ----
+
+/// The directory of PostgreSQL's server programs (`initdb`, `pg_ctl`, `postgres`): the one
+/// `pg_config --bindir` names if it holds them, else the newest /usr/lib/postgresql/*/bin.
+/// Fails (never skips) when there is none.
+pub fn postgres_bindir() -> PathBuf {
+    let has_server = |d: &Path| d.join("initdb").is_file() && d.join("pg_ctl").is_file();
+    if let Ok(o) = Command::new("pg_config").arg("--bindir").output() {
+        let d = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+        if o.status.success() && has_server(&d) {
+            return d;
+        }
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let d = e.path().join("bin");
+            has_server(&d).then_some((v, d))
+        })
+        .collect();
+    found.sort();
+    match found.pop() {
+        Some((_, d)) => d,
+        None => panic!(
+            "PostgreSQL's server programs (initdb, pg_ctl) are required by this test: apt-get install -y postgresql"
+        ),
+    }
+}
+
+/// A throwaway PostgreSQL cluster: `initdb` in a temporary directory as a non-root user
+/// (`nobody` when the tests run as root: the server refuses to run as root), listening on
+/// 127.0.0.1 at a free port with password (SCRAM) authentication, its Unix socket in the
+/// temporary directory, fsync on. Stopped (`pg_ctl stop -m fast`) in Drop.
+pub struct Postgres {
+    dir: TempDir,
+    bin: PathBuf,
+    pub port: u16,
+    /// The superuser, "bastide", and its password.
+    pub user: String,
+    pub password: String,
+    /// PEM of the CA that signed the server's certificate, when started with TLS.
+    pub ca_pem: Option<String>,
+    running: bool,
+}
+
+impl Postgres {
+    /// A cluster without TLS.
+    pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// A cluster that accepts TCP connections over TLS only (`hostssl` in pg_hba.conf), its
+    /// certificate for 127.0.0.1 and "localhost" signed by a CA of its own ([`Self::ca_pem`]).
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
+        let bin = postgres_bindir();
+        let dir = tempfile::Builder::new()
+            .prefix("bastide-pg-")
+            .tempdir()
+            .expect("temp dir");
+        // The server's user must reach its files through this directory.
+        set_mode(dir.path(), 0o755);
+        let data = dir.path().join("data");
+        let sock = dir.path().join("sock");
+        std::fs::create_dir(&sock).expect("socket dir");
+        let password = format!(
+            "pw-{:x}",
+            std::process::id() as u64 * 7919 + free_port() as u64
+        );
+        let pwfile = dir.path().join("pwfile");
+        std::fs::write(&pwfile, format!("{password}\n")).expect("pwfile");
+        let me = Self {
+            bin,
+            port: free_port(),
+            user: "bastide".into(),
+            password,
+            ca_pem: None,
+            running: false,
+            dir,
+        };
+        std::fs::write(me.dir.path().join("server.log"), "").expect("server.log");
+        std::fs::create_dir(&data).expect("data dir");
+        set_mode(&data, 0o700);
+        me.chown(&data);
+        me.chown(&me.dir.path().join("server.log"));
+        let reachable = me
+            .as_server_user(Path::new("/usr/bin/test"))
+            .arg("-w")
+            .arg(&data)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            reachable,
+            "PostgreSQL's user cannot reach {}: every parent directory must be searchable by others (set TMPDIR to such a directory)",
+            data.display()
+        );
+        me.chown(&sock);
+        me.chown(&pwfile);
+        let out = me
+            .as_server_user(&me.bin.join("initdb"))
+            .args(["--no-sync", "-E", "UTF8", "--locale=C", "-U", "bastide"])
+            .arg("--auth-host=scram-sha-256")
+            .arg("--auth-local=trust")
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .arg("-D")
+            .arg(&data)
+            .output()
+            .expect("running initdb");
+        assert!(out.status.success(), "initdb failed: {}", transcript(&out));
+        let mut me = me;
+        let mut opts = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={} -c fsync=on -c max_connections=200",
+            me.port,
+            sock.display()
+        );
+        if tls {
+            me.ca_pem = Some(me.make_server_cert(&data));
+            opts.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+            // TCP over TLS only: a client that does not use TLS is refused.
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n",
+            )
+            .expect("pg_hba.conf");
+            me.chown(&data.join("pg_hba.conf"));
+        }
+        me.running = true;
+        let out = me
+            .as_server_user(&me.bin.join("pg_ctl"))
+            .args(["start", "-w", "-t", "60", "-D"])
+            .arg(&data)
+            .arg("-l")
+            .arg(me.dir.path().join("server.log"))
+            .args(["-o", &opts])
+            .output()
+            .expect("running pg_ctl start");
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}\n{}",
+            transcript(&out),
+            me.log_text()
+        );
+        me
+    }
+
+    fn make_server_cert(&self, data: &Path) -> String {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "test PostgreSQL CA");
+        let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
+        let key = KeyPair::generate().expect("server key");
+        let params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("server params");
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let cert = params.signed_by(&key, &issuer).expect("server cert");
+        let crt = data.join("server.crt");
+        let k = data.join("server.key");
+        std::fs::write(&crt, cert.pem()).expect("server.crt");
+        std::fs::write(&k, key.serialize_pem()).expect("server.key");
+        set_mode(&k, 0o600);
+        self.chown(&crt);
+        self.chown(&k);
+        ca_cert.pem()
+    }
+
+    /// `runuser -u nobody -- program` as root, the program itself otherwise.
+    fn as_server_user(&self, program: &Path) -> Command {
+        if is_root() {
+            let mut c = Command::new(require("runuser", "util-linux"));
+            c.args(["-u", "nobody", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    fn chown(&self, path: &Path) {
+        if is_root() {
+            let st = Command::new("chown")
+                .args(["-R", "nobody:"])
+                .arg(path)
+                .status()
+                .expect("chown");
+            assert!(st.success(), "chown nobody {}", path.display());
+        }
+    }
+
+    /// Directory of the server's Unix socket.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.path().join("sock")
+    }
+
+    /// A connection URL for `dbname`, without the password.
+    pub fn url(&self, dbname: &str) -> String {
+        format!(
+            "postgresql://{}@127.0.0.1:{}/{dbname}",
+            self.user, self.port
+        )
+    }
+
+    /// Writes the password into `path`, mode 0600 (what `[store] password_file` wants).
+    pub fn write_password_file(&self, path: &Path) {
+        std::fs::write(path, format!("{}\n", self.password)).expect("password file");
+        set_mode(path, 0o600);
+    }
+
+    /// Runs SQL with `psql` over the Unix socket; returns its output (unaligned, tuples only).
+    pub fn psql(&self, dbname: &str, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .arg("-h")
+            .arg(self.socket_dir())
+            .args(["-p", &self.port.to_string(), "-U", &self.user, "-d", dbname])
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("running psql");
+        assert!(out.status.success(), "psql {sql:?}: {}", transcript(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Creates a database and returns its name.
+    pub fn create_db(&self, name: &str) -> String {
+        self.psql("postgres", &format!("CREATE DATABASE \"{name}\""));
+        name.to_string()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`).
+    pub fn stop(&mut self) {
+        if !std::mem::take(&mut self.running) {
+            return;
+        }
+        let _ = self
+            .as_server_user(&self.bin.join("pg_ctl"))
+            .args(["stop", "-m", "fast", "-w", "-t", "60", "-D"])
+            .arg(self.dir.path().join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
