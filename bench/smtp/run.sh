@@ -54,7 +54,9 @@ fi
 BASTIDE=${BASTIDE:-${CARGO_TARGET_DIR:-$ROOT/target}/release/bastide}
 
 # The smarthost: counts nothing, dumps every message to tmpfs so we can count them.
-smtp-sink -u root -m 512 -d "$SINKDIR/%H%M%S." "127.0.0.1:$SINK" 1024 &
+# SINK_OPTS: more smtp-sink options, e.g. -p (no PIPELINING offered).
+# shellcheck disable=SC2086
+smtp-sink -u root -m 512 ${SINK_OPTS:-} -d "$SINKDIR/%H%M%S." "127.0.0.1:$SINK" 1024 &
 PIDS+=($!)
 
 # bastide

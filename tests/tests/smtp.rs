@@ -1703,10 +1703,10 @@ fn concurrent_delivery_case(pipelined: bool) {
     b.start();
     let rcpts = |i: usize| -> Vec<String> {
         let mut v = vec![format!("a{i}@example.org"), format!("b{i}@example.org")];
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             v.insert(1, "bad@example.net".into());
         }
-        if i % 4 == 0 {
+        if i.is_multiple_of(4) {
             v.push("later@example.net".into());
         }
         v
@@ -1743,7 +1743,7 @@ fn concurrent_delivery_case(pipelined: bool) {
     }
     let host = Smarthost::start_on(&b, host_port, "none", &extra);
     b.cli_ok(&["mail", "flush"]);
-    let bad = (0..N).filter(|i| i % 3 == 0).count();
+    let bad = (0..N).filter(|i| i.is_multiple_of(3)).count();
     let bounces_to = |m: &(Value, String)| m.0["mail_from"] == "<>";
     let got = wait_for(Duration::from_secs(60), || {
         let m = host.messages();
@@ -1774,7 +1774,7 @@ fn concurrent_delivery_case(pipelined: bool) {
     // One bounce per message with a refused recipient, naming only that recipient.
     let bounces: Vec<&(Value, String)> = got.iter().filter(|m| bounces_to(m)).collect();
     assert_eq!(bounces.len(), bad, "{bounces:?}");
-    for i in (0..N).filter(|i| i % 3 == 0) {
+    for i in (0..N).filter(|i| i.is_multiple_of(3)) {
         let subject = format!("Subject: message {i}\r\n");
         let mine: Vec<_> = bounces.iter().filter(|m| m.1.contains(&subject)).collect();
         assert_eq!(mine.len(), 1, "bounce of message {i}");
@@ -1800,7 +1800,7 @@ fn concurrent_delivery_case(pipelined: bool) {
         }
     }
     // The 4xx recipients alone stay queued, the others of their message done.
-    let later: Vec<usize> = (0..N).filter(|i| i % 4 == 0).collect();
+    let later: Vec<usize> = (0..N).filter(|i| i.is_multiple_of(4)).collect();
     let q = wait_for(Duration::from_secs(10), || {
         let q = queue(&b)["messages"].as_array().unwrap().clone();
         (q.len() == later.len() && q.iter().all(|m| m["attempts"].as_u64() >= Some(2))).then_some(q)
