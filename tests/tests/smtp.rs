@@ -1880,3 +1880,36 @@ fn concurrent_delivery_keeps_per_recipient_results_and_bounces_correct() {
 fn concurrent_pipelined_delivery_keeps_per_recipient_results_and_bounces_correct() {
     concurrent_delivery_case(true);
 }
+
+/// A pooled connection that the smarthost closed meanwhile (here: smtp-sink restarted
+/// between two messages, within the 5 s the pool keeps an idle connection) is found stale
+/// at its RSET and the message goes out at once on a new connection: no failed attempt, no
+/// deferral.
+#[test]
+fn a_stale_pooled_connection_is_replaced_without_a_deferral() {
+    let r = relay("none", "", FAST);
+    let send = |subject: &str| {
+        assert_ok(&swaks(
+            r.port,
+            &[
+                "--from",
+                "a@example.com",
+                "--to",
+                "b@example.com",
+                "--header",
+                &format!("Subject: {subject}"),
+            ],
+        ))
+    };
+    let sink = Sink::start(r.sink_port, &[]);
+    send("first");
+    sink.wait(1, Duration::from_secs(10));
+    drop(sink);
+    let sink = Sink::start(r.sink_port, &[]);
+    send("second");
+    let got = sink.wait(1, Duration::from_secs(10));
+    assert!(got[0].content.contains("Subject: second"));
+    assert_eq!(metric(&r.b, "bastide_smtp_deferred_total"), 0);
+    assert_eq!(metric(&r.b, "bastide_smtp_relay_connections_total"), 2);
+    assert_eq!(metric(&r.b, "bastide_smtp_relay_transactions_total"), 3);
+}
