@@ -244,9 +244,10 @@ impl Relay {
         self.lock_pool().push(conn);
     }
 
-    /// Closes the connections idle for `idle` or more (all of them with zero); returns
-    /// whether some stay open.
-    async fn reap(&self, idle: Duration) -> bool {
+    /// Closes the connections idle for `idle` or more (all of them with zero), in the
+    /// background unless `wait` (the runner must not stall on a smarthost slow to answer
+    /// QUIT); returns whether some stay open.
+    async fn reap(&self, idle: Duration, wait: bool) -> bool {
         let old: Vec<Conn> = {
             let mut g = self.lock_pool();
             let (old, keep) = std::mem::take(&mut *g)
@@ -256,7 +257,11 @@ impl Relay {
             old
         };
         for c in old {
-            close(c).await;
+            if wait {
+                close(c).await;
+            } else {
+                tokio::spawn(close(c));
+            }
         }
         !self.lock_pool().is_empty()
     }
@@ -611,7 +616,7 @@ pub async fn run_queue(
             }
             _ => Duration::from_secs(3600),
         };
-        if running.is_empty() && relay.reap(IDLE_CLOSE).await {
+        if running.is_empty() && relay.reap(IDLE_CLOSE, false).await {
             sleep = sleep.min(IDLE_CLOSE);
         }
         tokio::select! {
@@ -626,7 +631,7 @@ pub async fn run_queue(
         warn!("mail queue: deliveries cut at shutdown; they stay queued");
         running.abort_all();
     }
-    relay.reap(Duration::ZERO).await;
+    relay.reap(Duration::ZERO, true).await;
     Ok(())
 }
 
