@@ -71,7 +71,7 @@ type = "TXT"
 value = "hello"
 [smtp]
 listen = "10.0.0.1:25"
-allow_networks = ["10.0.0.0/24", "nope/99"]
+allow = ["10.0.0.0/24", "nope/99"]
 sender_address = "vm@example.org"
 admin_address = "bad address"
 [smtp.relay]
@@ -244,7 +244,7 @@ path = "/etc/motd"
 content = "Welcome to {{ agent.fqdn }} ({{ agent.os }})\\n"
 [agent]
 metrics_interval = "15s"
-log_sources = [{ path = "/var/log/*.log", multiline_start = "^\\\\S" }]
+logs.sources = [{ path = "/var/log/*.log", multiline_start = "^\\\\S" }]
 """
 a = "{% for s in ntp %}server {{ s }} iburst\n{% endfor %}# {{ agent.name }} {{ agent.labels.group }}\n"
 b = "{{ bastion.address }} bastion\n{% for ip in agent.addresses %}{{ ip }} {{ agent.hostname }}\n{% endfor %}{{ resolver.search | join(' ') }}\n"
@@ -260,7 +260,7 @@ put("config_tree", "big-string", tree("[files.x]\npath = \"/x/y\"\ncontent = \"{
 put("config_tree", "recursion", tree("[files.x]\npath = \"/x/y\"\ntemplate = \"a.j2\"\n", "", "", "", "", "", "",
     "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "{% include 'sub/b.j2' %}", "", "", ""))
 put("config_tree", "many-files", tree("".join(f"[files.f{i}]\npath = \"/etc/f{i}\"\ncontent = \"{{{{ 'z' * 20000 }}}}\"\n" for i in range(300)), "", "", "", "", "", "", "", "", "", "", ""))
-put("config_tree", "settings", tree("[agent]\nmetrics_interval = \"0.5s\"\nbogus = 1\nlog_sources = [{ path = \"rel\" }, 3, { path = \"/a\", x = 1 }]\n[files.a]\npath = \"/etc/../shadow\"\ncontent = \"\"\nowner = \"root;rm\"\nmode = 99999\n", "", "", "", "", "", "", "", "", "", "", ""))
+put("config_tree", "settings", tree("[agent]\nmetrics_interval = \"0.5s\"\nbogus = 1\nlogs.sources = [{ path = \"rel\" }, 3, { path = \"/a\", x = 1 }]\n[files.a]\npath = \"/etc/../shadow\"\ncontent = \"\"\nowner = \"root;rm\"\nmode = 99999\n", "", "", "", "", "", "", "", "", "", "", ""))
 put("config_tree", "reserved", tree("[vars]\nagent = 1\nbastion = \"x\"\n[files.a]\npath = \"/a/b\"\ncontent = \"{{ undefined_var }}{{ agent.nope.deeper }}\"\n", "", "", "", "", "", "", "", "", "", "", ""))
 put("config_tree", "dup-path", tree("[files.a]\npath = \"/a/b\"\ncontent = \"1\"\n[files.b]\npath = \"/a/b\"\ncontent = \"2\"\n", "", "", "", "", "", "", "", "", "", "", ""))
 put("config_tree", "filters", tree("[vars]\nm = { b = 2, a = [1, 2.5, true, 1979-05-27T07:32:00Z] }\n[files.a]\npath = \"/a/b\"\ntemplate = \"a.j2\"\n", "", "", "", "", "", "", "{{ m | tojson }} {{ m | dictsort }} {{ m.a | sort | reverse | list }} {{ 'x' | center(50) }} {{ m.a[3] }} {{ '%s' | format(m) }} {{ m | items | list }}", "", "", "", ""))

@@ -137,7 +137,7 @@ impl PushPolicy {
             let every = Duration::from_secs(u64::from(n));
             if n != 0 && every < self.min_metrics_interval {
                 return Some((
-                    "settings.metrics_interval".into(),
+                    "agent.metrics_interval".into(),
                     format!(
                         "pushed metrics interval {n}s is below the agent's local [config] min_metrics_interval ({}s)",
                         self.min_metrics_interval.as_secs()
@@ -147,7 +147,7 @@ impl PushPolicy {
         }
         if s.log_sources.len() > MAX_PUSHED_LOG_SOURCES {
             return Some((
-                "settings.log_sources".into(),
+                "agent.logs.sources".into(),
                 format!("more than {MAX_PUSHED_LOG_SOURCES} pushed log sources"),
             ));
         }
@@ -157,7 +157,7 @@ impl PushPolicy {
             if !l.multiline_start.is_empty() {
                 cfg.multiline_start = Some(l.multiline_start.clone());
             }
-            let problems = cfg.validate(&format!("settings.log_sources[{i}]"));
+            let problems = cfg.validate(&format!("agent.logs.sources[{i}]"));
             if !problems.is_empty() {
                 return Some((l.path.clone(), problems.join("; ")));
             }
@@ -870,7 +870,7 @@ mod tests {
                 .collect(),
         };
         let (what, why) = policy.refuse_settings(&s(Some(1), &[])).unwrap();
-        assert_eq!(what, "settings.metrics_interval");
+        assert_eq!(what, "agent.metrics_interval");
         assert!(why.contains("min_metrics_interval"), "{why}");
         assert!(policy.refuse_settings(&s(Some(0), &[])).is_none());
         assert!(policy.refuse_settings(&s(Some(10), &[])).is_none());

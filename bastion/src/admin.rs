@@ -299,13 +299,36 @@ fn status(registry: &Registry, cfg: &Config) -> Result<serde_json::Value> {
             "dns": c.dns.is_some(),
             "smtp": c.smtp.is_some(),
             "ssh": c.ssh.is_some(),
+            "logs": c.logs.is_some(),
+            "syslog": c.syslog.is_some(),
+            "config_push": c.config_push.is_some(),
         })
+    });
+    // Where each service listens, as configured (`listen` lists; syslog per protocol).
+    let listen = cfg.map(|c| {
+        let mut m = serde_json::Map::new();
+        let mut put = |k: &str, l: Option<&Vec<std::net::SocketAddr>>| {
+            if let Some(l) = l.filter(|l| !l.is_empty()) {
+                let l: Vec<String> = l.iter().map(|a| a.to_string()).collect();
+                m.insert(k.into(), l.into());
+            }
+        };
+        put("agents", c.agents.as_ref().map(|a| &a.listen));
+        put("metrics", c.metrics.as_ref().map(|x| &x.listen));
+        put("dns", c.dns.as_ref().map(|x| &x.listen));
+        put("smtp", c.smtp.as_ref().map(|x| &x.listen));
+        put("ssh", c.ssh.as_ref().map(|x| &x.listen));
+        put("syslog.udp", c.syslog.as_ref().map(|x| &x.udp));
+        put("syslog.tcp", c.syslog.as_ref().map(|x| &x.tcp));
+        put("syslog.tls", c.syslog.as_ref().map(|x| &x.tls));
+        m
     });
     let pki = cfg.map(|c| c.pki_paths());
     Ok(serde_json::json!({
         "version": crate::VERSION,
         "project": registry.ca().project,
         "services": services,
+        "listen": listen,
         "agents": { "online": online, "offline": offline, "revoked": revoked },
         // Filled by the services that are on (`AdminHandlers::status`).
         "mail": null,

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::listeners::TcpListeners;
 use anyhow::{Context, Result};
 use bastide_proto::v1::agent_server::{Agent, AgentServer};
 use bastide_proto::v1::enrollment_server::{Enrollment, EnrollmentServer};
@@ -15,7 +16,6 @@ use bastide_proto::v1::{
     agent_message, bastion_message, AgentMessage, BastionMessage, EnrollRequest, EnrollResponse,
     HeartbeatAck, LogAck, LogBatch, RegisterRequest, RegisterResponse, RenewRequest, RenewResponse,
 };
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
@@ -118,7 +118,7 @@ pub struct Peers {
 /// configuration push from the handles those services publish.
 pub struct Endpoint {
     cfg: AgentsConfig,
-    listener: TcpListener,
+    listener: TcpListeners,
     tls: Arc<rustls::ServerConfig>,
 }
 
@@ -129,13 +129,7 @@ impl service::Service for Endpoint {
         let Some(a) = &cfg.agents else {
             return Ok(None);
         };
-        let listener = TcpListener::bind(a.listen).await.with_context(|| {
-            format!(
-                "{}: agents.listen: cannot bind {}",
-                cfg.source.display(),
-                a.listen
-            )
-        })?;
+        let listener = TcpListeners::bind(&a.listen, "agents.listen", &cfg.source).await?;
         let tls = Arc::new(crate::tls::server_config(&cfg.pki_paths(), &ctx.registry)?);
         Ok(Some(Self {
             cfg: a.clone(),
@@ -168,7 +162,7 @@ pub async fn run(
     registry: Registry,
     peers: Peers,
     tls: Arc<rustls::ServerConfig>,
-    listener: TcpListener,
+    listener: TcpListeners,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let Peers {
@@ -176,7 +170,7 @@ pub async fn run(
         logs,
         config_push,
     } = peers;
-    let local = listener.local_addr().context("agents listener address")?;
+    let local = listener.local_addrs();
     let (tx, rx) = mpsc::channel::<Result<AgentConn, std::io::Error>>(256);
     let acceptor = TlsAcceptor::from(tls);
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
@@ -264,7 +258,7 @@ pub async fn run(
         logs,
         config_push,
     };
-    info!(listen = %local, "agents endpoint listening");
+    info!(listen = ?local, "agents endpoint listening");
     // HTTP/2 keepalive pings only every few minutes: the session's heartbeats already prove
     // liveness both ways, and frequent pings would multiply the per-agent wake-ups at fleet
     // scale; these only close connections whose peer vanished without a session.

@@ -2,6 +2,7 @@
 //! talk to the running daemon over its Unix socket.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -160,6 +161,14 @@ pub struct InitArgs {
     /// Extra names or addresses for the server certificate (how agents reach the bastion).
     #[arg(long = "san")]
     pub sans: Vec<String>,
+    /// Address of the agents endpoint (agents.listen; repeat for several). Default:
+    /// 0.0.0.0:4443, or the next free port when another process (another bastion) holds it.
+    #[arg(long = "agents-listen", value_name = "ADDR")]
+    pub agents_listen: Vec<SocketAddr>,
+    /// Address of the metrics endpoint (metrics.listen; repeat for several). Default:
+    /// 127.0.0.1:9469, or the next free port when another process holds it.
+    #[arg(long = "metrics-listen", value_name = "ADDR")]
+    pub metrics_listen: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,7 +198,7 @@ pub enum TokenCmd {
         #[arg(long)]
         cloud_init: bool,
         /// HOST:PORT the VMs dial to reach this bastion (with --cloud-init; default:
-        /// agents.listen when it is a specific address). The host must be one of the
+        /// the first specific address of agents.listen). The host must be one of the
         /// server certificate's names (`bastide init --san`).
         #[arg(long, requires = "cloud_init")]
         bastion: Option<String>,
@@ -402,22 +411,87 @@ fn init(a: &InitArgs) -> Result<()> {
         crate::fsutil::sync_dir(&dir)?;
     }
     let cfg_path = dir.join("bastide.toml");
+    let mut listeners = Vec::new();
     if !cfg_path.exists() {
+        let agents = init_listen("agents.listen", &a.agents_listen, DEFAULT_AGENTS_LISTEN);
+        let metrics = init_listen("metrics.listen", &a.metrics_listen, DEFAULT_METRICS_LISTEN);
+        let listen = crate::config::InitListen {
+            agents: agents.0.clone(),
+            metrics: metrics.0.clone(),
+        };
         crate::fsutil::write_atomic(
             &cfg_path,
-            crate::config::default_file(&a.project, a.zone.as_deref(), &dir).as_bytes(),
+            crate::config::default_file(&a.project, a.zone.as_deref(), &dir, &listen).as_bytes(),
             0o640,
         )?;
+        listeners = vec![("agents.listen: ", agents), ("metrics.listen:", metrics)];
+    } else if !a.agents_listen.is_empty() || !a.metrics_listen.is_empty() {
+        eprintln!(
+            "warning: {} exists and is kept: --agents-listen and --metrics-listen are not applied (edit the file)",
+            cfg_path.display()
+        );
     }
     let pin = crate::pki::spki_pin(&crate::pki::read_cert_pem(&paths.ca_cert)?)?;
     println!("state directory: {}", dir.display());
     println!("configuration:   {}", cfg_path.display());
+    for (key, (addrs, note)) in listeners {
+        let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+        println!("{key} {}{note}", list.join(", "));
+    }
     println!("agent CA pin:    {pin}");
     println!(
         "start with:      bastide serve --config {}",
         cfg_path.display()
     );
     Ok(())
+}
+
+const DEFAULT_AGENTS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 4443);
+const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9469);
+/// How far above a taken default port `init` looks for a free one.
+const INIT_PORT_SEARCH: u16 = 100;
+
+/// The addresses `init` writes for a listener, and a note for the admin: those given
+/// (with a warning when one is taken now), else the default, moved to the next free port
+/// when another process (another bastion on this host) holds it, so that a second
+/// bastion set up on a host starts next to the first.
+fn init_listen(key: &str, given: &[SocketAddr], default: SocketAddr) -> (Vec<SocketAddr>, String) {
+    let free = |a: SocketAddr| std::net::TcpListener::bind(a).is_ok();
+    if !given.is_empty() {
+        let taken: Vec<String> = given
+            .iter()
+            .filter(|a| !free(**a))
+            .map(|a| a.to_string())
+            .collect();
+        let note = if taken.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "  (warning: {} in use on this host now: `bastide serve` fails until it is free)",
+                taken.join(", ")
+            )
+        };
+        return (given.to_vec(), note);
+    }
+    if free(default) {
+        return (vec![default], String::new());
+    }
+    let flag = key.replace(".listen", "-listen");
+    for port in default.port().saturating_add(1)..=default.port().saturating_add(INIT_PORT_SEARCH) {
+        let a = SocketAddr::new(default.ip(), port);
+        if free(a) {
+            return (
+                vec![a],
+                format!("  ({default} is in use on this host, another bastion?; choose with --{flag} or edit {key})"),
+            );
+        }
+    }
+    (
+        vec![default],
+        format!("  (warning: {default} and the {INIT_PORT_SEARCH} ports above are in use on this host: choose with --{flag} or edit {key})"),
+    )
 }
 
 fn ts(t: i64) -> String {
@@ -511,12 +585,15 @@ fn cloud_init_settings(cli: &Cli, bastion: Option<&str>) -> Result<(String, Stri
     let cfg = Config::parse_file(&cli.config)?;
     let bastion = match bastion {
         Some(b) => b.to_string(),
-        None => match &cfg.agents {
-            Some(a) if !a.listen.ip().is_unspecified() => a.listen.to_string(),
-            Some(a) => bail!(
-                "agents.listen is {}: pass --bastion HOST:PORT, the address VMs dial",
-                a.listen
-            ),
+        None => match cfg
+            .agents
+            .as_ref()
+            .map(|a| (&a.listen, crate::listeners::advertised(&a.listen)))
+        {
+            Some((_, Some(a))) if !a.ip().is_unspecified() => a.to_string(),
+            Some((listen, _)) => {
+                bail!("agents.listen is {listen:?}: pass --bastion HOST:PORT, the address VMs dial")
+            }
             None => bail!(
                 "{}: no [agents] table: agents cannot enroll",
                 cli.config.display()
@@ -741,6 +818,19 @@ async fn status(socket: &Path, json: bool) -> Result<()> {
             .collect();
         println!("services      {}", list.join(", "));
     }
+    if let Some(l) = v["listen"].as_object() {
+        let list: Vec<String> = l
+            .iter()
+            .map(|(k, addrs)| {
+                let addrs: Vec<&str> = addrs
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                    .unwrap_or_default();
+                format!("{k} {}", addrs.join(" "))
+            })
+            .collect();
+        println!("listen        {}", list.join(", "));
+    }
     let a = &v["agents"];
     println!(
         "agents        {} online, {} offline, {} revoked",
@@ -827,4 +917,35 @@ async fn logs(socket: &Path, a: &LogsArgs) -> Result<()> {
     })
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A default held by another process moves to the next free port, with a note naming
+    /// the flag; an address the admin gave is kept, with a warning when it is taken now.
+    #[test]
+    fn init_listeners_avoid_taken_defaults_and_keep_given_ones() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = held.local_addr().unwrap();
+        let (addrs, note) = init_listen("metrics.listen", &[], taken);
+        assert_eq!(addrs.len(), 1);
+        assert_ne!(addrs[0], taken);
+        assert!(addrs[0].port() > taken.port(), "{addrs:?}");
+        assert!(
+            note.contains(&format!("{taken} is in use on this host"))
+                && note.contains("--metrics-listen"),
+            "{note}"
+        );
+        let (addrs, note) = init_listen("agents.listen", &[taken], taken);
+        assert_eq!(addrs, vec![taken]);
+        assert!(
+            note.contains("warning") && note.contains(&taken.to_string()),
+            "{note}"
+        );
+        drop(held);
+        let (addrs, note) = init_listen("agents.listen", &[], taken);
+        assert_eq!((addrs, note), (vec![taken], String::new()));
+    }
 }

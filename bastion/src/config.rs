@@ -11,8 +11,9 @@ use thiserror::Error;
 
 use crate::pki::{valid_zone, PkiPaths};
 
-/// What to put in each required key, said when it is missing (`[]`: any index).
-const REQUIRED_KEY_HINTS: &[(&str, &str)] = &[
+/// What to put in each required key, said when it is missing (`[]`: any index). Every key
+/// without a default is here (`required_keys_have_hints` checks it).
+pub const REQUIRED_KEY_HINTS: &[(&str, &str)] = &[
     (
         "project",
         "the cloud project's name, a lowercase DNS label (\"myproj\")",
@@ -23,7 +24,7 @@ const REQUIRED_KEY_HINTS: &[(&str, &str)] = &[
     ),
     (
         "agents.listen",
-        "the address agents dial, e.g. \"0.0.0.0:4443\"",
+        "the addresses agents dial, e.g. [\"0.0.0.0:4443\"] (`bastide init --agents-listen` picks a free one)",
     ),
     (
         "admin.socket",
@@ -31,7 +32,7 @@ const REQUIRED_KEY_HINTS: &[(&str, &str)] = &[
     ),
     (
         "metrics.listen",
-        "the address Prometheus scrapes, e.g. \"127.0.0.1:9469\"",
+        "the addresses Prometheus scrapes, e.g. [\"127.0.0.1:9469\"] (`bastide init --metrics-listen` picks a free one)",
     ),
     (
         "dns.listen",
@@ -39,7 +40,23 @@ const REQUIRED_KEY_HINTS: &[(&str, &str)] = &[
     ),
     (
         "smtp.listen",
-        "the address VMs relay mail to, e.g. \"10.0.0.1:25\"",
+        "the addresses VMs relay mail to, e.g. [\"10.0.0.1:25\"]",
+    ),
+    (
+        "dns.records[].name",
+        "the record's name, relative to the zone (\"www\", \"@\" for the apex)",
+    ),
+    (
+        "dns.records[].type",
+        "the record's type: A, AAAA, CNAME, TXT, SRV or MX",
+    ),
+    (
+        "dns.records[].value",
+        "the record's data, e.g. \"10.0.0.1\" for an A record",
+    ),
+    (
+        "logs.forward.target",
+        "the central collector as host:port, e.g. \"logs.example.org:6514\"",
     ),
     (
         "smtp.relay",
@@ -48,11 +65,7 @@ const REQUIRED_KEY_HINTS: &[(&str, &str)] = &[
     ("smtp.relay.host", "the smarthost's name or address"),
     (
         "ssh.listen",
-        "the address admins connect to, e.g. \"0.0.0.0:22\"",
-    ),
-    (
-        "ssh.audit_log",
-        "the file where every jump is recorded, e.g. \"/var/log/bastide/ssh-audit.jsonl\"",
+        "the addresses admins connect to, e.g. [\"0.0.0.0:22\"]",
     ),
     (
         "ssh.admins[].name",
@@ -134,7 +147,9 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentsConfig {
-    pub listen: SocketAddr,
+    /// Addresses agents dial (one string or a list).
+    #[serde(deserialize_with = "bastide_common::tomlcfg::one_or_many")]
+    pub listen: Vec<SocketAddr>,
     /// Lifetime of the client certificates given to agents.
     #[serde(default = "default_cert_lifetime", with = "humantime_serde")]
     pub cert_lifetime: Duration,
@@ -281,13 +296,11 @@ impl Config {
     /// policy: an agent may never claim one).
     pub fn listen_addresses(&self) -> Vec<std::net::IpAddr> {
         let mut v: Vec<SocketAddr> = Vec::new();
-        v.extend(self.agents.iter().map(|a| a.listen));
-        v.extend(self.metrics.iter().map(|m| m.listen));
-        v.extend(self.smtp.iter().map(|s| s.listen));
-        v.extend(self.ssh.iter().map(|s| s.listen));
-        if let Some(d) = &self.dns {
-            v.extend(d.listen.iter().copied());
-        }
+        v.extend(self.agents.iter().flat_map(|a| &a.listen));
+        v.extend(self.metrics.iter().flat_map(|m| &m.listen));
+        v.extend(self.smtp.iter().flat_map(|s| &s.listen));
+        v.extend(self.ssh.iter().flat_map(|s| &s.listen));
+        v.extend(self.dns.iter().flat_map(|d| &d.listen));
         if let Some(s) = &self.syslog {
             v.extend(s.udp.iter().chain(&s.tcp).chain(&s.tls).copied());
         }
@@ -349,6 +362,16 @@ impl Config {
                         self.store_path().display()
                     ),
                 );
+            }
+        }
+        for (key, list) in [
+            ("agents.listen", self.agents.as_ref().map(|a| &a.listen)),
+            ("metrics.listen", self.metrics.as_ref().map(|m| &m.listen)),
+            ("smtp.listen", self.smtp.as_ref().map(|s| &s.listen)),
+            ("ssh.listen", self.ssh.as_ref().map(|s| &s.listen)),
+        ] {
+            if list.is_some_and(|l| l.is_empty()) {
+                bad(key, "at least one address is needed".into());
             }
         }
         if let Some(a) = &self.agents {
@@ -462,8 +485,50 @@ impl Config {
     }
 }
 
+/// `deserialize_with` for an `allow` list: client networks as CIDRs ("10.0.0.0/24") or single
+/// addresses ("10.0.0.5"), in every table alike; a single string is a list of one.
+pub fn networks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    struct Net(ipnet::IpNet);
+    impl<'de> Deserialize<'de> for Net {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let s = String::deserialize(d)?;
+            if let Ok(n) = s.parse::<ipnet::IpNet>() {
+                return Ok(Net(n.trunc()));
+            }
+            s.parse::<std::net::IpAddr>()
+                .map(|a| Net(a.into()))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{s:?} is not a network (a.b.c.d/len, x::/len) or an address"
+                    ))
+                })
+        }
+    }
+    let nets: Vec<Net> = bastide_common::tomlcfg::one_or_many(d)?;
+    Ok(nets.into_iter().map(|n| n.0).collect())
+}
+
+/// The listeners `bastide init` chose (see `cli::init`).
+pub struct InitListen {
+    pub agents: Vec<SocketAddr>,
+    pub metrics: Vec<SocketAddr>,
+}
+
+/// A `listen` list as TOML.
+fn toml_list(addrs: &[SocketAddr]) -> String {
+    let items: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    format!("[{}]", items.join(", "))
+}
+
 /// The commented configuration `bastide init` writes.
-pub fn default_file(project: &str, zone: Option<&str>, state_dir: &Path) -> String {
+pub fn default_file(
+    project: &str,
+    zone: Option<&str>,
+    state_dir: &Path,
+    listen: &InitListen,
+) -> String {
+    let agents_listen = toml_list(&listen.agents);
+    let metrics_listen = toml_list(&listen.metrics);
     let zone_line = match zone {
         Some(z) => format!("zone = {z:?}"),
         None => "# zone = \"project.example.org.\"".to_string(),
@@ -480,9 +545,10 @@ project = {project:?}
 # Registry store, agent CA, server certificate and SSH host key.
 state_dir = "{dir}"
 
-# mTLS gRPC endpoint that agents dial (enrollment, session, renewal).
+# mTLS gRPC endpoint that agents dial (enrollment, session, renewal). Every `listen` is a
+# list of addresses (a single "address:port" string is accepted too).
 [agents]
-listen = "0.0.0.0:4443"
+listen = {agents_listen}
 # Lifetime of agent client certificates; agents renew at 2/3 of it.
 cert_lifetime = "24h"
 heartbeat_interval = "10s"
@@ -517,7 +583,7 @@ mode = 0o600
 # Prometheus endpoint: /metrics (the bastion), /metrics/agents[/NAME] (the VMs' host
 # metrics), /sd (HTTP service discovery, one target per agent).
 [metrics]
-listen = "127.0.0.1:9469"
+listen = {metrics_listen}
 # Client networks allowed to scrape.
 allow = ["127.0.0.0/8", "::1/128"]
 # bearer_token_file = "/etc/bastide/metrics.token"
@@ -525,8 +591,8 @@ allow = ["127.0.0.0/8", "::1/128"]
 stale_after = "5m"                # drop an agent's host metrics after this silence
 # Mail relay for the VMs' system mail (off while commented out; see the README).
 # [smtp]
-# listen = "10.0.0.1:25"
-# allow_networks = ["10.0.0.0/24"]   # enrolled agents' addresses are allowed too
+# listen = ["10.0.0.1:25"]
+# allow = ["10.0.0.0/24"]         # client networks; enrolled agents' addresses are allowed too
 # sender_address = "vm-mail@example.org"
 # admin_address = "ops@example.org"
 # [smtp.relay]
@@ -536,9 +602,9 @@ stale_after = "5m"                # drop an agent's host metrics after this sile
 
 # SSH jump host (ssh -J admin@bastion root@vm). Uncomment and add admins and rules.
 # [ssh]
-# listen = "0.0.0.0:22"
-# audit_log = "/var/log/bastide/ssh-audit.jsonl"
-# public_host = "bastion.example.org"
+# listen = ["0.0.0.0:22"]
+# audit_log = "/var/log/bastide/ssh-audit.jsonl"   # default: <state_dir>/ssh-audit.jsonl
+# public_host = "bastion.example.org"             # default: from the first listen address
 #
 # [[ssh.admins]]
 # name = "alice"
@@ -569,7 +635,8 @@ stale_after = "5m"                # drop an agent's host metrics after this sile
 # retry_initial = "1s"
 # retry_max = "60s"
 
-# Syslog receiver for machines without an agent (needs [logs]).
+# Syslog receiver for machines without an agent (needs [logs]). Each protocol has its list
+# of addresses.
 # [syslog]
 # udp = ["0.0.0.0:514"]
 # tcp = ["0.0.0.0:514"]           # octet-counting and newline framing
@@ -614,6 +681,204 @@ mod tests {
         .unwrap();
         let e = Config::load(&f).unwrap_err().to_string();
         assert!(e.contains("listen"), "{e}");
+    }
+
+    /// Every table, with every key that has no default.
+    const EVERY_TABLE: &str = r#"
+project = "p"
+state_dir = "/x"
+[agents]
+listen = "127.0.0.1:1"
+[admin]
+socket = "/x/admin.sock"
+[metrics]
+listen = "127.0.0.1:2"
+[dns]
+listen = "127.0.0.1:3"
+[[dns.records]]
+name = "www"
+type = "A"
+value = "10.0.0.1"
+[smtp]
+listen = "127.0.0.1:4"
+[smtp.relay]
+host = "smtp.example.org"
+[ssh]
+listen = "127.0.0.1:5"
+[[ssh.admins]]
+name = "alice"
+[[ssh.rules]]
+[logs]
+[logs.forward]
+target = "logs.example.org:6514"
+[syslog]
+udp = "127.0.0.1:6"
+[config_push]
+dir = "/srv/env"
+cloud = "c"
+site = "s"
+instance = "i"
+"#;
+
+    /// Each key of `v` as a path (`dns.records[0].name`), leaves and tables alike.
+    fn key_paths(v: &toml::Value, out: &mut Vec<Vec<String>>, at: Vec<String>) {
+        let mut push = |k: String, v: &toml::Value| {
+            let mut at = at.clone();
+            at.push(k);
+            out.push(at.clone());
+            key_paths(v, out, at);
+        };
+        match v {
+            toml::Value::Table(t) => t.iter().for_each(|(k, v)| push(k.clone(), v)),
+            toml::Value::Array(a) if a.iter().all(|v| v.is_table()) => {
+                a.iter().enumerate().for_each(|(i, v)| {
+                    key_paths(v, out, {
+                        let mut at = at.clone();
+                        at.push(format!("[{i}]"));
+                        at
+                    })
+                })
+            }
+            _ => {}
+        }
+    }
+
+    fn without(v: &toml::Value, path: &[String]) -> toml::Value {
+        let mut v = v.clone();
+        let mut cur = &mut v;
+        for (n, seg) in path.iter().enumerate() {
+            let last = n + 1 == path.len();
+            cur = match cur {
+                toml::Value::Table(t) if last => {
+                    t.remove(seg);
+                    break;
+                }
+                toml::Value::Table(t) => t.get_mut(seg).unwrap(),
+                toml::Value::Array(a) => {
+                    let i: usize = seg.trim_matches(['[', ']']).parse().unwrap();
+                    &mut a[i]
+                }
+                _ => unreachable!(),
+            };
+        }
+        v
+    }
+
+    /// Every key without a default, in every table, says what to put there when missing.
+    #[test]
+    fn required_keys_have_hints() {
+        let full: toml::Value = toml::from_str(EVERY_TABLE).unwrap();
+        bastide_common::tomlcfg::parse::<Config>(EVERY_TABLE, REQUIRED_KEY_HINTS).unwrap();
+        let mut paths = Vec::new();
+        key_paths(&full, &mut paths, Vec::new());
+        let mut required = Vec::new();
+        for p in paths {
+            let text = toml::to_string(&without(&full, &p)).unwrap();
+            let Err(problems) = bastide_common::tomlcfg::parse::<Config>(&text, REQUIRED_KEY_HINTS)
+            else {
+                continue;
+            };
+            for pr in problems
+                .iter()
+                .filter(|p| p.contains("required key missing"))
+            {
+                required.push(pr.clone());
+                assert!(
+                    pr.contains("required key missing: "),
+                    "no hint in REQUIRED_KEY_HINTS for: {pr}"
+                );
+            }
+        }
+        // The probe finds them: tables, listeners, names.
+        for k in [
+            "project",
+            "agents.listen",
+            "ssh.admins[0].name",
+            "smtp.relay.host",
+        ] {
+            assert!(
+                required.iter().any(|r| r.starts_with(&format!("{k}: "))),
+                "{k} not found required in {required:#?}"
+            );
+        }
+        // And ssh.audit_log is not required any more: it has a default.
+        assert!(!required.iter().any(|r| r.contains("audit_log")));
+    }
+
+    #[test]
+    fn every_listen_takes_one_address_or_a_list() {
+        let dir = std::env::temp_dir().join(format!("bastide-cfg-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("b.toml");
+        let lists = EVERY_TABLE
+            .replace(
+                "listen = \"127.0.0.1:1\"",
+                "listen = [\"127.0.0.1:1\", \"[::1]:1\"]",
+            )
+            .replace(
+                "listen = \"127.0.0.1:5\"",
+                "listen = [\"127.0.0.1:5\", \"10.0.0.7:22\"]",
+            )
+            .replace(
+                "udp = \"127.0.0.1:6\"",
+                "udp = [\"127.0.0.1:6\"]\ntcp = \"127.0.0.1:6\"",
+            );
+        std::fs::write(&f, &lists).unwrap();
+        let cfg = Config::parse_file(&f).unwrap();
+        assert_eq!(cfg.agents.as_ref().unwrap().listen.len(), 2);
+        assert_eq!(cfg.metrics.as_ref().unwrap().listen.len(), 1);
+        assert_eq!(cfg.syslog.as_ref().unwrap().tcp.len(), 1);
+        // The advertised SSH address is the first specific one, its port the default port.
+        assert_eq!(
+            crate::ssh::hosts::public_endpoint(&cfg),
+            Some(("127.0.0.1".into(), 5))
+        );
+        let own = cfg.listen_addresses();
+        for ip in ["127.0.0.1", "::1", "10.0.0.7"] {
+            assert!(own.contains(&ip.parse().unwrap()), "{ip} {own:?}");
+        }
+        // `allow` takes CIDRs or addresses in every table.
+        std::fs::write(
+            &f,
+            format!("{lists}\n")
+                .replace(
+                    "[metrics]\n",
+                    "[metrics]\nallow = [\"10.0.0.5\", \"10.1.0.0/16\"]\n",
+                )
+                .replace("[syslog]\n", "[syslog]\nallow = \"10.0.0.9\"\n"),
+        )
+        .unwrap();
+        let cfg = Config::parse_file(&f).unwrap();
+        assert_eq!(
+            cfg.metrics.unwrap().allow,
+            vec![
+                "10.0.0.5/32".parse().unwrap(),
+                "10.1.0.0/16".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            cfg.syslog.unwrap().allow,
+            vec!["10.0.0.9/32".parse().unwrap()]
+        );
+        std::fs::write(
+            &f,
+            lists.replace(
+                "[metrics]\n",
+                "[metrics]\nallow = [\"10.0.0.5\", \"nope\"]\n",
+            ),
+        )
+        .unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("metrics.allow[1]: \"nope\" is not a network"),
+            "{e}"
+        );
+        std::fs::write(&f, lists.replace("listen = \"127.0.0.1:4\"", "listen = []")).unwrap();
+        let e = Config::load(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("smtp.listen: at least one address is needed"),
+            "{e}"
+        );
     }
 
     #[test]

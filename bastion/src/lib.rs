@@ -17,6 +17,7 @@ pub mod dns;
 pub mod fsutil;
 pub mod hostmetrics;
 pub mod jobs;
+pub mod listeners;
 pub mod logging;
 pub mod logs;
 pub mod metrics;

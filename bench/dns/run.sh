@@ -87,7 +87,8 @@ dnsmasq --keep-in-foreground --no-resolv --no-hosts --bind-interfaces --listen-a
     --user=root --pid-file="$T/dnsmasq.pid" 2>"$T/dnsmasq.log" & PIDS+=($!)
 
 # bastide: zone bench.internal. with 100 static names, forwarding to the upstream.
-"$BASTIDE" init --dir "$T/state" --project bench --zone bench.internal. >/dev/null
+"$BASTIDE" init --dir "$T/state" --project bench --zone bench.internal. \
+    --agents-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >/dev/null
 {
     echo; echo "[dns]"
     echo "listen = [\"127.0.0.1:$PB\"]"
@@ -98,7 +99,6 @@ dnsmasq --keep-in-foreground --no-resolv --no-hosts --bind-interfaces --listen-a
         printf '[[dns.records]]\nname = "z%d"\ntype = "A"\nvalue = "10.9.0.%d"\n' "$i" "$i"
     done
 } >> "$T/state/bastide.toml"
-sed -i 's/^listen = "0.0.0.0:4443"/listen = "127.0.0.1:0"/' "$T/state/bastide.toml"
 RUST_LOG=warn "$BASTIDE" --config "$T/state/bastide.toml" serve 2>"$T/bastide.log" & PIDS+=($!)
 
 for p in $UP $PU $PM $PB; do

@@ -21,8 +21,7 @@ D=$(mktemp -d /tmp/bastide-lbench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXIT
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 AP=$(port); MP=$(port)
-"$BASTIDE" init --dir "$D/st" --project bench >/dev/null
-sed -i "s/0.0.0.0:4443/127.0.0.1:$AP/; s/127.0.0.1:9469/127.0.0.1:$MP/" "$D/st/bastide.toml"
+"$BASTIDE" init --dir "$D/st" --project bench --agents-listen "127.0.0.1:$AP" --metrics-listen "127.0.0.1:$MP" >/dev/null
 # TODO(lead): the log store key chosen on the logs-bastion branch ([logs] dir assumed).
 cp "$D/st/bastide.toml" "$D/st/bastide.toml.orig"
 printf '\n[logs]\ndir = "%s"\n' "$D/store" >> "$D/st/bastide.toml"

@@ -15,8 +15,7 @@ rates=()
 for run in $(seq 1 "$RUNS"); do
   D=$(mktemp -d /tmp/bastide-e2e.XXXXXX)
   AP=$(port); MP=$(port)
-  "$B/bastide" init --dir "$D/st" --project bench >/dev/null
-  sed -i "s/0.0.0.0:4443/127.0.0.1:$AP/; s/127.0.0.1:9469/127.0.0.1:$MP/" "$D/st/bastide.toml"
+  "$B/bastide" init --dir "$D/st" --project bench --agents-listen "127.0.0.1:$AP" --metrics-listen "127.0.0.1:$MP" >/dev/null
   printf '\n[logs]\ndir = "%s"\n' "$D/store" >> "$D/st/bastide.toml"
   "$B/bastide" --config "$D/st/bastide.toml" serve 2>"$D/bastide.log" &
   BP=$!

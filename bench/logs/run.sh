@@ -69,8 +69,7 @@ wait_done() {
 run_bastide() {
     local d=$WORK/bastide-$1 p
     p=$(port)
-    "$BASTIDE" init --dir "$d" --project bench >/dev/null
-    sed -i "s/0.0.0.0:4443/127.0.0.1:$(port)/; s/127.0.0.1:9469/127.0.0.1:$(port)/" "$d/bastide.toml"
+    "$BASTIDE" init --dir "$d" --project bench --agents-listen "127.0.0.1:$(port)" --metrics-listen "127.0.0.1:$(port)" >/dev/null
     cat >>"$d/bastide.toml" <<CONF
 
 [logs]

@@ -14,8 +14,7 @@ D=$(mktemp -d /tmp/bastide-mbench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXIT
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 AP=$(port); MP=$(port); NP=$(port)
-"$B/bastide" init --dir "$D/st" --project bench >/dev/null
-sed -i "s/0.0.0.0:4443/127.0.0.1:$AP/; s/127.0.0.1:9469/127.0.0.1:$MP/" "$D/st/bastide.toml"
+"$B/bastide" init --dir "$D/st" --project bench --agents-listen "127.0.0.1:$AP" --metrics-listen "127.0.0.1:$MP" >/dev/null
 "$B/bastide" --config "$D/st/bastide.toml" serve 2>/dev/null &
 # The admin socket appears once the daemon is up; a fixed sleep raced it (and set -e then
 # ended the script silently).

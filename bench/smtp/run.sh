@@ -60,13 +60,12 @@ smtp-sink -u root -m 512 ${SINK_OPTS:-} -d "$SINKDIR/%H%M%S." "127.0.0.1:$SINK" 
 PIDS+=($!)
 
 # bastide
-"$BASTIDE" init --project bench --dir "$WORK/b/state" >/dev/null
-sed -i "s/0.0.0.0:4443/127.0.0.1:$APORT/" "$WORK/b/state/bastide.toml"
+"$BASTIDE" init --project bench --dir "$WORK/b/state" --agents-listen "127.0.0.1:$APORT" --metrics-listen 127.0.0.1:0 >/dev/null
 cat >> "$WORK/b/state/bastide.toml" <<TOML
 
 [smtp]
 listen = "127.0.0.1:$BPORT"
-allow_networks = ["127.0.0.0/8"]
+allow = ["127.0.0.0/8"]
 max_connections_per_client = 1000
 
 [smtp.relay]

@@ -85,7 +85,8 @@ JPORT=$(free_port); start_sshd jump "$JPORT" "$W/jump_host"
 OPENSSH_PID=${PIDS[-1]}
 
 BPORT=$(free_port)
-"$BASTIDE" init --dir "$W/state" --project bench --zone bench.test. >/dev/null
+"$BASTIDE" init --dir "$W/state" --project bench --zone bench.test. \
+    --agents-listen "127.0.0.1:$(free_port)" --metrics-listen 127.0.0.1:0 >/dev/null
 cat >> "$W/state/bastide.toml" <<CONF
 
 [ssh]
@@ -104,7 +105,6 @@ admins = ["root"]
 cidrs = ["127.0.0.0/8"]
 ports = [$TPORT]
 CONF
-sed -i "s/0.0.0.0:4443/127.0.0.1:$(free_port)/" "$W/state/bastide.toml"
 RUST_LOG=warn "$BASTIDE" --config "$W/state/bastide.toml" serve 2>>"$W/bastide.log" &
 BASTIDE_PID=$!
 PIDS+=($BASTIDE_PID)

@@ -148,14 +148,54 @@ fn missing_field(message: &str) -> Option<String> {
     Some(rest.split_once('`')?.0.to_string())
 }
 
-/// The expected key closest to a misspelt one, if close enough to be a typo.
+/// The expected key closest to a misspelt one, if close enough to be a typo, else one that
+/// the field extends or shortens by whole `_` words (`allow_networks` -> `allow`,
+/// `audit` -> `audit_log`).
 fn closest(field: &str, expected: &[String]) -> Option<String> {
-    expected
+    let typo = expected
         .iter()
         .map(|k| (strsim::damerau_levenshtein(field, k), k))
         .filter(|(d, k)| *d <= 2.max(k.len() / 4) && *d < k.len())
         .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k.clone())
+        .map(|(_, k)| k.clone());
+    typo.or_else(|| {
+        let word_prefix = |long: &str, short: &str| {
+            long.strip_prefix(short)
+                .is_some_and(|rest| rest.starts_with('_'))
+        };
+        expected
+            .iter()
+            .filter(|k| word_prefix(field, k) || word_prefix(k, field))
+            .min_by_key(|k| k.len().abs_diff(field.len()))
+            .cloned()
+    })
+}
+
+/// `deserialize_with` for a list that may be written as its single element:
+/// `listen = "0.0.0.0:22"` is `listen = ["0.0.0.0:22"]`.
+pub fn one_or_many<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a string or a list of strings")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<T>, E> {
+            T::deserialize(serde::de::value::StrDeserializer::<E>::new(v)).map(|t| vec![t])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+            while let Some(t) = seq.next_element()? {
+                out.push(t);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(V(std::marker::PhantomData))
 }
 
 /// Takes out the value at `segments`; false when the path does not lead to a value.
@@ -193,6 +233,15 @@ fn remove(value: &mut toml::Value, segments: &[String]) -> bool {
         (None, toml::Value::Table(t)) => t.remove(last).is_some(),
         _ => false,
     }
+}
+
+/// [`one_or_many`] for an optional list (`#[serde(default, deserialize_with = ...)]`).
+pub fn some_one_or_many<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    one_or_many(d).map(Some)
 }
 
 #[cfg(test)]
@@ -274,6 +323,63 @@ keyz = ["k"]
         assert_eq!(
             errs,
             vec!["ssh.audit_log: required key missing: the file where every jump is recorded, e.g. \"/var/log/bastide/ssh-audit.jsonl\"".to_string()]
+        );
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Listener {
+        #[serde(deserialize_with = "one_or_many")]
+        listen: Vec<std::net::SocketAddr>,
+        #[serde(default)]
+        #[allow(dead_code)]
+        allow: Vec<String>,
+    }
+
+    #[test]
+    fn one_or_many_takes_a_string_or_a_list() {
+        let one = parse::<Listener>("listen = \"127.0.0.1:22\"\n", &[]).unwrap();
+        assert_eq!(one.listen, vec!["127.0.0.1:22".parse().unwrap()]);
+        let two = parse::<Listener>("listen = [\"127.0.0.1:22\", \"[::1]:2222\"]\n", &[]).unwrap();
+        assert_eq!(
+            two.listen,
+            vec![
+                "127.0.0.1:22".parse::<std::net::SocketAddr>().unwrap(),
+                "[::1]:2222".parse().unwrap()
+            ]
+        );
+        let none = parse::<Listener>("listen = []\n", &[]).unwrap();
+        assert!(none.listen.is_empty());
+        let errs = parse::<Listener>("listen = \"nope\"\n", &[]).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with("listen: invalid socket address"),
+            "{errs:#?}"
+        );
+        let errs = parse::<Listener>("listen = [\"127.0.0.1:1\", \"nope\"]\n", &[]).unwrap_err();
+        assert!(
+            errs[0].starts_with("listen[1]: invalid socket address"),
+            "{errs:#?}"
+        );
+        let errs = parse::<Listener>("listen = 22\n", &[]).unwrap_err();
+        assert!(
+            errs[0].starts_with("listen: invalid type: integer `22`, expected a string or a list"),
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn a_renamed_key_gets_a_did_you_mean_by_whole_words() {
+        let errs =
+            parse::<Listener>("listen = \"127.0.0.1:1\"\nallow_networks = []\n", &[]).unwrap_err();
+        assert_eq!(
+            errs,
+            vec!["allow_networks: unknown key (did you mean `allow`?)".to_string()]
+        );
+        let errs = parse::<Listener>("listen_addr = \"127.0.0.1:1\"\n", &[]).unwrap_err();
+        assert!(
+            errs[0].starts_with("listen_addr: unknown key (did you mean `listen`?)"),
+            "{errs:#?}"
         );
     }
 

@@ -106,7 +106,7 @@ pub fn smtp() -> &'static (
         let cfg: bastide::smtp::SmtpConfig = toml::from_str(
             r#"
 listen = "127.0.0.1:25"
-allow_networks = ["127.0.0.1/32"]
+allow = ["127.0.0.1/32"]
 max_message_size = 65536
 max_recipients = 5
 max_line_length = 200

@@ -94,6 +94,27 @@ pub fn require(program: &str, package: &str) -> PathBuf {
 /// (`net.ipv4.ip_local_port_range`): a port the kernel chose for `bind(0)` can be given
 /// again, between its release and the daemon's bind, as the source port of one of the many
 /// client connections the tests open in parallel ("Address already in use", seen in CI).
+/// A blocking TCP connection to `127.0.0.1:port` from a chosen loopback source address
+/// (an agent's 127.0.1.x, an attacker's 127.0.0.x): std cannot bind a client socket before
+/// connecting, tokio's `TcpSocket` can.
+pub fn tcp_from(src: &str, port: u16) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        let s = sock
+            .connect(format!("127.0.0.1:{port}").parse().unwrap())
+            .await
+            .unwrap();
+        let s = s.into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
+    })
+}
+
 pub fn free_port() -> u16 {
     use std::collections::HashSet;
     use std::net::UdpSocket;
@@ -211,8 +232,20 @@ pub struct Bastion {
 }
 
 impl Bastion {
-    /// `bastide init` in a fresh directory, with the agents endpoint on a free port.
+    /// `bastide init` in a fresh directory, with the agents and metrics endpoints on free
+    /// ports.
     pub fn init(project: &str) -> Self {
+        let agents = format!("127.0.0.1:{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
+        Self::init_with(
+            project,
+            &["--agents-listen", &agents, "--metrics-listen", &metrics],
+        )
+    }
+
+    /// `bastide init` in a fresh directory with `args` added (none: the listeners `init`
+    /// picks itself); the addresses are read from what `init` prints.
+    pub fn init_with(project: &str, args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("bastide-test-")
             .tempdir()
@@ -225,8 +258,9 @@ impl Bastion {
                 project,
                 "--zone",
                 &format!("{project}.test."),
-                "--dir",
             ])
+            .args(args)
+            .arg("--dir")
             .arg(&state)
             .output()
             .expect("bastide init");
@@ -235,30 +269,36 @@ impl Bastion {
             "init failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let printed = String::from_utf8_lossy(&out.stdout).to_string();
+        let first_addr = |key: &str| -> String {
+            printed
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|rest| rest.split([',', ' ']).find(|w| !w.is_empty()))
+                .unwrap_or_else(|| panic!("init printed no {key} line:\n{printed}"))
+                .to_string()
+        };
+        let agents_addr = first_addr("agents.listen:");
+        let metrics_addr = first_addr("metrics.listen:");
         let config = state.join("bastide.toml");
-        let port = free_port();
-        let agents_addr = format!("127.0.0.1:{port}");
-        let metrics_addr = format!("127.0.0.1:{}", free_port());
         let mut b = Self {
-            metrics_addr: metrics_addr.clone(),
+            metrics_addr,
             log: dir.path().join("bastide.log"),
             pin: String::new(),
             dir,
             config,
-            agents_addr: agents_addr.clone(),
+            agents_addr,
             child: None,
         };
         // Every agent of the tests has its own loopback address (see `Agent::new`): the
         // agent networks name loopback explicitly, as the README says tests and
         // single-machine demos must. The bastion's own 127.0.0.1 stays refused.
         b.edit_config(|c| {
-            c.replace("0.0.0.0:4443", &agents_addr)
-                .replace("127.0.0.1:9469", &metrics_addr)
-                .replacen(
-                    "handshake_timeout = \"10s\"\n",
-                    "handshake_timeout = \"10s\"\nnetworks = [\"127.0.0.0/8\"]\n",
-                    1,
-                )
+            c.replacen(
+                "handshake_timeout = \"10s\"\n",
+                "handshake_timeout = \"10s\"\nnetworks = [\"127.0.0.0/8\"]\n",
+                1,
+            )
         });
         let pin = b.cli_ok(&["ca-pin", "--dir", &state.display().to_string()]);
         b.pin = pin.trim().to_string();
@@ -551,12 +591,7 @@ impl Bastion {
         let mut b = Self::init(project);
         let new = format!("{ip}:{}", free_port());
         let old = b.agents_addr.clone();
-        b.edit_config(|c| {
-            c.replace(
-                &format!("listen = \"{old}\""),
-                &format!("listen = \"{new}\""),
-            )
-        });
+        b.edit_config(|c| c.replace(&format!("\"{old}\""), &format!("\"{new}\"")));
         b.agents_addr = new;
         b
     }
@@ -902,7 +937,7 @@ impl Bastion {
         let port = free_port();
         self.edit_config(|c| {
             format!(
-                "{c}\n[smtp]\nlisten = \"127.0.0.1:{port}\"\nhostname = \"bastion.faults.test\"\nallow_networks = [\"127.0.0.1/32\"]\n{smtp_extra}\n\n[smtp.relay]\nhost = \"127.0.0.1\"\nport = {sink_port}\ntls = \"none\"\ntimeout = \"3s\"\nconcurrency = 4\nretry_initial = \"300ms\"\nretry_max = \"1s\"\n"
+                "{c}\n[smtp]\nlisten = \"127.0.0.1:{port}\"\nhostname = \"bastion.faults.test\"\nallow = [\"127.0.0.1/32\"]\n{smtp_extra}\n\n[smtp.relay]\nhost = \"127.0.0.1\"\nport = {sink_port}\ntls = \"none\"\ntimeout = \"3s\"\nconcurrency = 4\nretry_initial = \"300ms\"\nretry_max = \"1s\"\n"
             )
         });
         port

@@ -615,7 +615,7 @@ fn pushed_log_sources_outside_the_local_allow_list_are_refused_even_through_syml
     let good = wait_agent(&s, in_sync);
     let push = |ntp: &str, path: &Path| {
         s.tree.write_project(&format!(
-            "[vars]\nntp = \"{ntp}\"\n\n[agent]\nlog_sources = [{{ path = {:?} }}]\n",
+            "[vars]\nntp = \"{ntp}\"\n\n[[agent.logs.sources]]\npath = {:?}\n",
             path.display().to_string()
         ))
     };

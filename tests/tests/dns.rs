@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bastide_tests::{free_port, require, wait_for, Agent, Bastion};
+use bastide_tests::{free_port, require, tcp_from, wait_for, Agent, Bastion};
 
 fn dig_bin() -> PathBuf {
     require("dig", "dnsutils")
@@ -612,26 +612,6 @@ fn claims_the_address_policy_refuses_get_no_record() {
         let ptr = answers(port, &["-x", ip]);
         assert!(ptr.is_empty(), "PTR for {ip}: {ptr:?}");
     }
-}
-
-/// A blocking TCP connection to the bastion's DNS port from a chosen loopback source
-/// address (127.0.0.x): std cannot bind a client socket, tokio's `TcpSocket` can.
-fn tcp_from(src: &str, port: u16) -> TcpStream {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
-        let s = sock
-            .connect(format!("127.0.0.1:{port}").parse().unwrap())
-            .await
-            .unwrap();
-        let s = s.into_std().unwrap();
-        s.set_nonblocking(false).unwrap();
-        s
-    })
 }
 
 /// Sends `drip` one byte a second (nothing when empty) until the server closes the

@@ -7,7 +7,7 @@ use bastide_agent::tls::{connect, enroll_config, mtls_config, PinVerifier};
 use bastide_proto::v1::agent_client::AgentClient;
 use bastide_proto::v1::enrollment_client::EnrollmentClient;
 use bastide_proto::v1::{agent_message, AgentMessage, EnrollRequest, Heartbeat, RegisterRequest};
-use bastide_tests::{bin, wait_for, Agent, Bastion};
+use bastide_tests::{bin, free_port, wait_for, Agent, Bastion};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -563,7 +563,8 @@ fn broken_configuration_is_refused_with_its_key_named() {
     b.edit_config(|c| {
         c.replace("bogus_key = 1", "bogus_key = 1\nhandshake_timout = \"5s\"")
             .replace("max_connections = 20000", "max_connections = \"many\"")
-            + "\n[ssh]\nlisten = \"127.0.0.1:1\"\n[[ssh.admins]]\nname = \"a\"\nkeyz = []\n"
+            + "\n[ssh]\nlisten = \"127.0.0.1:1\"\n[[ssh.admins]]\nname = \"a\"\nkeyz = []\n[[ssh.admins]]\nkeys = []\n"
+            + "\n[smtp]\nlisten = \"127.0.0.1:1\"\nallow_networks = [\"10.0.0.0/8\"]\n[smtp.relay]\nhost = \"h\"\n"
     });
     let err = stderr(&b.cli(&["check-config"]));
     for expected in [
@@ -571,7 +572,9 @@ fn broken_configuration_is_refused_with_its_key_named() {
         "agents.handshake_timout: unknown key (did you mean `handshake_timeout`?)",
         "agents.max_connections: invalid type: string \"many\"",
         "ssh.admins[0].keyz: unknown key (did you mean `keys`?)",
-        "ssh.audit_log: required key missing: the file where every jump is recorded",
+        "ssh.admins[1].name: required key missing: the admin's name",
+        // One vocabulary: SMTP's client networks are `allow`, as in every other table.
+        "smtp.allow_networks: unknown key (did you mean `allow`?)",
     ] {
         assert!(err.contains(expected), "no {expected:?} in:\n{err}");
     }
@@ -581,6 +584,10 @@ fn broken_configuration_is_refused_with_its_key_named() {
             .replace("max_connections = \"many\"", "max_connections = 20000");
         c[..c.find("\n[ssh]").unwrap()].to_string()
     });
+    assert!(
+        !err.contains("audit_log"),
+        "ssh.audit_log has a default:\n{err}"
+    );
 
     b.edit_config(|c| {
         c.replace("bogus_key = 1", "")
@@ -710,4 +717,133 @@ fn an_agent_connecting_from_another_address_than_it_claims_is_flagged_and_counte
     assert!(b.wait_state("web01", "online", Duration::from_secs(20)));
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(logged(&b), 1, "{}", b.log_text());
+}
+
+/// The first line a server sends on `addr` (an SMTP greeting), or the first line of its
+/// answer to `send` (an HTTP status line).
+fn first_line(addr: &str, send: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(send.as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line
+}
+
+/// Every `listen` is a list: a service binds every address of it (SMTP and metrics here,
+/// on two loopback addresses), and a single string still means a list of one.
+#[test]
+fn a_listen_list_binds_every_address() {
+    let mut b = Bastion::init("lists");
+    let smtp = [
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.1.1:{}", free_port()),
+    ];
+    let metrics2 = format!("127.0.1.1:{}", free_port());
+    let (m1, m2) = (b.metrics_addr.clone(), metrics2.clone());
+    b.edit_config(|c| {
+        c.replace(&format!("[\"{m1}\"]"), &format!("[\"{m1}\", \"{m2}\"]"))
+            + &format!(
+                "\n[smtp]\nlisten = [\"{}\", \"{}\"]\nallow = [\"127.0.0.0/8\"]\n[smtp.relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n",
+                smtp[0],
+                smtp[1],
+                free_port()
+            )
+    });
+    b.start();
+    for a in &smtp {
+        let greeting = first_line(a, "");
+        assert!(greeting.starts_with("220 "), "{a}: {greeting:?}");
+    }
+    for a in [&b.metrics_addr, &metrics2] {
+        let status = first_line(a, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+        assert!(
+            status.starts_with("HTTP/1.") && status.contains(" 200 "),
+            "{a}: {status:?}"
+        );
+    }
+    assert!(
+        b.log_text().contains(&smtp[1]),
+        "the listening log line names every address:\n{}",
+        b.log_text()
+    );
+}
+
+/// A second bastion on the same host: `bastide init` with its default listeners moves to
+/// free ports when the first bastion holds the defaults (and says so), and both serve; two
+/// inits before either serves get the same defaults, and the second `serve` says which key
+/// to change in which file.
+#[test]
+fn a_second_bastion_on_the_same_host_gets_listeners_that_do_not_collide() {
+    let mut first = Bastion::init_with("one", &[]);
+    let early = Bastion::init_with("early", &[]);
+    assert_eq!(early.agents_addr, first.agents_addr);
+    first.start();
+
+    let mut serve = std::process::Command::new(bin("bastide"))
+        .arg("--config")
+        .arg(&early.config)
+        .arg("serve")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let st = wait_for(Duration::from_secs(20), || serve.try_wait().unwrap());
+    if st.is_none() {
+        serve.kill().unwrap();
+    }
+    let out = serve.wait_with_output().unwrap();
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "the second serve must stop"
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("agents.listen: cannot bind")
+            && err.contains("another process listens there")
+            && err.contains(&format!("agents.listen of {}", early.config.display())),
+        "{err}"
+    );
+
+    let state = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin("bastide"))
+        .args(["init", "--project", "two", "--dir"])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    for (key, taken) in [
+        ("agents.listen:", &first.agents_addr),
+        ("metrics.listen:", &first.metrics_addr),
+    ] {
+        let line = printed
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key} in {printed}"));
+        assert!(
+            line.contains(&format!("{taken} is in use on this host")) && line.contains("--"),
+            "{line}"
+        );
+    }
+    drop(state);
+
+    let mut second = Bastion::init_with("two", &[]);
+    assert_ne!(second.agents_addr, first.agents_addr);
+    assert_ne!(second.metrics_addr, first.metrics_addr);
+    second.start();
+    for b in [&first, &second] {
+        // `status` says where each bastion listens.
+        let status = b.cli_ok(&["status"]);
+        assert!(
+            status.contains(&format!("listen        agents {}", b.agents_addr))
+                && status.contains(&format!("metrics {}", b.metrics_addr)),
+            "{status}"
+        );
+        let status = first_line(&b.metrics_addr, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+        assert!(
+            status.starts_with("HTTP/1.") && status.contains(" 200 "),
+            "{status:?}"
+        );
+    }
 }

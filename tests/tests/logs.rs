@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bastide_agent::tls::{connect, mtls_config};
 use bastide_proto::v1::agent_client::AgentClient;
 use bastide_proto::v1::{LogBatch, LogEvent};
-use bastide_tests::{free_port, http_get, require, wait_for, Agent, Bastion};
+use bastide_tests::{free_port, http_get, require, tcp_from, wait_for, Agent, Bastion};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -849,18 +849,8 @@ fn forwarding_over_tls_reaches_a_real_rsyslog() {
 }
 
 /// One syslog line over TCP from local address `src` (a VM at that address).
-fn syslog_from(rt: &tokio::runtime::Runtime, src: &str, port: u16, line: &str) {
-    let t = rt.block_on(async {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
-        sock.connect(format!("127.0.0.1:{port}").parse().unwrap())
-            .await
-            .unwrap()
-            .into_std()
-            .unwrap()
-    });
-    t.set_nonblocking(false).unwrap();
-    let mut t = t;
+fn syslog_from(src: &str, port: u16, line: &str) {
+    let mut t = tcp_from(src, port);
     // The bastion may close a refused connection at once: a failed write is fine.
     let _ = writeln!(t, "{line}");
 }
@@ -900,21 +890,17 @@ fn a_claimed_address_does_not_open_syslog() {
             .contains("127.0.0.9: not the observed address"),
         "{info}"
     );
-    let rt = rt();
     syslog_from(
-        &rt,
         "127.0.0.9",
         tcp,
         "<13>1 2026-11-27T10:00:00.000Z neighbour app - - - from-the-claimed-address",
     );
     syslog_from(
-        &rt,
         &evil.ip,
         tcp,
         "<13>1 2026-11-27T10:00:01.000Z evil app - - - from-the-agent-address",
     );
     syslog_from(
-        &rt,
         "127.0.0.1",
         tcp,
         "<13>1 2026-11-27T10:00:02.000Z local app - - - from-an-allowed-network",
@@ -933,25 +919,6 @@ fn a_claimed_address_does_not_open_syslog() {
 /// no option to choose its source.
 fn udp_from(src: &str) -> std::net::UdpSocket {
     std::net::UdpSocket::bind(format!("{src}:0")).unwrap()
-}
-
-/// A TCP syslog connection from `src` (std cannot bind a client socket; tokio's can).
-fn tcp_from(src: &str, port: u16) -> TcpStream {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
-        let s = sock
-            .connect(format!("127.0.0.1:{port}").parse().unwrap())
-            .await
-            .unwrap();
-        let s = s.into_std().unwrap();
-        s.set_nonblocking(false).unwrap();
-        s
-    })
 }
 
 /// Issue 16, point 6: a sender that is not an agent cannot write under another host's name.

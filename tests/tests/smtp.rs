@@ -161,10 +161,10 @@ fn relay(tls: &str, smtp_extra: &str, relay_extra: &str) -> Relay {
 fn relay_to(sink_port: u16, tls: &str, smtp_extra: &str, relay_extra: &str) -> Relay {
     let mut b = Bastion::init("mailp");
     let port = free_port();
-    let smtp_extra = if smtp_extra.contains("allow_networks") {
+    let smtp_extra = if smtp_extra.lines().any(|l| l.starts_with("allow =")) {
         smtp_extra.to_string()
     } else {
-        format!("allow_networks = [\"127.0.0.1/32\"]\n{smtp_extra}")
+        format!("allow = [\"127.0.0.1/32\"]\n{smtp_extra}")
     };
     b.edit_config(|c| {
         format!(
@@ -620,7 +620,7 @@ fn oversize_and_long_lines_are_refused_and_not_spooled() {
 fn clients_outside_allowed_networks_are_refused_agents_allowed() {
     let r = relay(
         "none",
-        "allow_networks = [\"127.0.0.1/32\"]",
+        "allow = [\"127.0.0.1/32\"]",
         "retry_initial = \"1h\"",
     );
     let o = swaks(
@@ -649,7 +649,7 @@ fn clients_outside_allowed_networks_are_refused_agents_allowed() {
     // Only enrolled agents: the agent's address is refused until the agent registers from it.
     let r = relay(
         "none",
-        "allow_networks = [\"192.0.2.0/24\"]\nallow_recipient_domains = [\"example.com\"]",
+        "allow = [\"192.0.2.0/24\"]\nallow_recipient_domains = [\"example.com\"]",
         "retry_initial = \"1h\"",
     );
     let mut a = Agent::new("web01");
@@ -1116,7 +1116,7 @@ fn relay_config(b: &Bastion, port: u16, smtp_extra: &str, relay: &str) {
     };
     b.edit_config(|c| {
         format!(
-            "{c}\n[smtp]\nlisten = \"127.0.0.1:{port}\"\nhostname = \"bastion.mailp.test\"\nallow_networks = [\"127.0.0.1/32\"]\n{smtp_extra}\n\n[smtp.relay]\nhost = \"127.0.0.1\"\ntimeout = \"5s\"\n{limit}{FAST}\n{relay}\n"
+            "{c}\n[smtp]\nlisten = \"127.0.0.1:{port}\"\nhostname = \"bastion.mailp.test\"\nallow = [\"127.0.0.1/32\"]\n{smtp_extra}\n\n[smtp.relay]\nhost = \"127.0.0.1\"\ntimeout = \"5s\"\n{limit}{FAST}\n{relay}\n"
         )
     });
 }
@@ -1618,7 +1618,7 @@ fn opportunistic_tls_upgrades_when_offered_and_helo_clients_are_served() {
 fn a_claimed_address_does_not_open_the_relay() {
     let r = relay(
         "none",
-        "allow_networks = [\"192.0.2.0/24\"]",
+        "allow = [\"192.0.2.0/24\"]",
         "retry_initial = \"1h\"",
     );
     let mut a = Agent::new("evil");

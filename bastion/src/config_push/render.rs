@@ -451,35 +451,20 @@ fn settings(t: &Table, at: &str) -> Result<AgentSettings, Vec<String>> {
                     "{at}: agent.metrics_interval {d:?} must be a duration of at least 1s, or 0s (off)"
                 )),
             },
-            ("log_sources", Value::Array(list)) => {
-                if list.len() > MAX_LOG_SOURCES {
-                    errors.push(format!("{at}: more than {MAX_LOG_SOURCES} log sources"));
-                }
-                for (i, src) in list.iter().enumerate() {
-                    let ls = src.as_table().and_then(|t| {
-                        let path = t.get("path")?.as_str()?.to_string();
-                        let ml = match t.get("multiline_start") {
-                            None => String::new(),
-                            Some(v) => v.as_str()?.to_string(),
-                        };
-                        let extra = t
-                            .keys()
-                            .any(|k| k != "path" && k != "multiline_start");
-                        (!extra && path.starts_with('/')).then_some(LogSource {
-                            path,
-                            multiline_start: ml,
-                        })
-                    });
-                    match ls {
-                        Some(l) => s.log_sources.push(l),
-                        None => errors.push(format!(
-                            "{at}: agent.log_sources[{i}] must be {{ path = \"/abs/glob\", multiline_start = \"regex\" (optional) }}"
+            ("logs", Value::Table(logs)) => {
+                for (k, v) in logs {
+                    match (k.as_str(), v) {
+                        ("sources", Value::Array(list)) => {
+                            log_sources(list, at, &mut s.log_sources, &mut errors)
+                        }
+                        _ => errors.push(format!(
+                            "{at}: agent.logs.{k}: cannot be pushed (only agent.logs.sources; the buffer and batching are the agent's own [logs] settings)"
                         )),
                     }
                 }
             }
             _ => errors.push(format!(
-                "{at}: agent.{k}: unknown or mistyped setting (metrics_interval = \"15s\", log_sources = [...])"
+                "{at}: agent.{k}: unknown or mistyped setting (metrics_interval = \"15s\", [[agent.logs.sources]]: the keys of the agent's own file)"
             )),
         }
     }
@@ -487,6 +472,62 @@ fn settings(t: &Table, at: &str) -> Result<AgentSettings, Vec<String>> {
         Ok(s)
     } else {
         Err(errors)
+    }
+}
+
+/// Keys of a pushed log source: a file source of the agent's own `[[logs.sources]]`, with
+/// the keys the push carries.
+const PUSHED_SOURCE_KEYS: &[&str] = &["path", "multiline_start"];
+
+/// `[[agent.logs.sources]]`: the same shape as the agent's own `[[logs.sources]]`, file
+/// sources only (journal sources are the agent's own choice).
+fn log_sources(list: &[Value], at: &str, out: &mut Vec<LogSource>, errors: &mut Vec<String>) {
+    if list.len() > MAX_LOG_SOURCES {
+        errors.push(format!("{at}: more than {MAX_LOG_SOURCES} log sources"));
+    }
+    for (i, src) in list.iter().enumerate() {
+        let key = format!("agent.logs.sources[{i}]");
+        let Some(t) = src.as_table() else {
+            errors.push(format!(
+                "{at}: {key} must be a table {{ path = \"/abs/glob\", multiline_start = \"regex\" (optional) }}"
+            ));
+            continue;
+        };
+        let mut ok = true;
+        for k in t
+            .keys()
+            .filter(|k| !PUSHED_SOURCE_KEYS.contains(&k.as_str()))
+        {
+            ok = false;
+            errors.push(format!(
+                "{at}: {key}.{k}: cannot be pushed (a pushed source has path and multiline_start; {k} is for the agent's own [[logs.sources]])"
+            ));
+        }
+        let path = match t.get("path") {
+            Some(Value::String(p)) if p.starts_with('/') => p.clone(),
+            _ => {
+                errors.push(format!(
+                    "{at}: {key}.path: required, an absolute glob (\"/var/log/app/*.log\")"
+                ));
+                continue;
+            }
+        };
+        let multiline_start = match t.get("multiline_start") {
+            None => String::new(),
+            Some(Value::String(m)) => m.clone(),
+            Some(_) => {
+                errors.push(format!(
+                    "{at}: {key}.multiline_start: must be a string (a regex)"
+                ));
+                continue;
+            }
+        };
+        if ok {
+            out.push(LogSource {
+                path,
+                multiline_start,
+            });
+        }
     }
 }
 
@@ -551,7 +592,8 @@ mode = "0640"
 on_change = "chrony"
 [agent]
 metrics_interval = "5s"
-log_sources = [{ path = "/var/log/*.log" }]
+[[agent.logs.sources]]
+path = "/var/log/*.log"
 "#;
 
     #[test]
@@ -674,6 +716,45 @@ log_sources = [{ path = "/var/log/*.log" }]
         let p = Prepared::new(t, &serde_json::json!({})).unwrap();
         let e = p.render(&a, &agent_facts(&a, None)).unwrap_err();
         assert_eq!(e.len(), 3, "{e:?}");
+    }
+
+    /// Pushed log sources have the agent's own `[[logs.sources]]` name and shape, file
+    /// sources only; every key the push cannot carry is named.
+    #[test]
+    fn pushed_log_sources_have_the_agents_own_name_and_shape() {
+        let a = agent("web1");
+        let render = |agent_table: &str| {
+            let t = tree(&format!("[agent]\n{agent_table}"), None, &[]);
+            let p = Prepared::new(t, &serde_json::json!({})).unwrap();
+            p.render(&a, &agent_facts(&a, None))
+        };
+        let r = render(
+            "[[agent.logs.sources]]\npath = \"/var/log/a.log\"\n[[agent.logs.sources]]\npath = \"/var/log/app/*.log\"\nmultiline_start = '^\\d'\n",
+        )
+        .unwrap();
+        let s = r.push.settings.unwrap();
+        assert_eq!(s.log_sources.len(), 2);
+        assert_eq!(s.log_sources[1].multiline_start, "^\\d");
+
+        let e = render("log_sources = [{ path = \"/var/log/a.log\" }]\n").unwrap_err();
+        assert!(
+            e[0].contains("agent.log_sources: unknown or mistyped setting")
+                && e[0].contains("[[agent.logs.sources]]"),
+            "{e:?}"
+        );
+        let e = render(
+            "[agent.logs]\nbuffer_max_bytes = 1\n[[agent.logs.sources]]\njournal = true\n[[agent.logs.sources]]\npath = \"rel\"\n",
+        )
+        .unwrap_err();
+        let all = e.join("\n");
+        for want in [
+            "agent.logs.buffer_max_bytes: cannot be pushed",
+            "agent.logs.sources[0].journal: cannot be pushed",
+            "agent.logs.sources[0].path: required",
+            "agent.logs.sources[1].path: required, an absolute glob",
+        ] {
+            assert!(all.contains(want), "{want:?} not in {all}");
+        }
     }
 
     #[test]

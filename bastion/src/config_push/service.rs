@@ -83,7 +83,8 @@ impl Service for ConfigPush {
 /// of its services, so that templates can point a VM's resolver, relay and logs at it.
 pub fn bastion_vars(cfg: &Config) -> serde_json::Value {
     let cp = cfg.config_push.as_ref();
-    let agents = cfg.agents.as_ref().map(|a| a.listen);
+    let advertised = crate::listeners::advertised;
+    let agents = cfg.agents.as_ref().and_then(|a| advertised(&a.listen));
     let address = cp
         .and_then(|c| c.bastion_address)
         .or_else(|| agents.map(|a| a.ip()).filter(|ip| !ip.is_unspecified()));
@@ -99,24 +100,24 @@ pub fn bastion_vars(cfg: &Config) -> serde_json::Value {
     if let Some(a) = agents {
         services.insert("agents".into(), endpoint(a));
     }
-    if let Some(d) = cfg.dns.as_ref().and_then(|d| d.listen.first()) {
-        services.insert("dns".into(), endpoint(*d));
+    if let Some(d) = cfg.dns.as_ref().and_then(|d| advertised(&d.listen)) {
+        services.insert("dns".into(), endpoint(d));
     }
-    if let Some(s) = &cfg.smtp {
-        services.insert("smtp".into(), endpoint(s.listen));
+    if let Some(s) = cfg.smtp.as_ref().and_then(|s| advertised(&s.listen)) {
+        services.insert("smtp".into(), endpoint(s));
     }
-    if let Some(s) = &cfg.ssh {
-        services.insert("ssh".into(), endpoint(s.listen));
+    if let Some(s) = cfg.ssh.as_ref().and_then(|s| advertised(&s.listen)) {
+        services.insert("ssh".into(), endpoint(s));
     }
-    if let Some(m) = &cfg.metrics {
-        services.insert("metrics".into(), endpoint(m.listen));
+    if let Some(m) = cfg.metrics.as_ref().and_then(|m| advertised(&m.listen)) {
+        services.insert("metrics".into(), endpoint(m));
     }
     // Where a VM's rsyslog forwards to: TCP when the receiver has it (no loss on a full
     // socket buffer), else UDP.
     if let Some(s) = &cfg.syslog {
-        let (addr, protocol) = match (s.tcp.first(), s.udp.first()) {
-            (Some(t), _) => (Some(*t), "tcp"),
-            (None, Some(u)) => (Some(*u), "udp"),
+        let (addr, protocol) = match (advertised(&s.tcp), advertised(&s.udp)) {
+            (Some(t), _) => (Some(t), "tcp"),
+            (None, Some(u)) => (Some(u), "udp"),
             _ => (None, ""),
         };
         if let Some(a) = addr {

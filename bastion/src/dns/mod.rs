@@ -43,14 +43,18 @@ pub const MAX_SERVFAIL_TTL: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsConfig {
-    /// Addresses to serve on, UDP and TCP each.
+    /// Addresses to serve on, UDP and TCP each (one string or a list).
+    #[serde(deserialize_with = "bastide_common::tomlcfg::one_or_many")]
     pub listen: Vec<SocketAddr>,
     /// Resolvers that names outside the zone are forwarded to, tried in order with failover.
     #[serde(default)]
     pub upstreams: Vec<SocketAddr>,
     /// Client networks that get answers; absent: loopback and the networks of the bastion's
     /// own interfaces. Others get REFUSED.
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "bastide_common::tomlcfg::some_one_or_many"
+    )]
     pub allow: Option<Vec<String>>,
     /// TTL of the zone's records.
     #[serde(default = "default_zone_ttl", with = "humantime_serde")]

@@ -1,6 +1,6 @@
 //! How the daemon starts the DNS service (see `crate::service`).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -20,9 +20,10 @@ impl Service for Dns {
         let Some(d) = &cfg.dns else {
             return Ok(None);
         };
-        let sockets = super::bind(d)
-            .await
-            .with_context(|| format!("{}: dns.listen", cfg.source.display()))?;
+        let sockets = super::bind(d).await.map_err(|e| {
+            let hint = crate::listeners::in_use_hint_of(&e, "dns.listen", &cfg.source);
+            e.context(format!("{}: dns.listen{hint}", cfg.source.display()))
+        })?;
         // Registered now, so the histogram is exported (empty) before the first upstream query.
         let _ = ::metrics::histogram!(names::DNS_UPSTREAM_LATENCY);
         ctx.collectors.register(collect);

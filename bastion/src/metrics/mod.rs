@@ -27,7 +27,6 @@ use hyper_util::service::TowerToHyperService;
 use ipnet::IpNet;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -43,9 +42,14 @@ const MAX_CONNECTIONS: usize = 256;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    pub listen: SocketAddr,
+    /// Addresses Prometheus scrapes (one string or a list).
+    #[serde(deserialize_with = "bastide_common::tomlcfg::one_or_many")]
+    pub listen: Vec<SocketAddr>,
     /// Client networks allowed to scrape (default: loopback only).
-    #[serde(default = "default_allow")]
+    #[serde(
+        default = "default_allow",
+        deserialize_with = "crate::config::networks"
+    )]
     pub allow: Vec<IpNet>,
     /// File holding the bearer token scrapers must send (mode 0600/0640 at most).
     #[serde(default)]
@@ -136,7 +140,7 @@ pub async fn run(
     hosts: HostMetrics,
     collectors: Collectors,
     tls: Option<Arc<rustls::ServerConfig>>,
-    listener: TcpListener,
+    listener: crate::listeners::TcpListeners,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let handle = install_recorder()?;
@@ -163,7 +167,7 @@ pub async fn run(
         .with_state(state);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    info!(listen = %listener.local_addr()?, tls = acceptor.is_some(), "metrics endpoint listening");
+    info!(listen = ?listener.local_addrs(), tls = acceptor.is_some(), "metrics endpoint listening");
     let mut expire = tokio::time::interval(Duration::from_secs(10));
     loop {
         let (tcp, peer) = tokio::select! {

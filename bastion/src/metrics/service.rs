@@ -2,17 +2,17 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
-use tokio::net::TcpListener;
+use anyhow::Result;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::listeners::TcpListeners;
 use crate::service::{Ctx, Service};
 
 /// The metrics endpoint, bound.
 pub struct Endpoint {
     cfg: super::MetricsConfig,
-    listener: TcpListener,
+    listener: TcpListeners,
     tls: Option<Arc<rustls::ServerConfig>>,
 }
 
@@ -23,13 +23,7 @@ impl Service for Endpoint {
         let Some(m) = &cfg.metrics else {
             return Ok(None);
         };
-        let listener = TcpListener::bind(m.listen).await.with_context(|| {
-            format!(
-                "{}: metrics.listen: cannot bind {}",
-                cfg.source.display(),
-                m.listen
-            )
-        })?;
+        let listener = TcpListeners::bind(&m.listen, "metrics.listen", &cfg.source).await?;
         let tls = if m.tls {
             Some(Arc::new(crate::tls::https_config(&cfg.pki_paths())?))
         } else {

@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::registry::Registry;
@@ -34,8 +33,10 @@ pub use spool::Queue;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SmtpConfig {
-    /// Address to listen on, usually port 25 of the project network.
-    pub listen: SocketAddr,
+    /// Addresses to listen on, usually port 25 of the project network (one string or a
+    /// list).
+    #[serde(deserialize_with = "bastide_common::tomlcfg::one_or_many")]
+    pub listen: Vec<SocketAddr>,
     /// Name in the greeting, Received: headers and bounces (default: from the zone, else
     /// the system host name).
     #[serde(default)]
@@ -43,9 +44,9 @@ pub struct SmtpConfig {
     /// Spool directory (default: `<state_dir>/mail`).
     #[serde(default)]
     pub spool_dir: Option<PathBuf>,
-    /// Client networks allowed to relay, as CIDRs ("10.0.0.0/8", "127.0.0.1/32").
-    #[serde(default)]
-    pub allow_networks: Vec<String>,
+    /// Client networks allowed to relay, as CIDRs ("10.0.0.0/8") or addresses ("10.0.0.5").
+    #[serde(default, deserialize_with = "bastide_common::tomlcfg::one_or_many")]
+    pub allow: Vec<String>,
     /// Enrolled, non-revoked agents' accepted addresses (see `crate::addresses`) may relay too.
     #[serde(default = "yes")]
     pub allow_agents: bool,
@@ -245,17 +246,14 @@ impl SmtpConfig {
     pub fn validate(&self, state_dir: &Path) -> Vec<(String, String)> {
         let mut p = Vec::new();
         let mut bad = |k: &str, r: String| p.push((format!("smtp.{k}"), r));
-        for n in &self.allow_networks {
+        for n in &self.allow {
             if Cidr::parse(n).is_none() {
-                bad(
-                    "allow_networks",
-                    format!("{n:?} is not an address or CIDR network"),
-                );
+                bad("allow", format!("{n:?} is not an address or CIDR network"));
             }
         }
-        if self.allow_networks.is_empty() && !self.allow_agents {
+        if self.allow.is_empty() && !self.allow_agents {
             bad(
-                "allow_networks",
+                "allow",
                 "empty while allow_agents is false: nobody could send mail".into(),
             );
         }
@@ -557,7 +555,11 @@ impl Smtp {
 
 /// Serves SMTP on `listener` and runs the queue until `shutdown`. Sessions in DATA get a
 /// short grace to finish; anything acknowledged is already on disk.
-pub async fn run(svc: Smtp, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(
+    svc: Smtp,
+    listener: crate::listeners::TcpListeners,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let rewriter = Arc::new(rewrite::Rewriter::new(
         &svc.cfg,
         svc.zone.clone(),

@@ -867,7 +867,7 @@ mod tests {
     fn config(port: u16) -> SmtpConfig {
         toml::from_str(&format!(
             "listen = \"127.0.0.1:0\"\n\
-             allow_networks = [\"127.0.0.1/32\"]\n\
+             allow = [\"127.0.0.1/32\"]\n\
              postmaster = \"postmaster@example.org\"\n\
              [relay]\n\
              host = \"127.0.0.1\"\n\

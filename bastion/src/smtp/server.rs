@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver};
 use smtp_proto::{Error as ProtoError, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -58,11 +58,7 @@ impl Shared {
         tls: Option<tokio_rustls::TlsAcceptor>,
         rewriter: Arc<Rewriter>,
     ) -> Self {
-        let networks = cfg
-            .allow_networks
-            .iter()
-            .filter_map(|n| Cidr::parse(n))
-            .collect();
+        let networks = cfg.allow.iter().filter_map(|n| Cidr::parse(n)).collect();
         Self {
             cfg,
             hostname,
@@ -137,10 +133,10 @@ impl Drop for ClientSlot<'_> {
 /// Accepts connections until `shutdown`, then gives sessions a short grace.
 pub async fn serve(
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listener: crate::listeners::TcpListeners,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let addr = listener.local_addr().ok();
+    let addr = listener.local_addrs();
     info!(listen = ?addr, hostname = %shared.hostname, "smtp relay listening");
     let limit = Arc::new(Semaphore::new(shared.cfg.max_connections));
     let tracker = TaskTracker::new();

@@ -2,10 +2,10 @@
 //! (`bastide mail ...`) and status.
 
 use anyhow::{Context, Result};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::listeners::TcpListeners;
 use crate::metrics::names;
 use crate::service::{Ctx, Service};
 
@@ -14,7 +14,7 @@ const COMMANDS: &[&str] = &["mail_queue", "mail_flush", "mail_retry", "mail_dele
 /// The relay, bound and opened.
 pub struct Relay {
     svc: super::Smtp,
-    listener: TcpListener,
+    listener: TcpListeners,
 }
 
 impl Service for Relay {
@@ -26,13 +26,7 @@ impl Service for Relay {
                 .off(COMMANDS, "the smtp relay is off (no [smtp] table)");
             return Ok(None);
         };
-        let listener = TcpListener::bind(s.listen).await.with_context(|| {
-            format!(
-                "{}: smtp.listen: cannot bind {}",
-                cfg.source.display(),
-                s.listen
-            )
-        })?;
+        let listener = TcpListeners::bind(&s.listen, "smtp.listen", &cfg.source).await?;
         let pki = cfg.pki_paths();
         let main = super::Main {
             zone: cfg.zone.as_deref(),

@@ -21,9 +21,13 @@ pub const MIN_RSA_BITS: u32 = 3072;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SshConfig {
-    pub listen: SocketAddr,
-    /// Append-only JSON-lines audit log of every jump attempt.
-    pub audit_log: PathBuf,
+    /// Addresses admins connect to (one string or a list).
+    #[serde(deserialize_with = "bastide_common::tomlcfg::one_or_many")]
+    pub listen: Vec<SocketAddr>,
+    /// Append-only JSON-lines audit log of every jump attempt (default:
+    /// `<state_dir>/ssh-audit.jsonl`, see [`SshConfig::audit_log_path`]).
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
     /// false (the default): a jump whose start line cannot be written to `audit_log` (disk
     /// full, I/O error) is refused, so no session runs unaudited. true: it is let through and
     /// only logged. Read at start-up, like `audit_log`.
@@ -385,7 +389,19 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// Name of the SSH audit log in the state directory when `audit_log` is not set.
+pub const DEFAULT_AUDIT_LOG: &str = "ssh-audit.jsonl";
+
 impl SshConfig {
+    /// The audit log: `audit_log`, else `<state_dir>/ssh-audit.jsonl` (always writable by
+    /// the daemon, also under the systemd unit's sandbox; Teleport keeps its audit log under
+    /// its data directory the same way).
+    pub fn audit_log_path(&self, state_dir: &std::path::Path) -> PathBuf {
+        self.audit_log
+            .clone()
+            .unwrap_or_else(|| state_dir.join(DEFAULT_AUDIT_LOG))
+    }
+
     /// Every problem, each as (key, reason).
     pub fn problems(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
@@ -429,15 +445,15 @@ impl SshConfig {
         if self.connect_timeout.is_zero() {
             bad("connect_timeout", "must be positive");
         }
-        match self.audit_log.parent() {
-            Some(p) if p.is_dir() => {}
-            _ => bad(
-                "audit_log",
-                &format!(
-                    "the directory of {} does not exist",
-                    self.audit_log.display()
+        // The default lives in the state directory, which is checked on its own.
+        if let Some(f) = &self.audit_log {
+            match f.parent() {
+                Some(p) if p.is_dir() => {}
+                _ => bad(
+                    "audit_log",
+                    &format!("the directory of {} does not exist", f.display()),
                 ),
-            ),
+            }
         }
         for (i, line) in self.host_cert_authorities.iter().enumerate() {
             match PublicKey::from_openssh(line.trim()) {

@@ -14,14 +14,15 @@ use crate::registry::Snapshot;
 /// Host and port admins reach the bastion at.
 pub fn public_endpoint(cfg: &Config) -> Option<(String, u16)> {
     let ssh = cfg.ssh.as_ref()?;
+    let listen = crate::listeners::advertised(&ssh.listen)?;
     let host = match &ssh.public_host {
         Some(h) => h.clone(),
-        None if ssh.listen.ip().is_unspecified() => {
+        None if listen.ip().is_unspecified() => {
             format!("bastion.{}", zone(cfg).unwrap_or(&cfg.project))
         }
-        None => ssh.listen.ip().to_string(),
+        None => listen.ip().to_string(),
     };
-    Some((host, ssh.public_port.unwrap_or(ssh.listen.port())))
+    Some((host, ssh.public_port.unwrap_or(listen.port())))
 }
 
 fn zone(cfg: &Config) -> Option<&str> {

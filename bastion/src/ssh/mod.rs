@@ -26,7 +26,7 @@ use anyhow::{Context, Result};
 use russh::keys::ssh_key::{Algorithm, Certificate, EcdsaCurve, HashAlg, PrivateKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelOpenFailure, MethodKind, MethodSet, Preferred};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -232,7 +232,7 @@ fn set_keepalive(stream: &TcpStream, interval: Duration) {
 pub async fn run(
     mut config: watch::Receiver<Arc<Config>>,
     registry: Registry,
-    listener: TcpListener,
+    listener: crate::listeners::TcpListeners,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let cfg = config.borrow_and_update().clone();
@@ -241,14 +241,14 @@ pub async fn run(
     let shared = Arc::new(Shared {
         live: RwLock::new(Arc::new(live)),
         registry,
-        audit: audit::Audit::open(&ssh.audit_log, ssh.audit_fail_open)?,
+        audit: audit::Audit::open(&ssh.audit_log_path(&cfg.state_dir), ssh.audit_fail_open)?,
         counters: counters(),
         limiter: limits::RateLimiter::new(ssh.rate_limit_burst, ssh.rate_limit_refill),
         sessions: Arc::new(limits::Sessions::default()),
         shutdown: shutdown.clone(),
     });
     let conns = Arc::new(Semaphore::new(ssh.max_connections));
-    info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), admins = ssh.admins.len(), rules = ssh.rules.len(), "ssh jump host listening");
+    info!(listen = ?listener.local_addrs(), admins = ssh.admins.len(), rules = ssh.rules.len(), "ssh jump host listening");
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,

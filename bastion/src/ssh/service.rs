@@ -1,12 +1,12 @@
 //! How the daemon starts the SSH jump service (see `crate::service`), and its admin
 //! commands (`bastide ssh known-hosts`, `bastide ssh config`).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::listeners::TcpListeners;
 use crate::metrics::names;
 use crate::service::{Ctx, Service};
 
@@ -27,7 +27,7 @@ const COMMANDS: &[&str] = &["ssh_known_hosts", "ssh_config"];
 
 /// The SSH jump listener, bound.
 pub struct Ssh {
-    listener: TcpListener,
+    listener: TcpListeners,
 }
 
 impl Service for Ssh {
@@ -50,13 +50,7 @@ impl Service for Ssh {
             return Ok(None);
         };
         ctx.collectors.register(collect);
-        let listener = TcpListener::bind(s.listen).await.with_context(|| {
-            format!(
-                "{}: ssh.listen: cannot bind {}",
-                cfg.source.display(),
-                s.listen
-            )
-        })?;
+        let listener = TcpListeners::bind(&s.listen, "ssh.listen", &cfg.source).await?;
         Ok(Some(Self { listener }))
     }
 

@@ -48,16 +48,16 @@ use crate::registry::{Registry, Snapshot};
 #[serde(deny_unknown_fields)]
 pub struct SyslogConfig {
     /// UDP addresses ("0.0.0.0:514").
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bastide_common::tomlcfg::one_or_many")]
     pub udp: Vec<SocketAddr>,
     /// TCP addresses, octet-counting or newline framing ("0.0.0.0:514").
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bastide_common::tomlcfg::one_or_many")]
     pub tcp: Vec<SocketAddr>,
     /// TLS addresses, RFC 5425 ("0.0.0.0:6514"), with the bastion's server certificate.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bastide_common::tomlcfg::one_or_many")]
     pub tls: Vec<SocketAddr>,
-    /// Client networks allowed to send.
-    #[serde(default)]
+    /// Client networks allowed to send (CIDRs or addresses).
+    #[serde(default, deserialize_with = "crate::config::networks")]
     pub allow: Vec<IpNet>,
     /// Enrolled, non-revoked agents' accepted addresses (see `crate::addresses`) may send too.
     #[serde(default = "yes")]

@@ -24,9 +24,10 @@ impl Service for Syslog {
         let (Some(s), Some(_)) = (&cfg.syslog, &cfg.logs) else {
             return Ok(None);
         };
-        let sockets = super::bind(s)
-            .await
-            .with_context(|| format!("{}: syslog", cfg.source.display()))?;
+        let sockets = super::bind(s).await.map_err(|e| {
+            let hint = crate::listeners::in_use_hint_of(&e, "syslog.udp, tcp or tls", &cfg.source);
+            e.context(format!("{}: syslog{hint}", cfg.source.display()))
+        })?;
         let tls = if s.tls.is_empty() {
             None
         } else {

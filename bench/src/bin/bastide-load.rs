@@ -110,8 +110,12 @@ fn main() -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let state = dir.path().join("state");
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
     let out = Command::new(&bastide)
-        .args(["init", "--project", "load", "--dir"])
+        .args(["init", "--project", "load"])
+        .args(["--agents-listen", &addr, "--metrics-listen", &metrics_addr])
+        .arg("--dir")
         .arg(&state)
         .output()?;
     if !out.status.success() {
@@ -122,11 +126,7 @@ fn main() -> Result<()> {
     if args.config_rounds > 0 {
         write_tree(&env, 0)?;
     }
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
     let text = std::fs::read_to_string(&cfg)?
-        .replace("0.0.0.0:4443", &addr)
-        .replace("127.0.0.1:9469", &metrics_addr)
         // The whole simulated fleet dials from 127.0.0.1: lift the per-source bounds meant
         // for strangers' certificate-less connections.
         .replace(

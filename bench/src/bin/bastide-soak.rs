@@ -252,8 +252,12 @@ fn main() -> Result<()> {
     };
     let state = dir.join("state");
     let store = dir.join("store");
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
     let out = Command::new(&bastide)
-        .args(["init", "--project", "soak", "--dir"])
+        .args(["init", "--project", "soak"])
+        .args(["--agents-listen", &addr, "--metrics-listen", &metrics_addr])
+        .arg("--dir")
         .arg(&state)
         .output()?;
     if !out.status.success() {
@@ -262,12 +266,8 @@ fn main() -> Result<()> {
     let cfg = state.join("bastide.toml");
     let env = dir.join("env");
     write_tree(&env, 0)?;
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
     let hb = args.heartbeat.as_secs().max(1);
     let text = std::fs::read_to_string(&cfg)?
-        .replace("0.0.0.0:4443", &addr)
-        .replace("127.0.0.1:9469", &metrics_addr)
         // The whole simulated fleet dials from 127.0.0.1: lift the per-source bounds meant
         // for strangers' certificate-less connections.
         .replace(
