@@ -5,6 +5,10 @@
 #
 #   bench/smtp/run.sh                 # 20 sessions, 5000 messages of 4 KiB, 3 runs each
 #   MSGS=2000 RUNS=5 bench/smtp/run.sh
+#   NO_BUILD=1 BASTIDE=/path/to/bastide bench/smtp/run.sh    # a binary built elsewhere
+#   LIMIT_KEY=concurrency ...        # for binaries older than destination_concurrency_limit
+#   LIMIT=20 PER_CONN=100            # [smtp.relay] destination_concurrency_limit and
+#                                    # messages_per_connection given to bastide
 #
 # Figures per target (medians over RUNS):
 #   accepted/s  messages acknowledged (250 after DATA, on disk) per second: the time
@@ -40,12 +44,19 @@ done
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 SINK=$(port); BPORT=$(port); PPORT=$(port); APORT=$(port)
 
-echo "building bastide (release)..." >&2
-(cd "$ROOT" && cargo build --release --quiet -p bastide)
-BASTIDE=${CARGO_TARGET_DIR:-$ROOT/target}/release/bastide
+LIMIT=${LIMIT:-20}
+LIMIT_KEY=${LIMIT_KEY:-destination_concurrency_limit}
+PER_CONN=${PER_CONN:-100}
+if [ -z "${NO_BUILD:-}" ]; then
+    echo "building bastide (release)..." >&2
+    (cd "$ROOT" && cargo build --release --quiet -p bastide)
+fi
+BASTIDE=${BASTIDE:-${CARGO_TARGET_DIR:-$ROOT/target}/release/bastide}
 
 # The smarthost: counts nothing, dumps every message to tmpfs so we can count them.
-smtp-sink -u root -m 512 -d "$SINKDIR/%H%M%S." "127.0.0.1:$SINK" 1024 &
+# SINK_OPTS: more smtp-sink options, e.g. -p (no PIPELINING offered).
+# shellcheck disable=SC2086
+smtp-sink -u root -m 512 ${SINK_OPTS:-} -d "$SINKDIR/%H%M%S." "127.0.0.1:$SINK" 1024 &
 PIDS+=($!)
 
 # bastide
@@ -61,9 +72,10 @@ max_connections_per_client = 1000
 host = "127.0.0.1"
 port = $SINK
 tls = "none"
-concurrency = 20
+$LIMIT_KEY = $LIMIT
 retry_initial = "1s"
 TOML
+[ "$LIMIT_KEY" = destination_concurrency_limit ] && echo "messages_per_connection = $PER_CONN" >> "$WORK/b/state/bastide.toml"
 RUST_LOG=warn "$BASTIDE" --config "$WORK/b/state/bastide.toml" serve 2>"$WORK/bastide.log" &
 PIDS+=($!)
 
@@ -150,10 +162,19 @@ for target in bastide postfix; do
     done
     ACC[$target]=$(printf '%s\n' "${acc[@]}" | median)
     REL[$target]=$(printf '%s\n' "${rel[@]}" | median)
+    if [ $target = bastide ]; then
+        # Connection reuse towards the smarthost, over all runs (newer binaries count it).
+        "$BASTIDE" --config "$WORK/b/state/bastide.toml" mail queue --json 2>/dev/null | python3 -c '
+import json, sys
+m = json.load(sys.stdin).get("metrics", {})
+c, t = m.get("bastide_smtp_relay_connections_total"), m.get("bastide_smtp_relay_transactions_total")
+if c: print(f"bastide: {t} transactions over {c} connections to the smarthost ({t/c:.0f} per connection)", file=sys.stderr)
+' || true
+    fi
 done
 
 echo
-echo "SMTP relay: $MSGS messages of $SIZE bytes, $SESSIONS sessions, medians of $RUNS runs, spools on $(df -T "$WORK" | awk 'NR==2{print $2}')"
+echo "SMTP relay: $MSGS messages of $SIZE bytes, $SESSIONS sessions, medians of $RUNS runs, spools on $(df -T "$WORK" | awk 'NR==2{print $2}'), bastide $LIMIT_KEY = $LIMIT"
 printf '%-10s %14s %14s\n' target "accepted/s" "relayed/s"
 for t in bastide postfix; do printf '%-10s %14s %14s\n' $t "${ACC[$t]}" "${REL[$t]}"; done
 python3 -c "print(f'ratio bastide/postfix: accepted {${ACC[bastide]}/${ACC[postfix]}:.2f}x, relayed {${REL[bastide]}/${REL[postfix]}:.2f}x')"

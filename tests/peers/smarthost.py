@@ -4,14 +4,18 @@ maintained SMTP server implementation that, unlike Postfix's smtp-sink, speaks S
 implicit TLS and AUTH without a SASL daemon.
 
 It records, under --dir:
-  events.jsonl   one JSON line per event: connect, auth (mechanism, user, tls, ok),
-                 mail (sender, tls, authenticated user), rcpt (address, accepted)
+  events.jsonl   one JSON line per event, in order: connect and disconnect (with a
+                 connection number), auth (mechanism, user, tls, ok), mail (sender, tls,
+                 authenticated user, connection), rcpt (address, accepted)
   msg-N.json     each accepted message: {"mail_from", "rcpt_tos", "tls", "auth"}
   msg-N.eml      its content, byte for byte as received (after dot-unstuffing)
 Files are written under a temporary name and renamed, so a reader never sees half a file.
 
 Usage: smarthost.py --port P --dir D [--tls none|starttls|implicit --cert C --key K]
                     [--auth USER:PASSWORD] [--reject-rcpt ADDR]... [--tempfail-rcpt ADDR]...
+                    [--pipelining]
+--pipelining advertises PIPELINING (RFC 2920): aiosmtpd reads commands one after the other
+from its stream, so pipelined commands are served in order, each with its own reply.
 """
 import argparse
 import asyncio
@@ -24,6 +28,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 args = None
 counter = itertools.count()
+connections = itertools.count()
 
 
 def record(event):
@@ -49,7 +54,14 @@ class Server(SMTP):
         first = self._original_transport is None and self.transport is None
         super().connection_made(transport)
         if first:
-            record({"event": "connect"})
+            self.conn_id = next(connections)
+            record({"event": "connect", "conn": self.conn_id})
+
+    def connection_lost(self, exc):
+        if getattr(self, "conn_id", None) is not None and not getattr(self, "lost", False):
+            self.lost = True
+            record({"event": "disconnect", "conn": self.conn_id})
+        super().connection_lost(exc)
 
     async def smtp_AUTH(self, arg):
         # Logged before aiosmtpd looks at it: AUTH sent in plaintext must show up here.
@@ -59,8 +71,15 @@ class Server(SMTP):
 
 
 class Handler:
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if args.pipelining:
+            responses.insert(1, "250-PIPELINING")
+        return responses
+
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         record({"event": "mail", "sender": address, "tls": server.tls_active(),
+                "conn": getattr(server, "conn_id", None),
                 "auth": session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None})
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -82,7 +101,7 @@ class Handler:
         write_atomic("msg-%d.eml" % n, envelope.original_content)
         write_atomic("msg-%d.json" % n, json.dumps({
             "mail_from": envelope.mail_from, "rcpt_tos": envelope.rcpt_tos,
-            "mail_options": envelope.mail_options,
+            "mail_options": envelope.mail_options, "conn": getattr(server, "conn_id", None),
             "tls": server.tls_active(), "auth": auth}).encode())
         return "250 2.0.0 OK: queued as %d" % n
 
@@ -106,6 +125,7 @@ def main():
     p.add_argument("--auth")
     p.add_argument("--reject-rcpt", action="append")
     p.add_argument("--tempfail-rcpt", action="append")
+    p.add_argument("--pipelining", action="store_true")
     args = p.parse_args()
     ctx = None
     if args.tls != "none":

@@ -67,6 +67,8 @@ pub const SMTP_RELAYED: &str = "bastide_smtp_relayed_total";
 pub const SMTP_DEFERRED: &str = "bastide_smtp_deferred_total";
 pub const SMTP_BOUNCED: &str = "bastide_smtp_bounced_total";
 pub const SMTP_DEAD_LETTERED: &str = "bastide_smtp_dead_lettered_total";
+pub const SMTP_RELAY_CONNECTIONS: &str = "bastide_smtp_relay_connections_total";
+pub const SMTP_RELAY_TRANSACTIONS: &str = "bastide_smtp_relay_transactions_total";
 pub const SMTP_QUEUE_LENGTH: &str = "bastide_smtp_queue_length";
 pub const SMTP_QUEUE_OLDEST_AGE: &str = "bastide_smtp_queue_oldest_age_seconds";
 
@@ -278,6 +280,14 @@ pub fn describe() {
         (
             SMTP_DEAD_LETTERED,
             "Messages moved to the dead-letter folder",
+        ),
+        (
+            SMTP_RELAY_CONNECTIONS,
+            "Connections opened to the smarthost",
+        ),
+        (
+            SMTP_RELAY_TRANSACTIONS,
+            "Transactions (MAIL FROM) sent to the smarthost; above connections when reused",
         ),
     ] {
         describe_counter!(name, help);

@@ -4,7 +4,8 @@
 //! retries, bounces and a dead-letter folder.
 //!
 //! Parts: [`server`] (SMTP sessions, parsing by `smtp-proto`), [`spool`] (on-disk queue with
-//! group commit), [`relay`] (queue runner, delivery by `lettre`, DSNs), [`rewrite`]
+//! group commit), [`relay`] (queue runner, pooled and pipelined delivery over `lettre`
+//! connections, DSNs), [`rewrite`]
 //! (Postfix-like masquerading).
 
 pub mod relay;
@@ -125,9 +126,17 @@ pub struct RelayConfig {
     /// Connect and per-command timeout towards the smarthost.
     #[serde(default = "default_relay_timeout", with = "humantime_serde")]
     pub timeout: Duration,
-    /// Deliveries (and pooled connections) at once.
-    #[serde(default = "default_concurrency")]
-    pub concurrency: usize,
+    /// Deliveries to the smarthost at once, each on its own connection (Postfix's
+    /// `default_destination_concurrency_limit`). `concurrency` is the older name.
+    #[serde(
+        default = "default_destination_concurrency_limit",
+        alias = "concurrency"
+    )]
+    pub destination_concurrency_limit: usize,
+    /// Messages sent over one connection before it is closed and a new one opened
+    /// (Postfix's `smtp_connection_reuse_count_limit`).
+    #[serde(default = "default_messages_per_connection")]
+    pub messages_per_connection: usize,
     /// First retry delay; doubled on each failure up to `retry_max`.
     #[serde(default = "default_retry_initial", with = "humantime_serde")]
     pub retry_initial: Duration,
@@ -171,8 +180,11 @@ fn default_relay_tls() -> RelayTls {
 fn default_relay_timeout() -> Duration {
     Duration::from_secs(60)
 }
-fn default_concurrency() -> usize {
-    4
+fn default_destination_concurrency_limit() -> usize {
+    20
+}
+fn default_messages_per_connection() -> usize {
+    100
 }
 fn default_retry_initial() -> Duration {
     Duration::from_secs(60)
@@ -314,8 +326,14 @@ impl SmtpConfig {
         if r.port == 0 {
             bad("relay.port", "must not be 0".into());
         }
-        if r.concurrency == 0 || r.concurrency > 256 {
-            bad("relay.concurrency", "must be between 1 and 256".into());
+        if r.destination_concurrency_limit == 0 || r.destination_concurrency_limit > 256 {
+            bad(
+                "relay.destination_concurrency_limit",
+                "must be between 1 and 256".into(),
+            );
+        }
+        if r.messages_per_connection == 0 {
+            bad("relay.messages_per_connection", "must be positive".into());
         }
         if r.timeout.is_zero() {
             bad("relay.timeout", "must be positive".into());
@@ -388,6 +406,11 @@ pub struct SmtpMetrics {
     pub deferred: AtomicU64,
     pub bounced: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// Connections opened to the smarthost.
+    pub relay_connections: AtomicU64,
+    /// Transactions (MAIL FROM) sent to the smarthost: more than connections when they are
+    /// reused.
+    pub relay_transactions: AtomicU64,
 }
 
 /// Every series of the relay, in Prometheus style (help texts in `metrics::names`).
@@ -407,6 +430,8 @@ pub const METRICS: &[&str] = &[
     "bastide_smtp_deferred_total",
     "bastide_smtp_bounced_total",
     "bastide_smtp_dead_lettered_total",
+    "bastide_smtp_relay_connections_total",
+    "bastide_smtp_relay_transactions_total",
     "bastide_smtp_queue_length",
     "bastide_smtp_queue_oldest_age_seconds",
 ];
@@ -436,6 +461,8 @@ impl SmtpMetrics {
             g(&self.deferred),
             g(&self.bounced),
             g(&self.dead_lettered),
+            g(&self.relay_connections),
+            g(&self.relay_transactions),
             len,
             oldest,
         ];

@@ -1,30 +1,46 @@
-//! The queue runner: delivers due messages to the smarthost with `lettre` (pooled, reused
-//! connections), retries temporary failures with exponential backoff until the maximum
-//! queue lifetime, and on a permanent failure or expiry sends a DSN to the sender (never
-//! to the null sender) and moves the message to `dead/`.
+//! The queue runner: delivers due messages to the smarthost, retries temporary failures
+//! with exponential backoff until the maximum queue lifetime, and on a permanent failure or
+//! expiry sends a DSN to the sender (never to the null sender) and moves the message to
+//! `dead/`.
+//!
+//! Deliveries run concurrently, at most `destination_concurrency_limit` at once, each on a
+//! connection of its own taken from a small pool: a connection carries up to
+//! `messages_per_connection` transactions (RSET before each one after the first) and is
+//! closed after [`IDLE_CLOSE`] unused. Connections, STARTTLS and AUTH, reply parsing and
+//! dot-stuffing are `lettre`'s (`AsyncSmtpConnection`); the transaction itself is driven
+//! here, command by command, so that every `RCPT` gets its own result, and pipelined
+//! (RFC 2920: RSET, MAIL, every RCPT and DATA in one write) when the smarthost offers
+//! PIPELINING.
 //!
 //! Delivery is at-least-once: a message is removed from the spool only after the
 //! smarthost's 250, so a crash between that reply and the removal re-sends it.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{Certificate, CertificateStore, Tls, TlsParameters};
-use lettre::transport::smtp::extension::ClientId;
-use lettre::transport::smtp::PoolConfig;
-use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, Certificate, CertificateStore, Tls, TlsParameters,
+};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt, Rset};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::Error as SmtpError;
+use lettre::Address;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::spool::{decode, new_id, now_ms, FailedRecipient, Meta, Queue};
 use super::{RelayTls, SmtpConfig, SmtpMetrics};
 
 /// Time deliveries in progress get at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A pooled connection unused for this long is closed (QUIT), like Postfix's
+/// `smtp_connection_cache_time_limit`.
+pub const IDLE_CLOSE: Duration = Duration::from_secs(5);
 
 /// The queue runner's notion of "now", in ms since the epoch: retry times and the queue
 /// lifetime are computed from it, so tests inject a clock they move by hand instead of
@@ -42,15 +58,32 @@ impl Clock for SystemClock {
     }
 }
 
-/// The smarthost transport and the retry policy.
+/// One open connection to the smarthost, ready for a transaction.
+struct Conn {
+    c: AsyncSmtpConnection,
+    /// The smarthost offered PIPELINING (in its EHLO reply after STARTTLS, if any).
+    pipelining: bool,
+    /// Transactions started on it.
+    used: usize,
+    idle_since: Instant,
+}
+
+/// The smarthost: how to connect, the connection pool and the retry policy.
 pub struct Relay {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    host: String,
+    port: u16,
+    tls: Tls,
+    hello: ClientId,
+    credentials: Option<Credentials>,
     concurrency: usize,
+    messages_per_connection: usize,
     timeout: Duration,
     retry_initial: Duration,
     retry_max: Duration,
     max_lifetime: Duration,
     target: String,
+    /// Idle connections, most recently used last.
+    pool: Mutex<Vec<Conn>>,
 }
 
 impl Relay {
@@ -78,35 +111,32 @@ impl Relay {
                 Tls::None
             }
         };
-        let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(r.host.clone())
-            .port(r.port)
-            .tls(tls)
-            .timeout(Some(r.timeout))
-            .hello_name(ClientId::Domain(hostname.to_string()))
-            .pool_config(
-                PoolConfig::new()
-                    .max_size(r.concurrency as u32)
-                    .idle_timeout(Duration::from_secs(30)),
-            );
-        if let (Some(user), Some(pw)) = (&r.username, &r.password_file) {
-            crate::fsutil::check_secret_file(pw)?;
-            let password =
-                std::fs::read_to_string(pw).with_context(|| format!("reading {}", pw.display()))?;
-            b = b
-                .credentials(Credentials::new(
+        let credentials = match (&r.username, &r.password_file) {
+            (Some(user), Some(pw)) => {
+                crate::fsutil::check_secret_file(pw)?;
+                let password = std::fs::read_to_string(pw)
+                    .with_context(|| format!("reading {}", pw.display()))?;
+                Some(Credentials::new(
                     user.clone(),
                     password.trim_end_matches(['\r', '\n']).to_string(),
                 ))
-                .authentication(vec![Mechanism::Plain, Mechanism::Login]);
-        }
+            }
+            _ => None,
+        };
         Ok(Self {
-            transport: b.build(),
-            concurrency: r.concurrency,
+            host: r.host.clone(),
+            port: r.port,
+            tls,
+            hello: ClientId::Domain(hostname.to_string()),
+            credentials,
+            concurrency: r.destination_concurrency_limit,
+            messages_per_connection: r.messages_per_connection,
             timeout: r.timeout,
             retry_initial: r.retry_initial,
             retry_max: r.retry_max,
             max_lifetime: r.max_lifetime,
             target: format!("{}:{}", r.host, r.port),
+            pool: Mutex::new(Vec::new()),
         })
     }
 
@@ -120,20 +150,138 @@ impl Relay {
             .unwrap_or(self.retry_max)
             .min(self.retry_max)
     }
+
+    fn lock_pool(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new connection: TCP (with `TCP_NODELAY`: the content and its final "." are two
+    /// writes, which Nagle's algorithm would hold back until the peer's delayed ACK),
+    /// greeting and EHLO, STARTTLS as configured, EHLO again to learn PIPELINING, AUTH.
+    async fn connect(&self, metrics: &SmtpMetrics) -> Result<Conn, String> {
+        let t = self.timeout;
+        let target = &self.target;
+        let fail = |what: &str, e: &dyn fmt::Display| format!("{target}: {what}: {e}");
+        let mut c = match &self.tls {
+            // lettre wraps the socket in TLS before the greeting itself; it does not set
+            // TCP_NODELAY there.
+            Tls::Wrapper(p) => AsyncSmtpConnection::connect_tokio1(
+                (self.host.as_str(), self.port),
+                Some(t),
+                &self.hello,
+                Some(p.clone()),
+                None,
+            )
+            .await
+            .map_err(|e| fail("connect", &e))?,
+            _ => {
+                let tcp = tokio::time::timeout(
+                    t,
+                    tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
+                )
+                .await
+                .map_err(|_| format!("{target}: connect: timed out"))?
+                .map_err(|e| fail("connect", &e))?;
+                let _ = tcp.set_nodelay(true);
+                tokio::time::timeout(
+                    t,
+                    AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello),
+                )
+                .await
+                .map_err(|_| format!("{target}: greeting: timed out"))?
+                .map_err(|e| fail("greeting", &e))?
+            }
+        };
+        SmtpMetrics::inc(&metrics.relay_connections);
+        let starttls = match &self.tls {
+            Tls::Required(p) => Some(p),
+            Tls::Opportunistic(p) if c.can_starttls() => Some(p),
+            _ => None,
+        };
+        if let Some(p) = starttls {
+            tokio::time::timeout(t, c.starttls(p.clone(), &self.hello))
+                .await
+                .map_err(|_| format!("{target}: STARTTLS: timed out"))?
+                .map_err(|e| fail("STARTTLS", &e))?;
+        }
+        // lettre keeps only the extensions it uses from EHLO; ask once more for the list.
+        let ehlo = tokio::time::timeout(t, c.command(Ehlo::new(self.hello.clone())))
+            .await
+            .map_err(|_| format!("{target}: EHLO: timed out"))?
+            .map_err(|e| fail("EHLO", &e))?;
+        let pipelining = ehlo.message().skip(1).any(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|w| w.eq_ignore_ascii_case("PIPELINING"))
+        });
+        if let Some(cred) = &self.credentials {
+            tokio::time::timeout(t, c.auth(&[Mechanism::Plain, Mechanism::Login], cred))
+                .await
+                .map_err(|_| format!("{target}: AUTH: timed out"))?
+                .map_err(|e| fail("AUTH", &e))?;
+        }
+        info!(relay = %target, pipelining, tls = c.is_encrypted(), "smarthost connection opened");
+        Ok(Conn {
+            c,
+            pipelining,
+            used: 0,
+            idle_since: Instant::now(),
+        })
+    }
+
+    /// An idle pooled connection (the most recently used), if any.
+    fn take(&self) -> Option<Conn> {
+        self.lock_pool().pop()
+    }
+
+    /// Back to the pool, unless it has carried its share of messages.
+    async fn give_back(&self, mut conn: Conn) {
+        if conn.used >= self.messages_per_connection {
+            close(conn).await;
+            return;
+        }
+        conn.idle_since = Instant::now();
+        self.lock_pool().push(conn);
+    }
+
+    /// Closes the connections idle for `idle` or more (all of them with zero), in the
+    /// background unless `wait` (the runner must not stall on a smarthost slow to answer
+    /// QUIT); returns whether some stay open.
+    async fn reap(&self, idle: Duration, wait: bool) -> bool {
+        let old: Vec<Conn> = {
+            let mut g = self.lock_pool();
+            let (old, keep) = std::mem::take(&mut *g)
+                .into_iter()
+                .partition(|c| c.idle_since.elapsed() >= idle);
+            *g = keep;
+            old
+        };
+        for c in old {
+            if wait {
+                close(c).await;
+            } else {
+                tokio::spawn(close(c));
+            }
+        }
+        !self.lock_pool().is_empty()
+    }
 }
 
+/// QUIT and close, without waiting long for the reply (lettre's `abort` sends QUIT unless
+/// the connection already failed, and waits for the reply without a timeout).
+async fn close(mut conn: Conn) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.c.abort()).await;
+}
+
+/// What became of one recipient in one attempt.
+#[derive(Debug, Clone)]
 enum Outcome {
     Delivered,
-    /// `replied`: the smarthost answered with a reply code, as opposed to a connection,
-    /// TLS or timeout failure.
-    Temporary {
-        error: String,
-        replied: bool,
-    },
+    Temporary(String),
     Permanent {
         error: String,
+        /// RFC 3463 status for the DSN.
         status: String,
-        replied: bool,
     },
 }
 
@@ -142,67 +290,288 @@ fn parse_addr(a: &str) -> Result<Address, String> {
         .map_err(|e| format!("address {a:?} cannot be relayed: {e}"))
 }
 
-fn local_failure(error: String, status: &str) -> Outcome {
-    Outcome::Permanent {
-        error,
-        status: status.into(),
-        replied: false,
+/// The RFC 3463 status of a reply: its enhanced status code when it has one ("5.1.1"),
+/// else the class ("5.0.0").
+fn status_of(code: &str, text: &str) -> String {
+    let enhanced = text.split_whitespace().find(|w| {
+        let p: Vec<&str> = w.split('.').collect();
+        p.len() == 3
+            && matches!(p[0], "2" | "4" | "5")
+            && p[1..]
+                .iter()
+                .all(|n| (1..=3).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_digit()))
+    });
+    match enhanced {
+        Some(s) if s.starts_with(&code[..1]) => s.to_string(),
+        _ => format!("{}.0.0", &code[..1]),
     }
 }
 
-/// One SMTP transaction: `sender` to `recipients`.
-async fn attempt(relay: &Relay, sender: &str, recipients: &[String], content: &[u8]) -> Outcome {
+/// The outcome an SMTP error gives the recipients it concerns.
+fn outcome_of(target: &str, e: &SmtpError) -> Outcome {
+    let error = format!("{target}: {e}");
+    match e.status() {
+        Some(code) if e.is_permanent() => {
+            let status = status_of(&code.to_string(), &error);
+            Outcome::Permanent { error, status }
+        }
+        _ => Outcome::Temporary(error),
+    }
+}
+
+/// Why a transaction stopped before every recipient had a result.
+enum Broken {
+    /// Nothing was said about this transaction yet (a stale pooled connection closed by the
+    /// smarthost, or its 421 to RSET): worth one more try on a fresh connection at once.
+    Stale(String),
+    /// The connection failed mid-transaction: every recipient still open gets this
+    /// temporary failure.
+    Failed(String),
+}
+
+/// Several commands sent in one write (RFC 2920): lettre's `command` writes the text of
+/// what it is given and reads one reply; the others are read with `read_response`.
+struct Group(String);
+
+impl fmt::Display for Group {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One transaction on `conn`: the outcome of each of `to` (in order), or why the
+/// connection broke. The connection stays usable unless `Err` is returned.
+async fn transaction(
+    relay: &Relay,
+    conn: &mut Conn,
+    from: Option<Address>,
+    to: &[Address],
+    body: &[u8],
+) -> Result<Vec<Outcome>, Broken> {
+    let t = relay.timeout;
+    let target = relay.target.as_str();
+    let reset = conn.used > 0;
+    conn.used += 1;
+    let info = conn.c.server_info();
+    let mut params = Vec::new();
+    if to
+        .iter()
+        .chain(from.iter())
+        .any(|a: &Address| !AsRef::<str>::as_ref(a).is_ascii())
+    {
+        if !info.supports_feature(Extension::SmtpUtfEight) {
+            let error = format!("{target}: the smarthost does not offer SMTPUTF8, needed by the non-ASCII addresses");
+            return Ok(vec![
+                Outcome::Permanent {
+                    error,
+                    status: "5.6.7".into(),
+                };
+                to.len()
+            ]);
+        }
+        params.push(MailParameter::SmtpUtfEight);
+    }
+    if !body.is_ascii() {
+        if !info.supports_feature(Extension::EightBitMime) {
+            let error =
+                format!("{target}: the smarthost does not offer 8BITMIME, needed by the content");
+            return Ok(vec![
+                Outcome::Permanent {
+                    error,
+                    status: "5.6.3".into(),
+                };
+                to.len()
+            ]);
+        }
+        params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    let mut commands: Vec<String> = Vec::with_capacity(to.len() + 3);
+    if reset {
+        commands.push(Rset.to_string());
+    }
+    commands.push(Mail::new(from, params).to_string());
+    for a in to {
+        commands.push(Rcpt::new(a.clone(), vec![]).to_string());
+    }
+    commands.push(Data.to_string());
+    let n_cmds = commands.len();
+    let first_rcpt = n_cmds - 1 - to.len();
+    // One reply per command, in order; `None` for commands not sent (no PIPELINING and
+    // the transaction already over).
+    let mut replies: Vec<Option<Result<(), SmtpError>>> = Vec::with_capacity(n_cmds);
+    let broken = |i: usize, what: String| {
+        if reset && i == 0 {
+            Broken::Stale(what)
+        } else {
+            Broken::Failed(what)
+        }
+    };
+    let io = |i: usize,
+              r: Result<
+        Result<lettre::transport::smtp::response::Response, SmtpError>,
+        tokio::time::error::Elapsed,
+    >|
+     -> Result<Result<(), SmtpError>, Broken> {
+        match r {
+            Err(_) => Err(broken(i, format!("{target}: timed out"))),
+            Ok(Ok(_)) => Ok(Ok(())),
+            Ok(Err(e)) if e.status().is_some() => Ok(Err(e)),
+            Ok(Err(e)) => Err(broken(i, format!("{target}: {e}"))),
+        }
+    };
+    let stale_reset = |replies: &[Option<Result<(), SmtpError>>]| match replies.first() {
+        // A smarthost that refuses RSET (421: going away) has said nothing about the mail.
+        Some(Some(Err(e))) if reset => Err(Broken::Stale(format!("{target}: RSET: {e}"))),
+        _ => Ok(()),
+    };
+    if conn.pipelining {
+        let group = Group(commands.concat());
+        replies.push(Some(io(
+            0,
+            tokio::time::timeout(t, conn.c.command(group)).await,
+        )?));
+        stale_reset(&replies)?;
+        for i in 1..n_cmds {
+            replies.push(Some(io(
+                i,
+                tokio::time::timeout(t, conn.c.read_response()).await,
+            )?));
+        }
+    } else {
+        for (i, cmd) in commands.into_iter().enumerate() {
+            // Without pipelining, stop at the first reply that ends the transaction: a
+            // refused RSET or MAIL, or DATA when no recipient was accepted.
+            let over = replies
+                .iter()
+                .take(first_rcpt)
+                .any(|r| matches!(r, Some(Err(_))))
+                || (i == n_cmds - 1
+                    && replies[first_rcpt..]
+                        .iter()
+                        .all(|r| matches!(r, Some(Err(_)))));
+            if over {
+                replies.push(None);
+                continue;
+            }
+            replies.push(Some(io(
+                i,
+                tokio::time::timeout(t, conn.c.command(Group(cmd))).await,
+            )?));
+            stale_reset(&replies)?;
+        }
+    }
+    if let Some(Err(e)) = &replies[first_rcpt - 1] {
+        // MAIL refused: every recipient gets that answer.
+        if matches!(replies[n_cmds - 1], Some(Ok(()))) {
+            // DATA accepted after a refused MAIL (should not happen): never send content
+            // the smarthost may take for another transaction; drop the connection.
+            conn.used = usize::MAX;
+        }
+        return Ok(vec![outcome_of(target, e); to.len()]);
+    }
+    let mut outcomes: Vec<Option<Outcome>> = replies[first_rcpt..n_cmds - 1]
+        .iter()
+        .map(|r| match r {
+            Some(Ok(())) => None,
+            Some(Err(e)) => Some(outcome_of(target, e)),
+            None => Some(Outcome::Temporary(format!("{target}: not tried"))),
+        })
+        .collect();
+    let accepted = outcomes.iter().filter(|o| o.is_none()).count();
+    let data = &replies[n_cmds - 1];
+    if accepted == 0 {
+        if matches!(data, Some(Ok(()))) {
+            // 354 with no recipient (RFC 2920 says to send "." then; dropping the
+            // connection is as safe and simpler).
+            conn.used = usize::MAX;
+        }
+        return Ok(outcomes.into_iter().flatten().collect());
+    }
+    let result = match data {
+        Some(Ok(())) => {
+            // lettre sends CRLF.CRLF after the content: its own CRLF ends our last line.
+            let body = body.strip_suffix(b"\r\n").unwrap_or(body);
+            let budget = t + Duration::from_secs(body.len() as u64 / 100_000);
+            match tokio::time::timeout(budget, conn.c.message(body)).await {
+                Err(_) => return Err(Broken::Failed(format!("{target}: timed out after DATA"))),
+                Ok(Ok(_)) => Outcome::Delivered,
+                Ok(Err(e)) if e.status().is_some() => outcome_of(target, &e),
+                Ok(Err(e)) => return Err(Broken::Failed(format!("{target}: {e}"))),
+            }
+        }
+        Some(Err(e)) => outcome_of(target, e),
+        None => Outcome::Temporary(format!("{target}: DATA not sent")),
+    };
+    for o in outcomes.iter_mut() {
+        o.get_or_insert_with(|| result.clone());
+    }
+    Ok(outcomes.into_iter().flatten().collect())
+}
+
+/// One attempt for `recipients`: their outcomes, in order. Uses a pooled connection when
+/// there is one (retrying at once on a fresh one if it turns out stale), else opens one.
+async fn attempt(
+    relay: &Relay,
+    metrics: &SmtpMetrics,
+    sender: &str,
+    recipients: &[String],
+    content: &[u8],
+) -> Vec<Outcome> {
+    let local = |error: String, status: &str| Outcome::Permanent {
+        error,
+        status: status.into(),
+    };
     let from = if sender.is_empty() {
         None
     } else {
         match parse_addr(sender) {
             Ok(a) => Some(a),
-            Err(e) => return local_failure(e, "5.1.7"),
+            Err(e) => return vec![local(e, "5.1.7"); recipients.len()],
         }
     };
-    let mut to = Vec::new();
-    for r in recipients {
-        match parse_addr(r) {
-            Ok(a) => to.push(a),
-            Err(e) => return local_failure(e, "5.1.3"),
-        }
-    }
-    let envelope = match Envelope::new(from, to) {
-        Ok(e) => e,
-        Err(e) => return local_failure(format!("bad envelope: {e}"), "5.1.0"),
-    };
-    // lettre sends CRLF.CRLF after the content: its own CRLF ends our last line.
-    let body = content.strip_suffix(b"\r\n").unwrap_or(content);
-    let send = relay.transport.send_raw(&envelope, body);
-    // lettre's timeout is per command; bound the whole transaction too.
-    let total = relay.timeout * 4 + Duration::from_secs(content.len() as u64 / 100_000);
-    match tokio::time::timeout(total, send).await {
-        Err(_) => Outcome::Temporary {
-            error: format!("{}: timed out", relay.target),
-            replied: false,
-        },
-        Ok(Ok(_)) => Outcome::Delivered,
-        Ok(Err(e)) if e.is_permanent() => {
-            let code = e
-                .status()
-                .map(|c| format!("{c}"))
-                .unwrap_or_else(|| "5.0.0".into());
-            let status = if code.starts_with('5') && code.len() == 3 {
-                "5.0.0".to_string()
-            } else {
-                code
+    // An unusable address is settled alone; the others are still tried.
+    let parsed: Vec<Result<Address, String>> = recipients.iter().map(|r| parse_addr(r)).collect();
+    let to: Vec<Address> = parsed.iter().filter_map(|r| r.clone().ok()).collect();
+    let mut results = if to.is_empty() {
+        Vec::new()
+    } else {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let (mut conn, pooled) = match relay.take() {
+                Some(c) => (c, true),
+                None => match relay.connect(metrics).await {
+                    Ok(c) => (c, false),
+                    Err(e) => break vec![Outcome::Temporary(e); to.len()],
+                },
             };
-            Outcome::Permanent {
-                error: format!("{}: {e}", relay.target),
-                status,
-                replied: true,
+            SmtpMetrics::inc(&metrics.relay_transactions);
+            match transaction(relay, &mut conn, from.clone(), &to, content).await {
+                Ok(r) => {
+                    relay.give_back(conn).await;
+                    break r;
+                }
+                Err(Broken::Stale(e)) if pooled && tries < 3 => {
+                    debug!(relay = %relay.target, error = %e, "stale pooled connection dropped");
+                    close(conn).await;
+                }
+                Err(Broken::Stale(e) | Broken::Failed(e)) => {
+                    close(conn).await;
+                    break vec![Outcome::Temporary(e); to.len()];
+                }
             }
         }
-        Ok(Err(e)) => Outcome::Temporary {
-            error: format!("{}: {e}", relay.target),
-            replied: e.is_transient(),
-        },
     }
+    .into_iter();
+    parsed
+        .into_iter()
+        .map(|p| match p {
+            Ok(_) => results
+                .next()
+                .unwrap_or_else(|| Outcome::Temporary("no result".into())),
+            Err(e) => local(e, "5.1.3"),
+        })
+        .collect()
 }
 
 /// Runs the queue until `shutdown`. The runner sleeps until the next message is due by
@@ -241,12 +610,15 @@ pub async fn run_queue(
                 id
             });
         }
-        let sleep = match queue.next_due() {
+        let mut sleep = match queue.next_due() {
             Some(t) if running.len() < relay.concurrency => {
                 Duration::from_millis((t - clock.now_ms()).clamp(0, 3_600_000) as u64)
             }
             _ => Duration::from_secs(3600),
         };
+        if running.is_empty() && relay.reap(IDLE_CLOSE, false).await {
+            sleep = sleep.min(IDLE_CLOSE);
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = queue.wake.notified() => {}
@@ -259,6 +631,7 @@ pub async fn run_queue(
         warn!("mail queue: deliveries cut at shutdown; they stay queued");
         running.abort_all();
     }
+    relay.reap(Duration::ZERO, true).await;
     Ok(())
 }
 
@@ -270,13 +643,10 @@ struct Ctx {
     clock: Arc<dyn Clock>,
 }
 
-/// One delivery attempt of a message to the recipients it still has.
-///
-/// lettre reports one result per transaction: a refused RCPT fails the whole
-/// transaction. So when the smarthost refuses a message with several recipients, each is
-/// tried again in a transaction of its own, at once, to learn which were refused: the
-/// others are delivered (and never sent again: the state file records them), and only
-/// the refused ones are bounced at once (5xx) or retried (4xx). The message goes to
+/// One delivery attempt of a message to the recipients it still has, in one transaction
+/// with a result per recipient: the accepted ones are recorded as done (never sent again:
+/// the state file records them), those refused with 5xx are bounced at once (a DSN listing
+/// only them), those refused with 4xx are retried with the backoff. The message goes to
 /// `dead/` once every recipient is settled and one of them failed for good.
 async fn deliver(relay: &Relay, ctx: &Ctx, meta: Meta) -> Result<()> {
     let id = meta.id.clone();
@@ -293,45 +663,21 @@ async fn deliver(relay: &Relay, ctx: &Ctx, meta: Meta) -> Result<()> {
     let failed_before = state.failed.len();
     let mut temporary: Option<String> = None;
     let mut delivered_now = 0usize;
-    let outcome = attempt(relay, &meta.sender, &pending, content).await;
-    let split = pending.len() > 1
-        && matches!(
-            outcome,
-            Outcome::Permanent { replied: true, .. } | Outcome::Temporary { replied: true, .. }
-        );
-    if split {
-        for r in pending {
-            match attempt(relay, &meta.sender, std::slice::from_ref(&r), content).await {
-                Outcome::Delivered => {
-                    delivered_now += 1;
-                    state.done.push(r);
-                }
-                Outcome::Permanent { error, status, .. } => state.failed.push(FailedRecipient {
-                    recipient: r,
-                    error,
-                    status,
-                }),
-                Outcome::Temporary { error, .. } => {
-                    temporary.get_or_insert(error);
-                }
-            }
-        }
-    } else {
-        match outcome {
+    let outcomes = attempt(relay, &ctx.metrics, &meta.sender, &pending, content).await;
+    for (r, o) in pending.into_iter().zip(outcomes) {
+        match o {
             Outcome::Delivered => {
-                delivered_now = pending.len();
-                state.done.extend(pending);
+                delivered_now += 1;
+                state.done.push(r);
             }
-            Outcome::Permanent { error, status, .. } => {
-                state
-                    .failed
-                    .extend(pending.into_iter().map(|recipient| FailedRecipient {
-                        recipient,
-                        error: error.clone(),
-                        status: status.clone(),
-                    }))
+            Outcome::Permanent { error, status } => state.failed.push(FailedRecipient {
+                recipient: r,
+                error,
+                status,
+            }),
+            Outcome::Temporary(error) => {
+                temporary.get_or_insert(error);
             }
-            Outcome::Temporary { error, .. } => temporary = Some(error),
         }
     }
     if delivered_now > 0 {
@@ -673,6 +1019,19 @@ mod tests {
         stop.cancel();
         runner.await.unwrap().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn status_from_the_enhanced_code_or_the_class() {
+        let t = "127.0.0.1:25: permanent error (550): 5.1.1 <bad@example.net>: no such user";
+        assert_eq!(status_of("550", t), "5.1.1");
+        assert_eq!(
+            status_of("550", "permanent error (550): no such user"),
+            "5.0.0"
+        );
+        // A code of another class in the text is not taken.
+        assert_eq!(status_of("554", "x: 4.2.1 later"), "5.0.0");
+        assert_eq!(status_of("450", "x: 4.2.1 later"), "4.2.1");
     }
 
     #[tokio::test]
