@@ -780,6 +780,37 @@ async fn status(socket: &Path, json: bool) -> Result<()> {
             );
         }
     }
+    if let Some(g) = v["config_source"].as_object() {
+        let text = |k: &str| g.get(k).and_then(|x| x.as_str()).unwrap_or("");
+        let commit = text("commit");
+        println!(
+            "config source {} {}  commit {}{}",
+            text("url"),
+            text("branch"),
+            if commit.is_empty() { "none" } else { commit },
+            match g.get("applied_at").and_then(|t| t.as_i64()) {
+                Some(t) if t > 0 => format!(" (applied {})", ts(t)),
+                _ => String::new(),
+            }
+        );
+        if !text("fetch_error").is_empty() {
+            println!("  last fetch failed: {}", text("fetch_error"));
+        }
+        if let Some(r) = g.get("refused").and_then(|r| r.as_object()) {
+            let rt = |k: &str| r.get(k).and_then(|x| x.as_str()).unwrap_or("");
+            println!(
+                "  REFUSED commit {}: {} (signer {}): {}",
+                rt("commit"),
+                rt("reason"),
+                if rt("signer").is_empty() {
+                    "-"
+                } else {
+                    rt("signer")
+                },
+                rt("detail")
+            );
+        }
+    }
     let c = &v["certificates"];
     println!("agent CA      valid until {}", days(&c["ca_not_after"]));
     println!("server cert   valid until {}", days(&c["server_not_after"]));

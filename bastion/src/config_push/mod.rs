@@ -4,9 +4,13 @@
 //! `notify`) and reloaded within the debounce delay of a change; a tree with any error is
 //! refused whole, and the last good one stays in force.
 //!
+//! With a git source ([`git`]) the tree is the export of the last good commit of a branch,
+//! fetched by the bastion, and each agent's revision starts with that commit's id.
+//!
 //! The registry keeps desired and applied revisions and the last error; this module keeps
 //! only the rendered pushes, one `watch` per agent that its session follows.
 
+pub mod git;
 pub mod render;
 pub mod service;
 pub mod tree;
@@ -33,8 +37,12 @@ use tree::{Position, Tree};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigPushConfig {
-    /// Root of the environment tree (typically a git checkout).
-    pub dir: PathBuf,
+    /// Root of the environment tree on this machine (exactly one of `dir` and `git`).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// The environment tree from a git repository the bastion fetches itself.
+    #[serde(default)]
+    pub git: Option<git::GitConfig>,
     pub cloud: String,
     pub site: String,
     /// e.g. "production", "test".
@@ -66,11 +74,21 @@ impl ConfigPushConfig {
     /// Problems as (key, reason).
     pub fn problems(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        if !self.dir.is_dir() {
-            out.push((
-                "config_push.dir".into(),
-                format!("{} is not a directory", self.dir.display()),
-            ));
+        match (&self.dir, &self.git) {
+            (Some(dir), None) => {
+                if !dir.is_dir() {
+                    out.push((
+                        "config_push.dir".into(),
+                        format!("{} is not a directory", dir.display()),
+                    ));
+                }
+            }
+            (None, Some(g)) => out.extend(g.problems()),
+            _ => out.push((
+                "config_push".into(),
+                "exactly one of dir (a tree on disk) and git (a repository to fetch) is required"
+                    .into(),
+            )),
         }
         for (k, v) in [
             ("cloud", Some(&self.cloud)),
@@ -148,6 +166,10 @@ struct Inner {
     bastion: serde_json::Value,
     registry: Registry,
     current: Mutex<Option<Arc<Prepared>>>,
+    /// The tree's directory and, from a git source, its commit (`None`: no commit yet).
+    source: Mutex<Option<(PathBuf, Option<String>)>>,
+    /// Held while a tree is loaded and made current (a reload and a new commit at once).
+    loading: Mutex<()>,
     /// Per agent: what its push was rendered from, and the push its session follows.
     agents: Mutex<HashMap<String, AgentPush>>,
     reload: mpsc::Sender<Reload>,
@@ -236,6 +258,7 @@ impl ConfigPushHandle {
             project: cfg.project.clone().unwrap_or_else(|| project.to_string()),
         };
         let (reload, rx) = mpsc::channel(8);
+        let source = cfg.dir.clone().map(|d| (d, None));
         Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -243,6 +266,8 @@ impl ConfigPushHandle {
                 zone,
                 bastion,
                 registry,
+                source: Mutex::new(source),
+                loading: Mutex::new(()),
                 current: Mutex::new(None),
                 agents: Mutex::new(HashMap::new()),
                 reload,
@@ -251,11 +276,49 @@ impl ConfigPushHandle {
         }
     }
 
-    /// Reads the tree, compiles its templates and merges its shared levels. Blocking.
+    /// Reads the tree in force, compiles its templates and merges its shared levels.
+    /// Blocking.
     fn load(&self) -> Result<Prepared, Vec<String>> {
+        let Some((dir, commit)) = lock(&self.inner.source).clone() else {
+            return Err(vec![
+                "no commit of the configuration repository applied yet".into(),
+            ]);
+        };
+        self.load_at(&dir, commit)
+    }
+
+    fn load_at(
+        &self,
+        dir: &std::path::Path,
+        commit: Option<String>,
+    ) -> Result<Prepared, Vec<String>> {
         let i = &self.inner;
-        let tree = Tree::load(&i.cfg.dir, &i.pos, &i.cfg.group_label)?;
-        Prepared::new(tree, &i.bastion)
+        let tree = Tree::load(dir, &i.pos, &i.cfg.group_label)?;
+        let mut p = Prepared::new(tree, &i.bastion)?;
+        p.source = commit;
+        Ok(p)
+    }
+
+    /// The commit in force (git source).
+    pub fn commit(&self) -> Option<String> {
+        lock(&self.inner.source).as_ref().and_then(|s| s.1.clone())
+    }
+
+    /// Loads the tree at `dir` (from `commit`) and, if every agent renders, makes it the
+    /// tree in force and pushes what changed; otherwise the one in force stays. Blocking.
+    pub fn load_source(&self, dir: PathBuf, commit: Option<String>) -> Summary {
+        let _g = lock(&self.inner.loading);
+        let t = Instant::now();
+        match self.load_at(&dir, commit.clone()) {
+            Ok(p) => {
+                let s = self.make_current(p, false, t);
+                if s.errors.is_empty() {
+                    *lock(&self.inner.source) = Some((dir, commit));
+                }
+                s
+            }
+            Err(errors) => self.refused(errors),
+        }
     }
 
     fn facts(&self, a: &AgentInfo) -> serde_json::Value {
@@ -325,11 +388,16 @@ impl ConfigPushHandle {
     /// applied their revision (a NACK for a transient cause) that revision again. A tree
     /// with any error is refused whole. Blocking.
     fn reload_now(&self, explicit: bool) -> Summary {
+        let _g = lock(&self.inner.loading);
         let t = Instant::now();
-        let prepared = match self.load() {
-            Ok(l) => l,
-            Err(errors) => return self.refused(errors),
-        };
+        match self.load() {
+            Ok(p) => self.make_current(p, explicit, t),
+            Err(errors) => self.refused(errors),
+        }
+    }
+
+    /// Renders every agent from `prepared` and, if all render, makes it current.
+    fn make_current(&self, prepared: Prepared, explicit: bool, t: Instant) -> Summary {
         // Agents whose layers and facts are unchanged render the same: skipped.
         let jobs = self.jobs(&prepared, None, true);
         let rendered = jobs.len();
@@ -593,23 +661,29 @@ pub async fn run(handle: ConfigPushHandle, shutdown: CancellationToken) -> Resul
     let Some(mut reload_rx) = lock(&handle.inner.reload_rx).take() else {
         anyhow::bail!("configuration push service started twice");
     };
-    let h = handle.clone();
-    let _ = tokio::task::spawn_blocking(move || h.reload_now(false)).await;
+    // A git source loads its first commit itself (`git::run`).
+    if handle.inner.cfg.dir.is_some() {
+        let h = handle.clone();
+        let _ = tokio::task::spawn_blocking(move || h.reload_now(false)).await;
+    }
 
     let (fs_tx, mut fs_rx) = mpsc::channel::<()>(1);
-    let watcher = {
-        use notify::{RecursiveMode, Watcher};
-        let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if let Ok(ev) = ev {
-                if !ev.kind.is_access() {
-                    let _ = fs_tx.try_send(());
+    let watcher = match &handle.inner.cfg.dir {
+        Some(dir) => {
+            use notify::{RecursiveMode, Watcher};
+            let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+                if let Ok(ev) = ev {
+                    if !ev.kind.is_access() {
+                        let _ = fs_tx.try_send(());
+                    }
                 }
-            }
-        })?;
-        w.watch(&handle.inner.cfg.dir, RecursiveMode::Recursive)?;
-        w
+            })?;
+            w.watch(dir, RecursiveMode::Recursive)?;
+            info!(dir = %dir.display(), "watching the configuration tree");
+            Some(w)
+        }
+        None => None,
     };
-    info!(dir = %handle.inner.cfg.dir.display(), "watching the configuration tree");
     let mut events = handle.inner.registry.events();
     // Agents to render again, gathered for a moment so that a wave of reconnections costs
     // one pass; `None` inside means all of them (the event channel lagged).

@@ -2,11 +2,13 @@
 //! (`bastide config render|check|reload`).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::git::GitSource;
 use super::ConfigPushHandle;
 use crate::config::Config;
 use crate::service::{Ctx, Service};
@@ -28,6 +30,8 @@ const COMMANDS: &[&str] = &["config_render", "config_check", "config_reload"];
 /// The push service, ready.
 pub struct ConfigPush {
     handle: ConfigPushHandle,
+    git: Option<Arc<GitSource>>,
+    webhook: Option<tokio::net::TcpListener>,
 }
 
 impl Service for ConfigPush {
@@ -49,6 +53,46 @@ impl Service for ConfigPush {
             ctx.registry.clone(),
         );
         ctx.handles.provide(handle.clone());
+        let git = c
+            .git
+            .as_ref()
+            .map(|g| Arc::new(GitSource::new(g.clone(), &cfg.state_dir)));
+        let mut webhook = None;
+        if let Some(g) = &git {
+            if let Some(w) = &g.config().webhook {
+                webhook = Some(tokio::net::TcpListener::bind(w.listen).await.with_context(
+                    || {
+                        format!(
+                            "{}: config_push.git.webhook.listen: cannot bind {}",
+                            cfg.source.display(),
+                            w.listen
+                        )
+                    },
+                )?);
+            }
+            let st = g.clone();
+            ctx.admin.status("config_source", move || {
+                serde_json::to_value(st.status()).unwrap_or_default()
+            });
+            let st = g.clone();
+            ctx.collectors.register_text(move |out| {
+                use std::fmt::Write as _;
+                let s = st.status();
+                let n = crate::metrics::names::CONFIG_SOURCE_INFO;
+                let _ = writeln!(
+                    out,
+                    "# HELP {n} {}\n# TYPE {n} gauge",
+                    crate::metrics::names::CONFIG_SOURCE_INFO_HELP
+                );
+                if !s.commit.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "{n}{{commit=\"{}\",branch=\"{}\"}} 1",
+                        s.commit, s.branch
+                    );
+                }
+            });
+        }
         let (blocking, reload) = (handle.clone(), handle.clone());
         ctx.admin
             .blocking(&COMMANDS[..2], move |req: ConfigRequest| match req {
@@ -71,11 +115,40 @@ impl Service for ConfigPush {
                 Ok(serde_json::to_value(s)?)
             }
         });
-        Ok(Some(Self { handle }))
+        Ok(Some(Self {
+            handle,
+            git,
+            webhook,
+        }))
     }
 
     async fn run(self, _ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
-        super::run(self.handle, shutdown).await
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(g) = self.git {
+            if let (Some(l), Some(w)) = (self.webhook, g.config().webhook.clone()) {
+                let (branch, trigger, s) = (
+                    g.config().branch.clone(),
+                    g.trigger.clone(),
+                    shutdown.clone(),
+                );
+                tasks.spawn(super::git::serve_webhook(w, branch, trigger, l, s));
+            }
+            let (h, s) = (self.handle.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                super::git::run(h, g, s).await;
+                Ok(())
+            });
+        }
+        tasks.spawn(super::run(self.handle, shutdown));
+        // The first failure ends the service (and, dropping the set, its other tasks).
+        while let Some(t) = tasks.join_next().await {
+            match t {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(e) => bail!("configuration push task failed: {e}"),
+            }
+        }
+        Ok(())
     }
 }
 
