@@ -127,6 +127,22 @@ pub enum ConfigCmd {
     Check,
     /// Reload the tree now and push what changed (the daemon also watches the tree).
     Reload,
+    /// Show what a candidate tree would change for each agent, without pushing: per agent
+    /// the unified diff of each managed file and the settings that change, then a summary.
+    /// Exit 0: nothing to change, 2: changes, 1: errors.
+    Plan {
+        /// A commit, branch or ref of the git source (default: the branch's head).
+        #[arg(long, conflicts_with = "dir")]
+        commit: Option<String>,
+        /// A tree on the bastion's disk (default: the tree in force).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -320,6 +336,40 @@ async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
                 "configuration tree OK: {} agent(s), {} file(s) rendered in {:.1} ms",
                 s.agents, s.files, s.render_ms
             );
+        }
+        ConfigCmd::Plan {
+            commit,
+            dir,
+            agent,
+            json,
+        } => {
+            let dir = match dir {
+                Some(d) => Some(
+                    std::fs::canonicalize(d)
+                        .with_context(|| format!("resolving {}", d.display()))?,
+                ),
+                None => None,
+            };
+            let req = ConfigRequest::ConfigPlan {
+                commit: commit.clone(),
+                dir,
+                agent: agent.clone(),
+            };
+            // No 5 s limit: a plan renders every agent, and may fetch and export a commit.
+            let v = admin::call_stream(socket, &req, |_| Ok(())).await?;
+            let plan: crate::config_push::plan::Plan = serde_json::from_value(v)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", crate::config_push::plan::print(&plan));
+            }
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            match plan.exit_code() {
+                0 => {}
+                1 => bail!("the plan has errors"),
+                code => std::process::exit(code),
+            }
         }
         ConfigCmd::Reload => {
             let s: Summary =

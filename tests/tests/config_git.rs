@@ -572,3 +572,105 @@ fn check_config_wants_exactly_one_source_and_a_private_key_file() {
         "{err}"
     );
 }
+
+#[test]
+fn plan_prints_the_diff_and_gates_with_exit_codes_without_pushing() {
+    // Polling once an hour: the new head stays a candidate.
+    let s = setup("gplan", file_url, "poll_interval = \"1h\"\n");
+    let c1 = s.repo.git(&["rev-parse", "HEAD"]);
+    s.wait_ntp("server project.ntp");
+    s.wait_applied(&c1);
+    let code = |o: &std::process::Output| o.status.code().unwrap_or(-1);
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+
+    // The commit in force: nothing to change, exit 0.
+    let o = s.bastion.cli(&["config", "plan", "--commit", &c1]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        text(&o).contains("1 agent(s): 0 changed, 0 error(s)"),
+        "{}",
+        text(&o)
+    );
+
+    // A new head (not fetched by the daemon yet): its diff and setting, exit 2.
+    s.repo
+        .tree
+        .write_project("[vars]\nntp = \"plan.ntp\"\n\n[agent]\nmetrics_interval = \"7s\"\n");
+    let c2 = s.repo.commit("plan me", Some("alice"));
+    s.repo.push();
+    let o = s.bastion.cli(&["config", "plan"]);
+    let out = text(&o);
+    assert_eq!(code(&o), 2, "{out}");
+    assert!(out.contains(&format!("# plan of commit {c2}")), "{out}");
+    assert!(out.contains("## agent gplan"), "{out}");
+    let ntp = s.out.join("ntp.conf").display().to_string();
+    assert!(out.contains(&format!("changed {ntp}\n--- a{ntp}\n+++ b{ntp}\n@@ -1,2 +1,2 @@\n-server project.ntp iburst\n+server plan.ntp iburst\n")), "{out}");
+    assert!(
+        out.contains("setting agent.metrics_interval: local -> 7s"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "1 agent(s): 1 changed, 0 error(s); files: 0 added, 1 changed, 0 removed, 0 unchanged"
+        ),
+        "{out}"
+    );
+    // --json for pipelines, the same exit code.
+    let o = s
+        .bastion
+        .cli(&["config", "plan", "--json", "--agent", "gplan"]);
+    assert_eq!(code(&o), 2, "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["summary"]["changed"], 1, "{v}");
+    assert_eq!(v["summary"]["files_changed"], 1, "{v}");
+    assert_eq!(v["agents"][0]["files"][0]["change"], "changed", "{v}");
+    assert!(v["agents"][0]["candidate"]
+        .as_str()
+        .unwrap()
+        .starts_with(&c2));
+    assert!(v["agents"][0]["applied"].as_str().unwrap().starts_with(&c1));
+    assert!(v["refusal"].is_null(), "{v}");
+    // Nothing was pushed.
+    assert!(s.ntp().contains("server project.ntp"), "{}", s.ntp());
+    assert!(s.applied().starts_with(&c1));
+
+    // An unsigned commit with a template error: errors, exit 1, and the refusal it would get.
+    s.repo
+        .tree
+        .write("templates/ntp.conf.j2", "server {{ ntp }\n");
+    let c3 = s.repo.commit("broken", None);
+    s.repo.push();
+    let o = s.bastion.cli(&["config", "plan", "--commit", &c3]);
+    let out = text(&o);
+    assert_eq!(code(&o), 1, "{out}");
+    assert!(out.contains("templates/ntp.conf.j2"), "{out}");
+    assert!(
+        out.contains("the bastion would refuse this commit: unsigned"),
+        "{out}"
+    );
+    // A directory on the bastion's disk, and an unknown agent.
+    let dir = s.repo.tree.dir.path().display().to_string();
+    let o = s.bastion.cli(&["config", "plan", "--dir", &dir]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    s.repo.tree.write(
+        "templates/ntp.conf.j2",
+        "server {{ ntp }} iburst\n# {{ agent.name }} via {{ bastion.address }}\n",
+    );
+    let o = s.bastion.cli(&["config", "plan", "--dir", &dir]);
+    assert_eq!(code(&o), 2, "{}", text(&o));
+    let o = s
+        .bastion
+        .cli(&["config", "plan", "--agent", "nope", "--commit", &c1]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(
+        text(&o).contains("unknown or inactive agent"),
+        "{}",
+        text(&o)
+    );
+}

@@ -463,8 +463,86 @@ impl GitSource {
             return Ok(dest);
         }
         let tmp = self.trees().join(format!(".tmp-{commit}"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        crate::fsutil::ensure_dir(&tmp, 0o700)?;
+        self.export_into(commit, &tmp).await?;
+        std::fs::rename(&tmp, &dest).context("moving the exported tree in place")?;
+        Ok(dest)
+    }
+
+    /// A commit to plan: `rev` (resolved in the fetched repository, else fetched from the
+    /// remote by that name, e.g. `refs/merge-requests/7/head`) or the branch's head, exported
+    /// into a directory of its own (the caller removes it); with why it would be refused.
+    pub async fn plan_source(
+        &self,
+        rev: Option<&str>,
+    ) -> Result<(PathBuf, String, Option<String>)> {
+        self.init().await?;
+        if let Some(r) = rev {
+            if r.is_empty() || r.starts_with('-') || r.contains(['\n', '\0', ' ', ':']) {
+                bail!("{r:?} is not a revision");
+            }
+        }
+        let fetched = self.fetch().await;
+        let commit = match rev {
+            // A fetch that failed (the poll loop's running at the same moment, the server
+            // down): the head fetched last.
+            None => match fetched {
+                Ok(c) => c,
+                Err(e) => match self.run(&["rev-parse", "--verify", FETCHED]).await {
+                    Ok(c) => c.trim().to_string(),
+                    Err(_) => return Err(e),
+                },
+            },
+            Some(r) => {
+                let spec = format!("{r}^{{commit}}");
+                match self.run(&["rev-parse", "--verify", "--quiet", &spec]).await {
+                    Ok(c) => c.trim().to_string(),
+                    Err(_) => {
+                        let refspec = format!("+{r}:refs/bastide/plan");
+                        self.run(&[
+                            "fetch",
+                            "--quiet",
+                            "--no-tags",
+                            "--no-write-fetch-head",
+                            "--",
+                            &self.cfg.url,
+                            &refspec,
+                        ])
+                        .await
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "{r}: not in the repository: {}",
+                                redact(&format!("{e:#}"))
+                            )
+                        })?;
+                        self.run(&["rev-parse", "--verify", "refs/bastide/plan^{commit}"])
+                            .await?
+                            .trim()
+                            .to_string()
+                    }
+                }
+            }
+        };
+        let dest = self
+            .root
+            .join("plan")
+            .join(format!("{commit}-{:016x}", rand::random::<u64>()));
+        crate::fsutil::ensure_dir(&self.root.join("plan"), 0o700)?;
+        self.export_into(&commit, &dest).await?;
+        let last = self.commit();
+        let refusal = self.check(last.as_deref(), &commit).await.err().map(|r| {
+            let signer = if r.signer.is_empty() {
+                String::new()
+            } else {
+                format!(" (signer {})", r.signer)
+            };
+            format!("{}{signer}: {}", r.reason, r.detail)
+        });
+        Ok((dest, commit, refusal))
+    }
+
+    async fn export_into(&self, commit: &str, tmp: &Path) -> Result<()> {
+        let _ = std::fs::remove_dir_all(tmp);
+        crate::fsutil::ensure_dir(tmp, 0o700)?;
         let mut archive = self
             .git()
             .args(["archive", "--format=tar", commit])
@@ -482,7 +560,7 @@ impl GitSource {
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
             .args(["-x", "--no-same-owner", "--no-same-permissions", "-C"])
-            .arg(&tmp)
+            .arg(tmp)
             .stdin(stdout)
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -498,8 +576,7 @@ impl GitSource {
         if !t.status.success() {
             bail!("tar: {}", String::from_utf8_lossy(&t.stderr).trim());
         }
-        std::fs::rename(&tmp, &dest).context("moving the exported tree in place")?;
-        Ok(dest)
+        Ok(())
     }
 
     /// Removes exported trees but `keep`.

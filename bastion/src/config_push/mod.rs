@@ -11,6 +11,7 @@
 //! only the rendered pushes, one `watch` per agent that its session follows.
 
 pub mod git;
+pub mod plan;
 pub mod render;
 pub mod service;
 pub mod tree;
@@ -297,6 +298,11 @@ impl ConfigPushHandle {
         let mut p = Prepared::new(tree, &i.bastion)?;
         p.source = commit;
         Ok(p)
+    }
+
+    /// The directory of the tree in force.
+    pub fn dir(&self) -> Option<PathBuf> {
+        lock(&self.inner.source).as_ref().map(|s| s.0.clone())
     }
 
     /// The commit in force (git source).
@@ -599,6 +605,77 @@ impl ConfigPushHandle {
                 })
                 .collect(),
         })
+    }
+
+    /// What the tree at `dir` (from `commit`) would change for each active agent (or the
+    /// one named) against the push in force, without changing anything. Blocking.
+    pub fn plan(
+        &self,
+        dir: &std::path::Path,
+        commit: Option<String>,
+        agent: Option<&str>,
+    ) -> plan::Plan {
+        let mut out = plan::Plan {
+            source: match &commit {
+                Some(c) => format!("commit {c}"),
+                None => format!("dir {}", dir.display()),
+            },
+            ..Default::default()
+        };
+        let prepared = match self.load_at(dir, commit) {
+            Ok(p) => p,
+            Err(errors) => {
+                out.tree_errors = errors;
+                return out;
+            }
+        };
+        let names = agent.map(|a| HashSet::from([a.to_string()]));
+        let jobs = self.jobs(&prepared, names.as_ref(), false);
+        if let (Some(a), true) = (agent, jobs.is_empty()) {
+            out.tree_errors
+                .push(format!("unknown or inactive agent {a:?}"));
+            return out;
+        }
+        let rendered = render_many(&prepared, jobs);
+        let states = self.inner.registry.config_states();
+        let in_force: HashMap<String, Option<Arc<PushMsg>>> = {
+            let agents = lock(&self.inner.agents);
+            rendered
+                .iter()
+                .map(|((a, _, _), _)| {
+                    let cur = agents.get(&a.name).and_then(|e| e.tx.borrow().clone());
+                    (a.name.clone(), cur)
+                })
+                .collect()
+        };
+        let mut rows: Vec<plan::AgentPlan> = rendered
+            .into_iter()
+            .map(|((a, _, _), r)| {
+                let applied = states
+                    .get(&a.name)
+                    .map(|c| c.applied.clone())
+                    .unwrap_or_default();
+                let mut row = match r {
+                    Ok(push) => {
+                        let old = in_force.get(&a.name).cloned().flatten();
+                        plan::compare(&a.name, old.as_deref(), &push)
+                    }
+                    Err(errors) => plan::AgentPlan {
+                        agent: a.name.clone(),
+                        status: "error".into(),
+                        errors,
+                        ..Default::default()
+                    },
+                };
+                row.applied = applied;
+                row
+            })
+            .collect();
+        rows.sort_by(|a, b| a.agent.cmp(&b.agent));
+        for r in rows {
+            out.push_agent(r);
+        }
+        out
     }
 
     /// Called by an agent's session when it follows `rx`: the message to send, if the

@@ -23,9 +23,23 @@ pub enum ConfigRequest {
     ConfigCheck,
     /// Reload the tree now and push what changed.
     ConfigReload,
+    /// What a candidate tree would change for each agent, without pushing.
+    ConfigPlan {
+        #[serde(default)]
+        commit: Option<String>,
+        #[serde(default)]
+        dir: Option<std::path::PathBuf>,
+        #[serde(default)]
+        agent: Option<String>,
+    },
 }
 
-const COMMANDS: &[&str] = &["config_render", "config_check", "config_reload"];
+const COMMANDS: &[&str] = &[
+    "config_render",
+    "config_check",
+    "config_reload",
+    "config_plan",
+];
 
 /// The push service, ready.
 pub struct ConfigPush {
@@ -102,7 +116,18 @@ impl Service for ConfigPush {
                 },
                 _ => Ok(serde_json::to_value(blocking.check())?),
             });
-        ctx.admin.call(&COMMANDS[2..], move |_: ConfigRequest| {
+        let (ph, pg) = (handle.clone(), git.clone());
+        ctx.admin.call(&COMMANDS[3..], move |req: ConfigRequest| {
+            let (h, g) = (ph.clone(), pg.clone());
+            async move {
+                let ConfigRequest::ConfigPlan { commit, dir, agent } = req else {
+                    bail!("not a plan request");
+                };
+                let plan = plan(h, g, commit, dir, agent).await?;
+                Ok(serde_json::to_value(plan)?)
+            }
+        });
+        ctx.admin.call(&COMMANDS[2..3], move |_: ConfigRequest| {
             let cp = reload.clone();
             async move {
                 let s = cp.reload().await?;
@@ -149,6 +174,49 @@ impl Service for ConfigPush {
             }
         }
         Ok(())
+    }
+}
+
+/// `bastide config plan`: the candidate is a directory, a commit of the git source, or
+/// (neither given) the branch's head or the tree on disk.
+async fn plan(
+    h: ConfigPushHandle,
+    git: Option<Arc<GitSource>>,
+    commit: Option<String>,
+    dir: Option<std::path::PathBuf>,
+    agent: Option<String>,
+) -> Result<super::plan::Plan> {
+    let blocking = |h: ConfigPushHandle,
+                    dir: std::path::PathBuf,
+                    c: Option<String>,
+                    agent: Option<String>| async move {
+        tokio::task::spawn_blocking(move || h.plan(&dir, c, agent.as_deref()))
+            .await
+            .context("plan task")
+    };
+    match (dir, commit, git) {
+        (Some(_), Some(_), _) => bail!("--dir and --commit exclude each other"),
+        (Some(d), None, _) => {
+            if !d.is_dir() {
+                bail!("{} is not a directory", d.display());
+            }
+            blocking(h, d, None, agent).await
+        }
+        (None, c, Some(g)) => {
+            let (dest, commit, refusal) = g.plan_source(c.as_deref()).await?;
+            let r = blocking(h, dest.clone(), Some(commit), agent).await;
+            let _ = std::fs::remove_dir_all(&dest);
+            let mut p = r?;
+            p.refusal = refusal;
+            Ok(p)
+        }
+        (None, Some(_), None) => bail!("--commit needs a git source ([config_push.git])"),
+        (None, None, None) => {
+            let Some(d) = h.dir() else {
+                bail!("no tree in force");
+            };
+            blocking(h, d, None, agent).await
+        }
     }
 }
 
