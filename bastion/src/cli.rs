@@ -143,6 +143,22 @@ pub enum ConfigCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Rollouts in waves ([config_push.rollout]).
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCmd {
+    /// The rollout in progress (or the last one): waves, ACKs, and why it halted.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Go on to the next wave of a halted rollout.
+    Resume,
+    /// Give the agents the rollout reached their previous revision back.
+    Abort,
 }
 
 #[derive(Debug, Subcommand)]
@@ -369,6 +385,21 @@ async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
                 0 => {}
                 1 => bail!("the plan has errors"),
                 code => std::process::exit(code),
+            }
+        }
+        ConfigCmd::Rollout(r) => {
+            use crate::config_push::rollout::{print, RolloutStatus};
+            let (req, json) = match r {
+                RolloutCmd::Status { json } => (ConfigRequest::ConfigRolloutStatus, *json),
+                RolloutCmd::Resume => (ConfigRequest::ConfigRolloutResume, false),
+                RolloutCmd::Abort => (ConfigRequest::ConfigRolloutAbort, false),
+            };
+            let v = admin::call(socket, &req).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let st: RolloutStatus = serde_json::from_value(v)?;
+                print!("{}", print(&st));
             }
         }
         ConfigCmd::Reload => {

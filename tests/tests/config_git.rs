@@ -674,3 +674,193 @@ fn plan_prints_the_diff_and_gates_with_exit_codes_without_pushing() {
         text(&o)
     );
 }
+
+/// Each agent writes under its own directory: its host file points the tree's file there.
+fn host_file(out: &Path, evil: Option<&Path>) -> String {
+    let mut t = format!(
+        "[files.ntp]\npath = {:?}\n",
+        out.join("ntp.conf").display().to_string()
+    );
+    if let Some(e) = evil {
+        t.push_str(&format!(
+            "[files.evil]\npath = {:?}\ncontent = \"x\"\n",
+            e.join("x").display().to_string()
+        ));
+    }
+    t
+}
+
+#[test]
+fn rollout_halts_at_the_canary_wave_on_a_nack_and_abort_and_resume_behave() {
+    const N: usize = 8;
+    let mut bastion = Bastion::init(PROJECT);
+    let mut agents: Vec<Agent> = (0..N).map(|i| Agent::new(&format!("roll{i}"))).collect();
+    let outs: Vec<PathBuf> = agents
+        .iter()
+        .map(|a| {
+            let o = a.dir.path().join("etc");
+            std::fs::create_dir_all(&o).unwrap();
+            o
+        })
+        .collect();
+    let repo = Repo::new(&outs[0]);
+    let homes: Vec<(String, PathBuf)> = agents
+        .iter()
+        .map(|a| (a.name.clone(), a.dir.path().to_path_buf()))
+        .collect();
+    let write_hosts = |canary_evil: bool| {
+        for (i, (name, home)) in homes.iter().enumerate() {
+            let evil = (i == 0 && canary_evil).then(|| home.join("outside"));
+            std::fs::write(
+                repo.tree.host_file(name),
+                host_file(&outs[i], evil.as_deref()),
+            )
+            .unwrap();
+        }
+    };
+    write_hosts(false);
+    let c1 = repo.commit("first", Some("alice"));
+    repo.push();
+    bastion.edit_config(|c| {
+        format!(
+            "{c}\n[config_push]\ncloud = \"c1\"\nsite = \"s1\"\ninstance = \"prod\"\nbastion_address = \"127.0.0.1\"\n\n[config_push.git]\nurl = {:?}\npoll_interval = \"1s\"\nallowed_signers = {:?}\n\n[config_push.rollout]\nwaves = [{{ label = \"canary=yes\" }}, {{ percent = 50 }}]\nbake_time = \"2s\"\n",
+            file_url(&repo),
+            repo.signers().display().to_string()
+        )
+    });
+    bastion.start();
+    for (i, a) in agents.iter_mut().enumerate() {
+        a.append_config(&format!(
+            "[config]\nallow_dirs = [{:?}]\n",
+            outs[i].display().to_string()
+        ));
+        let token = if i == 0 {
+            bastion.token(&["--labels", "canary=yes"])
+        } else {
+            bastion.token(&[])
+        };
+        a.enroll_ok(&bastion, &token);
+        a.start();
+    }
+    let applied = |name: &str| -> (String, String, String) {
+        let a = bastion.agent(name).unwrap();
+        let s = |k: &str| a[k].as_str().unwrap_or("").to_string();
+        (s("config_desired"), s("config_applied"), s("config_state"))
+    };
+    let wait_all = |commit: &str, which: &[usize]| {
+        let ok = wait_for(Duration::from_secs(30), || {
+            which
+                .iter()
+                .all(|i| applied(&format!("roll{i}")).1.starts_with(commit))
+                .then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "not every agent applied {commit}: {:?}\n{}",
+            bastion.agents(),
+            bastion.log_text()
+        );
+    };
+    let everyone: Vec<usize> = (0..N).collect();
+    wait_all(&c1, &everyone);
+    let rollout = || -> Value {
+        let out = bastion.cli(&["config", "rollout", "status", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let wait_rollout = |source: &str, state: &str| -> Value {
+        wait_for(Duration::from_secs(30), || {
+            Some(rollout()).filter(|r| r["source"] == source && r["state"] == state)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "rollout of {source} never {state}: {}\n{}",
+                rollout(),
+                bastion.log_text()
+            )
+        })
+    };
+
+    // c2: the canary NACKs (a file outside its allow_dirs): the rollout halts at wave 1 and
+    // nobody else is sent c2.
+    repo.set_ntp("c2.ntp");
+    write_hosts(true);
+    let c2 = repo.commit("bad for the canary", Some("alice"));
+    repo.push();
+    let r = wait_rollout(&c2, "halted");
+    assert_eq!(r["wave"], 1, "{r}");
+    assert_eq!(r["failure"]["agent"], "roll0", "{r}");
+    assert_eq!(r["failure"]["reason"], "nack", "{r}");
+    assert!(
+        r["failure"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("allow_dirs"),
+        "{r}"
+    );
+    assert_eq!(r["waves"][0]["name"], "label canary=yes", "{r}");
+    assert_eq!(r["waves"][1]["agents"].as_array().unwrap().len(), 3, "{r}");
+    assert_eq!(r["waves"][2]["name"], "rest", "{r}");
+    assert_eq!(r["waves"][1]["reached"], false, "{r}");
+    let text = bastion.cli_ok(&["config", "rollout", "status"]);
+    assert!(
+        text.contains("HALTED at wave 1: agent roll0 refused the revision (NACK)"),
+        "{text}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 1..N {
+        let (d, a, _) = applied(&format!("roll{i}"));
+        assert!(d.starts_with(&c1) && a.starts_with(&c1), "roll{i}: {d} {a}");
+    }
+
+    // Abort: the canary's desired revision is c1 again, and c1 is the commit in force.
+    let out = bastion.cli_ok(&["config", "rollout", "abort"]);
+    assert!(out.contains("aborted"), "{out}");
+    let (d, a, st) = applied("roll0");
+    assert!(d.starts_with(&c1) && a.starts_with(&c1), "{d} {a}");
+    assert_eq!(st, "in-sync");
+    let v: Value = serde_json::from_str(&bastion.cli_ok(&["status", "--json"])).unwrap();
+    assert_eq!(v["config_source"]["commit"], c1.as_str(), "{v}");
+    assert_eq!(v["config_source"]["refused"]["reason"], "aborted", "{v}");
+
+    // c3, good: wave by wave to everyone; right after the canary's ACK the others wait for
+    // the bake.
+    repo.set_ntp("c3.ntp");
+    write_hosts(false);
+    let c3 = repo.commit("good", Some("alice"));
+    repo.push();
+    wait_all(&c3, &[0]);
+    let (d, _, _) = applied(&format!("roll{}", N - 1));
+    assert!(
+        d.starts_with(&c1),
+        "the last wave was sent before the canary's bake: {d}"
+    );
+    let r = wait_rollout(&c3, "done");
+    wait_all(&c3, &everyone);
+    assert!(r["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|w| w["reached"] == true && w["acked"] == w["agents"].as_array().unwrap().len()));
+
+    // c4 halts at the canary again; resume goes on to the other waves.
+    repo.set_ntp("c4.ntp");
+    write_hosts(true);
+    let c4 = repo.commit("bad for the canary again", Some("alice"));
+    repo.push();
+    wait_rollout(&c4, "halted");
+    bastion.cli_ok(&["config", "rollout", "resume"]);
+    wait_rollout(&c4, "done");
+    wait_all(&c4, &(1..N).collect::<Vec<_>>());
+    let (d, a, st) = applied("roll0");
+    assert!(d.starts_with(&c4) && a.starts_with(&c3), "{d} {a}");
+    assert_eq!(st, "refused");
+    let (_, metrics) = http_get(&bastion.metrics_addr, "/metrics", None);
+    for result in ["halted", "done", "aborted"] {
+        assert!(
+            metrics.contains(&format!(
+                "bastide_config_rollouts_total{{result=\"{result}\"}}"
+            )),
+            "{metrics}"
+        );
+    }
+}

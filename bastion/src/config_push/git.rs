@@ -591,6 +591,31 @@ impl GitSource {
         }
     }
 
+    /// A rollout of `aborted` was aborted and `commit` is in force again: recorded, and the
+    /// aborted head is not applied again until the branch moves.
+    pub fn restored(&self, aborted: &str, commit: Option<String>) {
+        if let Some(c) = &commit {
+            if let Err(e) = crate::fsutil::write_atomic(
+                &self.applied_file(),
+                format!("{c}\n").as_bytes(),
+                0o600,
+            ) {
+                warn!(error = %format!("{e:#}"), "recording the applied commit failed");
+            }
+        }
+        let mut s = lock(&self.status);
+        s.commit = commit.unwrap_or_default();
+        s.applied_at = crate::unix_now();
+        s.refused = Some(Refusal {
+            commit: aborted.to_string(),
+            reason: "aborted".into(),
+            signer: String::new(),
+            detail: "its rollout was aborted by the admin; a new commit on the branch is needed"
+                .into(),
+            at: crate::unix_now(),
+        });
+    }
+
     fn refuse(&self, r: Refusal) {
         metrics::counter!(names::CONFIG_SOURCE_REFUSED, "reason" => r.reason.clone()).increment(1);
         error!(

@@ -13,6 +13,7 @@
 pub mod git;
 pub mod plan;
 pub mod render;
+pub mod rollout;
 pub mod service;
 pub mod tree;
 
@@ -62,6 +63,9 @@ pub struct ConfigPushConfig {
     /// several files); a stream of changes is reloaded at most 4 x this after its first.
     #[serde(default = "default_debounce", with = "humantime_serde")]
     pub debounce: Duration,
+    /// Rollouts in waves (absent: every agent is sent its new revision at once).
+    #[serde(default)]
+    pub rollout: Option<rollout::RolloutConfig>,
 }
 
 fn default_group_label() -> String {
@@ -106,6 +110,9 @@ impl ConfigPushConfig {
                     ));
                 }
             }
+        }
+        if let Some(r) = &self.rollout {
+            out.extend(r.problems());
         }
         if self.debounce > Duration::from_millis(250) {
             out.push((
@@ -171,6 +178,8 @@ struct Inner {
     source: Mutex<Option<(PathBuf, Option<String>)>>,
     /// Held while a tree is loaded and made current (a reload and a new commit at once).
     loading: Mutex<()>,
+    /// The last rollout (`[config_push.rollout]`).
+    rollout: Mutex<Option<rollout::Rollout>>,
     /// Per agent: what its push was rendered from, and the push its session follows.
     agents: Mutex<HashMap<String, AgentPush>>,
     reload: mpsc::Sender<Reload>,
@@ -269,6 +278,7 @@ impl ConfigPushHandle {
                 registry,
                 source: Mutex::new(source),
                 loading: Mutex::new(()),
+                rollout: Mutex::new(None),
                 current: Mutex::new(None),
                 agents: Mutex::new(HashMap::new()),
                 reload,
@@ -419,8 +429,12 @@ impl ConfigPushHandle {
         }
         let render_ms = t.elapsed().as_secs_f64() * 1000.0;
         metrics::histogram!(names::CONFIG_RENDER_DURATION).record(t.elapsed().as_secs_f64());
-        *lock(&self.inner.current) = Some(Arc::new(prepared));
-        let changed = self.publish(out);
+        let candidate = prepared.source.clone();
+        let previous = lock(&self.inner.current).replace(Arc::new(prepared));
+        let changed = match &self.inner.cfg.rollout {
+            Some(rc) => self.start_rollout(rc, out, candidate, previous),
+            None => self.publish(out),
+        };
         let repushed = if explicit { self.repush() } else { 0 };
         let (agents, files) = self.counts();
         metrics::counter!(names::CONFIG_RELOADS, "result" => "ok").increment(1);
@@ -437,6 +451,209 @@ impl ConfigPushHandle {
             rendered,
             repushed,
         }
+    }
+
+    /// Starts a rollout of `out` (superseding any): agents whose revision changes get it
+    /// wave by wave; the others (same revision, or none in force yet: new agents, a
+    /// restart) at once. Returns how many agents have a new revision to come.
+    fn start_rollout(
+        &self,
+        rc: &rollout::RolloutConfig,
+        out: Vec<Outcome>,
+        candidate: Option<String>,
+        previous_tree: Option<Arc<Prepared>>,
+    ) -> usize {
+        let (mut now, mut later) = (Vec::new(), Vec::new());
+        let mut previous = HashMap::new();
+        {
+            let agents = lock(&self.inner.agents);
+            for o in out {
+                let cur = agents
+                    .get(&o.0 .0.name)
+                    .map(|e| (e.inputs.clone(), e.tx.borrow().clone()));
+                let wave = match (&o.1, &cur) {
+                    (Ok(p), Some((_, Some(c)))) => c.revision != p.revision,
+                    _ => false,
+                };
+                if wave {
+                    if let Some(c) = cur {
+                        previous.insert(o.0 .0.name.clone(), c);
+                    }
+                    later.push(o);
+                } else {
+                    now.push(o);
+                }
+            }
+        }
+        self.publish(now);
+        if later.is_empty() {
+            return 0;
+        }
+        let infos: Vec<Arc<AgentInfo>> = later.iter().map(|o| o.0 .0.clone()).collect();
+        let waves = rollout::assign(rc, &infos);
+        let n = later.len();
+        let pending = later
+            .into_iter()
+            .filter_map(|((a, f, i), r)| r.ok().map(|p| (a.name.clone(), (a, f, i, p))))
+            .collect();
+        let source = candidate.unwrap_or_else(|| "tree".into());
+        let mut r = rollout::Rollout {
+            status: rollout::RolloutStatus {
+                state: "rolling".into(),
+                source: source.clone(),
+                started_at: crate::unix_now(),
+                wave: 0,
+                waves: waves
+                    .into_iter()
+                    .map(|(name, agents)| rollout::WaveStatus {
+                        name,
+                        agents,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+            pending,
+            reached: HashMap::new(),
+            previous,
+            previous_tree: Some((previous_tree, lock(&self.inner.source).clone())),
+            bake_until: None,
+            bake_time: rc.bake_time,
+        };
+        let step = r.next_wave();
+        let superseded = lock(&self.inner.rollout)
+            .replace(r)
+            .is_some_and(|old| old.active());
+        info!(source = %source, agents = n, superseded, "configuration rollout started");
+        self.rollout_apply(step);
+        n
+    }
+
+    /// Sends a wave its pushes.
+    fn rollout_apply(&self, step: rollout::Step) {
+        let rollout::Step::Reach(i) = step else {
+            return;
+        };
+        let items: Vec<Outcome> = {
+            let mut g = lock(&self.inner.rollout);
+            let Some(r) = g.as_mut() else { return };
+            let Some(w) = r.status.waves.get_mut(i) else {
+                return;
+            };
+            w.reached = true;
+            let names = w.agents.clone();
+            info!(wave = i + 1, name = %w.name, agents = names.len(), source = %r.status.source, "configuration rollout: wave reached");
+            names
+                .into_iter()
+                .filter_map(|n| {
+                    let (a, f, inputs, p) = r.pending.remove(&n)?;
+                    r.reached.insert(n, p.revision.clone());
+                    Some(((a, f, inputs), Ok(p)))
+                })
+                .collect()
+        };
+        self.publish(items);
+    }
+
+    /// Advances the rollout with the agents' ACKs, NACKs and sessions.
+    pub fn rollout_tick(&self) {
+        let step = {
+            let mut g = lock(&self.inner.rollout);
+            let Some(r) = g.as_mut().filter(|r| r.active()) else {
+                return;
+            };
+            let states = self.inner.registry.config_states();
+            let snap = self.inner.registry.snapshot();
+            let online = |n: &str| snap.agents.get(n).is_some_and(|a| a.online && !a.revoked);
+            let step = r.step(&states, online, Instant::now());
+            match r.status.state.as_str() {
+                "halted" => {
+                    if let Some(f) = &r.status.failure {
+                        metrics::counter!(names::CONFIG_ROLLOUTS, "result" => "halted")
+                            .increment(1);
+                        error!(source = %r.status.source, wave = f.wave, agent = %f.agent, reason = %f.reason, error = %f.error, "configuration rollout halted: agents not reached keep their revision");
+                    }
+                }
+                "done" => {
+                    metrics::counter!(names::CONFIG_ROLLOUTS, "result" => "done").increment(1);
+                    info!(source = %r.status.source, "configuration rollout done");
+                }
+                _ => {}
+            }
+            step
+        };
+        self.rollout_apply(step);
+    }
+
+    /// `bastide config rollout status`.
+    pub fn rollout_status(&self) -> Option<rollout::RolloutStatus> {
+        lock(&self.inner.rollout).as_ref().map(|r| r.status.clone())
+    }
+
+    /// `bastide config rollout resume`: a halted rollout goes on to its next wave.
+    pub fn rollout_resume(&self) -> Result<rollout::RolloutStatus> {
+        let (step, status) = {
+            let mut g = lock(&self.inner.rollout);
+            let Some(r) = g.as_mut().filter(|r| r.status.state == "halted") else {
+                anyhow::bail!("no halted rollout to resume");
+            };
+            let step = r.next_wave();
+            info!(source = %r.status.source, "configuration rollout resumed by the admin");
+            (step, r.status.clone())
+        };
+        self.rollout_apply(step);
+        Ok(self.rollout_status().unwrap_or(status))
+    }
+
+    /// `bastide config rollout abort`: the agents reached get their previous push back,
+    /// the previous tree is in force again. Returns the commit now in force.
+    pub fn rollout_abort(&self) -> Result<(rollout::RolloutStatus, Option<String>)> {
+        let _g = lock(&self.inner.loading);
+        let (reached, previous, tree, status) = {
+            let mut g = lock(&self.inner.rollout);
+            let Some(r) = g
+                .as_mut()
+                .filter(|r| matches!(r.status.state.as_str(), "rolling" | "baking" | "halted"))
+            else {
+                anyhow::bail!("no rollout in progress or halted to abort");
+            };
+            r.status.state = "aborted".into();
+            r.pending.clear();
+            let reached: Vec<String> = r.reached.keys().cloned().collect();
+            (
+                reached,
+                std::mem::take(&mut r.previous),
+                r.previous_tree.take(),
+                r.status.clone(),
+            )
+        };
+        let mut desired = Vec::new();
+        {
+            let mut agents = lock(&self.inner.agents);
+            for name in &reached {
+                let (Some((inputs, push)), Some(e)) = (previous.get(name), agents.get_mut(name))
+                else {
+                    continue;
+                };
+                e.inputs = inputs.clone();
+                if let Some(p) = push {
+                    desired.push((name.clone(), Ok(p.revision.clone())));
+                }
+                e.tx.send_replace(push.clone());
+            }
+        }
+        self.inner.registry.set_config_desired(&desired);
+        if let Some((prepared, source)) = tree {
+            if let Some(p) = prepared {
+                *lock(&self.inner.current) = Some(p);
+            }
+            if source.is_some() {
+                *lock(&self.inner.source) = source;
+            }
+        }
+        metrics::counter!(names::CONFIG_ROLLOUTS, "result" => "aborted").increment(1);
+        warn!(source = %status.source, agents = reached.len(), "configuration rollout aborted: the agents reached get their previous revision back");
+        Ok((status, self.commit()))
     }
 
     /// Active agents with a push, and their files.
@@ -528,7 +745,11 @@ impl ConfigPushHandle {
         let Some(prepared) = lock(&self.inner.current).clone() else {
             return;
         };
-        let jobs = self.jobs(&prepared, names.as_ref(), true);
+        let mut jobs = self.jobs(&prepared, names.as_ref(), true);
+        // Agents a rollout has not reached yet (it may be halted) wait for their wave.
+        if let Some(r) = lock(&self.inner.rollout).as_ref() {
+            jobs.retain(|j| !r.pending.contains_key(&j.0.name));
+        }
         if jobs.is_empty() {
             return;
         }
@@ -770,9 +991,16 @@ pub async fn run(handle: ConfigPushHandle, shutdown: CancellationToken) -> Resul
     let mut flush = tokio::time::interval(Duration::from_secs(1));
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let debounce = handle.inner.cfg.debounce;
+    let mut rollout_tick = tokio::time::interval(Duration::from_millis(200));
+    rollout_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let rollouts = handle.inner.cfg.rollout.is_some();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = rollout_tick.tick(), if rollouts => {
+                let h = handle.clone();
+                let _ = tokio::task::spawn_blocking(move || h.rollout_tick()).await;
+            }
             Some(()) = fs_rx.recv() => {
                 // Let a burst of writes (git checkout, editor) finish: reload once the tree
                 // has been quiet for `debounce`, or `debounce` x 4 after the first change

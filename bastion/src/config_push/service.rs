@@ -32,6 +32,12 @@ pub enum ConfigRequest {
         #[serde(default)]
         agent: Option<String>,
     },
+    /// The rollout in waves in progress (or the last one).
+    ConfigRolloutStatus,
+    /// A halted rollout goes on to its next wave.
+    ConfigRolloutResume,
+    /// The agents a rollout reached get their previous revision back.
+    ConfigRolloutAbort,
 }
 
 const COMMANDS: &[&str] = &[
@@ -39,6 +45,9 @@ const COMMANDS: &[&str] = &[
     "config_check",
     "config_reload",
     "config_plan",
+    "config_rollout_status",
+    "config_rollout_resume",
+    "config_rollout_abort",
 ];
 
 /// The push service, ready.
@@ -116,8 +125,28 @@ impl Service for ConfigPush {
                 },
                 _ => Ok(serde_json::to_value(blocking.check())?),
             });
+        let (rh, rg) = (handle.clone(), git.clone());
+        ctx.admin
+            .blocking(&COMMANDS[4..], move |req: ConfigRequest| match req {
+                ConfigRequest::ConfigRolloutResume => {
+                    Ok(serde_json::to_value(rh.rollout_resume()?)?)
+                }
+                ConfigRequest::ConfigRolloutAbort => {
+                    let (st, commit) = rh.rollout_abort()?;
+                    if let Some(g) = &rg {
+                        g.restored(&st.source, commit);
+                    }
+                    Ok(serde_json::to_value(st)?)
+                }
+                _ => match rh.rollout_status() {
+                    Some(st) => Ok(serde_json::to_value(st)?),
+                    None => {
+                        bail!("no rollout yet ([config_push.rollout] sends new revisions in waves)")
+                    }
+                },
+            });
         let (ph, pg) = (handle.clone(), git.clone());
-        ctx.admin.call(&COMMANDS[3..], move |req: ConfigRequest| {
+        ctx.admin.call(&COMMANDS[3..4], move |req: ConfigRequest| {
             let (h, g) = (ph.clone(), pg.clone());
             async move {
                 let ConfigRequest::ConfigPlan { commit, dir, agent } = req else {

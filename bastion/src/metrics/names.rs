@@ -31,6 +31,7 @@ pub const CONFIG_RENDER_DURATION: &str = "bastide_config_render_duration_seconds
 pub const CONFIG_SOURCE_REFUSED: &str = "bastide_config_source_refused_total";
 pub const CONFIG_SOURCE_FETCH_FAILURES: &str = "bastide_config_source_fetch_failures_total";
 pub const CONFIG_WEBHOOK_CALLS: &str = "bastide_config_webhook_calls_total";
+pub const CONFIG_ROLLOUTS: &str = "bastide_config_rollouts_total";
 /// Scrape-time gauge (a text collector: the old commit's series must vanish).
 pub const CONFIG_SOURCE_INFO: &str = "bastide_config_source_info";
 pub const CONFIG_SOURCE_INFO_HELP: &str =
@@ -206,6 +207,11 @@ pub fn describe() {
         CONFIG_SOURCE_FETCH_FAILURES,
         Unit::Count,
         "Fetches of the configuration repository that failed."
+    );
+    describe_counter!(
+        CONFIG_ROLLOUTS,
+        Unit::Count,
+        "Configuration rollouts in waves that ended, by result (done, halted, aborted)."
     );
     describe_counter!(
         CONFIG_WEBHOOK_CALLS,
