@@ -154,6 +154,38 @@ pub enum ConfigCmd {
     Check,
     /// Reload the tree now and push what changed (the daemon also watches the tree).
     Reload,
+    /// Show what a candidate tree would change for each agent, without pushing: per agent
+    /// the unified diff of each managed file and the settings that change, then a summary.
+    /// Exit 0: nothing to change, 2: changes, 1: errors.
+    Plan {
+        /// A commit, branch or ref of the git source (default: the branch's head).
+        #[arg(long, conflicts_with = "dir")]
+        commit: Option<String>,
+        /// A tree on the bastion's disk (default: the tree in force).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rollouts in waves ([config_push.rollout]).
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCmd {
+    /// The rollout in progress (or the last one): waves, ACKs, and why it halted.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Go on to the next wave of a halted rollout.
+    Resume,
+    /// Give the agents the rollout reached their previous revision back.
+    Abort,
 }
 
 #[derive(Debug, Subcommand)]
@@ -424,6 +456,55 @@ async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
                 "configuration tree OK: {} agent(s), {} file(s) rendered in {:.1} ms",
                 s.agents, s.files, s.render_ms
             );
+        }
+        ConfigCmd::Plan {
+            commit,
+            dir,
+            agent,
+            json,
+        } => {
+            let dir = match dir {
+                Some(d) => Some(
+                    std::fs::canonicalize(d)
+                        .with_context(|| format!("resolving {}", d.display()))?,
+                ),
+                None => None,
+            };
+            let req = ConfigRequest::ConfigPlan {
+                commit: commit.clone(),
+                dir,
+                agent: agent.clone(),
+            };
+            // No 5 s limit: a plan renders every agent, and may fetch and export a commit.
+            let v = admin::call_stream(socket, &req, |_| Ok(())).await?;
+            let plan: crate::config_push::plan::Plan = serde_json::from_value(v)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", crate::config_push::plan::print(&plan));
+            }
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            match plan.exit_code() {
+                0 => {}
+                1 => bail!("the plan has errors"),
+                code => std::process::exit(code),
+            }
+        }
+        ConfigCmd::Rollout(r) => {
+            use crate::config_push::rollout::{print, RolloutStatus};
+            let (req, json) = match r {
+                RolloutCmd::Status { json } => (ConfigRequest::ConfigRolloutStatus, *json),
+                RolloutCmd::Resume => (ConfigRequest::ConfigRolloutResume, false),
+                RolloutCmd::Abort => (ConfigRequest::ConfigRolloutAbort, false),
+            };
+            let v = admin::call(socket, &req).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let st: RolloutStatus = serde_json::from_value(v)?;
+                print!("{}", print(&st));
+            }
         }
         ConfigCmd::Reload => {
             let s: Summary =
@@ -990,6 +1071,37 @@ async fn status(socket: &Path, json: bool) -> Result<()> {
                 },
                 f["sent"],
                 f["dropped"]
+            );
+        }
+    }
+    if let Some(g) = v["config_source"].as_object() {
+        let text = |k: &str| g.get(k).and_then(|x| x.as_str()).unwrap_or("");
+        let commit = text("commit");
+        println!(
+            "config source {} {}  commit {}{}",
+            text("url"),
+            text("branch"),
+            if commit.is_empty() { "none" } else { commit },
+            match g.get("applied_at").and_then(|t| t.as_i64()) {
+                Some(t) if t > 0 => format!(" (applied {})", ts(t)),
+                _ => String::new(),
+            }
+        );
+        if !text("fetch_error").is_empty() {
+            println!("  last fetch failed: {}", text("fetch_error"));
+        }
+        if let Some(r) = g.get("refused").and_then(|r| r.as_object()) {
+            let rt = |k: &str| r.get(k).and_then(|x| x.as_str()).unwrap_or("");
+            println!(
+                "  REFUSED commit {}: {} (signer {}): {}",
+                rt("commit"),
+                rt("reason"),
+                if rt("signer").is_empty() {
+                    "-"
+                } else {
+                    rt("signer")
+                },
+                rt("detail")
             );
         }
     }

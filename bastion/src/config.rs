@@ -72,10 +72,6 @@ pub const REQUIRED_KEY_HINTS: &[(&str, &str)] = &[
         "the admin's name (the SSH user name they jump as)",
     ),
     (
-        "config_push.dir",
-        "the root of the environment tree, e.g. \"/srv/env\"",
-    ),
-    (
         "config_push.cloud",
         "this bastion's cloud in the environment tree, e.g. \"ovh\"",
     ),
@@ -654,6 +650,10 @@ stale_after = "5m"                # drop an agent's host metrics after this sile
 # over the agents' sessions. See "Configuration push" in the README.
 # [config_push]
 # dir = "/srv/env"
+# # or, instead of dir, a repository the bastion fetches (see the README):
+# # git = {{ url = "ssh://git@gitlab.example/infra/env.git", branch = "main", poll_interval = "60s",
+# #         ssh_key = "/etc/bastide/env-deploy-key", ssh_known_hosts = "/etc/bastide/gitlab.known_hosts",
+# #         allowed_signers = "/etc/bastide/env-signers", verify = "all" }}
 # cloud = "ovh"
 # site = "gra"
 # instance = "production"

@@ -4,10 +4,16 @@
 //! `notify`) and reloaded within the debounce delay of a change; a tree with any error is
 //! refused whole, and the last good one stays in force.
 //!
+//! With a git source ([`git`]) the tree is the export of the last good commit of a branch,
+//! fetched by the bastion, and each agent's revision starts with that commit's id.
+//!
 //! The registry keeps desired and applied revisions and the last error; this module keeps
 //! only the rendered pushes, one `watch` per agent that its session follows.
 
+pub mod git;
+pub mod plan;
 pub mod render;
+pub mod rollout;
 pub mod service;
 pub mod tree;
 
@@ -33,8 +39,12 @@ use tree::{Position, Tree};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigPushConfig {
-    /// Root of the environment tree (typically a git checkout).
-    pub dir: PathBuf,
+    /// Root of the environment tree on this machine (exactly one of `dir` and `git`).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// The environment tree from a git repository the bastion fetches itself.
+    #[serde(default)]
+    pub git: Option<git::GitConfig>,
     pub cloud: String,
     pub site: String,
     /// e.g. "production", "test".
@@ -53,6 +63,9 @@ pub struct ConfigPushConfig {
     /// several files); a stream of changes is reloaded at most 4 x this after its first.
     #[serde(default = "default_debounce", with = "humantime_serde")]
     pub debounce: Duration,
+    /// Rollouts in waves (absent: every agent is sent its new revision at once).
+    #[serde(default)]
+    pub rollout: Option<rollout::RolloutConfig>,
 }
 
 fn default_group_label() -> String {
@@ -66,11 +79,21 @@ impl ConfigPushConfig {
     /// Problems as (key, reason).
     pub fn problems(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        if !self.dir.is_dir() {
-            out.push((
-                "config_push.dir".into(),
-                format!("{} is not a directory", self.dir.display()),
-            ));
+        match (&self.dir, &self.git) {
+            (Some(dir), None) => {
+                if !dir.is_dir() {
+                    out.push((
+                        "config_push.dir".into(),
+                        format!("{} is not a directory", dir.display()),
+                    ));
+                }
+            }
+            (None, Some(g)) => out.extend(g.problems()),
+            _ => out.push((
+                "config_push".into(),
+                "exactly one of dir (a tree on disk) and git (a repository to fetch) is required"
+                    .into(),
+            )),
         }
         for (k, v) in [
             ("cloud", Some(&self.cloud)),
@@ -87,6 +110,9 @@ impl ConfigPushConfig {
                     ));
                 }
             }
+        }
+        if let Some(r) = &self.rollout {
+            out.extend(r.problems());
         }
         if self.debounce > Duration::from_millis(250) {
             out.push((
@@ -148,6 +174,12 @@ struct Inner {
     bastion: serde_json::Value,
     registry: Registry,
     current: Mutex<Option<Arc<Prepared>>>,
+    /// The tree's directory and, from a git source, its commit (`None`: no commit yet).
+    source: Mutex<Option<(PathBuf, Option<String>)>>,
+    /// Held while a tree is loaded and made current (a reload and a new commit at once).
+    loading: Mutex<()>,
+    /// The last rollout (`[config_push.rollout]`).
+    rollout: Mutex<Option<rollout::Rollout>>,
     /// Per agent: what its push was rendered from, and the push its session follows.
     agents: Mutex<HashMap<String, AgentPush>>,
     reload: mpsc::Sender<Reload>,
@@ -236,6 +268,7 @@ impl ConfigPushHandle {
             project: cfg.project.clone().unwrap_or_else(|| project.to_string()),
         };
         let (reload, rx) = mpsc::channel(8);
+        let source = cfg.dir.clone().map(|d| (d, None));
         Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -243,6 +276,9 @@ impl ConfigPushHandle {
                 zone,
                 bastion,
                 registry,
+                source: Mutex::new(source),
+                loading: Mutex::new(()),
+                rollout: Mutex::new(None),
                 current: Mutex::new(None),
                 agents: Mutex::new(HashMap::new()),
                 reload,
@@ -251,11 +287,54 @@ impl ConfigPushHandle {
         }
     }
 
-    /// Reads the tree, compiles its templates and merges its shared levels. Blocking.
+    /// Reads the tree in force, compiles its templates and merges its shared levels.
+    /// Blocking.
     fn load(&self) -> Result<Prepared, Vec<String>> {
+        let Some((dir, commit)) = lock(&self.inner.source).clone() else {
+            return Err(vec![
+                "no commit of the configuration repository applied yet".into(),
+            ]);
+        };
+        self.load_at(&dir, commit)
+    }
+
+    fn load_at(
+        &self,
+        dir: &std::path::Path,
+        commit: Option<String>,
+    ) -> Result<Prepared, Vec<String>> {
         let i = &self.inner;
-        let tree = Tree::load(&i.cfg.dir, &i.pos, &i.cfg.group_label)?;
-        Prepared::new(tree, &i.bastion)
+        let tree = Tree::load(dir, &i.pos, &i.cfg.group_label)?;
+        let mut p = Prepared::new(tree, &i.bastion)?;
+        p.source = commit;
+        Ok(p)
+    }
+
+    /// The directory of the tree in force.
+    pub fn dir(&self) -> Option<PathBuf> {
+        lock(&self.inner.source).as_ref().map(|s| s.0.clone())
+    }
+
+    /// The commit in force (git source).
+    pub fn commit(&self) -> Option<String> {
+        lock(&self.inner.source).as_ref().and_then(|s| s.1.clone())
+    }
+
+    /// Loads the tree at `dir` (from `commit`) and, if every agent renders, makes it the
+    /// tree in force and pushes what changed; otherwise the one in force stays. Blocking.
+    pub fn load_source(&self, dir: PathBuf, commit: Option<String>) -> Summary {
+        let _g = lock(&self.inner.loading);
+        let t = Instant::now();
+        match self.load_at(&dir, commit.clone()) {
+            Ok(p) => {
+                let s = self.make_current(p, false, t);
+                if s.errors.is_empty() {
+                    *lock(&self.inner.source) = Some((dir, commit));
+                }
+                s
+            }
+            Err(errors) => self.refused(errors),
+        }
     }
 
     fn facts(&self, a: &AgentInfo) -> serde_json::Value {
@@ -325,11 +404,16 @@ impl ConfigPushHandle {
     /// applied their revision (a NACK for a transient cause) that revision again. A tree
     /// with any error is refused whole. Blocking.
     fn reload_now(&self, explicit: bool) -> Summary {
+        let _g = lock(&self.inner.loading);
         let t = Instant::now();
-        let prepared = match self.load() {
-            Ok(l) => l,
-            Err(errors) => return self.refused(errors),
-        };
+        match self.load() {
+            Ok(p) => self.make_current(p, explicit, t),
+            Err(errors) => self.refused(errors),
+        }
+    }
+
+    /// Renders every agent from `prepared` and, if all render, makes it current.
+    fn make_current(&self, prepared: Prepared, explicit: bool, t: Instant) -> Summary {
         // Agents whose layers and facts are unchanged render the same: skipped.
         let jobs = self.jobs(&prepared, None, true);
         let rendered = jobs.len();
@@ -345,8 +429,12 @@ impl ConfigPushHandle {
         }
         let render_ms = t.elapsed().as_secs_f64() * 1000.0;
         metrics::histogram!(names::CONFIG_RENDER_DURATION).record(t.elapsed().as_secs_f64());
-        *lock(&self.inner.current) = Some(Arc::new(prepared));
-        let changed = self.publish(out);
+        let candidate = prepared.source.clone();
+        let previous = lock(&self.inner.current).replace(Arc::new(prepared));
+        let changed = match &self.inner.cfg.rollout {
+            Some(rc) => self.start_rollout(rc, out, candidate, previous),
+            None => self.publish(out),
+        };
         let repushed = if explicit { self.repush() } else { 0 };
         let (agents, files) = self.counts();
         metrics::counter!(names::CONFIG_RELOADS, "result" => "ok").increment(1);
@@ -363,6 +451,209 @@ impl ConfigPushHandle {
             rendered,
             repushed,
         }
+    }
+
+    /// Starts a rollout of `out` (superseding any): agents whose revision changes get it
+    /// wave by wave; the others (same revision, or none in force yet: new agents, a
+    /// restart) at once. Returns how many agents have a new revision to come.
+    fn start_rollout(
+        &self,
+        rc: &rollout::RolloutConfig,
+        out: Vec<Outcome>,
+        candidate: Option<String>,
+        previous_tree: Option<Arc<Prepared>>,
+    ) -> usize {
+        let (mut now, mut later) = (Vec::new(), Vec::new());
+        let mut previous = HashMap::new();
+        {
+            let agents = lock(&self.inner.agents);
+            for o in out {
+                let cur = agents
+                    .get(&o.0 .0.name)
+                    .map(|e| (e.inputs.clone(), e.tx.borrow().clone()));
+                let wave = match (&o.1, &cur) {
+                    (Ok(p), Some((_, Some(c)))) => c.revision != p.revision,
+                    _ => false,
+                };
+                if wave {
+                    if let Some(c) = cur {
+                        previous.insert(o.0 .0.name.clone(), c);
+                    }
+                    later.push(o);
+                } else {
+                    now.push(o);
+                }
+            }
+        }
+        self.publish(now);
+        if later.is_empty() {
+            return 0;
+        }
+        let infos: Vec<Arc<AgentInfo>> = later.iter().map(|o| o.0 .0.clone()).collect();
+        let waves = rollout::assign(rc, &infos);
+        let n = later.len();
+        let pending = later
+            .into_iter()
+            .filter_map(|((a, f, i), r)| r.ok().map(|p| (a.name.clone(), (a, f, i, p))))
+            .collect();
+        let source = candidate.unwrap_or_else(|| "tree".into());
+        let mut r = rollout::Rollout {
+            status: rollout::RolloutStatus {
+                state: "rolling".into(),
+                source: source.clone(),
+                started_at: crate::unix_now(),
+                wave: 0,
+                waves: waves
+                    .into_iter()
+                    .map(|(name, agents)| rollout::WaveStatus {
+                        name,
+                        agents,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+            pending,
+            reached: HashMap::new(),
+            previous,
+            previous_tree: Some((previous_tree, lock(&self.inner.source).clone())),
+            bake_until: None,
+            bake_time: rc.bake_time,
+        };
+        let step = r.next_wave();
+        let superseded = lock(&self.inner.rollout)
+            .replace(r)
+            .is_some_and(|old| old.active());
+        info!(source = %source, agents = n, superseded, "configuration rollout started");
+        self.rollout_apply(step);
+        n
+    }
+
+    /// Sends a wave its pushes.
+    fn rollout_apply(&self, step: rollout::Step) {
+        let rollout::Step::Reach(i) = step else {
+            return;
+        };
+        let items: Vec<Outcome> = {
+            let mut g = lock(&self.inner.rollout);
+            let Some(r) = g.as_mut() else { return };
+            let Some(w) = r.status.waves.get_mut(i) else {
+                return;
+            };
+            w.reached = true;
+            let names = w.agents.clone();
+            info!(wave = i + 1, name = %w.name, agents = names.len(), source = %r.status.source, "configuration rollout: wave reached");
+            names
+                .into_iter()
+                .filter_map(|n| {
+                    let (a, f, inputs, p) = r.pending.remove(&n)?;
+                    r.reached.insert(n, p.revision.clone());
+                    Some(((a, f, inputs), Ok(p)))
+                })
+                .collect()
+        };
+        self.publish(items);
+    }
+
+    /// Advances the rollout with the agents' ACKs, NACKs and sessions.
+    pub fn rollout_tick(&self) {
+        let step = {
+            let mut g = lock(&self.inner.rollout);
+            let Some(r) = g.as_mut().filter(|r| r.active()) else {
+                return;
+            };
+            let states = self.inner.registry.config_states();
+            let snap = self.inner.registry.snapshot();
+            let online = |n: &str| snap.agents.get(n).is_some_and(|a| a.online && !a.revoked);
+            let step = r.step(&states, online, Instant::now());
+            match r.status.state.as_str() {
+                "halted" => {
+                    if let Some(f) = &r.status.failure {
+                        metrics::counter!(names::CONFIG_ROLLOUTS, "result" => "halted")
+                            .increment(1);
+                        error!(source = %r.status.source, wave = f.wave, agent = %f.agent, reason = %f.reason, error = %f.error, "configuration rollout halted: agents not reached keep their revision");
+                    }
+                }
+                "done" => {
+                    metrics::counter!(names::CONFIG_ROLLOUTS, "result" => "done").increment(1);
+                    info!(source = %r.status.source, "configuration rollout done");
+                }
+                _ => {}
+            }
+            step
+        };
+        self.rollout_apply(step);
+    }
+
+    /// `bastide config rollout status`.
+    pub fn rollout_status(&self) -> Option<rollout::RolloutStatus> {
+        lock(&self.inner.rollout).as_ref().map(|r| r.status.clone())
+    }
+
+    /// `bastide config rollout resume`: a halted rollout goes on to its next wave.
+    pub fn rollout_resume(&self) -> Result<rollout::RolloutStatus> {
+        let (step, status) = {
+            let mut g = lock(&self.inner.rollout);
+            let Some(r) = g.as_mut().filter(|r| r.status.state == "halted") else {
+                anyhow::bail!("no halted rollout to resume");
+            };
+            let step = r.next_wave();
+            info!(source = %r.status.source, "configuration rollout resumed by the admin");
+            (step, r.status.clone())
+        };
+        self.rollout_apply(step);
+        Ok(self.rollout_status().unwrap_or(status))
+    }
+
+    /// `bastide config rollout abort`: the agents reached get their previous push back,
+    /// the previous tree is in force again. Returns the commit now in force.
+    pub fn rollout_abort(&self) -> Result<(rollout::RolloutStatus, Option<String>)> {
+        let _g = lock(&self.inner.loading);
+        let (reached, previous, tree, status) = {
+            let mut g = lock(&self.inner.rollout);
+            let Some(r) = g
+                .as_mut()
+                .filter(|r| matches!(r.status.state.as_str(), "rolling" | "baking" | "halted"))
+            else {
+                anyhow::bail!("no rollout in progress or halted to abort");
+            };
+            r.status.state = "aborted".into();
+            r.pending.clear();
+            let reached: Vec<String> = r.reached.keys().cloned().collect();
+            (
+                reached,
+                std::mem::take(&mut r.previous),
+                r.previous_tree.take(),
+                r.status.clone(),
+            )
+        };
+        let mut desired = Vec::new();
+        {
+            let mut agents = lock(&self.inner.agents);
+            for name in &reached {
+                let (Some((inputs, push)), Some(e)) = (previous.get(name), agents.get_mut(name))
+                else {
+                    continue;
+                };
+                e.inputs = inputs.clone();
+                if let Some(p) = push {
+                    desired.push((name.clone(), Ok(p.revision.clone())));
+                }
+                e.tx.send_replace(push.clone());
+            }
+        }
+        self.inner.registry.set_config_desired(&desired);
+        if let Some((prepared, source)) = tree {
+            if let Some(p) = prepared {
+                *lock(&self.inner.current) = Some(p);
+            }
+            if source.is_some() {
+                *lock(&self.inner.source) = source;
+            }
+        }
+        metrics::counter!(names::CONFIG_ROLLOUTS, "result" => "aborted").increment(1);
+        warn!(source = %status.source, agents = reached.len(), "configuration rollout aborted: the agents reached get their previous revision back");
+        Ok((status, self.commit()))
     }
 
     /// Active agents with a push, and their files.
@@ -454,7 +745,11 @@ impl ConfigPushHandle {
         let Some(prepared) = lock(&self.inner.current).clone() else {
             return;
         };
-        let jobs = self.jobs(&prepared, names.as_ref(), true);
+        let mut jobs = self.jobs(&prepared, names.as_ref(), true);
+        // Agents a rollout has not reached yet (it may be halted) wait for their wave.
+        if let Some(r) = lock(&self.inner.rollout).as_ref() {
+            jobs.retain(|j| !r.pending.contains_key(&j.0.name));
+        }
         if jobs.is_empty() {
             return;
         }
@@ -533,6 +828,77 @@ impl ConfigPushHandle {
         })
     }
 
+    /// What the tree at `dir` (from `commit`) would change for each active agent (or the
+    /// one named) against the push in force, without changing anything. Blocking.
+    pub fn plan(
+        &self,
+        dir: &std::path::Path,
+        commit: Option<String>,
+        agent: Option<&str>,
+    ) -> plan::Plan {
+        let mut out = plan::Plan {
+            source: match &commit {
+                Some(c) => format!("commit {c}"),
+                None => format!("dir {}", dir.display()),
+            },
+            ..Default::default()
+        };
+        let prepared = match self.load_at(dir, commit) {
+            Ok(p) => p,
+            Err(errors) => {
+                out.tree_errors = errors;
+                return out;
+            }
+        };
+        let names = agent.map(|a| HashSet::from([a.to_string()]));
+        let jobs = self.jobs(&prepared, names.as_ref(), false);
+        if let (Some(a), true) = (agent, jobs.is_empty()) {
+            out.tree_errors
+                .push(format!("unknown or inactive agent {a:?}"));
+            return out;
+        }
+        let rendered = render_many(&prepared, jobs);
+        let states = self.inner.registry.config_states();
+        let in_force: HashMap<String, Option<Arc<PushMsg>>> = {
+            let agents = lock(&self.inner.agents);
+            rendered
+                .iter()
+                .map(|((a, _, _), _)| {
+                    let cur = agents.get(&a.name).and_then(|e| e.tx.borrow().clone());
+                    (a.name.clone(), cur)
+                })
+                .collect()
+        };
+        let mut rows: Vec<plan::AgentPlan> = rendered
+            .into_iter()
+            .map(|((a, _, _), r)| {
+                let applied = states
+                    .get(&a.name)
+                    .map(|c| c.applied.clone())
+                    .unwrap_or_default();
+                let mut row = match r {
+                    Ok(push) => {
+                        let old = in_force.get(&a.name).cloned().flatten();
+                        plan::compare(&a.name, old.as_deref(), &push)
+                    }
+                    Err(errors) => plan::AgentPlan {
+                        agent: a.name.clone(),
+                        status: "error".into(),
+                        errors,
+                        ..Default::default()
+                    },
+                };
+                row.applied = applied;
+                row
+            })
+            .collect();
+        rows.sort_by(|a, b| a.agent.cmp(&b.agent));
+        for r in rows {
+            out.push_agent(r);
+        }
+        out
+    }
+
     /// Called by an agent's session when it follows `rx`: the message to send, if the
     /// agent has not applied this revision yet.
     pub fn next_push(
@@ -593,23 +959,29 @@ pub async fn run(handle: ConfigPushHandle, shutdown: CancellationToken) -> Resul
     let Some(mut reload_rx) = lock(&handle.inner.reload_rx).take() else {
         anyhow::bail!("configuration push service started twice");
     };
-    let h = handle.clone();
-    let _ = tokio::task::spawn_blocking(move || h.reload_now(false)).await;
+    // A git source loads its first commit itself (`git::run`).
+    if handle.inner.cfg.dir.is_some() {
+        let h = handle.clone();
+        let _ = tokio::task::spawn_blocking(move || h.reload_now(false)).await;
+    }
 
     let (fs_tx, mut fs_rx) = mpsc::channel::<()>(1);
-    let watcher = {
-        use notify::{RecursiveMode, Watcher};
-        let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if let Ok(ev) = ev {
-                if !ev.kind.is_access() {
-                    let _ = fs_tx.try_send(());
+    let watcher = match &handle.inner.cfg.dir {
+        Some(dir) => {
+            use notify::{RecursiveMode, Watcher};
+            let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+                if let Ok(ev) = ev {
+                    if !ev.kind.is_access() {
+                        let _ = fs_tx.try_send(());
+                    }
                 }
-            }
-        })?;
-        w.watch(&handle.inner.cfg.dir, RecursiveMode::Recursive)?;
-        w
+            })?;
+            w.watch(dir, RecursiveMode::Recursive)?;
+            info!(dir = %dir.display(), "watching the configuration tree");
+            Some(w)
+        }
+        None => None,
     };
-    info!(dir = %handle.inner.cfg.dir.display(), "watching the configuration tree");
     let mut events = handle.inner.registry.events();
     // Agents to render again, gathered for a moment so that a wave of reconnections costs
     // one pass; `None` inside means all of them (the event channel lagged).
@@ -619,9 +991,16 @@ pub async fn run(handle: ConfigPushHandle, shutdown: CancellationToken) -> Resul
     let mut flush = tokio::time::interval(Duration::from_secs(1));
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let debounce = handle.inner.cfg.debounce;
+    let mut rollout_tick = tokio::time::interval(Duration::from_millis(200));
+    rollout_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let rollouts = handle.inner.cfg.rollout.is_some();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = rollout_tick.tick(), if rollouts => {
+                let h = handle.clone();
+                let _ = tokio::task::spawn_blocking(move || h.rollout_tick()).await;
+            }
             Some(()) = fs_rx.recv() => {
                 // Let a burst of writes (git checkout, editor) finish: reload once the tree
                 // has been quiet for `debounce`, or `debounce` x 4 after the first change

@@ -177,6 +177,9 @@ pub struct Prepared {
     bases: HashMap<Option<String>, Arc<Base>>,
     /// Fingerprint of the common levels, the templates and the bastion's variables.
     common_fp: u64,
+    /// The commit the tree was exported from (git source): it leads every revision, so
+    /// that each agent's applied revision names the commit it follows.
+    pub source: Option<String>,
 }
 
 impl Prepared {
@@ -204,6 +207,7 @@ impl Prepared {
             bases,
             common_fp: h.finish(),
             tree,
+            source: None,
         })
     }
 
@@ -219,6 +223,7 @@ impl Prepared {
     pub fn inputs(&self, agent: &AgentInfo) -> u64 {
         let mut h = DefaultHasher::new();
         self.common_fp.hash(&mut h);
+        self.source.hash(&mut h);
         self.group_of(agent)
             .and_then(|g| self.tree.groups.get(g))
             .map(|l| (&l.file, l.fingerprint))
@@ -251,7 +256,13 @@ impl Prepared {
             }
             None => shared,
         };
-        render_base(&self.templates, &base, agent, facts, &self.bastion)
+        let mut r = render_base(&self.templates, &base, agent, facts, &self.bastion)?;
+        if let Some(c) = &self.source {
+            // "<commit>-<content hash>": the content hash still tells two renders of one
+            // commit apart (an agent's facts changed).
+            r.push.revision = format!("{c}-{}", r.push.revision);
+        }
+        Ok(r)
     }
 }
 

@@ -2,11 +2,13 @@
 //! (`bastide config render|check|reload`).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::git::GitSource;
 use super::ConfigPushHandle;
 use crate::config::Config;
 use crate::service::{Ctx, Service};
@@ -21,13 +23,38 @@ pub enum ConfigRequest {
     ConfigCheck,
     /// Reload the tree now and push what changed.
     ConfigReload,
+    /// What a candidate tree would change for each agent, without pushing.
+    ConfigPlan {
+        #[serde(default)]
+        commit: Option<String>,
+        #[serde(default)]
+        dir: Option<std::path::PathBuf>,
+        #[serde(default)]
+        agent: Option<String>,
+    },
+    /// The rollout in waves in progress (or the last one).
+    ConfigRolloutStatus,
+    /// A halted rollout goes on to its next wave.
+    ConfigRolloutResume,
+    /// The agents a rollout reached get their previous revision back.
+    ConfigRolloutAbort,
 }
 
-const COMMANDS: &[&str] = &["config_render", "config_check", "config_reload"];
+const COMMANDS: &[&str] = &[
+    "config_render",
+    "config_check",
+    "config_reload",
+    "config_plan",
+    "config_rollout_status",
+    "config_rollout_resume",
+    "config_rollout_abort",
+];
 
 /// The push service, ready.
 pub struct ConfigPush {
     handle: ConfigPushHandle,
+    git: Option<Arc<GitSource>>,
+    webhook: Option<tokio::net::TcpListener>,
 }
 
 impl Service for ConfigPush {
@@ -49,6 +76,46 @@ impl Service for ConfigPush {
             ctx.registry.clone(),
         );
         ctx.handles.provide(handle.clone());
+        let git = c
+            .git
+            .as_ref()
+            .map(|g| Arc::new(GitSource::new(g.clone(), &cfg.state_dir)));
+        let mut webhook = None;
+        if let Some(g) = &git {
+            if let Some(w) = &g.config().webhook {
+                webhook = Some(tokio::net::TcpListener::bind(w.listen).await.with_context(
+                    || {
+                        format!(
+                            "{}: config_push.git.webhook.listen: cannot bind {}",
+                            cfg.source.display(),
+                            w.listen
+                        )
+                    },
+                )?);
+            }
+            let st = g.clone();
+            ctx.admin.status("config_source", move || {
+                serde_json::to_value(st.status()).unwrap_or_default()
+            });
+            let st = g.clone();
+            ctx.collectors.register_text(move |out| {
+                use std::fmt::Write as _;
+                let s = st.status();
+                let n = crate::metrics::names::CONFIG_SOURCE_INFO;
+                let _ = writeln!(
+                    out,
+                    "# HELP {n} {}\n# TYPE {n} gauge",
+                    crate::metrics::names::CONFIG_SOURCE_INFO_HELP
+                );
+                if !s.commit.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "{n}{{commit=\"{}\",branch=\"{}\"}} 1",
+                        s.commit, s.branch
+                    );
+                }
+            });
+        }
         let (blocking, reload) = (handle.clone(), handle.clone());
         ctx.admin
             .blocking(&COMMANDS[..2], move |req: ConfigRequest| match req {
@@ -58,7 +125,38 @@ impl Service for ConfigPush {
                 },
                 _ => Ok(serde_json::to_value(blocking.check())?),
             });
-        ctx.admin.call(&COMMANDS[2..], move |_: ConfigRequest| {
+        let (rh, rg) = (handle.clone(), git.clone());
+        ctx.admin
+            .blocking(&COMMANDS[4..], move |req: ConfigRequest| match req {
+                ConfigRequest::ConfigRolloutResume => {
+                    Ok(serde_json::to_value(rh.rollout_resume()?)?)
+                }
+                ConfigRequest::ConfigRolloutAbort => {
+                    let (st, commit) = rh.rollout_abort()?;
+                    if let Some(g) = &rg {
+                        g.restored(&st.source, commit);
+                    }
+                    Ok(serde_json::to_value(st)?)
+                }
+                _ => match rh.rollout_status() {
+                    Some(st) => Ok(serde_json::to_value(st)?),
+                    None => {
+                        bail!("no rollout yet ([config_push.rollout] sends new revisions in waves)")
+                    }
+                },
+            });
+        let (ph, pg) = (handle.clone(), git.clone());
+        ctx.admin.call(&COMMANDS[3..4], move |req: ConfigRequest| {
+            let (h, g) = (ph.clone(), pg.clone());
+            async move {
+                let ConfigRequest::ConfigPlan { commit, dir, agent } = req else {
+                    bail!("not a plan request");
+                };
+                let plan = plan(h, g, commit, dir, agent).await?;
+                Ok(serde_json::to_value(plan)?)
+            }
+        });
+        ctx.admin.call(&COMMANDS[2..3], move |_: ConfigRequest| {
             let cp = reload.clone();
             async move {
                 let s = cp.reload().await?;
@@ -71,11 +169,83 @@ impl Service for ConfigPush {
                 Ok(serde_json::to_value(s)?)
             }
         });
-        Ok(Some(Self { handle }))
+        Ok(Some(Self {
+            handle,
+            git,
+            webhook,
+        }))
     }
 
     async fn run(self, _ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
-        super::run(self.handle, shutdown).await
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(g) = self.git {
+            if let (Some(l), Some(w)) = (self.webhook, g.config().webhook.clone()) {
+                let (branch, trigger, s) = (
+                    g.config().branch.clone(),
+                    g.trigger.clone(),
+                    shutdown.clone(),
+                );
+                tasks.spawn(super::git::serve_webhook(w, branch, trigger, l, s));
+            }
+            let (h, s) = (self.handle.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                super::git::run(h, g, s).await;
+                Ok(())
+            });
+        }
+        tasks.spawn(super::run(self.handle, shutdown));
+        // The first failure ends the service (and, dropping the set, its other tasks).
+        while let Some(t) = tasks.join_next().await {
+            match t {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(e) => bail!("configuration push task failed: {e}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `bastide config plan`: the candidate is a directory, a commit of the git source, or
+/// (neither given) the branch's head or the tree on disk.
+async fn plan(
+    h: ConfigPushHandle,
+    git: Option<Arc<GitSource>>,
+    commit: Option<String>,
+    dir: Option<std::path::PathBuf>,
+    agent: Option<String>,
+) -> Result<super::plan::Plan> {
+    let blocking = |h: ConfigPushHandle,
+                    dir: std::path::PathBuf,
+                    c: Option<String>,
+                    agent: Option<String>| async move {
+        tokio::task::spawn_blocking(move || h.plan(&dir, c, agent.as_deref()))
+            .await
+            .context("plan task")
+    };
+    match (dir, commit, git) {
+        (Some(_), Some(_), _) => bail!("--dir and --commit exclude each other"),
+        (Some(d), None, _) => {
+            if !d.is_dir() {
+                bail!("{} is not a directory", d.display());
+            }
+            blocking(h, d, None, agent).await
+        }
+        (None, c, Some(g)) => {
+            let (dest, commit, refusal) = g.plan_source(c.as_deref()).await?;
+            let r = blocking(h, dest.clone(), Some(commit), agent).await;
+            let _ = std::fs::remove_dir_all(&dest);
+            let mut p = r?;
+            p.refusal = refusal;
+            Ok(p)
+        }
+        (None, Some(_), None) => bail!("--commit needs a git source ([config_push.git])"),
+        (None, None, None) => {
+            let Some(d) = h.dir() else {
+                bail!("no tree in force");
+            };
+            blocking(h, d, None, agent).await
+        }
     }
 }
 

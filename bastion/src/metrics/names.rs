@@ -27,6 +27,15 @@ pub const CONFIG_PUSHES: &str = "bastide_config_pushes_total";
 pub const CONFIG_RESULTS: &str = "bastide_config_results_total";
 pub const CONFIG_RELOADS: &str = "bastide_config_reloads_total";
 pub const CONFIG_RENDER_DURATION: &str = "bastide_config_render_duration_seconds";
+/// Git source of the environment tree (`config_push::git`).
+pub const CONFIG_SOURCE_REFUSED: &str = "bastide_config_source_refused_total";
+pub const CONFIG_SOURCE_FETCH_FAILURES: &str = "bastide_config_source_fetch_failures_total";
+pub const CONFIG_WEBHOOK_CALLS: &str = "bastide_config_webhook_calls_total";
+pub const CONFIG_ROLLOUTS: &str = "bastide_config_rollouts_total";
+/// Scrape-time gauge (a text collector: the old commit's series must vanish).
+pub const CONFIG_SOURCE_INFO: &str = "bastide_config_source_info";
+pub const CONFIG_SOURCE_INFO_HELP: &str =
+    "The commit of the configuration repository in force (commit, branch labels), value 1.";
 
 // SSH, DNS and SMTP: hot-path counters kept in atomics by each service and copied into the
 // recorder before each scrape by the collector the service registers (see `Collectors`).
@@ -189,6 +198,27 @@ pub fn describe() {
         CONFIG_RENDER_DURATION,
         Unit::Seconds,
         "Time to load the environment tree and render every agent."
+    );
+    describe_counter!(
+        CONFIG_SOURCE_REFUSED,
+        Unit::Count,
+        "Commits of the configuration repository refused, by reason (unsigned, \
+         unknown_signer, bad_signature, force_push, render)."
+    );
+    describe_counter!(
+        CONFIG_SOURCE_FETCH_FAILURES,
+        Unit::Count,
+        "Fetches of the configuration repository that failed."
+    );
+    describe_counter!(
+        CONFIG_ROLLOUTS,
+        Unit::Count,
+        "Configuration rollouts in waves that ended, by result (done, halted, aborted)."
+    );
+    describe_counter!(
+        CONFIG_WEBHOOK_CALLS,
+        Unit::Count,
+        "Calls of the configuration webhook by result (fetch, ignored, unauthorized, network)."
     );
     // SSH.
     for (name, help) in [

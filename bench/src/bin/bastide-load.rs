@@ -54,6 +54,150 @@ struct Args {
     /// is pushed, then time N changes of the tree until every agent got the new revision.
     #[arg(long, default_value_t = 0)]
     config_rounds: usize,
+    /// Where the tree of --config-rounds comes from: `dir` (watched on disk), `git-webhook`
+    /// or `git-poll` (a bare repository on disk followed over file://, commits signed with
+    /// an ssh-keygen key and verified; each round times from `git push` to the last ACK; the
+    /// webhook is called right after the push, as a git server does). With `git-webhook`,
+    /// `bastide config plan` of a new commit is timed too.
+    #[arg(long, default_value = "dir")]
+    config_source: String,
+}
+
+/// A git source for the config rounds: the work tree is the environment directory.
+struct GitBench {
+    keys: PathBuf,
+    bare: PathBuf,
+    webhook: Option<(String, String)>,
+}
+
+impl GitBench {
+    fn git(&self, dir: &std::path::Path, args: &[&str]) -> Result<String> {
+        let key = format!("user.signingkey={}", self.keys.join("k").display());
+        let o = Command::new("git")
+            .current_dir(dir)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("HOME", &self.keys)
+            .args([
+                "-c",
+                "user.name=b",
+                "-c",
+                "user.email=b@x",
+                "-c",
+                "gpg.format=ssh",
+                "-c",
+            ])
+            .arg(key)
+            .args(args)
+            .output()
+            .context("git (apt-get install git)")?;
+        if !o.status.success() {
+            bail!("git {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+    }
+
+    fn setup(root: &std::path::Path, env: &std::path::Path, webhook: bool) -> Result<Self> {
+        let keys = root.join("keys");
+        std::fs::create_dir_all(&keys)?;
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f"])
+            .arg(keys.join("k"))
+            .status()?;
+        if !st.success() {
+            bail!("ssh-keygen failed");
+        }
+        let pubkey = std::fs::read_to_string(keys.join("k.pub"))?;
+        let mut p = pubkey.split_whitespace();
+        std::fs::write(
+            keys.join("signers"),
+            format!(
+                "bench {} {}\n",
+                p.next().unwrap_or(""),
+                p.next().unwrap_or("")
+            ),
+        )?;
+        let bare = root.join("env.git");
+        std::fs::create_dir_all(&bare)?;
+        let secret = keys.join("hook");
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&secret)?
+                .write_all(b"bench-secret\n")?;
+        }
+        let g = GitBench {
+            keys,
+            bare: bare.clone(),
+            webhook: webhook.then(|| {
+                (
+                    format!("127.0.0.1:{}", free_port().unwrap_or(9471)),
+                    secret.display().to_string(),
+                )
+            }),
+        };
+        g.git(&bare, &["init", "-q", "--bare", "-b", "main"])?;
+        g.git(env, &["init", "-q", "-b", "main"])?;
+        g.commit(env)?;
+        g.push(env)?;
+        Ok(g)
+    }
+
+    fn commit(&self, env: &std::path::Path) -> Result<String> {
+        self.git(env, &["add", "-A"])?;
+        self.git(env, &["commit", "-q", "-S", "--allow-empty", "-m", "round"])?;
+        self.git(env, &["rev-parse", "HEAD"])
+    }
+
+    fn push(&self, env: &std::path::Path) -> Result<()> {
+        let bare = self.bare.display().to_string();
+        self.git(
+            env,
+            &["push", "-q", "--force", &bare, "HEAD:refs/heads/main"],
+        )?;
+        Ok(())
+    }
+
+    fn config(&self) -> String {
+        let (poll, hook) = match &self.webhook {
+            Some((listen, secret)) => (
+                "1h",
+                format!("webhook = {{ listen = {listen:?}, secret_file = {secret:?} }}\n"),
+            ),
+            None => ("1s", String::new()),
+        };
+        format!(
+            "[config_push.git]\nurl = \"file://{}\"\npoll_interval = \"{poll}\"\nallowed_signers = {:?}\n{hook}",
+            self.bare.display(),
+            self.keys.join("signers").display().to_string()
+        )
+    }
+
+    /// Calls the webhook as GitLab does.
+    fn call_hook(&self) -> Result<()> {
+        use std::io::{Read, Write};
+        let Some((listen, _)) = &self.webhook else {
+            return Ok(());
+        };
+        let body = r#"{"ref":"refs/heads/main"}"#;
+        let mut s = std::net::TcpStream::connect(listen)?;
+        write!(
+            s,
+            "POST /hooks/config HTTP/1.0\r\nHost: x\r\nX-Gitlab-Token: bench-secret\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut r = String::new();
+        s.read_to_string(&mut r)?;
+        if !r.starts_with("HTTP/1.0 202") && !r.starts_with("HTTP/1.1 202") {
+            bail!("webhook: {r}");
+        }
+        Ok(())
+    }
 }
 
 /// When each simulated agent received a configuration push (this round).
@@ -151,13 +295,27 @@ fn main() -> Result<()> {
                 args.heartbeat.as_secs().max(1) * 4
             ),
         );
-    let text = if args.config_rounds > 0 {
-        format!(
+    let git = match args.config_source.as_str() {
+        "dir" => None,
+        "git-webhook" | "git-poll" if args.config_rounds > 0 => Some(GitBench::setup(
+            dir.path(),
+            &env,
+            args.config_source == "git-webhook",
+        )?),
+        other => {
+            bail!("--config-source {other:?}: dir, git-webhook or git-poll (with --config-rounds)")
+        }
+    };
+    let text = match (&git, args.config_rounds > 0) {
+        (Some(g), true) => format!(
+            "{text}\n[config_push]\ncloud = \"c\"\nsite = \"s\"\ninstance = \"i\"\nbastion_address = \"127.0.0.1\"\n\n{}",
+            g.config()
+        ),
+        (None, true) => format!(
             "{text}\n[config_push]\ndir = {:?}\ncloud = \"c\"\nsite = \"s\"\ninstance = \"i\"\nbastion_address = \"127.0.0.1\"\n",
             env.display().to_string()
-        )
-    } else {
-        text
+        ),
+        _ => text,
     };
     std::fs::write(&cfg, text)?;
     let mut child = start_bastide(
@@ -185,7 +343,7 @@ fn main() -> Result<()> {
     let result = rt.block_on(drive(&args, &addr, &pin, &token, pid, &cli, rss0));
     let result = result.and_then(|()| {
         if args.config_rounds > 0 {
-            config_bench(&args, &env, &cli, &metrics_addr)?;
+            config_bench(&args, &env, &cli, &metrics_addr, git.as_ref())?;
         }
         if args.metrics_series > 0 {
             scrape_bench(&metrics_addr, args.agents)
@@ -418,6 +576,7 @@ fn config_bench(
     env: &std::path::Path,
     cli: &dyn Fn(&[&str]) -> Result<String>,
     metrics_addr: &str,
+    git: Option<&GitBench>,
 ) -> Result<()> {
     let n = args.agents;
     let out_of_sync = || -> Option<u64> {
@@ -445,8 +604,22 @@ fn config_bench(
     for round in 1..=args.config_rounds {
         PUSHES.lock().map_err(|_| anyhow::anyhow!("lock"))?.clear();
         std::thread::sleep(Duration::from_millis(500));
-        let t0 = Instant::now();
-        write_tree(env, round)?;
+        let t0 = match git {
+            // From `git push`: the commit is made (and signed) before.
+            Some(g) => {
+                write_tree(env, round)?;
+                g.commit(env)?;
+                let t0 = Instant::now();
+                g.push(env)?;
+                g.call_hook()?;
+                t0
+            }
+            None => {
+                let t0 = Instant::now();
+                write_tree(env, round)?;
+                t0
+            }
+        };
         let mut all_in = None;
         loop {
             let got = PUSHES.lock().map(|v| v.len()).unwrap_or(0);
@@ -489,13 +662,39 @@ fn config_bench(
         v[v.len() / 2].as_secs_f64() * 1000.0
     };
     println!(
-        "config push ({n} agents, median of {} rounds): p50 {:.0} ms, p99 {:.0} ms, last agent {:.0} ms, all ACKs at the bastion {:.0} ms",
+        "config push from {} ({n} agents, median of {} rounds): p50 {:.0} ms, p99 {:.0} ms, last agent {:.0} ms, all ACKs at the bastion {:.0} ms",
+        args.config_source,
         args.config_rounds,
         med(&mut p50s),
         med(&mut p99s),
         med(&mut alls),
         med(&mut syncs)
     );
+    // `config plan` of a new commit the bastion has not applied (webhook mode: not called).
+    if let (Some(g), true) = (git, args.config_source == "git-webhook") {
+        write_tree(env, args.config_rounds + 1)?;
+        g.commit(env)?;
+        g.push(env)?;
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            let out = cli(&["config", "plan", "--json"]);
+            let took = t.elapsed();
+            // Exit 2 (changes, nothing on stderr) is the expected outcome; the CLI helper
+            // reports any non-zero exit as an error with the stderr.
+            match out {
+                Ok(_) => {}
+                Err(e) if e.to_string().trim_end().ends_with(':') => {}
+                Err(e) => bail!("config plan: {e}"),
+            }
+            times.push(took);
+        }
+        times.sort();
+        println!(
+            "config plan            {:.0} ms for {n} agents (median of 3; fetch, export, render and diff)",
+            times[1].as_secs_f64() * 1000.0
+        );
+    }
     let check = cli(&["config", "check"])?;
     let ms: f64 = check
         .split(" in ")
