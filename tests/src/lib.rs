@@ -484,6 +484,28 @@ pub fn next_agent_ip() -> String {
     format!("127.0.{}.{}", 1 + (n / 252) % 255, n % 252 + 2)
 }
 
+/// Enrolls `n` fresh agents (`p00`, `p01`...) at once with one `token`: how many succeeded,
+/// and the agents (a single-use token must give exactly one certificate).
+pub fn parallel_enrollments(b: &Bastion, token: &str, n: usize) -> (usize, Vec<Agent>) {
+    let agents: Vec<Agent> = (0..n).map(|i| Agent::new(&format!("p{i:02}"))).collect();
+    let children: Vec<_> = agents
+        .iter()
+        .map(|a| {
+            a.enroll_cmd(b, token, &[])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let wins = children
+        .into_iter()
+        .map(|mut c| c.wait().unwrap())
+        .filter(|s| s.success())
+        .count();
+    (wins, agents)
+}
+
 /// A `bastide-agent` state directory and, once started, its process.
 pub struct Agent {
     pub dir: TempDir,

@@ -7,7 +7,7 @@ use bastide_agent::tls::{connect, enroll_config, mtls_config, PinVerifier};
 use bastide_proto::v1::agent_client::AgentClient;
 use bastide_proto::v1::enrollment_client::EnrollmentClient;
 use bastide_proto::v1::{agent_message, AgentMessage, EnrollRequest, Heartbeat, RegisterRequest};
-use bastide_tests::{bin, free_port, wait_for, Agent, Bastion};
+use bastide_tests::{bin, free_port, parallel_enrollments, wait_for, Agent, Bastion};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -153,22 +153,7 @@ fn bad_tokens_are_refused() {
 fn twenty_parallel_enrollments_one_winner() {
     let b = started();
     let token = b.token(&[]);
-    let agents: Vec<Agent> = (0..20).map(|i| Agent::new(&format!("p{i:02}"))).collect();
-    let children: Vec<_> = agents
-        .iter()
-        .map(|a| {
-            a.enroll_cmd(&b, &token, &[])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let wins = children
-        .into_iter()
-        .map(|mut c| c.wait().unwrap())
-        .filter(|s| s.success())
-        .count();
+    let (wins, _agents) = parallel_enrollments(&b, &token, 20);
     assert_eq!(wins, 1);
     assert_eq!(b.agents().len(), 1);
     let tokens: serde_json::Value =

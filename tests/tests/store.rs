@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use bastide_tests::{wait_for, Agent, Bastion, Postgres};
+use bastide_tests::{parallel_enrollments, wait_for, Agent, Bastion, Postgres};
 
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
@@ -78,22 +78,7 @@ fn foundation_flows_on_postgres() {
 
     // Twenty parallel enrollments on one single-use token: one certificate.
     let race = b.token(&[]);
-    let racers: Vec<Agent> = (0..20).map(|i| Agent::new(&format!("p{i:02}"))).collect();
-    let children: Vec<_> = racers
-        .iter()
-        .map(|a| {
-            a.enroll_cmd(&b, &race, &[])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let wins = children
-        .into_iter()
-        .map(|mut c| c.wait().unwrap())
-        .filter(|s| s.success())
-        .count();
+    let (wins, _racers) = parallel_enrollments(&b, &race, 20);
     assert_eq!(wins, 1);
     assert_eq!(
         pg.psql(
