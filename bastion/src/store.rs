@@ -1012,7 +1012,7 @@ pub(crate) mod tests {
     /// Rates of the hot store operations on each backend, printed (not asserted):
     /// `cargo test -p bastide --lib store::tests::op_rates -- --ignored --nocapture`.
     #[test]
-    #[ignore]
+    #[ignore = "a measurement, not a test: prints rates, asserts nothing; run by hand with --ignored --nocapture"]
     fn op_rates() {
         for mut fx in [sqlite(), postgres()] {
             let s = &mut fx.store;
