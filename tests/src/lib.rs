@@ -992,7 +992,7 @@ impl Bastion {
         let port = free_port();
         self.edit_config(|c| {
             format!(
-                "{c}\n[smtp]\nlisten = \"127.0.0.1:{port}\"\nhostname = \"bastion.faults.test\"\nallow = [\"127.0.0.1/32\"]\n{smtp_extra}\n\n[smtp.relay]\nhost = \"127.0.0.1\"\nport = {sink_port}\ntls = \"none\"\ntimeout = \"3s\"\nconcurrency = 4\nretry_initial = \"300ms\"\nretry_max = \"1s\"\n"
+                "{c}\n[smtp]\nlisten = \"127.0.0.1:{port}\"\nhostname = \"bastion.faults.test\"\nallow = [\"127.0.0.1/32\"]\n{smtp_extra}\n\n[smtp.relay]\nhost = \"127.0.0.1\"\nport = {sink_port}\ntls = \"none\"\ntimeout = \"3s\"\ndestination_concurrency_limit = 4\nretry_initial = \"300ms\"\nretry_max = \"1s\"\n"
             )
         });
         port

@@ -127,11 +127,8 @@ pub struct RelayConfig {
     #[serde(default = "default_relay_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Deliveries to the smarthost at once, each on its own connection (Postfix's
-    /// `default_destination_concurrency_limit`). `concurrency` is the older name.
-    #[serde(
-        default = "default_destination_concurrency_limit",
-        alias = "concurrency"
-    )]
+    /// `default_destination_concurrency_limit`).
+    #[serde(default = "default_destination_concurrency_limit")]
     pub destination_concurrency_limit: usize,
     /// Messages sent over one connection before it is closed and a new one opened
     /// (Postfix's `smtp_connection_reuse_count_limit`).
