@@ -161,7 +161,8 @@ pub enum ConfigCmd {
         /// A commit, branch or ref of the git source (default: the branch's head).
         #[arg(long, conflicts_with = "dir")]
         commit: Option<String>,
-        /// A tree on the bastion's disk (default: the tree in force).
+        /// A tree on the bastion's disk (default: the tree in force); with --offline, a
+        /// checkout of the environment repository.
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Only this agent.
@@ -169,6 +170,22 @@ pub enum ConfigCmd {
         agent: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Without a bastion (a CI job on the git server): render --dir for the agents of
+        /// --snapshot, the file of `bastide config snapshot`. Needs no configuration file,
+        /// state directory or admin socket.
+        #[arg(long, requires_all = ["snapshot", "dir"], conflicts_with = "commit")]
+        offline: bool,
+        /// A registry snapshot (`bastide config snapshot --out FILE`), with --offline.
+        #[arg(long, requires = "offline")]
+        snapshot: Option<PathBuf>,
+    },
+    /// Export what `config plan --offline` needs of the registry (active agents: names,
+    /// labels, facts, applied revisions and the files and settings they applied) to a file
+    /// written mode 0600: it holds rendered configuration, secrets included.
+    Snapshot {
+        /// The file to write (replaced atomically if it exists).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Rollouts in waves ([config_push.rollout]).
     #[command(subcommand)]
@@ -347,7 +364,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("configuration reloaded");
             Ok(())
         }
-        Command::Config(ref c) => config_cmd(&socket(&cli)?, c).await,
+        Command::Config(ref c) => config_cmd(&cli, c).await,
         Command::Store(ref c) => store_cmd(&cli, c),
         Command::ExportIdentity { ref out } => export_identity(&cli, out),
         Command::Completions { shell } => bastide_common::clidocs::print_completions(
@@ -421,8 +438,10 @@ fn store_cmd(cli: &Cli, cmd: &StoreCmd) -> Result<()> {
     }
 }
 
-async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
+async fn config_cmd(cli: &Cli, cmd: &ConfigCmd) -> Result<()> {
     use crate::config_push::{print_render, RenderView, Summary};
+    // Not for `plan --offline`, which needs neither the configuration file nor the socket.
+    let sock = || socket(cli);
     match cmd {
         ConfigCmd::Render {
             agent,
@@ -430,7 +449,7 @@ async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
             json,
         } => {
             let v = admin::call(
-                socket,
+                &sock()?,
                 &ConfigRequest::ConfigRender {
                     agent: agent.clone(),
                 },
@@ -445,7 +464,7 @@ async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
         }
         ConfigCmd::Check => {
             let s: Summary =
-                serde_json::from_value(admin::call(socket, &ConfigRequest::ConfigCheck).await?)?;
+                serde_json::from_value(admin::call(&sock()?, &ConfigRequest::ConfigCheck).await?)?;
             if !s.errors.is_empty() {
                 for e in &s.errors {
                     eprintln!("{e}");
@@ -462,6 +481,8 @@ async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
             dir,
             agent,
             json,
+            offline,
+            snapshot,
         } => {
             let dir = match dir {
                 Some(d) => Some(
@@ -470,14 +491,27 @@ async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
                 ),
                 None => None,
             };
-            let req = ConfigRequest::ConfigPlan {
-                commit: commit.clone(),
-                dir,
-                agent: agent.clone(),
+            let plan: crate::config_push::plan::Plan = match (offline, snapshot, &dir) {
+                (true, Some(snap), Some(d)) => {
+                    let s = crate::config_push::snapshot::Snapshot::read(snap)?;
+                    if !d.is_dir() {
+                        bail!("{} is not a directory", d.display());
+                    }
+                    s.plan(d, agent.as_deref())
+                }
+                (true, _, _) => bail!("--offline needs --snapshot FILE and --dir PATH"),
+                _ => {
+                    let req = ConfigRequest::ConfigPlan {
+                        commit: commit.clone(),
+                        dir,
+                        agent: agent.clone(),
+                    };
+                    // No 5 s limit: a plan renders every agent, and may fetch and export a
+                    // commit.
+                    let v = admin::call_stream(&sock()?, &req, |_| Ok(())).await?;
+                    serde_json::from_value(v)?
+                }
             };
-            // No 5 s limit: a plan renders every agent, and may fetch and export a commit.
-            let v = admin::call_stream(socket, &req, |_| Ok(())).await?;
-            let plan: crate::config_push::plan::Plan = serde_json::from_value(v)?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&plan)?);
             } else {
@@ -491,6 +525,20 @@ async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
                 code => std::process::exit(code),
             }
         }
+        ConfigCmd::Snapshot { out } => {
+            // No 5 s limit: thousands of agents' files.
+            let v =
+                admin::call_stream(&sock()?, &ConfigRequest::ConfigSnapshot, |_| Ok(())).await?;
+            let s: crate::config_push::snapshot::Snapshot = serde_json::from_value(v)?;
+            let text = serde_json::to_vec_pretty(&s)?;
+            crate::fsutil::write_atomic(out, &text, 0o600)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "registry snapshot of {} agent(s) written to {} (mode 0600: it holds their rendered files)",
+                s.agents.len(),
+                out.display()
+            );
+        }
         ConfigCmd::Rollout(r) => {
             use crate::config_push::rollout::{print, RolloutStatus};
             let (req, json) = match r {
@@ -498,7 +546,7 @@ async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
                 RolloutCmd::Resume => (ConfigRequest::ConfigRolloutResume, false),
                 RolloutCmd::Abort => (ConfigRequest::ConfigRolloutAbort, false),
             };
-            let v = admin::call(socket, &req).await?;
+            let v = admin::call(&sock()?, &req).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -508,7 +556,7 @@ async fn config_cmd(socket: &Path, cmd: &ConfigCmd) -> Result<()> {
         }
         ConfigCmd::Reload => {
             let s: Summary =
-                serde_json::from_value(admin::call(socket, &ConfigRequest::ConfigReload).await?)?;
+                serde_json::from_value(admin::call(&sock()?, &ConfigRequest::ConfigReload).await?)?;
             println!(
                 "configuration tree reloaded: {} agent(s), {} rendered, {} with a new revision ({:.1} ms); {} out-of-sync agent(s) sent their revision again",
                 s.agents, s.rendered, s.changed, s.render_ms, s.repushed

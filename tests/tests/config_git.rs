@@ -441,7 +441,7 @@ fn webhook_fetches_within_a_second_over_git_daemon_and_a_bad_secret_is_refused()
     let mut daemon = None;
     // Polling once an hour: only the webhook can bring a new commit in time.
     let extra = format!(
-        "poll_interval = \"1h\"\nwebhook = {{ listen = {hook_addr:?}, secret_file = {:?} }}\n",
+        "poll_interval = \"1h\"\nwebhook = {{ listen = {hook_addr:?}, secret_file = {:?}, max_connections_per_client = 4, timeout = \"2s\" }}\n",
         secret_file.display().to_string()
     );
     let s = setup(
@@ -529,6 +529,54 @@ fn webhook_fetches_within_a_second_over_git_daemon_and_a_bad_secret_is_refused()
         metrics.contains("bastide_config_webhook_calls_total{result=\"unauthorized\"} 3"),
         "{metrics}"
     );
+
+    // An attacker inside the allow-list holds idle connections: past 4 from its address they
+    // are closed at once (logged, counted), the git server's call is still served at once,
+    // and the idle ones are closed after the webhook's timeout (2 s).
+    let port: u16 = hook_addr.rsplit(':').next().unwrap().parse().unwrap();
+    let idle: Vec<std::net::TcpStream> = (0..12)
+        .map(|_| bastide_tests::tcp_from("127.0.0.9", port))
+        .collect();
+    let logged = wait_for(Duration::from_secs(5), || {
+        s.bastion
+            .log_text()
+            .contains("configuration webhook: too many connections: closing")
+            .then_some(())
+    });
+    assert!(logged.is_some(), "{}", s.bastion.log_text());
+    s.repo.set_ntp("flooded.ntp");
+    let c4 = s.repo.commit("while flooded", Some("alice"));
+    s.repo.push();
+    let t = Instant::now();
+    let (code, _) = http_post(
+        &hook_addr,
+        "/hooks/config",
+        &[("X-Gitlab-Token", "s3cret-token")],
+        body,
+    );
+    assert_eq!(code, 202);
+    s.wait_source("webhook fetch while flooded", |v| {
+        v["commit"] == c4.as_str()
+    });
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let (_, metrics) = http_get(&s.bastion.metrics_addr, "/metrics", None);
+    assert!(
+        metrics.contains("bastide_config_webhook_calls_total{result=\"too_many_connections\"} 8"),
+        "{metrics}"
+    );
+    // Every idle connection ends: the 8 refused at once, the 4 held after the timeout.
+    let t = Instant::now();
+    for mut c in idle {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 64];
+        match c.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            r => panic!("an idle connection stayed open: {r:?}"),
+        }
+    }
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     drop(daemon);
 }
 
@@ -673,6 +721,93 @@ fn plan_prints_the_diff_and_gates_with_exit_codes_without_pushing() {
         "{}",
         text(&o)
     );
+
+    // Offline, as a CI job on the git server would run it: a registry snapshot exported
+    // from the bastion (mode 0600), then the plan of a checkout with no bastion, no
+    // configuration file, no state directory and no admin socket.
+    let snap_dir = tempfile::tempdir().unwrap();
+    let snap = snap_dir.path().join("registry.json");
+    let out = s
+        .bastion
+        .cli_ok(&["config", "snapshot", "--out", snap.to_str().unwrap()]);
+    assert!(out.contains("registry snapshot of 1 agent(s)"), "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&snap).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let v: Value = serde_json::from_slice(&std::fs::read(&snap).unwrap()).unwrap();
+    let a = &v["agents"][0];
+    assert_eq!(a["name"], "gplan", "{v}");
+    assert_eq!(a["facts"]["addresses"][0], s.agent.ip.as_str(), "{v}");
+    assert_eq!(a["basis"], "applied", "{v}");
+    assert!(a["applied"].as_str().unwrap().starts_with(&c1), "{v}");
+    assert!(a["push"]["files"][0]["text"]
+        .as_str()
+        .unwrap()
+        .contains("server project.ntp"));
+    let nowhere = snap_dir.path().join("no-such-dir");
+    let offline = |dir: &str, extra: &[&str]| {
+        Command::new(bastide_tests::bin("bastide"))
+            .current_dir(snap_dir.path())
+            .env_remove("BASTIDE_SOCKET")
+            .arg("--config")
+            .arg(nowhere.join("bastide.toml"))
+            .args(["config", "plan", "--offline", "--snapshot"])
+            .arg(&snap)
+            .args(["--dir", dir])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // The changed tree: the same text as the bastion's own plan of that directory (whose
+    // agent is in sync with c1), exit 2; the template reads the bastion's variables and
+    // the agent's facts from the snapshot.
+    let o = offline(&dir, &[]);
+    assert_eq!(code(&o), 2, "{}", text(&o));
+    let online = s.bastion.cli(&["config", "plan", "--dir", &dir]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&online.stdout)
+    );
+    let out = text(&o);
+    assert!(out.contains(&format!("changed {ntp}\n--- a{ntp}\n+++ b{ntp}\n@@ -1,2 +1,2 @@\n-server project.ntp iburst\n+server plan.ntp iburst\n # gplan via 127.0.0.1\n")), "{out}");
+    assert!(
+        out.contains("setting agent.metrics_interval: local -> 7s"),
+        "{out}"
+    );
+    let o = offline(&dir, &["--json", "--agent", "gplan"]);
+    assert_eq!(code(&o), 2, "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["summary"]["files_changed"], 1, "{v}");
+    // The commit the agent applied, checked out: nothing to change, exit 0.
+    let same = snap_dir.path().join("c1");
+    std::fs::create_dir_all(&same).unwrap();
+    let tar = snap_dir.path().join("c1.tar");
+    s.repo.git(&["archive", "-o", tar.to_str().unwrap(), &c1]);
+    let st = Command::new("tar")
+        .arg("-xf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&same)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = offline(same.to_str().unwrap(), &[]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        text(&o).contains("1 agent(s): 0 changed, 0 error(s)"),
+        "{}",
+        text(&o)
+    );
+    // A broken template, and an agent not in the snapshot: exit 1.
+    s.repo
+        .tree
+        .write("templates/ntp.conf.j2", "server {{ ntp }\n");
+    let o = offline(&dir, &[]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(text(&o).contains("templates/ntp.conf.j2"), "{}", text(&o));
+    let o = offline(same.to_str().unwrap(), &["--agent", "nope"]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(text(&o).contains("not in the snapshot"), "{}", text(&o));
 }
 
 /// Each agent writes under its own directory: its host file points the tree's file there.
@@ -690,11 +825,17 @@ fn host_file(out: &Path, evil: Option<&Path>) -> String {
     t
 }
 
+/// 20 agents, two canaries (`roll00` NACKs when the tree writes outside its allow_dirs,
+/// `roll01` goes offline during a bake): the rollout halts at the canary wave on a NACK and
+/// on an agent going offline in the bake, abort and resume behave as stated, and a plan
+/// compares with what each agent applied (not the revision in force) when they differ.
 #[test]
 fn rollout_halts_at_the_canary_wave_on_a_nack_and_abort_and_resume_behave() {
-    const N: usize = 8;
+    const N: usize = 20;
+    let t0 = Instant::now();
     let mut bastion = Bastion::init(PROJECT);
-    let mut agents: Vec<Agent> = (0..N).map(|i| Agent::new(&format!("roll{i}"))).collect();
+    let mut agents: Vec<Agent> = (0..N).map(|i| Agent::new(&format!("roll{i:02}"))).collect();
+    let name = |i: usize| format!("roll{i:02}");
     let outs: Vec<PathBuf> = agents
         .iter()
         .map(|a| {
@@ -729,40 +870,64 @@ fn rollout_halts_at_the_canary_wave_on_a_nack_and_abort_and_resume_behave() {
         )
     });
     bastion.start();
-    for (i, a) in agents.iter_mut().enumerate() {
-        a.append_config(&format!(
-            "[config]\nallow_dirs = [{:?}]\n",
-            outs[i].display().to_string()
-        ));
-        let token = if i == 0 {
-            bastion.token(&["--labels", "canary=yes"])
-        } else {
-            bastion.token(&[])
-        };
-        a.enroll_ok(&bastion, &token);
+    // Enrolled all at once: two canaries, then the others.
+    let canary = bastion.token(&["--labels", "canary=yes", "--uses", "2"]);
+    let others = bastion.token(&["--uses", &(N - 2).to_string()]);
+    let enrolls: Vec<_> = agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            a.append_config(&format!(
+                "[config]\nallow_dirs = [{:?}]\n",
+                outs[i].display().to_string()
+            ));
+            let token = if i < 2 { &canary } else { &others };
+            a.enroll_cmd(&bastion, token, &[])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, mut c) in enrolls.into_iter().enumerate() {
+        assert!(c.wait().unwrap().success(), "enroll {}", name(i));
+    }
+    for a in agents.iter_mut() {
         a.start();
     }
-    let applied = |name: &str| -> (String, String, String) {
-        let a = bastion.agent(name).unwrap();
-        let s = |k: &str| a[k].as_str().unwrap_or("").to_string();
-        (s("config_desired"), s("config_applied"), s("config_state"))
+    // (desired, applied, state) of every agent, from one `agents list`.
+    let states = || -> std::collections::HashMap<String, (String, String, String)> {
+        bastion
+            .agents()
+            .into_iter()
+            .map(|a| {
+                let s = |k: &str| a[k].as_str().unwrap_or("").to_string();
+                (
+                    s("name"),
+                    (s("config_desired"), s("config_applied"), s("config_state")),
+                )
+            })
+            .collect()
     };
+    let applied = |i: usize| states().remove(&name(i)).unwrap_or_default();
     let wait_all = |commit: &str, which: &[usize]| {
         let ok = wait_for(Duration::from_secs(30), || {
+            let st = states();
             which
                 .iter()
-                .all(|i| applied(&format!("roll{i}")).1.starts_with(commit))
+                .all(|i| st.get(&name(*i)).is_some_and(|s| s.1.starts_with(commit)))
                 .then_some(())
         });
         assert!(
             ok.is_some(),
             "not every agent applied {commit}: {:?}\n{}",
-            bastion.agents(),
+            states(),
             bastion.log_text()
         );
     };
     let everyone: Vec<usize> = (0..N).collect();
     wait_all(&c1, &everyone);
+    eprintln!("20 agents enrolled and on c1 in {:?}", t0.elapsed());
     let rollout = || -> Value {
         let out = bastion.cli(&["config", "rollout", "status", "--json"]);
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
@@ -779,6 +944,18 @@ fn rollout_halts_at_the_canary_wave_on_a_nack_and_abort_and_resume_behave() {
             )
         })
     };
+    // Agents other than the canaries keep `commit`, desired and applied.
+    let others_keep = |commit: &str| {
+        let st = states();
+        for i in 2..N {
+            let (d, a, _) = &st[&name(i)];
+            assert!(
+                d.starts_with(commit) && a.starts_with(commit),
+                "{}: {d} {a}",
+                name(i)
+            );
+        }
+    };
 
     // c2: the canary NACKs (a file outside its allow_dirs): the rollout halts at wave 1 and
     // nobody else is sent c2.
@@ -788,7 +965,7 @@ fn rollout_halts_at_the_canary_wave_on_a_nack_and_abort_and_resume_behave() {
     repo.push();
     let r = wait_rollout(&c2, "halted");
     assert_eq!(r["wave"], 1, "{r}");
-    assert_eq!(r["failure"]["agent"], "roll0", "{r}");
+    assert_eq!(r["failure"]["agent"], "roll00", "{r}");
     assert_eq!(r["failure"]["reason"], "nack", "{r}");
     assert!(
         r["failure"]["error"]
@@ -798,42 +975,53 @@ fn rollout_halts_at_the_canary_wave_on_a_nack_and_abort_and_resume_behave() {
         "{r}"
     );
     assert_eq!(r["waves"][0]["name"], "label canary=yes", "{r}");
-    assert_eq!(r["waves"][1]["agents"].as_array().unwrap().len(), 3, "{r}");
+    assert_eq!(r["waves"][0]["agents"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(r["waves"][1]["agents"].as_array().unwrap().len(), 8, "{r}");
     assert_eq!(r["waves"][2]["name"], "rest", "{r}");
+    assert_eq!(r["waves"][2]["agents"].as_array().unwrap().len(), 10, "{r}");
     assert_eq!(r["waves"][1]["reached"], false, "{r}");
     let text = bastion.cli_ok(&["config", "rollout", "status"]);
     assert!(
-        text.contains("HALTED at wave 1: agent roll0 refused the revision (NACK)"),
+        text.contains("HALTED at wave 1: agent roll00 refused the revision (NACK)"),
         "{text}"
     );
-    std::thread::sleep(Duration::from_millis(500));
-    for i in 1..N {
-        let (d, a, _) = applied(&format!("roll{i}"));
-        assert!(d.starts_with(&c1) && a.starts_with(&c1), "roll{i}: {d} {a}");
-    }
+    std::thread::sleep(Duration::from_millis(300));
+    others_keep(&c1);
 
     // Abort: the canary's desired revision is c1 again, and c1 is the commit in force.
     let out = bastion.cli_ok(&["config", "rollout", "abort"]);
     assert!(out.contains("aborted"), "{out}");
-    let (d, a, st) = applied("roll0");
+    let (d, a, st) = applied(0);
     assert!(d.starts_with(&c1) && a.starts_with(&c1), "{d} {a}");
     assert_eq!(st, "in-sync");
     let v: Value = serde_json::from_str(&bastion.cli_ok(&["status", "--json"])).unwrap();
     assert_eq!(v["config_source"]["commit"], c1.as_str(), "{v}");
     assert_eq!(v["config_source"]["refused"]["reason"], "aborted", "{v}");
 
-    // c3, good: wave by wave to everyone; right after the canary's ACK the others wait for
-    // the bake.
+    // c3, good: the canaries take it; the second canary goes offline during the bake, which
+    // halts the rollout before wave 2.
     repo.set_ntp("c3.ntp");
     write_hosts(false);
     let c3 = repo.commit("good", Some("alice"));
     repo.push();
-    wait_all(&c3, &[0]);
-    let (d, _, _) = applied(&format!("roll{}", N - 1));
-    assert!(
-        d.starts_with(&c1),
-        "the last wave was sent before the canary's bake: {d}"
-    );
+    let baking = wait_for(Duration::from_secs(30), || {
+        Some(rollout()).filter(|r| {
+            r["source"] == c3.as_str() && (r["state"] == "baking" || r["waves"][0]["acked"] == 2)
+        })
+    })
+    .unwrap_or_else(|| panic!("the canaries never took c3: {}", rollout()));
+    assert_eq!(baking["wave"], 1, "{baking}");
+    agents[1].stop();
+    let r = wait_rollout(&c3, "halted");
+    assert_eq!(r["wave"], 1, "{r}");
+    assert_eq!(r["failure"]["agent"], "roll01", "{r}");
+    assert_eq!(r["failure"]["reason"], "offline", "{r}");
+    assert_eq!(r["waves"][1]["reached"], false, "{r}");
+    others_keep(&c1);
+    // Back online, resumed: wave by wave to everyone (the last wave after wave 2's bake).
+    agents[1].start();
+    assert!(bastion.wait_state("roll01", "online", Duration::from_secs(20)));
+    bastion.cli_ok(&["config", "rollout", "resume"]);
     let r = wait_rollout(&c3, "done");
     wait_all(&c3, &everyone);
     assert!(r["waves"]
@@ -851,7 +1039,7 @@ fn rollout_halts_at_the_canary_wave_on_a_nack_and_abort_and_resume_behave() {
     bastion.cli_ok(&["config", "rollout", "resume"]);
     wait_rollout(&c4, "done");
     wait_all(&c4, &(1..N).collect::<Vec<_>>());
-    let (d, a, st) = applied("roll0");
+    let (d, a, st) = applied(0);
     assert!(d.starts_with(&c4) && a.starts_with(&c3), "{d} {a}");
     assert_eq!(st, "refused");
     let (_, metrics) = http_get(&bastion.metrics_addr, "/metrics", None);
@@ -863,4 +1051,68 @@ fn rollout_halts_at_the_canary_wave_on_a_nack_and_abort_and_resume_behave() {
             "{metrics}"
         );
     }
+
+    // The canary is behind (it refused c4, which is in force for it): a plan of c4 compares
+    // with the c3 it applied, not with c4; an agent in sync has nothing to change.
+    let o = bastion.cli(&["config", "plan", "--json", "--commit", &c4]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let row = |n: &str| {
+        v["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["agent"] == n)
+            .cloned()
+            .unwrap()
+    };
+    let canary0 = row("roll00");
+    assert_eq!(canary0["basis"], "applied", "{canary0}");
+    assert!(
+        canary0["applied"].as_str().unwrap().starts_with(&c3),
+        "{canary0}"
+    );
+    assert!(
+        canary0["in_force"].as_str().unwrap().starts_with(&c4),
+        "{canary0}"
+    );
+    assert_eq!(canary0["status"], "changed", "{canary0}");
+    let diff = canary0["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let s = |k: &str| f[k].as_str().unwrap_or("").to_string();
+            format!("{} {}\n{}", s("change"), s("path"), s("diff"))
+        })
+        .collect::<String>();
+    assert!(
+        diff.contains("-server c3.ntp iburst\n+server c4.ntp iburst\n"),
+        "{diff}"
+    );
+    assert!(diff.contains("added "), "{diff}");
+    assert_eq!(row("roll05")["status"], "unchanged");
+    assert_eq!(v["summary"]["changed"], 1, "{v}");
+    // The snapshot for offline plans carries the same basis: the files of c3.
+    let snap = tempfile::tempdir().unwrap();
+    let file = snap.path().join("registry.json");
+    bastion.cli_ok(&["config", "snapshot", "--out", file.to_str().unwrap()]);
+    let s: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let a0 = s["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "roll00")
+        .unwrap();
+    assert_eq!(a0["basis"], "applied", "{a0}");
+    assert!(
+        a0["push"]["revision"].as_str().unwrap().starts_with(&c3),
+        "{a0}"
+    );
+    eprintln!("rollout test body took {:?}", t0.elapsed());
 }

@@ -11,7 +11,7 @@
 //! a library: its signature checking is the one operators already use (`git verify-commit`
 //! with `gpg.format=ssh`), and the bastion's dependency tree stays free of a git stack.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -90,6 +90,27 @@ pub struct WebhookConfig {
     /// Client networks allowed to call (default: loopback only).
     #[serde(default = "default_allow")]
     pub allow: Vec<IpNet>,
+    /// Connections served at once; beyond, a new one is closed at once (logged, counted).
+    #[serde(default = "default_hook_connections")]
+    pub max_connections: usize,
+    /// Connections at once from one client address: a client holding idle connections
+    /// cannot take every slot from the git server.
+    #[serde(default = "default_hook_per_client")]
+    pub max_connections_per_client: usize,
+    /// Longest a connection may take to send its request (headers and body) and be
+    /// answered; it is then closed (one request per connection: no keep-alive).
+    #[serde(default = "default_hook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_hook_connections() -> usize {
+    64
+}
+fn default_hook_per_client() -> usize {
+    8
+}
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_branch() -> String {
@@ -174,6 +195,15 @@ impl GitConfig {
             }
             if w.allow.is_empty() {
                 bad("webhook.allow", "empty: no git server could call".into());
+            }
+            if w.max_connections == 0 || w.max_connections_per_client == 0 {
+                bad(
+                    "webhook.max_connections",
+                    "max_connections and max_connections_per_client must be at least 1".into(),
+                );
+            }
+            if w.timeout.is_zero() || w.timeout > Duration::from_secs(300) {
+                bad("webhook.timeout", "must be over 0s and at most 5m".into());
             }
         }
         out
@@ -851,7 +881,66 @@ async fn hook(
     (StatusCode::ACCEPTED, "fetch scheduled\n").into_response()
 }
 
-/// Serves `POST /hooks/config` on `listener` until `shutdown`.
+/// Connection slots of the webhook: `max_connections` in all, `max_connections_per_client`
+/// per client address.
+struct Slots {
+    total: Arc<tokio::sync::Semaphore>,
+    per_client: Mutex<std::collections::HashMap<IpAddr, usize>>,
+    max_per_client: usize,
+}
+
+/// One connection's slot, given back when it is dropped.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    slots: Arc<Slots>,
+    ip: IpAddr,
+}
+
+impl Slots {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let permit = self.total.clone().try_acquire_owned().ok()?;
+        let mut m = lock(&self.per_client);
+        let n = m.entry(ip).or_insert(0);
+        if *n >= self.max_per_client {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            _permit: permit,
+            slots: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = lock(&self.slots.per_client);
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is (allow-lists are written in IPv4).
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// Serves `POST /hooks/config` on `listener` until `shutdown`. Bounded like the other
+/// listeners: the allow-list is checked before anything is read or a slot taken, then
+/// `max_connections` (and per client address `max_connections_per_client`) connections at
+/// once, each closed after one request or `timeout`, whichever comes first: idle or slow
+/// connections cannot hold the listener longer than that, nor one client take every slot.
 pub async fn serve_webhook(
     cfg: WebhookConfig,
     branch: String,
@@ -859,10 +948,15 @@ pub async fn serve_webhook(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+    use hyper_util::service::TowerToHyperService;
+
     let secret = read_secret(&cfg.secret_file)?;
+    let allow: Arc<[IpNet]> = cfg.allow.clone().into();
     let state = Hook {
         secret: secret.into(),
-        allow: cfg.allow.into(),
+        allow: allow.clone(),
         branch: branch.into(),
         trigger,
     };
@@ -870,13 +964,61 @@ pub async fn serve_webhook(
         .route("/hooks/config", post(hook))
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .with_state(state);
-    info!(listen = %listener.local_addr()?, "configuration webhook listening");
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await?;
+    let slots = Arc::new(Slots {
+        total: Arc::new(tokio::sync::Semaphore::new(cfg.max_connections)),
+        per_client: Mutex::new(std::collections::HashMap::new()),
+        max_per_client: cfg.max_connections_per_client,
+    });
+    // Refusals are logged at most every 10 s (with how many), not once per connection.
+    let mut refused: u64 = 0;
+    let mut last_log: Option<std::time::Instant> = None;
+    info!(listen = %listener.local_addr()?, max_connections = cfg.max_connections, "configuration webhook listening");
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "configuration webhook: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let ip = canonical(peer.ip());
+        if !allow.iter().any(|n| n.contains(&ip)) {
+            metrics::counter!(names::CONFIG_WEBHOOK_CALLS, "result" => "network").increment(1);
+            warn!(%peer, "configuration webhook: client network not allowed: closing");
+            continue;
+        }
+        let Some(slot) = slots.take(ip) else {
+            metrics::counter!(names::CONFIG_WEBHOOK_CALLS, "result" => "too_many_connections")
+                .increment(1);
+            refused += 1;
+            if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                warn!(%peer, refused, max_connections = cfg.max_connections, max_connections_per_client = cfg.max_connections_per_client, "configuration webhook: too many connections: closing");
+                last_log = Some(std::time::Instant::now());
+                refused = 0;
+            }
+            continue;
+        };
+        let svc = TowerToHyperService::new(app.clone().layer(axum::Extension(ConnectInfo(peer))));
+        let (shutdown, timeout) = (shutdown.clone(), cfg.timeout);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+            builder.http1().keep_alive(false);
+            let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+            tokio::select! {
+                r = tokio::time::timeout(timeout, conn) => match r {
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "configuration webhook: connection error"),
+                    Err(_) => tracing::debug!(%peer, "configuration webhook: connection timed out: closed"),
+                    Ok(Ok(())) => {}
+                },
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
     Ok(())
 }
 

@@ -15,6 +15,7 @@ pub mod plan;
 pub mod render;
 pub mod rollout;
 pub mod service;
+pub mod snapshot;
 pub mod tree;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -190,6 +191,10 @@ struct AgentPush {
     /// Fingerprint of the layers and the facts the current push was rendered from.
     inputs: Option<(u64, serde_json::Value)>,
     tx: watch::Sender<Option<Arc<PushMsg>>>,
+    /// The push the agent last ACKed, when it was the one in force at its ACK (mostly the
+    /// same `Arc` as the push in force): what a plan compares with when the agent is behind
+    /// (it NACKed, was offline, or a rollout has not reached it). Not kept across restarts.
+    applied: Option<Arc<PushMsg>>,
 }
 
 impl AgentPush {
@@ -197,6 +202,7 @@ impl AgentPush {
         Self {
             inputs: None,
             tx: watch::channel(None).0,
+            applied: None,
         }
     }
 }
@@ -859,37 +865,24 @@ impl ConfigPushHandle {
         }
         let rendered = render_many(&prepared, jobs);
         let states = self.inner.registry.config_states();
-        let in_force: HashMap<String, Option<Arc<PushMsg>>> = {
+        let mut against: HashMap<String, plan::Against> = {
             let agents = lock(&self.inner.agents);
             rendered
                 .iter()
                 .map(|((a, _, _), _)| {
-                    let cur = agents.get(&a.name).and_then(|e| e.tx.borrow().clone());
-                    (a.name.clone(), cur)
+                    let applied = states
+                        .get(&a.name)
+                        .map(|c| c.applied.clone())
+                        .unwrap_or_default();
+                    (a.name.clone(), self.against(agents.get(&a.name), applied))
                 })
                 .collect()
         };
         let mut rows: Vec<plan::AgentPlan> = rendered
             .into_iter()
             .map(|((a, _, _), r)| {
-                let applied = states
-                    .get(&a.name)
-                    .map(|c| c.applied.clone())
-                    .unwrap_or_default();
-                let mut row = match r {
-                    Ok(push) => {
-                        let old = in_force.get(&a.name).cloned().flatten();
-                        plan::compare(&a.name, old.as_deref(), &push)
-                    }
-                    Err(errors) => plan::AgentPlan {
-                        agent: a.name.clone(),
-                        status: "error".into(),
-                        errors,
-                        ..Default::default()
-                    },
-                };
-                row.applied = applied;
-                row
+                let with = against.remove(&a.name).unwrap_or_default();
+                plan::row(&a.name, r, with)
             })
             .collect();
         rows.sort_by(|a, b| a.agent.cmp(&b.agent));
@@ -897,6 +890,16 @@ impl ConfigPushHandle {
             out.push_agent(r);
         }
         out
+    }
+
+    /// What a plan compares an agent's candidate with (see [`plan::basis`]).
+    fn against(&self, e: Option<&AgentPush>, applied: String) -> plan::Against {
+        let in_force = e.and_then(|e| e.tx.borrow().clone());
+        plan::Against::new(
+            applied,
+            in_force.as_ref(),
+            e.and_then(|e| e.applied.as_ref()),
+        )
     }
 
     /// Called by an agent's session when it follows `rx`: the message to send, if the
@@ -931,6 +934,11 @@ impl ConfigPushHandle {
             .registry
             .config_result(agent, &revision, r.ok, &error);
         if r.ok {
+            // Keep the push it applied (for plans), if it is still the one in force.
+            if let Some(e) = lock(&self.inner.agents).get_mut(agent) {
+                let cur = e.tx.borrow().clone();
+                e.applied = cur.filter(|p| p.revision == revision);
+            }
             metrics::counter!(names::CONFIG_RESULTS, "result" => "ack").increment(1);
             info!(agent = %agent, revision = %revision.escape_debug(), "configuration applied");
         } else {

@@ -1,7 +1,7 @@
 //! `bastide config plan`: what a candidate tree (a commit, a directory) would change for each
 //! agent, without pushing: per agent the unified diff of every managed file and the settings
-//! that change, against the push in force, then a summary. Exit codes a merge-request job can
-//! gate on: 0 nothing to change, 2 changes, 1 errors.
+//! that change, against what the agent applied (see [`basis`]), then a summary. Exit codes a
+//! merge-request job can gate on: 0 nothing to change, 2 changes, 1 errors.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -45,9 +45,15 @@ pub struct AgentPlan {
     pub agent: String,
     /// `changed`, `unchanged` or `error`.
     pub status: String,
-    /// The agent's applied revision, and the revision in force it is compared with.
+    /// The agent's applied revision, and the revision the bastion has in force for it.
     pub applied: String,
     pub in_force: String,
+    /// What the candidate is compared with: `applied` (the files of the agent's applied
+    /// revision), `nothing applied` (every file is new to the agent), or `in force` (the
+    /// applied revision's files are not known here: the bastion restarted since the agent
+    /// applied it, and the bastion's revision differs).
+    #[serde(default)]
+    pub basis: String,
     /// The candidate's revision (empty on error).
     pub candidate: String,
     pub files: Vec<FilePlan>,
@@ -102,7 +108,89 @@ impl Plan {
     }
 }
 
-/// Compares the candidate push with the one in force (`None`: the agent has none).
+/// What the plan compares an agent's candidate with: the push the agent applied when the
+/// bastion knows it, and the basis's name (see [`AgentPlan::basis`]). The bastion keeps the
+/// push an agent last ACKed while it runs; after a restart only the revision is known, and
+/// the push in force (same revision, same content) stands for it when the revisions match.
+pub fn basis<'a>(
+    applied: &str,
+    in_force: Option<&'a PushMsg>,
+    applied_push: Option<&'a PushMsg>,
+) -> (Option<&'a PushMsg>, &'static str) {
+    if applied.is_empty() {
+        return (None, BASIS_NONE);
+    }
+    if let Some(p) = applied_push.filter(|p| p.revision == applied) {
+        return (Some(p), BASIS_APPLIED);
+    }
+    match in_force {
+        Some(p) if p.revision == applied => (Some(p), BASIS_APPLIED),
+        other => (other, BASIS_IN_FORCE),
+    }
+}
+
+pub const BASIS_APPLIED: &str = "applied";
+pub const BASIS_NONE: &str = "nothing applied";
+pub const BASIS_IN_FORCE: &str = "in force";
+
+/// What a candidate is compared with for one agent.
+#[derive(Debug, Clone, Default)]
+pub struct Against {
+    /// The agent's applied revision and the bastion's revision in force for it.
+    pub applied: String,
+    pub in_force: String,
+    /// See [`AgentPlan::basis`].
+    pub basis: String,
+    pub push: Option<std::sync::Arc<PushMsg>>,
+}
+
+impl Against {
+    /// From what the bastion has for an agent (see [`basis`]).
+    pub fn new(
+        applied: String,
+        in_force: Option<&std::sync::Arc<PushMsg>>,
+        applied_push: Option<&std::sync::Arc<PushMsg>>,
+    ) -> Self {
+        let (p, name) = basis(
+            &applied,
+            in_force.map(|p| p.as_ref()),
+            applied_push.map(|p| p.as_ref()),
+        );
+        // The same Arc as the one given: no copy of the files.
+        let push = p.and_then(|p| {
+            [in_force, applied_push]
+                .into_iter()
+                .flatten()
+                .find(|x| std::ptr::eq(x.as_ref(), p))
+                .cloned()
+        });
+        Self {
+            in_force: in_force.map(|p| p.revision.clone()).unwrap_or_default(),
+            applied,
+            basis: name.to_string(),
+            push,
+        }
+    }
+}
+
+/// One agent's row: its candidate (or render errors) against what it has.
+pub fn row(agent: &str, candidate: Result<PushMsg, Vec<String>>, against: Against) -> AgentPlan {
+    let mut r = match candidate {
+        Ok(push) => compare(agent, against.push.as_deref(), &push),
+        Err(errors) => AgentPlan {
+            agent: agent.to_string(),
+            status: "error".into(),
+            errors,
+            ..Default::default()
+        },
+    };
+    r.applied = against.applied;
+    r.in_force = against.in_force;
+    r.basis = against.basis;
+    r
+}
+
+/// Compares the candidate push with the agent's basis (`None`: the agent has none).
 pub fn compare(agent: &str, old: Option<&PushMsg>, new: &PushMsg) -> AgentPlan {
     let empty = PushMsg::default();
     let old_push = old.unwrap_or(&empty);
@@ -164,7 +252,6 @@ pub fn compare(agent: &str, old: Option<&PushMsg>, new: &PushMsg) -> AgentPlan {
     AgentPlan {
         agent: agent.to_string(),
         status: if changed { "changed" } else { "unchanged" }.into(),
-        in_force: old_push.revision.clone(),
         candidate: new.revision.clone(),
         files,
         settings,
@@ -406,6 +493,21 @@ pub fn print(p: &Plan) -> String {
             short(&a.in_force),
             short(&a.candidate)
         );
+        match a.basis.as_str() {
+            BASIS_NONE => {
+                let _ = writeln!(
+                    out,
+                    "(the agent has applied nothing: every file is new to it)"
+                );
+            }
+            BASIS_IN_FORCE => {
+                let _ = writeln!(
+                    out,
+                    "(compared with the revision in force: this bastion does not hold the files of the applied revision, as after a restart)"
+                );
+            }
+            _ => {}
+        }
         for f in a.files.iter().filter(|f| f.change != "unchanged") {
             let _ = writeln!(out, "{} {}", f.change, f.path);
             for m in &f.meta {
@@ -477,6 +579,31 @@ mod tests {
         }
         out.extend(&lines[pos..]);
         assert_eq!(out.concat(), new);
+    }
+
+    /// An agent behind the bastion (a NACK, offline, not reached by a rollout) is compared
+    /// with what it applied; after a restart (its push unknown), with the push in force.
+    #[test]
+    fn the_basis_is_what_the_agent_applied() {
+        let p = |r: &str| PushMsg {
+            revision: r.into(),
+            ..Default::default()
+        };
+        let (r1, r2) = (p("r1"), p("r2"));
+        let rev = |b: (Option<&PushMsg>, &str)| (b.0.map(|p| p.revision.clone()), b.1.to_string());
+        assert_eq!(
+            rev(basis("r1", Some(&r2), Some(&r1))),
+            (Some("r1".into()), BASIS_APPLIED.into())
+        );
+        assert_eq!(
+            rev(basis("r2", Some(&r2), Some(&r1))),
+            (Some("r2".into()), BASIS_APPLIED.into())
+        );
+        assert_eq!(
+            rev(basis("r1", Some(&r2), None)),
+            (Some("r2".into()), BASIS_IN_FORCE.into())
+        );
+        assert_eq!(rev(basis("", Some(&r2), None)), (None, BASIS_NONE.into()));
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub enum ConfigRequest {
     ConfigRolloutResume,
     /// The agents a rollout reached get their previous revision back.
     ConfigRolloutAbort,
+    /// The registry snapshot of `bastide config plan --offline`.
+    ConfigSnapshot,
 }
 
 const COMMANDS: &[&str] = &[
@@ -48,6 +50,7 @@ const COMMANDS: &[&str] = &[
     "config_rollout_status",
     "config_rollout_resume",
     "config_rollout_abort",
+    "config_snapshot",
 ];
 
 /// The push service, ready.
@@ -127,7 +130,7 @@ impl Service for ConfigPush {
             });
         let (rh, rg) = (handle.clone(), git.clone());
         ctx.admin
-            .blocking(&COMMANDS[4..], move |req: ConfigRequest| match req {
+            .blocking(&COMMANDS[4..7], move |req: ConfigRequest| match req {
                 ConfigRequest::ConfigRolloutResume => {
                     Ok(serde_json::to_value(rh.rollout_resume()?)?)
                 }
@@ -144,6 +147,11 @@ impl Service for ConfigPush {
                         bail!("no rollout yet ([config_push.rollout] sends new revisions in waves)")
                     }
                 },
+            });
+        let sh = handle.clone();
+        ctx.admin
+            .blocking(&COMMANDS[7..8], move |_: ConfigRequest| {
+                Ok(serde_json::to_value(sh.snapshot())?)
             });
         let (ph, pg) = (handle.clone(), git.clone());
         ctx.admin.call(&COMMANDS[3..4], move |req: ConfigRequest| {

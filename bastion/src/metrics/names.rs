@@ -218,7 +218,7 @@ pub fn describe() {
     describe_counter!(
         CONFIG_WEBHOOK_CALLS,
         Unit::Count,
-        "Calls of the configuration webhook by result (fetch, ignored, unauthorized, network)."
+        "Calls of the configuration webhook by result (fetch, ignored, unauthorized, network, too_many_connections)."
     );
     // SSH.
     for (name, help) in [

@@ -694,6 +694,44 @@ fn config_bench(
             "config plan            {:.0} ms for {n} agents (median of 3; fetch, export, render and diff)",
             times[1].as_secs_f64() * 1000.0
         );
+        // The offline form: a registry snapshot, then the plan of the working tree with no
+        // bastion (as a CI job on the git server runs it).
+        let snap = env.with_extension("snapshot.json");
+        let snap_s = snap.display().to_string();
+        let t = Instant::now();
+        cli(&["config", "snapshot", "--out", &snap_s])?;
+        let export = t.elapsed();
+        let size = std::fs::metadata(&snap).map(|m| m.len()).unwrap_or(0);
+        let dir = env.display().to_string();
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            let out = cli(&[
+                "config",
+                "plan",
+                "--offline",
+                "--snapshot",
+                &snap_s,
+                "--dir",
+                &dir,
+                "--json",
+            ]);
+            let took = t.elapsed();
+            match out {
+                Ok(_) => {}
+                Err(e) if e.to_string().trim_end().ends_with(':') => {}
+                Err(e) => bail!("config plan --offline: {e}"),
+            }
+            times.push(took);
+        }
+        times.sort();
+        let _ = std::fs::remove_file(&snap);
+        println!(
+            "config snapshot        {:.0} ms for {n} agents ({:.1} MiB); plan --offline {:.0} ms (median of 3)",
+            export.as_secs_f64() * 1000.0,
+            size as f64 / (1024.0 * 1024.0),
+            times[1].as_secs_f64() * 1000.0
+        );
     }
     let check = cli(&["config", "check"])?;
     let ms: f64 = check
