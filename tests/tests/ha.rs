@@ -55,21 +55,33 @@ fn configure(b: &Bastion, pg: &Postgres, db: &str, node: &str, store_extra: &str
     dns
 }
 
-/// Node "a" (started), and node "b" made from its identity (started).
-fn two_nodes(pg: &Postgres, db: &str, store_extra: &str, extra: impl Fn(&Bastion)) -> (Node, Node) {
+/// Node "a" (started), and node "b" made from its identity (started); `extra` configures
+/// each before its start.
+fn two_nodes_with<T>(
+    pg: &Postgres,
+    db: &str,
+    store_extra: &str,
+    extra: impl Fn(&Bastion) -> T,
+) -> ((Node, T), (Node, T)) {
     let mut a = Bastion::init("proj");
     let dns_a = configure(&a, pg, db, "a", store_extra);
-    extra(&a);
-    let t = Instant::now();
+    let xa = extra(&a);
     a.start();
-    println!("node a started in {:?}", t.elapsed());
     let bundle = a.dir.path().join("identity.json");
     a.cli_ok(&["export-identity", "--out", &bundle.display().to_string()]);
     let mut b = Bastion::join(&bundle);
     let dns_b = configure(&b, pg, db, "b", store_extra);
-    extra(&b);
+    let xb = extra(&b);
     b.start();
-    (Node { b: a, dns: dns_a }, Node { b, dns: dns_b })
+    (
+        (Node { b: a, dns: dns_a }, xa),
+        (Node { b, dns: dns_b }, xb),
+    )
+}
+
+fn two_nodes(pg: &Postgres, db: &str, store_extra: &str) -> (Node, Node) {
+    let ((a, ()), (b, ())) = two_nodes_with(pg, db, store_extra, |_| ());
+    (a, b)
 }
 
 fn node_of(b: &Bastion, agent: &str) -> String {
@@ -90,7 +102,7 @@ fn changes_spread_between_two_bastions_within_a_second() {
     let pg = shared_pg();
     println!("{:?}: postgres up", started.elapsed());
     let db = pg.create_db("ha_spread");
-    let (a, b) = two_nodes(&pg, &db, "", |_| {});
+    let (a, b) = two_nodes(&pg, &db, "");
     println!("{:?}: two nodes up", started.elapsed());
 
     // Enrolled and registered on A: B answers for it in DNS.
@@ -198,5 +210,245 @@ fn changes_spread_between_two_bastions_within_a_second() {
         })
         .count();
     assert_eq!(leaders, 1);
+    println!("test wall time {:?}", started.elapsed());
+}
+
+/// A fresh Ed25519 key pair at `path` (and `path.pub`); the public key.
+fn new_key(path: &std::path::Path) -> String {
+    let o = Command::new(require("ssh-keygen", "openssh-client"))
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    std::fs::read_to_string(path.with_extension("pub"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The target's sshd on `ip` (its agent's own address) with `host_key`, admitting `key`.
+fn sshd(
+    dir: &std::path::Path,
+    ip: &str,
+    host_key: &std::path::Path,
+    key: &str,
+) -> (std::process::Child, u16) {
+    let bin = require("sshd", "openssh-server");
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let port = free_port();
+    let ak = dir.join("authorized_keys");
+    std::fs::write(&ak, format!("{key}\n")).unwrap();
+    let cfg = dir.join("sshd_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "ListenAddress {ip}:{port}\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUseDNS no\n",
+            host_key.display(),
+            ak.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(bin)
+        .args(["-D", "-e", "-f"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || std::net::TcpStream::connect((
+            ip, port
+        ))
+        .ok())
+        .is_some(),
+        "sshd did not start"
+    );
+    (child, port)
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Numbers stored for `host` by either node's log store, with their counts.
+fn stored_both(stores: &[&std::path::Path], host: &str) -> std::collections::BTreeMap<u64, u32> {
+    let mut m = std::collections::BTreeMap::new();
+    for s in stores {
+        for (n, c) in bastide_tests::stored_numbers(s, host) {
+            *m.entry(n).or_insert(0) += c;
+        }
+    }
+    m
+}
+
+#[test]
+fn agents_fail_over_when_their_bastion_is_killed() {
+    const N: usize = 12;
+    let started = Instant::now();
+    require("ssh", "openssh-client");
+    let pg = shared_pg();
+    let db = pg.create_db("ha_failover");
+    let keys = tempfile::Builder::new()
+        .prefix("bastide-ha-")
+        .tempdir()
+        .unwrap();
+    let alice = keys.path().join("alice");
+    let alice_pub = new_key(&alice);
+    // N agents, to enroll on A, knowing B too; f00 is an SSH target.
+    let mut agents: Vec<Agent> = (0..N).map(|i| Agent::new(&format!("f{i:02}"))).collect();
+    let mut apps = Vec::new();
+    let host_key = agents[0].dir.path().join("ssh/ssh_host_ed25519_key");
+    new_key(&host_key);
+    let (sshd_child, sshd_port) = sshd(keys.path(), &agents[0].ip, &host_key, &alice_pub);
+    let _sshd = KillOnDrop(sshd_child);
+    let ((mut a, (ssh_a, logs_a)), (b, (ssh_b, logs_b))) = two_nodes_with(
+        &pg,
+        &db,
+        "",
+        |n: &Bastion| {
+            let logs = n.enable_log_store(None, "");
+            let ssh = free_port();
+            n.edit_config(|c| {
+                // [store] stays last (configure appends to it).
+                let (head, store) = c.split_at(c.find("\n[store]\n").unwrap());
+                format!(
+                    "{head}\n[ssh]\nlisten = \"127.0.0.1:{ssh}\"\npublic_host = \"127.0.0.1\"\n\n[[ssh.admins]]\nname = \"alice\"\nkeys = [\"{alice_pub}\"]\n\n[[ssh.rules]]\nadmins = [\"alice\"]\nagents = [\"*\"]\nports = [{sshd_port}]\ncidrs = [\"127.0.0.0/8\"]\n{store}"
+                )
+            });
+            (ssh, logs)
+        },
+    );
+    println!("{:?}: two nodes up", started.elapsed());
+    let token = a.b.token(&["--uses", &N.to_string()]);
+    for ag in agents.iter_mut() {
+        apps.push(ag.follow_logs(""));
+        let out = ag
+            .enroll_cmd(&a.b, &token, &["--bastion", &b.b.agents_addr])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ag.start();
+    }
+    let all_on = |n: &Bastion, node: &str| {
+        n.agents()
+            .iter()
+            .filter(|x| x["state"] == "online" && x["node"] == node)
+            .count()
+            == N
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), || all_on(&a.b, "a").then_some(())).is_some(),
+        "{:?}",
+        a.b.agents()
+    );
+    println!("{:?}: {N} agents online on A", started.elapsed());
+
+    // Lines before the kill: the first half stored and acknowledged, the second maybe in
+    // flight when A dies.
+    for app in &apps {
+        bastide_tests::write_numbered(&app.join("app.log"), 0, 200, 200, Duration::ZERO, |_| {});
+    }
+    assert!(
+        wait_for(Duration::from_secs(30), || agents
+            .iter()
+            .all(|ag| stored_both(&[&logs_a], &ag.name).len() == 200)
+            .then_some(()))
+        .is_some(),
+        "logs before the kill not stored on A"
+    );
+    for app in &apps {
+        bastide_tests::write_numbered(&app.join("app.log"), 200, 300, 100, Duration::ZERO, |_| {});
+    }
+    let t = Instant::now();
+    a.b.kill();
+    let moved = wait_for(Duration::from_secs(30), || {
+        all_on(&b.b, "b").then(|| t.elapsed())
+    });
+    let moved = moved.unwrap_or_else(|| {
+        panic!(
+            "not all agents moved to B: {:?}\n{}",
+            b.b.agents(),
+            agents[0].log_text()
+        )
+    });
+    println!("kill -9 of A: {N} agents online on B after {moved:?}");
+    for app in &apps {
+        bastide_tests::write_numbered(&app.join("app.log"), 300, 400, 100, Duration::ZERO, |_| {});
+    }
+
+    // Every line stored, on one node or the other; duplicates (lines A stored but had not
+    // acknowledged) counted.
+    let complete = wait_for(Duration::from_secs(30), || {
+        agents
+            .iter()
+            .all(|ag| stored_both(&[&logs_a, &logs_b], &ag.name).len() == 400)
+            .then_some(())
+    });
+    let dups: u32 = agents
+        .iter()
+        .map(|ag| {
+            stored_both(&[&logs_a, &logs_b], &ag.name)
+                .values()
+                .map(|c| c - 1)
+                .sum::<u32>()
+        })
+        .sum();
+    assert!(
+        complete.is_some(),
+        "lines lost: {:?}",
+        agents
+            .iter()
+            .map(|ag| (
+                ag.name.clone(),
+                stored_both(&[&logs_a, &logs_b], &ag.name).len()
+            ))
+            .collect::<Vec<_>>()
+    );
+    println!(
+        "log lines stored twice across the nodes: {dups} (of {})",
+        N * 400
+    );
+
+    // ssh -J through B to f00.
+    let cfg = keys.path().join("ssh_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Host *\n  IdentityFile {}\n  IdentitiesOnly yes\n  BatchMode yes\n  UserKnownHostsFile /dev/null\n  StrictHostKeyChecking no\n  ConnectTimeout 10\n",
+            alice.display()
+        ),
+    )
+    .unwrap();
+    let _ = ssh_a;
+    let out = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args([
+            "-J",
+            &format!("alice@127.0.0.1:{ssh_b}"),
+            "-p",
+            &sshd_port.to_string(),
+        ])
+        .arg("root@f00")
+        .arg("echo through-b")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("through-b"),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        b.b.log_text()
+    );
     println!("test wall time {:?}", started.elapsed());
 }
