@@ -452,3 +452,101 @@ fn agents_fail_over_when_their_bastion_is_killed() {
     );
     println!("test wall time {:?}", started.elapsed());
 }
+
+fn cluster_status(n: &Bastion) -> serde_json::Value {
+    let s: serde_json::Value = serde_json::from_str(&n.cli_ok(&["status", "--json"])).unwrap();
+    s["cluster"].clone()
+}
+
+#[test]
+fn both_bastions_serve_through_a_database_outage_and_resync() {
+    let started = Instant::now();
+    // Its own cluster: this test stops it.
+    let mut pg = Postgres::start();
+    let db = pg.create_db("ha_outage");
+    let (a, b) = two_nodes(&pg, &db, "max_disconnected = \"3s\"\n");
+    let mut web01 = Agent::new("web01");
+    web01.enroll_ok(&a.b, &a.b.token(&[]));
+    web01.start();
+    assert!(a.b.wait_state("web01", "online", Duration::from_secs(10)));
+    assert!(
+        wait_for(Duration::from_secs(5), || (dig(b.dns, "web01.proj.test")
+            == web01.ip)
+            .then_some(()))
+        .is_some()
+    );
+    let token = a.b.token(&["--uses", "2"]);
+    println!("{:?}: set up", started.elapsed());
+
+    pg.stop();
+    let down = Instant::now();
+    // Enrollment, revocation: refused, saying why.
+    let out = Agent::new("web02").enroll(&a.b, &token);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("database is unreachable"), "{err}");
+    let out = b.b.cli(&["agents", "revoke", "web01"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unavailable"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Past max_disconnected, both nodes say they refuse new sessions (status, metric).
+    for n in [&a.b, &b.b] {
+        assert!(
+            wait_for(Duration::from_secs(8), || (cluster_status(n)
+                ["accepting_sessions"]
+                == false)
+                .then_some(()))
+            .is_some(),
+            "{}",
+            cluster_status(n)
+        );
+        let human = n.cli_ok(&["status"]);
+        assert!(human.contains("REFUSING NEW AGENT SESSIONS"), "{human}");
+    }
+    assert_eq!(a.b.metric("bastide_store_cut_off"), Some(1.0));
+    assert_eq!(a.b.metric("bastide_store_connected"), Some(0.0));
+    // DNS answers on both nodes, and the established session stays, for ten seconds.
+    while down.elapsed() < Duration::from_secs(10) {
+        assert_eq!(dig(a.dns, "web01.proj.test"), web01.ip);
+        assert_eq!(dig(b.dns, "web01.proj.test"), web01.ip);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(a.b.agent("web01").unwrap()["state"], "online");
+    println!("{:?}: ten seconds without the database", started.elapsed());
+
+    // Back: both nodes resync, enrollment works again and spreads.
+    pg.restart();
+    for n in [&a.b, &b.b] {
+        assert!(
+            wait_for(Duration::from_secs(15), || {
+                let c = cluster_status(n);
+                (c["accepting_sessions"] == true && c["disconnected_secs"].is_null()).then_some(())
+            })
+            .is_some(),
+            "{}",
+            n.log_text()
+        );
+    }
+    let mut web02 = Agent::new("web02");
+    web02.enroll_ok(&b.b, &token);
+    web02.start();
+    assert!(
+        wait_for(Duration::from_secs(10), || (dig(a.dns, "web02.proj.test")
+            == web02.ip)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        a.b.log_text()
+    );
+    b.b.cli_ok(&["agents", "revoke", "web01"]);
+    assert_eq!(
+        web01
+            .wait_exit(Duration::from_secs(15))
+            .and_then(|s| s.code()),
+        Some(3)
+    );
+    println!("test wall time {:?}", started.elapsed());
+}
