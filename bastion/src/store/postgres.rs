@@ -8,9 +8,8 @@
 //! wait on an fsync. A runtime of its own, not the daemon's, because the caller may itself
 //! be a worker of the daemon's runtime: waiting there on a future that needs that same
 //! worker could deadlock. Every call is bounded by `[store] timeout`; a call that times out
-//! is reported as failed although the server may still commit it, and the registry's memory
-//! then lags the store until the next start (serving through a database outage is issue 17's
-//! point 6, not this module's).
+//! is reported as failed although the server may still commit it: the registry's memory then
+//! lags the store until the change's notification or the next resync (`crate::cluster`).
 //!
 //! Schema migrations are versioned in `schema_migrations` (one row per step applied) and
 //! run at connect, in one transaction that first takes a transaction-level advisory lock:
