@@ -94,7 +94,7 @@ impl Service for Cluster {
         Ok(Some(Self {
             settings,
             node,
-            services: services_of(cfg).to_string(),
+            services: crate::config_push::service::bastion_vars(cfg)["services"].to_string(),
         }))
     }
 
@@ -109,23 +109,6 @@ impl Service for Cluster {
         let _ = leader.await;
         Ok(())
     }
-}
-
-/// What this node offers the VMs, for the other nodes and the templates.
-pub fn services_of(cfg: &Config) -> serde_json::Value {
-    let list = |l: Option<&Vec<std::net::SocketAddr>>| -> Vec<String> {
-        l.map(|l| l.iter().map(|a| a.to_string()).collect())
-            .unwrap_or_default()
-    };
-    serde_json::json!({
-        "agents": list(cfg.agents.as_ref().map(|a| &a.listen)),
-        "dns": list(cfg.dns.as_ref().map(|x| &x.listen)),
-        "smtp": list(cfg.smtp.as_ref().map(|x| &x.listen)),
-        "ssh": list(cfg.ssh.as_ref().map(|x| &x.listen)),
-        "syslog_udp": list(cfg.syslog.as_ref().map(|x| &x.udp)),
-        "syslog_tcp": list(cfg.syslog.as_ref().map(|x| &x.tcp)),
-        "syslog_tls": list(cfg.syslog.as_ref().map(|x| &x.tls)),
-    })
 }
 
 /// Notification payloads of a dedicated connection; an `Err` ends it.
@@ -296,6 +279,7 @@ async fn follow_once(
     while events.try_recv().is_ok() {}
     sync_sessions(s, &client, &c.node, &reg.local_sessions()).await?;
     reload(s, &mut client, reg, None).await?;
+    read_nodes(s, &client, reg).await?;
     metrics::counter!(names::CLUSTER_RESYNCS).increment(1);
     if reg.cluster().disconnected_for().is_some() {
         info!("registry's database reachable again: resynced");
@@ -370,10 +354,28 @@ async fn follow_once(
                     bounded(s, client.execute("INSERT INTO nodes(id, services) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING", &[&c.node, &c.services])).await?;
                     sync_sessions(s, &client, &c.node, &reg.local_sessions()).await?;
                 }
+                read_nodes(s, &client, reg).await?;
                 gauges(reg);
             }
         }
     }
+}
+
+/// The live nodes and their services (for the templates' `bastion.all`).
+async fn read_nodes(
+    s: &PgSettings,
+    client: &Client,
+    reg: &Registry,
+) -> std::result::Result<(), String> {
+    let rows = bounded(s, client.query("SELECT id, services FROM nodes", &[])).await?;
+    let mut nodes = std::collections::BTreeMap::new();
+    for r in rows {
+        let id: String = r.try_get(0).map_err(e2s)?;
+        let services: String = r.try_get(1).map_err(e2s)?;
+        nodes.insert(id, serde_json::from_str(&services).unwrap_or_default());
+    }
+    reg.cluster().set_nodes(nodes);
+    Ok(())
 }
 
 /// Writes the sessions this node took and left (each notified).

@@ -21,6 +21,8 @@ pub struct ClusterState {
     disconnected: Mutex<Option<Instant>>,
     /// Beyond this, no new agent session is accepted.
     max_disconnected: Mutex<Option<Duration>>,
+    /// Every live node's services, as the template variable `bastion.services` of each.
+    nodes: Mutex<BTreeMap<String, serde_json::Value>>,
 }
 
 impl ClusterState {
@@ -51,6 +53,46 @@ impl ClusterState {
     /// How long the store has been unreachable (None: it answers).
     pub fn disconnected_for(&self) -> Option<Duration> {
         lock(&self.disconnected).map(|t| t.elapsed())
+    }
+
+    /// Records the live nodes' services (from the store's `nodes` table).
+    pub fn set_nodes(&self, nodes: BTreeMap<String, serde_json::Value>) {
+        *lock(&self.nodes) = nodes;
+    }
+
+    /// The template variable `bastion` with, for several bastions, `bastion.nodes` (each
+    /// node's name and services) and `bastion.all.<service>` (the list of every node's
+    /// endpoints for that service, this node's first). A single bastion's is `base` as is.
+    pub fn template_vars(&self, base: &serde_json::Value) -> serde_json::Value {
+        let me = self.node();
+        if me.is_empty() {
+            return base.clone();
+        }
+        let mut nodes = lock(&self.nodes).clone();
+        nodes.insert(me.clone(), base["services"].clone());
+        let order: Vec<&String> = std::iter::once(&me)
+            .chain(nodes.keys().filter(|n| **n != me))
+            .collect();
+        let mut all = serde_json::Map::new();
+        let mut list = Vec::new();
+        for n in order {
+            let services = nodes.get(n).cloned().unwrap_or_default();
+            if let Some(m) = services.as_object() {
+                for (k, v) in m {
+                    let e = all
+                        .entry(k.clone())
+                        .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+                    if let Some(a) = e.as_array_mut() {
+                        a.push(v.clone());
+                    }
+                }
+            }
+            list.push(serde_json::json!({ "name": n, "services": services }));
+        }
+        let mut v = base.clone();
+        v["nodes"] = serde_json::Value::Array(list);
+        v["all"] = serde_json::Value::Object(all);
+        v
     }
 
     /// Why new agent sessions are refused, if they are: cut off from the store for longer
@@ -274,4 +316,32 @@ fn merge_pending(local: Option<&AgentRow>, mut row: AgentRow) -> AgentRow {
         }
     }
     row
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_vars_list_every_node_this_one_first() {
+        let c = ClusterState::default();
+        let base = serde_json::json!({
+            "project": "p",
+            "services": { "dns": { "host": "10.0.0.2", "port": 53 } },
+        });
+        // A single bastion: unchanged.
+        assert_eq!(c.template_vars(&base), base);
+        *c.node.write().unwrap() = "b".into();
+        let mut nodes = BTreeMap::new();
+        nodes.insert(
+            "a".to_string(),
+            serde_json::json!({ "dns": { "host": "10.0.0.1", "port": 53 } }),
+        );
+        c.set_nodes(nodes);
+        let v = c.template_vars(&base);
+        assert_eq!(v["services"], base["services"]);
+        assert_eq!(v["all"]["dns"][0]["host"], "10.0.0.2");
+        assert_eq!(v["all"]["dns"][1]["host"], "10.0.0.1");
+        assert_eq!(v["nodes"][1]["name"], "a");
+    }
 }
