@@ -35,9 +35,10 @@ pub struct Cli {
 pub enum Command {
     /// Enroll this VM with its bastion using a one-time token and the bastion's CA pin.
     Enroll {
-        /// HOST:PORT of the bastion's agents endpoint.
-        #[arg(long)]
-        bastion: String,
+        /// HOST:PORT of the bastion's agents endpoint; repeat it for each bastion of the
+        /// project (the session fails over from one to the next).
+        #[arg(long, required = true)]
+        bastion: Vec<String>,
         /// Enrollment token from `bastide token create`.
         #[arg(long, env = "BASTIDE_TOKEN", hide_env_values = true)]
         token: String,
@@ -100,8 +101,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             state_dir,
             force,
         } => {
+            let mut bastion = bastion.into_iter();
             let args = EnrollArgs {
-                bastion,
+                bastion: bastion.next().unwrap_or_default(),
+                others: bastion.collect(),
                 token,
                 ca_pin,
                 name,

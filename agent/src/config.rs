@@ -21,6 +21,10 @@ pub struct AgentConfig {
     /// against). Default: the kernel's choice.
     #[serde(default)]
     pub source_address: Option<IpAddr>,
+    /// More bastions of the project (HOST:PORT) to fail over to, after the ones given at
+    /// enrollment.
+    #[serde(default)]
+    pub bastions: Vec<String>,
     /// Host name to report instead of the kernel's.
     #[serde(default)]
     pub hostname: Option<String>,
@@ -61,6 +65,7 @@ impl Default for AgentConfig {
             ssh_host_keys_dir: default_ssh_dir(),
             advertise_addresses: Vec::new(),
             source_address: None,
+            bastions: Vec::new(),
             hostname: None,
             reconnect_initial: default_reconnect_initial(),
             reconnect_max: default_reconnect_max(),

@@ -18,6 +18,9 @@ use crate::tls::{connect, enroll_config, host_of, parse_pin, PinVerifier};
 #[derive(Debug, Clone)]
 pub struct EnrollArgs {
     pub bastion: String,
+    /// Other bastions of the project: tried in turn if `bastion` cannot be reached, and
+    /// kept for the session's failover.
+    pub others: Vec<String>,
     pub token: String,
     pub ca_pin: String,
     pub name: Option<String>,
@@ -43,7 +46,39 @@ pub enum Enrolled {
     AlreadyEnrolled { name: String, not_after: i64 },
 }
 
+/// Enrolls on the first of the bastions that can be reached (a refusal is final: the token
+/// is not tried elsewhere); the others are kept for failover.
 pub async fn enroll(args: &EnrollArgs) -> Result<Enrolled> {
+    let all = crate::endpoints::Endpoints::new(&args.bastion, &args.others, &[]);
+    let mut last = None;
+    let mut e = all.clone();
+    for _ in 0..all.len() {
+        let one = EnrollArgs {
+            bastion: e.current().to_string(),
+            others: Vec::new(),
+            ..args.clone()
+        };
+        let list: Vec<String> = {
+            let mut x = e.clone();
+            (1..all.len())
+                .map(|_| {
+                    x.advance();
+                    x.current().to_string()
+                })
+                .collect()
+        };
+        match enroll_on(&one, list).await {
+            Err(err) if format!("{err:#}").contains("connecting to the bastion at") => {
+                last = Some(err);
+                e.advance();
+            }
+            r => return r,
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no bastion to enroll with")))
+}
+
+async fn enroll_on(args: &EnrollArgs, others: Vec<String>) -> Result<Enrolled> {
     let paths = Paths::new(&args.state_dir);
     if paths.enrolled() && !args.force {
         let st = State::load(&args.state_dir)?;
@@ -102,6 +137,7 @@ pub async fn enroll(args: &EnrollArgs) -> Result<Enrolled> {
     let meta = Meta {
         name: resp.name.clone(),
         bastion: args.bastion.clone(),
+        bastions: others,
         server_name,
         project: resp.project,
         zone: resp.zone,

@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod beneath;
 pub mod cli;
 pub mod config;
+pub mod endpoints;
 pub mod enroll;
 pub mod facts;
 pub mod fsutil;

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::AgentConfig;
+use crate::endpoints::Endpoints;
 use crate::logs::LogSourceConfig;
 use crate::state::State;
 use crate::tls::{connect_from, is_revoked, mtls_config, probe_revoked};
@@ -77,8 +78,12 @@ pub async fn run_with_log_sources(
         }
     };
     let mut backoff = Backoff::new(cfg.reconnect_initial, cfg.reconnect_max);
+    let mut endpoints: Option<Endpoints> = None;
     loop {
         let mut st = State::load(state_dir)?;
+        let endpoints = endpoints.get_or_insert_with(|| {
+            Endpoints::new(&st.meta.bastion, &st.meta.bastions, &cfg.bastions)
+        });
         if st.not_after <= crate::unix_now() {
             return Err(Fatal::Expired {
                 name: st.meta.name.clone(),
@@ -87,21 +92,35 @@ pub async fn run_with_log_sources(
             .into());
         }
         let mut registered = false;
-        match session_once(&mut st, cfg, &logs, &applier, &shutdown, &mut registered).await {
+        // The session dials the endpoint in use (the others are for failover).
+        let bastion = endpoints.current().to_string();
+        match session_once(
+            &mut st,
+            &bastion,
+            cfg,
+            &logs,
+            &applier,
+            &shutdown,
+            &mut registered,
+        )
+        .await
+        {
             Ok(Outcome::Shutdown) => return Ok(()),
             Ok(Outcome::Renewed) => {
                 backoff.reset();
                 continue;
             }
             Err(e) => {
-                if e.chain().any(is_revoked) || (!registered && probe(&st).await) {
+                if e.chain().any(is_revoked) || (!registered && probe(&st, &bastion).await) {
                     return Err(Fatal::Revoked.into());
                 }
                 if registered {
                     backoff.reset();
                 }
                 let delay = backoff.next_delay();
-                warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "bastion session lost");
+                let lost = endpoints.current().to_string();
+                endpoints.advance();
+                warn!(error = %format!("{e:#}"), bastion = %lost, next = %endpoints.current(), retry_in_ms = delay.as_millis() as u64, "bastion session lost");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
@@ -165,9 +184,9 @@ fn follow_pushed_sources(
     rx
 }
 
-async fn probe(st: &State) -> bool {
+async fn probe(st: &State, bastion: &str) -> bool {
     match mtls_config_of(st) {
-        Ok(cfg) => probe_revoked(&st.meta.bastion, &st.meta.server_name, cfg).await,
+        Ok(cfg) => probe_revoked(bastion, &st.meta.server_name, cfg).await,
         Err(_) => false,
     }
 }
@@ -178,6 +197,7 @@ fn mtls_config_of(st: &State) -> Result<rustls::ClientConfig> {
 
 async fn session_once(
     st: &mut State,
+    bastion: &str,
     cfg: &AgentConfig,
     logs: &Option<std::sync::Arc<crate::logs::Shared>>,
     applier: &crate::apply::Applier,
@@ -185,13 +205,7 @@ async fn session_once(
     registered: &mut bool,
 ) -> Result<Outcome> {
     let tls = mtls_config_of(st)?;
-    let channel = connect_from(
-        &st.meta.bastion,
-        &st.meta.server_name,
-        tls,
-        cfg.source_address,
-    )
-    .await?;
+    let channel = connect_from(bastion, &st.meta.server_name, tls, cfg.source_address).await?;
     let mut client = AgentClient::new(channel.clone());
     let reg = client
         .register(RegisterRequest {

@@ -19,6 +19,9 @@ pub struct Meta {
     pub name: String,
     /// HOST:PORT of the bastion's agents endpoint.
     pub bastion: String,
+    /// Other bastions of the project (HOST:PORT), tried in turn when the session is lost.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bastions: Vec<String>,
     /// Name the bastion's server certificate is checked against.
     pub server_name: String,
     pub project: String,

@@ -329,6 +329,7 @@ fn enroll_status(e: &EnrollError) -> Status {
         EnrollError::NameNotAllowed { .. } => Status::permission_denied(msg),
         EnrollError::NameTaken(_) => Status::already_exists(msg),
         EnrollError::Internal(_) => Status::internal("internal error"),
+        EnrollError::StoreUnavailable(_) => Status::unavailable(msg),
     }
 }
 
@@ -340,7 +341,11 @@ fn registry_status(e: &RegistryError) -> Status {
         RegistryError::Pki(_) | RegistryError::Invalid(_) | RegistryError::UnknownToken(_) => {
             Status::invalid_argument(msg)
         }
+        RegistryError::Store(crate::store::StoreError::Unavailable(_)) => Status::unavailable(
+            "the registry's database is unreachable: refused until it is back, retry later",
+        ),
         RegistryError::Store(_) => Status::internal("internal error"),
+        RegistryError::CutOff(_) => Status::unavailable(msg),
     }
 }
 

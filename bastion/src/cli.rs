@@ -925,7 +925,11 @@ async fn agents(socket: &Path, cmd: &AgentsCmd) -> Result<()> {
                     println!(
                         "{:<20}  {:<8}  {:<24}  {:<16}  {:<16}  {:<12}  {:<10}  {:<8}  {:<20}  {}",
                         a.name,
-                        a.state,
+                        if a.node.is_empty() {
+                            a.state.clone()
+                        } else {
+                            format!("{}@{}", a.state, a.node)
+                        },
                         dash(a.addresses.join(",")),
                         dash(a.observed.clone()),
                         dash(a.flags.join(",")),
@@ -1082,6 +1086,22 @@ async fn status(socket: &Path, json: bool) -> Result<()> {
     }
     if let Some(s) = v["store"].as_str() {
         println!("store         {s}");
+    }
+    if let Some(c) = v["cluster"].as_object() {
+        let node = c.get("node").and_then(|x| x.as_str()).unwrap_or("?");
+        let leader = if c.get("leader").and_then(|x| x.as_bool()) == Some(true) {
+            ", leader"
+        } else {
+            ""
+        };
+        let store = match c.get("disconnected_secs").and_then(|x| x.as_u64()) {
+            None => "database reachable".to_string(),
+            Some(s) => format!("database UNREACHABLE for {s}s"),
+        };
+        println!("cluster       node {node}{leader}, {store}");
+        if let Some(r) = c.get("refusal").and_then(|x| x.as_str()) {
+            println!("              REFUSING NEW AGENT SESSIONS: {r}");
+        }
     }
     let a = &v["agents"];
     println!(

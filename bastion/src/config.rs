@@ -573,6 +573,8 @@ renew_burst = 5
 # ca_file = "/etc/bastide/postgres-ca.pem"
 # pool_size = 4
 # timeout = "10s"
+# node = "bastion-a"              # this node's name among the bastions (default: host name)
+# max_disconnected = "60s"        # cut off from PostgreSQL longer: no new agent session
 
 # Unix socket of the admin CLI (never a TCP port).
 [admin]

@@ -23,6 +23,7 @@ use crate::service::{Bound, Ctx};
 // The services, in the order they bind.
 use crate::admin::Admin;
 use crate::agents::Endpoint as Agents;
+use crate::cluster::Cluster;
 use crate::config_push::service::ConfigPush;
 use crate::dns::service::Dns;
 use crate::hostmetrics::HostMetrics;
@@ -102,6 +103,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     });
     // Bind everything before starting anything. A service that takes another's handle at
     // bind time binds after it (none does today: handles are taken in `run`).
+    s.bind::<Cluster>(&cfg).await?;
     s.bind::<LogStore>(&cfg).await?;
     s.bind::<ConfigPush>(&cfg).await?;
     s.bind::<Agents>(&cfg).await?;

@@ -22,6 +22,9 @@ use crate::pki::{valid_agent_name, AgentCa, AgentIdentity, PkiError};
 use crate::store::{AgentRow, CertRow, Store, StoreError, TokenRow};
 use crate::unix_now;
 
+mod sync;
+pub use sync::{ClusterState, RemoteUpdate};
+
 /// Bounds on what an agent may report about itself.
 const MAX_ADDRESSES: usize = 64;
 const MAX_SSH_KEYS: usize = 16;
@@ -58,6 +61,11 @@ pub struct AgentInfo {
     pub enrolled_at: i64,
     pub cert_serial: String,
     pub cert_not_after: i64,
+    /// Node holding its session (several bastions on PostgreSQL; empty: none, or a single
+    /// bastion).
+    pub node: String,
+    /// Whether this bastion holds its session.
+    pub here: bool,
 }
 
 /// A claimed address the address policy did not accept.
@@ -130,6 +138,9 @@ pub struct AgentStatus {
     /// `none`, `in-sync`, `pending`, `refused` or `render-error` (see [`ConfigState::summary`]).
     #[serde(default)]
     pub config_state: String,
+    /// Node holding its session (several bastions; empty: none, or a single bastion).
+    #[serde(default)]
+    pub node: String,
 }
 
 /// Where an agent stands with its pushed configuration.
@@ -241,6 +252,11 @@ pub enum EnrollError {
     Csr(#[from] PkiError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The shared store (PostgreSQL) cannot be reached: nothing can be enrolled until it is.
+    #[error(
+        "the registry's database is unreachable, enrollment is refused until it is back ({0})"
+    )]
+    StoreUnavailable(String),
 }
 
 #[derive(Debug, Error)]
@@ -257,6 +273,9 @@ pub enum RegistryError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Cut off from the shared store for longer than `[store] max_disconnected`.
+    #[error("{0}")]
+    CutOff(String),
 }
 
 /// Why a certificate serial is refused at handshake.
@@ -283,6 +302,11 @@ struct State {
     sessions: HashMap<String, u32>,
     /// Peer address of each agent's last registration (not stored: evidence from this run).
     observed: HashMap<String, IpAddr>,
+    /// Node holding each agent's session, as the shared store says (several bastions).
+    holders: HashMap<String, String>,
+    /// Agents whose registered facts could not be written (store unreachable): written at
+    /// the resync.
+    pending_facts: HashSet<String>,
 }
 
 struct Inner {
@@ -302,6 +326,8 @@ struct Inner {
     config: Mutex<(HashMap<String, ConfigState>, HashSet<String>)>,
     /// Refused claims and flags last logged per agent: logged once per change.
     address_log: Mutex<HashMap<String, AddressVerdict>>,
+    /// Several bastions on one store (see `sync`).
+    cluster: ClusterState,
 }
 
 /// An agent's refused claims and flags, as last logged.
@@ -323,6 +349,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave the data half-written in a way we rely on
     // (the store is transactional), so a poisoned lock is still usable.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn enroll_store_error(e: StoreError) -> EnrollError {
+    match e {
+        StoreError::Unavailable(m) => EnrollError::StoreUnavailable(m),
+        e => EnrollError::Internal(e.to_string()),
+    }
 }
 
 /// Constant-time comparison of secrets (token hashes, bearer tokens).
@@ -416,6 +449,7 @@ impl Registry {
                 next_conn: AtomicU64::new(1),
                 config: Mutex::new((config, HashSet::new())),
                 address_log: Mutex::new(HashMap::new()),
+                cluster: ClusterState::default(),
             }),
         };
         reg.publish();
@@ -478,6 +512,7 @@ impl Registry {
 
     fn publish(&self) {
         let policy = self.settings().addresses;
+        let me = self.inner.cluster.node();
         let snap = {
             let st = self.read_state();
             // Each agent's claims judged alone, then addresses held by several agents.
@@ -487,7 +522,10 @@ impl Registry {
                 .map(|a| {
                     let claimed: Vec<IpAddr> =
                         a.addresses.iter().filter_map(|s| s.parse().ok()).collect();
-                    let online = !a.revoked && st.sessions.get(&a.name).copied().unwrap_or(0) > 0;
+                    let here = st.sessions.get(&a.name).copied().unwrap_or(0) > 0;
+                    // A session another node holds (our own rows only count while we hold it).
+                    let elsewhere = st.holders.get(&a.name).is_some_and(|n| *n != me);
+                    let online = !a.revoked && (here || elsewhere);
                     let j = policy.judge(&claimed, st.observed.get(&a.name).copied());
                     (a.name.as_str(), (claimed, online, j))
                 })
@@ -555,6 +593,13 @@ impl Registry {
                         enrolled_at: a.enrolled_at,
                         cert_serial: a.cert_serial.clone(),
                         cert_not_after: a.cert_not_after,
+                        here: online && st.sessions.get(&a.name).copied().unwrap_or(0) > 0,
+                        node: match st.holders.get(&a.name) {
+                            _ if !online => String::new(),
+                            _ if st.sessions.get(&a.name).copied().unwrap_or(0) > 0 => me.clone(),
+                            Some(n) => n.clone(),
+                            None => String::new(),
+                        },
                     };
                     (a.name.clone(), Arc::new(info))
                 })
@@ -713,7 +758,7 @@ impl Registry {
         let mut store = lock(&self.inner.store);
         let row = store
             .token(id)
-            .map_err(|e| EnrollError::Internal(e.to_string()))?
+            .map_err(enroll_store_error)?
             .ok_or(EnrollError::InvalidToken)?;
         if !ct_eq(&row.hash, &Sha256::digest(secret.as_bytes())) {
             return Err(EnrollError::InvalidToken);
@@ -776,7 +821,7 @@ impl Registry {
             .map_err(|e| match e {
                 // The last use went to another enrollment meanwhile (another node's).
                 StoreError::TokenUsed(_) => EnrollError::TokenUsed,
-                e => EnrollError::Internal(e.to_string()),
+                e => enroll_store_error(e),
             })?;
         {
             let mut st = self.write_state();
@@ -952,6 +997,9 @@ impl Registry {
                 Err(e) => warn!(agent = %id.name, error = %e, "ignoring SSH host key"),
             }
         }
+        if let Some(why) = self.inner.cluster.refuses_sessions() {
+            return Err(RegistryError::CutOff(why));
+        }
         let now = unix_now();
         let mut store = lock(&self.inner.store);
         let row = {
@@ -969,7 +1017,15 @@ impl Registry {
             row.last_seen = Some(now);
             row
         };
-        store.update_facts(&row)?;
+        let pending = match store.update_facts(&row) {
+            Ok(()) => false,
+            // The shared store is down: serve from memory, write at the resync (see `sync`).
+            Err(StoreError::Unavailable(e)) => {
+                warn!(agent = %id.name, error = %e, "registration kept in memory: the registry's database is unreachable");
+                true
+            }
+            Err(e) => return Err(e.into()),
+        };
         drop(store);
         let labels = row.labels.clone();
         let changed = {
@@ -982,6 +1038,11 @@ impl Registry {
                     || old.agent_version != row.agent_version
             });
             st.agents.insert(id.name.clone(), row);
+            if pending {
+                st.pending_facts.insert(id.name.clone());
+            } else {
+                st.pending_facts.remove(&id.name);
+            }
             let observed_changed = match peer {
                 Some(p) => st.observed.insert(id.name.clone(), p) != Some(p),
                 None => st.observed.remove(&id.name).is_some(),
@@ -1091,6 +1152,7 @@ impl Registry {
                 config_desired: c.desired,
                 config_applied: c.applied,
                 config_error: c.error,
+                node: a.node.clone(),
             })
             .collect()
     }

@@ -309,6 +309,14 @@ pub struct StoreConfig {
     /// Bound on connecting and on each store operation.
     #[serde(default = "default_store_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// This node's name among the bastions sharing the PostgreSQL store (default: the host
+    /// name). Unique per node: it marks the agent sessions the node holds.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// A node cut off from PostgreSQL for longer than this stops accepting new agent
+    /// sessions (a revocation made on another node could otherwise be dodged here).
+    #[serde(default = "default_max_disconnected", with = "humantime_serde")]
+    pub max_disconnected: Duration,
 }
 
 impl Default for StoreConfig {
@@ -326,8 +334,14 @@ impl Default for StoreConfig {
             ca_file: None,
             pool_size: default_pool_size(),
             timeout: default_store_timeout(),
+            node: None,
+            max_disconnected: default_max_disconnected(),
         }
     }
+}
+
+fn default_max_disconnected() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_pool_size() -> usize {
@@ -351,6 +365,17 @@ pub struct PgSettings {
 }
 
 impl StoreConfig {
+    /// This node's name in the cluster: `node`, else the host name.
+    pub fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "bastion".to_string())
+        })
+    }
+
     pub fn sqlite_path(&self, state_dir: &Path) -> PathBuf {
         self.path
             .clone()
@@ -376,6 +401,18 @@ impl StoreConfig {
         }
         if self.timeout.is_zero() {
             out.push(("store.timeout".into(), "must be positive".into()));
+        }
+        if self.max_disconnected.is_zero() {
+            out.push(("store.max_disconnected".into(), "must be positive".into()));
+        }
+        if let Some(n) = &self.node {
+            let ok = !n.is_empty()
+                && n.len() <= 63
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !ok {
+                out.push(("store.node".into(), "1-63 of [A-Za-z0-9._-]".into()));
+            }
         }
         if self.backend == BackendKind::Postgres && self.path.is_some() {
             out.push((

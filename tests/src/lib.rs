@@ -1246,6 +1246,8 @@ pub struct Postgres {
     /// PEM of the CA that signed the server's certificate, when started with TLS.
     pub ca_pem: Option<String>,
     running: bool,
+    /// Server options of `pg_ctl start` (for [`Postgres::restart`]).
+    opts: String,
 }
 
 impl Postgres {
@@ -1284,6 +1286,7 @@ impl Postgres {
             password,
             ca_pem: None,
             running: false,
+            opts: String::new(),
             dir,
         };
         std::fs::write(me.dir.path().join("server.log"), "").expect("server.log");
@@ -1333,23 +1336,29 @@ impl Postgres {
             .expect("pg_hba.conf");
             me.chown(&data.join("pg_hba.conf"));
         }
-        me.running = true;
-        let out = me
-            .as_server_user(&me.bin.join("pg_ctl"))
+        me.opts = opts;
+        me.restart();
+        me
+    }
+
+    /// Starts the server (again, after [`Postgres::stop`]) on the same port and data.
+    pub fn restart(&mut self) {
+        self.running = true;
+        let out = self
+            .as_server_user(&self.bin.join("pg_ctl"))
             .args(["start", "-w", "-t", "60", "-D"])
-            .arg(&data)
+            .arg(self.dir.path().join("data"))
             .arg("-l")
-            .arg(me.dir.path().join("server.log"))
-            .args(["-o", &opts])
+            .arg(self.dir.path().join("server.log"))
+            .args(["-o", &self.opts])
             .output()
             .expect("running pg_ctl start");
         assert!(
             out.status.success(),
             "pg_ctl start failed: {}\n{}",
             transcript(&out),
-            me.log_text()
+            self.log_text()
         );
-        me
     }
 
     fn make_server_cert(&self, data: &Path) -> String {

@@ -42,6 +42,7 @@ pub mod names {
     pub const EVENTS_BUFFERED: &str = "bastide_agent_log_events_buffered_total";
     pub const EVENTS_SHIPPED: &str = "bastide_agent_log_events_shipped_total";
     pub const BATCHES_SHIPPED: &str = "bastide_agent_log_batches_shipped_total";
+    pub const BATCHES_RESENT: &str = "bastide_agent_log_batches_resent_total";
     pub const TRUNCATED: &str = "bastide_agent_log_lines_truncated_total";
     pub const LOST: &str = "bastide_agent_log_lost_total";
     pub const LOST_BYTES: &str = "bastide_agent_log_lost_bytes_total";
@@ -81,6 +82,12 @@ pub struct Stats {
     pub events_buffered: AtomicU64,
     pub events_shipped: AtomicU64,
     pub batches_shipped: AtomicU64,
+    /// Batches sent again after the stream carrying them ended unacknowledged (a lost
+    /// session, a failover to another bastion): the bastion that had them may have stored
+    /// them, so each may be stored twice. Bounded by the shipper's window per loss.
+    pub batches_resent: AtomicU64,
+    /// Highest sequence number sent so far (what tells a resend from a first send).
+    pub highest_sent: AtomicU64,
     pub truncated: AtomicU64,
     pub backpressure: AtomicU64,
     pub lost_bytes: AtomicU64,
@@ -217,6 +224,12 @@ impl Shared {
                 "Log batches sent to the bastion (resends included).",
                 Counter,
                 vec![(vec![], c(&s.batches_shipped))],
+            ),
+            fam(
+                names::BATCHES_RESENT,
+                "Log batches sent again because the stream carrying them ended before their acknowledgement (possible duplicates on the bastion side, at most the in-flight window per loss).",
+                Counter,
+                vec![(vec![], c(&s.batches_resent))],
             ),
             fam(
                 names::TRUNCATED,

@@ -286,10 +286,19 @@ async fn send_loop(
         if tx.send(batch).await.is_err() {
             return;
         }
-        shared
-            .stats
+        let stats = &shared.stats;
+        stats
             .batches_shipped
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if stats
+            .highest_sent
+            .fetch_max(seq, std::sync::atomic::Ordering::Relaxed)
+            >= seq
+        {
+            stats
+                .batches_resent
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         next += 1;
     }
 }

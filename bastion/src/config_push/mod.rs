@@ -311,7 +311,9 @@ impl ConfigPushHandle {
     ) -> Result<Prepared, Vec<String>> {
         let i = &self.inner;
         let tree = Tree::load(dir, &i.pos, &i.cfg.group_label)?;
-        let mut p = Prepared::new(tree, &i.bastion)?;
+        // Several bastions: `bastion.nodes` and `bastion.all.*` list every node's services.
+        let vars = i.registry.cluster().template_vars(&i.bastion);
+        let mut p = Prepared::new(tree, &vars)?;
         p.source = commit;
         Ok(p)
     }

@@ -358,8 +358,13 @@ async fn service_discovery(State(s): State<AppState>, headers: HeaderMap) -> Res
         .to_string();
     let project = s.registry.ca().project.clone();
     let snap = s.registry.snapshot();
+    // Several bastions: each lists the agents whose session it holds, and the leader the
+    // ones without a session, so one Prometheus job over all nodes has each VM once.
+    let cluster = s.registry.cluster();
+    let (clustered, leader) = (cluster.clustered(), cluster.is_leader());
     let groups: Vec<serde_json::Value> = snap
         .active()
+        .filter(|a| !clustered || a.here || (!a.online && leader))
         .map(|a| {
             let mut labels = serde_json::Map::new();
             for (k, v) in &a.labels {

@@ -12,6 +12,13 @@ pub const BUILD_INFO: &str = "bastide_build_info";
 pub const ENROLLMENTS: &str = "bastide_agent_enrollments_total";
 pub const RENEWALS: &str = "bastide_agent_renewals_total";
 pub const REVOCATIONS: &str = "bastide_agent_revocations_total";
+/// Several bastions on PostgreSQL (`crate::cluster`).
+pub const STORE_CONNECTED: &str = "bastide_store_connected";
+pub const STORE_DISCONNECTED_SECONDS: &str = "bastide_store_disconnected_seconds";
+pub const STORE_SESSIONS_REFUSED: &str = "bastide_store_cut_off";
+pub const CLUSTER_LEADER: &str = "bastide_cluster_leader";
+pub const CLUSTER_RESYNCS: &str = "bastide_cluster_resyncs_total";
+pub const CLUSTER_CHANGES: &str = "bastide_cluster_changes_applied_total";
 pub const REGISTRATIONS: &str = "bastide_agent_registrations_total";
 pub const HEARTBEATS: &str = "bastide_agent_heartbeats_total";
 pub const HANDSHAKE_FAILURES: &str = "bastide_agent_handshake_failures_total";
@@ -131,6 +138,33 @@ pub fn describe() {
     );
     describe_counter!(RENEWALS, Unit::Count, "Agent certificates renewed.");
     describe_counter!(REVOCATIONS, Unit::Count, "Agents revoked.");
+    describe_gauge!(
+        STORE_CONNECTED,
+        "Whether this node's notification connection to the shared PostgreSQL store is up (1) or not (0)."
+    );
+    describe_gauge!(
+        STORE_DISCONNECTED_SECONDS,
+        Unit::Seconds,
+        "How long the shared PostgreSQL store has been unreachable (0 when it answers)."
+    );
+    describe_gauge!(
+        STORE_SESSIONS_REFUSED,
+        "1 when this node has been cut off from the shared store for over [store] max_disconnected and refuses new agent sessions."
+    );
+    describe_gauge!(
+        CLUSTER_LEADER,
+        "Whether this node runs the cluster's run-once jobs (holds the leader lock)."
+    );
+    describe_counter!(
+        CLUSTER_RESYNCS,
+        Unit::Count,
+        "Full reloads of the registry from the shared store (start, reconnection)."
+    );
+    describe_counter!(
+        CLUSTER_CHANGES,
+        Unit::Count,
+        "Agent changes announced by the shared store and applied here."
+    );
     describe_counter!(REGISTRATIONS, Unit::Count, "Agent registrations by result.");
     describe_counter!(HEARTBEATS, Unit::Count, "Heartbeats received from agents.");
     describe_counter!(

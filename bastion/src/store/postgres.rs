@@ -8,9 +8,8 @@
 //! wait on an fsync. A runtime of its own, not the daemon's, because the caller may itself
 //! be a worker of the daemon's runtime: waiting there on a future that needs that same
 //! worker could deadlock. Every call is bounded by `[store] timeout`; a call that times out
-//! is reported as failed although the server may still commit it, and the registry's memory
-//! then lags the store until the next start (serving through a database outage is issue 17's
-//! point 6, not this module's).
+//! is reported as failed although the server may still commit it: the registry's memory then
+//! lags the store until the change's notification or the next resync (`crate::cluster`).
 //!
 //! Schema migrations are versioned in `schema_migrations` (one row per step applied) and
 //! run at connect, in one transaction that first takes a transaction-level advisory lock:
@@ -59,7 +58,22 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "identity: the project's agent CA pin",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
     ),
+    (
+        "cluster: nodes and the agent sessions each holds",
+        "CREATE TABLE nodes (id TEXT PRIMARY KEY, heartbeat TIMESTAMPTZ NOT NULL DEFAULT now(),
+        started TIMESTAMPTZ NOT NULL DEFAULT now(), services TEXT NOT NULL DEFAULT '{}');
+     CREATE TABLE sessions (agent TEXT PRIMARY KEY, node TEXT NOT NULL,
+        since TIMESTAMPTZ NOT NULL DEFAULT now(), observed TEXT NOT NULL DEFAULT '');
+     CREATE INDEX sessions_node ON sessions(node);",
+    ),
 ];
+
+/// The channel every change of an agent's rows is announced on (payload: the agent's name),
+/// in the transaction that makes it: the other nodes reload that agent (`crate::cluster`).
+pub const NOTIFY_CHANNEL: &str = "bastide_registry";
+
+/// Announces a change of agent `$1` (see [`NOTIFY_CHANNEL`]).
+const NOTIFY: &str = "SELECT pg_notify('bastide_registry', $1)";
 
 /// The schema version this bastide writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -80,7 +94,7 @@ impl Drop for PgStore {
     }
 }
 
-fn pg_err(e: tokio_postgres::Error) -> StoreError {
+pub(crate) fn pg_err(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
         Some(db) => StoreError::Postgres(format!(
             "{} ({}){}",
@@ -136,11 +150,11 @@ fn token_row(r: &Row) -> Result<TokenRow> {
 
 const TOKEN_COLS: &str =
     "id, hash, created, expires, uses_left, uses_total, name_pattern, labels, replace, revoked";
-const AGENT_COLS: &str = "name, labels, revoked, enrolled_at, hostname, addresses, os,
+pub(crate) const AGENT_COLS: &str = "name, labels, revoked, enrolled_at, hostname, addresses, os,
     agent_version, ssh_host_keys, last_seen, cert_serial, cert_not_after, token_id,
     config_desired, config_applied, config_error";
 
-fn agent_row(r: &Row) -> Result<AgentRow> {
+pub(crate) fn agent_row(r: &Row) -> Result<AgentRow> {
     Ok(AgentRow {
         name: r.try_get(0)?,
         labels: unjson(r.try_get(1)?)?,
@@ -161,7 +175,7 @@ fn agent_row(r: &Row) -> Result<AgentRow> {
     })
 }
 
-fn cert_row(r: &Row) -> Result<CertRow> {
+pub(crate) fn cert_row(r: &Row) -> Result<CertRow> {
     Ok(CertRow {
         serial: r.try_get(0)?,
         agent: r.try_get(1)?,
@@ -311,7 +325,9 @@ async fn migrate(pool: &Pool) -> Result<i64> {
     Ok(current)
 }
 
-fn tls_config(ca: &[rustls_pki_types::CertificateDer<'static>]) -> Result<rustls::ClientConfig> {
+pub(crate) fn tls_config(
+    ca: &[rustls_pki_types::CertificateDer<'static>],
+) -> Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in ca {
         roots
@@ -549,6 +565,7 @@ impl Backend for PgStore {
             };
             put_agent(&tx, &fresh).await?;
             put_cert(&tx, &cert).await?;
+            tx.execute(NOTIFY, &[&fresh.name]).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -578,6 +595,7 @@ impl Backend for PgStore {
                 )
                 .await? as usize;
             let expired = delete_expired(&tx, now).await?;
+            tx.execute(NOTIFY, &[&agent]).await?;
             tx.commit().await?;
             Ok(superseded + expired)
         })
@@ -597,6 +615,7 @@ impl Backend for PgStore {
                 .await?;
             tx.execute("UPDATE certs SET revoked = TRUE WHERE agent = $1", &[&name])
                 .await?;
+            tx.execute(NOTIFY, &[&name]).await?;
             tx.commit().await?;
             Ok(n > 0)
         })
@@ -608,8 +627,10 @@ impl Backend for PgStore {
             let c = client(&pool).await?;
             let stmt = c
                 .prepare_cached(
-                    "UPDATE agents SET hostname = $2, addresses = $3, os = $4, agent_version = $5,
-                        ssh_host_keys = $6, last_seen = $7 WHERE name = $1",
+                    "WITH u AS (UPDATE agents SET hostname = $2, addresses = $3, os = $4,
+                        agent_version = $5, ssh_host_keys = $6, last_seen = $7 WHERE name = $1
+                        RETURNING name)
+                     SELECT pg_notify('bastide_registry', name) FROM u",
                 )
                 .await?;
             c.execute(
@@ -635,8 +656,9 @@ impl Backend for PgStore {
             let c = client(&pool).await?;
             // One statement for the whole batch (thousands of agents), not one per row.
             c.execute(
-                "UPDATE agents SET last_seen = v.t FROM unnest($1::TEXT[], $2::BIGINT[]) AS v(n, t)
-                 WHERE agents.name = v.n",
+                // Each node holds the times of its own sessions: never move one back.
+                "UPDATE agents SET last_seen = GREATEST(agents.last_seen, v.t)
+                 FROM unnest($1::TEXT[], $2::BIGINT[]) AS v(n, t) WHERE agents.name = v.n",
                 &[&names, &times],
             )
             .await?;
