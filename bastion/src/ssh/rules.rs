@@ -102,6 +102,23 @@ pub async fn decide(
             None,
         ));
     };
+    decide_as(policy, admin, snap, host, port).await
+}
+
+/// Whether some rule names `admin` or one of its groups (a certificate that no rule would
+/// use is refused at issue time).
+pub fn any_rule_for(policy: &Policy, admin: &Admin) -> bool {
+    policy.rules.iter().any(|r| applies_to(r, admin))
+}
+
+/// Decides a jump by `admin`, configured or signed on (its groups from its certificate).
+pub async fn decide_as(
+    policy: &Policy,
+    admin: &Admin,
+    snap: &Snapshot,
+    host: &str,
+    port: u32,
+) -> Result<Allowed, Denied> {
     let Ok(port) = u16::try_from(port) else {
         return Err(deny(format!("bad port {port}"), None, None));
     };

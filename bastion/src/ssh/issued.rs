@@ -1,0 +1,122 @@
+//! The SSH user certificates issued after single sign-on: recorded by serial in the
+//! registry's store (admin, `sub`, groups, key, validity), looked up at every SSH
+//! authentication (so a revocation made on any node sharing the store refuses new
+//! connections at once), and the connections authenticated with each, so that
+//! `bastide ssh certs revoke` cuts them on this node as agent revocation cuts live streams.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::Registry;
+use crate::store::SshCertRow;
+
+/// Cheap to clone: every clone is the same table.
+#[derive(Clone)]
+pub struct IssuedCerts {
+    registry: Registry,
+    live: Arc<Mutex<HashMap<i64, HashMap<u64, CancellationToken>>>>,
+    next: Arc<AtomicU64>,
+}
+
+/// A tracked connection; untracked when dropped.
+pub struct Tracked {
+    certs: IssuedCerts,
+    serial: i64,
+    id: u64,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        let mut live = self.certs.lock();
+        if let Some(m) = live.get_mut(&self.serial) {
+            m.remove(&self.id);
+            if m.is_empty() {
+                live.remove(&self.serial);
+            }
+        }
+    }
+}
+
+/// What a revocation did.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Revoked {
+    pub serials: Vec<i64>,
+    pub connections_cut: usize,
+}
+
+impl IssuedCerts {
+    pub fn new(registry: Registry) -> Self {
+        Self {
+            registry,
+            live: Arc::default(),
+            next: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, HashMap<u64, CancellationToken>>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut crate::store::Store) -> crate::store::Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let reg = self.registry.clone();
+        Ok(tokio::task::spawn_blocking(move || reg.with_store(f))
+            .await
+            .context("store task")??)
+    }
+
+    /// Records an issued certificate (on disk when this returns).
+    pub async fn record(&self, row: SshCertRow) -> Result<()> {
+        let now = crate::unix_now();
+        self.blocking(move |s| s.insert_ssh_cert(&row, now)).await
+    }
+
+    pub async fn get(&self, serial: i64) -> Result<Option<SshCertRow>> {
+        self.blocking(move |s| s.ssh_cert(serial)).await
+    }
+
+    /// Every row (expired ones included, until they are pruned).
+    pub async fn list(&self) -> Result<Vec<SshCertRow>> {
+        self.blocking(|s| s.ssh_certs()).await
+    }
+
+    /// Revokes by serial or by admin, then cuts the connections of the revoked serials.
+    pub async fn revoke(&self, serial: Option<i64>, admin: Option<String>) -> Result<Revoked> {
+        let serials = self
+            .blocking(move |s| s.revoke_ssh_certs(serial, admin.as_deref()))
+            .await?;
+        let mut cut = 0;
+        {
+            let mut live = self.lock();
+            for s in &serials {
+                for t in live.remove(s).unwrap_or_default().into_values() {
+                    t.cancel();
+                    cut += 1;
+                }
+            }
+        }
+        metrics::counter!(crate::metrics::names::SSH_CERTS_REVOKED).increment(serials.len() as u64);
+        Ok(Revoked {
+            serials,
+            connections_cut: cut,
+        })
+    }
+
+    /// Tracks a connection authenticated with certificate `serial`: `cut` is cancelled when
+    /// the certificate is revoked.
+    pub fn track(&self, serial: i64, cut: CancellationToken) -> Tracked {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().entry(serial).or_default().insert(id, cut);
+        Tracked {
+            certs: self.clone(),
+            serial,
+            id,
+        }
+    }
+}
