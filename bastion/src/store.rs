@@ -623,6 +623,46 @@ pub(crate) mod tests {
         }
     }
 
+    #[test]
+    fn ssh_certs_record_revoke_and_prune() {
+        each_backend(|s| {
+            let row = |serial: i64, admin: &str, before: i64| SshCertRow {
+                serial,
+                admin: admin.into(),
+                sub: format!("sub-{admin}"),
+                groups: vec!["ops".into(), "dba".into()],
+                key_fingerprint: format!("SHA256:{serial}"),
+                valid_after: 100,
+                valid_before: before,
+                issued_at: 100,
+                source: "127.0.0.1".into(),
+                revoked: false,
+            };
+            let big = i64::MAX - 1;
+            s.insert_ssh_cert(&row(big, "alice", 1000), 200).unwrap();
+            s.insert_ssh_cert(&row(2, "alice", 1000), 200).unwrap();
+            s.insert_ssh_cert(&row(3, "bob", 1000), 200).unwrap();
+            assert_eq!(s.ssh_cert(big).unwrap().unwrap(), row(big, "alice", 1000));
+            assert!(s.ssh_cert(4).unwrap().is_none());
+            assert!(
+                s.insert_ssh_cert(&row(3, "bob", 1000), 200).is_err(),
+                "serials are unique"
+            );
+            let mut r = s.revoke_ssh_certs(None, Some("alice")).unwrap();
+            r.sort();
+            assert_eq!(r, vec![2, big]);
+            assert!(s.revoke_ssh_certs(None, Some("alice")).unwrap().is_empty());
+            assert_eq!(s.revoke_ssh_certs(Some(3), None).unwrap(), vec![3]);
+            assert!(s.revoke_ssh_certs(None, None).unwrap().is_empty());
+            assert!(s.ssh_certs().unwrap().iter().all(|c| c.revoked));
+            // Rows expired for longer than SSH_CERT_KEEP go at the next issue.
+            s.insert_ssh_cert(&row(5, "carol", 2000), 1000 + SSH_CERT_KEEP + 1)
+                .unwrap();
+            let left: Vec<i64> = s.ssh_certs().unwrap().iter().map(|c| c.serial).collect();
+            assert_eq!(left, vec![5]);
+        });
+    }
+
     fn token(id: &str, uses: u32, created: i64) -> TokenRow {
         TokenRow {
             id: id.into(),
