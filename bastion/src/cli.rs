@@ -993,7 +993,7 @@ async fn ssh(cli: &Cli, cmd: &SshCmd) -> Result<()> {
         SshCmd::UserCa => {
             let cfg = Config::parse_file(&cli.config)?;
             let paths = cfg.pki_paths();
-            if crate::ssh::userca::ensure(&paths)? {
+            if crate::ssh::userca::ensure(&paths.ssh_user_ca_key)? {
                 eprintln!(
                     "created the SSH user CA {} (restart bastide to use it)",
                     paths.ssh_user_ca_key.display()

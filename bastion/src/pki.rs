@@ -195,7 +195,7 @@ pub fn init(
     let issuer = Issuer::new(ca, ca_key);
     issue_server_cert(paths, &issuer, project, zone, extra_sans)?;
     write_ssh_host_key(&paths.ssh_host_key)?;
-    crate::ssh::userca::ensure(paths)?;
+    crate::ssh::userca::ensure(&paths.ssh_user_ca_key)?;
     Ok(())
 }
 

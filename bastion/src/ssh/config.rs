@@ -87,7 +87,7 @@ pub struct SshConfig {
     pub rekey_interval: Duration,
     /// `[ssh.sso]`: single sign-on with an OpenID Connect provider (read at start).
     #[serde(default)]
-    pub sso: Option<super::sso::SsoConfig>,
+    pub sso: Option<super::sso::config::SsoConfig>,
     /// A jump channel whose target accepts no byte for this long while its buffer
     /// (`target_buffer` bytes) is full is closed: until then the whole connection waits
     /// (russh re-opens a channel's window as data arrives, not as the target takes it).
@@ -384,13 +384,7 @@ fn parse_admin_key(line: &str) -> Result<Result<AdminKey, CertAuthority>, String
     }
 }
 
-/// A valid login / group name: what OpenSSH accepts as a user name, conservatively.
-pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
+pub use super::names::valid_name;
 
 /// Name of the SSH audit log in the state directory when `audit_log` is not set.
 pub const DEFAULT_AUDIT_LOG: &str = "ssh-audit.jsonl";

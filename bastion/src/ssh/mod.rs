@@ -13,6 +13,7 @@ pub mod forward;
 pub mod hosts;
 pub mod issued;
 pub mod limits;
+pub mod names;
 pub mod rules;
 pub mod service;
 pub mod sso;
@@ -255,7 +256,7 @@ pub async fn run(
     let ssh = cfg.ssh.clone().context("no [ssh] table")?;
     let live = build_live(&cfg)?;
     let paths = cfg.pki_paths();
-    if userca::ensure(&paths)? {
+    if userca::ensure(&paths.ssh_user_ca_key)? {
         info!(key = %paths.ssh_user_ca_key.display(), "ssh: user CA created (single sign-on)");
     }
     let user_ca = Arc::new(userca::load(&paths.ssh_user_ca_key)?);

@@ -14,27 +14,29 @@ use russh::keys::ssh_key::public::KeyData;
 use russh::keys::ssh_key::{Certificate, LineEnding, PrivateKey};
 
 use crate::fsutil::{check_secret_file, write_atomic};
-use crate::pki::PkiPaths;
 
-/// Creates the user CA key if the state directory has none; true when it was created.
-pub fn ensure(paths: &PkiPaths) -> Result<bool> {
-    if paths.ssh_user_ca_key.exists() {
+/// Creates the user CA key at `path` (`PkiPaths::ssh_user_ca_key`, in the PKI directory,
+/// mode 0700) if there is none; true when it was created.
+pub fn ensure(path: &Path) -> Result<bool> {
+    if path.exists() {
         return Ok(false);
     }
-    crate::fsutil::ensure_dir(&paths.dir, 0o700)?;
+    if let Some(dir) = path.parent() {
+        crate::fsutil::ensure_dir(dir, 0o700)?;
+    }
     let seed: [u8; 32] = rand::random();
     let mut key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
     key.set_comment("bastide SSH user CA");
     let pem = key
         .to_openssh(LineEnding::LF)
         .context("encoding the SSH user CA key")?;
-    write_atomic(&paths.ssh_user_ca_key, pem.as_bytes(), 0o600)?;
+    write_atomic(path, pem.as_bytes(), 0o600)?;
     let public = key
         .public_key()
         .to_openssh()
         .context("encoding the SSH user CA public key")?;
     write_atomic(
-        &paths.ssh_user_ca_key.with_extension("pub"),
+        &path.with_extension("pub"),
         format!("{public}\n").as_bytes(),
         0o644,
     )?;
@@ -92,10 +94,13 @@ mod tests {
     fn created_once_private_and_signs() {
         let dir = std::env::temp_dir().join(format!("bastide-userca-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let paths = PkiPaths::new(&dir);
-        assert!(ensure(&paths).unwrap());
+        let paths = crate::pki::PkiPaths::new(&dir);
+        assert!(ensure(&paths.ssh_user_ca_key).unwrap());
         let first = std::fs::read_to_string(&paths.ssh_user_ca_key).unwrap();
-        assert!(!ensure(&paths).unwrap(), "an existing CA is kept");
+        assert!(
+            !ensure(&paths.ssh_user_ca_key).unwrap(),
+            "an existing CA is kept"
+        );
         assert_eq!(
             first,
             std::fs::read_to_string(&paths.ssh_user_ca_key).unwrap()

@@ -12,6 +12,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
+pub use super::config::url_allowed;
+
 /// Least time between two JWKS fetches caused by unknown key ids.
 pub const JWKS_REFETCH: Duration = Duration::from_secs(30);
 /// Largest discovery or JWKS document read.
@@ -26,26 +28,6 @@ pub struct Discovery {
     pub device_authorization_endpoint: Option<String>,
     #[serde(default)]
     pub token_endpoint: Option<String>,
-}
-
-/// Whether `url` may be used to reach the provider: HTTPS, or HTTP on loopback (tests, a
-/// provider on the same host).
-pub fn url_allowed(url: &str) -> bool {
-    let Ok(u) = reqwest::Url::parse(url) else {
-        return false;
-    };
-    match u.scheme() {
-        "https" => u.host_str().is_some(),
-        "http" => match u.host_str() {
-            Some("localhost") => true,
-            Some(h) => h
-                .trim_matches(|c| c == '[' || c == ']')
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback()),
-            None => false,
-        },
-        _ => false,
-    }
 }
 
 /// Why a token was refused: a message for the admin and the audit log.
