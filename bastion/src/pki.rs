@@ -396,6 +396,17 @@ impl Identity {
         write_atomic(&paths.ssh_host_key, self.ssh_host_key.as_bytes(), 0o600)?;
         if let Some(k) = &self.ssh_user_ca_key {
             write_atomic(&paths.ssh_user_ca_key, k.as_bytes(), 0o600)?;
+            let ca = russh::keys::ssh_key::PrivateKey::from_openssh(k)
+                .context("identity bundle: SSH user CA key")?;
+            let public = ca
+                .public_key()
+                .to_openssh()
+                .context("encoding SSH public key")?;
+            write_atomic(
+                &paths.ssh_user_ca_key.with_extension("pub"),
+                format!("{public}\n").as_bytes(),
+                0o644,
+            )?;
         }
         let key = russh::keys::ssh_key::PrivateKey::from_openssh(&self.ssh_host_key)
             .context("identity bundle: SSH host key")?;

@@ -340,6 +340,9 @@ ports = [{tport}]
         .find(|l| l["event"] == "sso-issued")
         .expect("an sso-issued audit line");
     assert_eq!(issued["admin"], "alice");
+    assert_eq!(issued["sub"], "alice");
+    assert!(issued["source"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(issued["valid_before"].as_i64().unwrap() > issued["valid_after"].as_i64().unwrap());
     assert_eq!(issued["groups"], serde_json::json!(["ops", "staff"]));
     let serial = issued["serial"].as_i64().unwrap();
     assert!(lines

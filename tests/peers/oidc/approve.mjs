@@ -5,9 +5,17 @@
 const [uri, userCode, login] = process.argv.slice(2);
 const jar = new Map();
 
+// Node 18's fetch (Debian bookworm's undici) has no getSetCookie: split the joined header on
+// the commas that start a new cookie (not those inside an Expires date).
+function setCookies(headers) {
+  if (typeof headers.getSetCookie === 'function') return headers.getSetCookie();
+  const joined = headers.get('set-cookie');
+  return joined ? joined.split(/,(?=\s*[A-Za-z0-9_.-]+=)/) : [];
+}
+
 function remember(res) {
-  for (const c of res.headers.getSetCookie()) {
-    const [pair] = c.split(';');
+  for (const c of setCookies(res.headers)) {
+    const [pair] = c.trim().split(';');
     const i = pair.indexOf('=');
     jar.set(pair.slice(0, i), pair.slice(i + 1));
   }

@@ -2,6 +2,9 @@
 // Certified) on loopback with the Device Authorization Grant, one public client and static
 // test users. Usage: node provider.mjs PORT. Prints "listening ISSUER" when ready.
 //
+// oidc-provider 8.x: the last major that runs on Debian bookworm's Node.js 18 (9.x needs
+// Node 20.18+), and on Node 20 and 22.
+//
 // Users (any password): alice (groups ops, email alice@example.org verified), mallory
 // (group nobody), "bad name" (a name bastide refuses).
 import Provider from 'oidc-provider';
@@ -36,6 +39,7 @@ function start(issuer, server) {
       groups: ['groups'],
     },
     conformIdTokenClaims: false,
+    cookies: { keys: ['bastide-test-only'] },
     findAccount: async (ctx, id) => {
       const u = users[id];
       if (!u) return undefined;

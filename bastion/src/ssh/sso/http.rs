@@ -166,7 +166,7 @@ async fn login(
     let now = crate::unix_now().max(0) as u64;
     match app.issuer.login(&req, &policy, peer.ip(), now).await {
         Ok(issued) => {
-            let key_id = format!("{} serial={}", issued.admin, issued.serial);
+            let key_id = format!("{} sub={} sso", issued.admin, issued.sub);
             info!(source = %peer, admin = %issued.admin, serial = issued.serial, groups = ?issued.groups, valid_before = issued.valid_before, "ssh: certificate issued after single sign-on");
             app.shared
                 .audit
@@ -175,7 +175,7 @@ async fn login(
                     time: crate::ssh::audit::now_rfc3339(),
                     source: source.clone(),
                     admin: Some(&issued.admin),
-                    sub: None,
+                    sub: Some(&issued.sub),
                     serial: Some(issued.serial),
                     groups: Some(&issued.groups),
                     valid_after: Some(issued.valid_after),

@@ -39,6 +39,8 @@ pub struct LoginRequest {
 #[derive(Debug, Clone, serde::Serialize, Deserialize)]
 pub struct Issued {
     pub admin: String,
+    /// The ID token's `sub`.
+    pub sub: String,
     pub serial: i64,
     pub groups: Vec<String>,
     pub valid_after: i64,
@@ -258,6 +260,7 @@ impl Issuer {
         let certificate = cert
             .to_openssh()
             .map_err(|e| with_who(Some(&admin), refused(format!("encoding failed: {e}"))))?;
+        let row_sub = sub.clone();
         let row = SshCertRow {
             serial,
             admin: admin.clone(),
@@ -279,6 +282,7 @@ impl Issuer {
         metrics::counter!(crate::metrics::names::SSH_CERTS_ISSUED).increment(1);
         Ok(Issued {
             admin,
+            sub: row_sub,
             serial,
             groups: groups.into_iter().collect(),
             valid_after: valid_after as i64,
