@@ -232,7 +232,9 @@ fn sso_login_jump_scp_refusals_and_revocation() {
     let mut agent = Agent::new("web01");
     let host_key = agent.dir.path().join("ssh/ssh_host_ed25519_key");
     new_key(&host_key);
-    let (_sshd, tport) = sshd(d, &agent.ip, &host_key, &user_ca, "alice\n");
+    // The target admits alice's groups, not her name: the certificate's group:<name>
+    // principals (bastide-principals.j2).
+    let (_sshd, tport) = sshd(d, &agent.ip, &host_key, &user_ca, "group:ops\n");
     let bob = d.join("bob");
     new_key(&bob);
     let (ssh_port, sso_port) = (free_port(), free_port());

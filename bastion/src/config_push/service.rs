@@ -301,5 +301,12 @@ pub fn bastion_vars(cfg: &Config) -> serde_json::Value {
         "zone": cfg.zone.clone().unwrap_or_default(),
         "address": address.map(|a| a.to_string()).unwrap_or_default(),
         "services": services,
+        // The single sign-on user CA (`bastide ssh user-ca`), for a VM's TrustedUserCAKeys;
+        // empty when the state directory has none yet.
+        "ssh_user_ca": std::fs::read_to_string(
+            cfg.pki_paths().ssh_user_ca_key.with_extension("pub")
+        )
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default(),
     })
 }

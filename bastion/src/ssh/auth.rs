@@ -210,10 +210,10 @@ pub fn check_sso_certificate(
     if let Some(p) = key_data_problem(cert.public_key()) {
         return Err(format!("certificate {id:?}: {p}"));
     }
-    if cert.valid_principals() != [user.to_string()] {
+    let principals = cert.valid_principals();
+    if principals.first().map(String::as_str) != Some(user) {
         return Err(format!(
-            "certificate {id:?} is for {:?}, not for {user}",
-            cert.valid_principals()
+            "certificate {id:?} is for {principals:?}, not for {user}"
         ));
     }
     let serial =
@@ -231,6 +231,17 @@ pub fn check_sso_certificate(
             "certificate {id:?}: serial {serial} was issued to {}",
             row.admin
         ));
+    }
+    // The others are the recorded groups, as issued.
+    for p in &principals[1..] {
+        let ok = p
+            .strip_prefix(crate::ssh::sso::GROUP_PRINCIPAL)
+            .is_some_and(|g| row.groups.iter().any(|x| x == g));
+        if !ok {
+            return Err(format!(
+                "certificate {id:?}: principal {p:?} was not issued with serial {serial}"
+            ));
+        }
     }
     let fp = fingerprint(cert.public_key());
     if row.key_fingerprint != fp {

@@ -65,11 +65,14 @@ pub struct CertSpec {
     pub serial: u64,
     pub key_id: String,
     pub principal: String,
+    /// More principals after the admin name: `group:<name>` for each group, so that a VM's
+    /// sshd can admit a group in its `AuthorizedPrincipalsFile`.
+    pub extra_principals: Vec<String>,
     pub valid_after: u64,
     pub valid_before: u64,
 }
 
-/// Signs a user certificate for `key`: one principal, `permit-port-forwarding` as its only
+/// Signs a user certificate for `key`: the admin's principals, `permit-port-forwarding` as its only
 /// extension (a jump host needs nothing else, and a VM's sshd that trusts this CA grants no
 /// pty, agent or X11 forwarding on it either), no critical option.
 pub fn sign(ca: &PrivateKey, key: &KeyData, spec: &CertSpec) -> Result<Certificate> {
@@ -81,6 +84,9 @@ pub fn sign(ca: &PrivateKey, key: &KeyData, spec: &CertSpec) -> Result<Certifica
     b.key_id(&spec.key_id).context("certificate key id")?;
     b.valid_principal(&spec.principal)
         .context("certificate principal")?;
+    for p in &spec.extra_principals {
+        b.valid_principal(p).context("certificate principal")?;
+    }
     b.extension("permit-port-forwarding", "")
         .context("certificate extension")?;
     b.sign(ca).context("signing the certificate")
@@ -122,6 +128,7 @@ mod tests {
                 serial: 42,
                 key_id: "alice sub=123".into(),
                 principal: "alice".into(),
+                extra_principals: Vec::new(),
                 valid_after: 100,
                 valid_before: 200,
             },

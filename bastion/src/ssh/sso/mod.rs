@@ -26,6 +26,11 @@ use super::issued::IssuedCerts;
 use super::userca::{self, CertSpec};
 use crate::store::SshCertRow;
 
+/// Prefix of the principals that carry an admin's groups (`group:ops`): a VM's sshd that
+/// trusts the user CA admits a group by listing it in its `AuthorizedPrincipalsFile`. `:` is
+/// outside the name rules, so no login name can be one.
+pub const GROUP_PRINCIPAL: &str = "group:";
+
 /// The login request `bastide-login` posts.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -252,6 +257,10 @@ impl Issuer {
             serial: serial as u64,
             key_id: format!("{admin} sub={sub} sso"),
             principal: admin.clone(),
+            extra_principals: groups
+                .iter()
+                .map(|g| format!("{GROUP_PRINCIPAL}{g}"))
+                .collect(),
             valid_after,
             valid_before,
         };
@@ -437,7 +446,10 @@ mod tests {
         assert_eq!(ok.groups, vec!["ops", "other"]);
         assert!(ok.valid_before as u64 <= now - 20 + 8 * 3600);
         let cert = russh::keys::ssh_key::Certificate::from_openssh(&ok.certificate).unwrap();
-        assert_eq!(cert.valid_principals(), ["alice".to_string()]);
+        assert_eq!(
+            cert.valid_principals(),
+            ["alice", "group:ops", "group:other"].map(String::from)
+        );
         assert!(cert.key_id().contains("u-1"));
         let row = certs.get(ok.serial).await.unwrap().unwrap();
         let id =
