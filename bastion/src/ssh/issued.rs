@@ -3,6 +3,8 @@
 //! authentication (so a revocation made on any node sharing the store refuses new
 //! connections at once), and the connections authenticated with each, so that
 //! `bastide ssh certs revoke` cuts them on this node as agent revocation cuts live streams.
+//! A connection also looks its serial up again every [`RECHECK`], so that a revocation
+//! made on another node sharing the store cuts it there too, within that time.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +38,36 @@ impl Drop for Tracked {
             m.remove(&self.id);
             if m.is_empty() {
                 live.remove(&self.serial);
+            }
+        }
+    }
+}
+
+/// How often an open connection's certificate is looked up again.
+pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Cuts `cut` when the certificate `serial` is found revoked (or gone) in the store; ends
+/// when `cut` is cancelled (the connection ended). A store that cannot be read cuts nothing.
+pub async fn watch_revocation(certs: IssuedCerts, serial: i64, cut: CancellationToken) {
+    let mut tick = tokio::time::interval(RECHECK);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = cut.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match certs.get(serial).await {
+            Ok(Some(r)) if !r.revoked => {}
+            Ok(_) => {
+                tracing::info!(
+                    serial,
+                    "ssh: certificate revoked (seen in the store): connection cut"
+                );
+                cut.cancel();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(serial, error = %format!("{e:#}"), "ssh: issued certificates cannot be read")
             }
         }
     }

@@ -576,6 +576,11 @@ impl russh::server::Handler for Conn {
                 Ok(id) => {
                     if let Some(serial) = row.map(|r| r.serial) {
                         self.tracked = Some(self.shared.issued.track(serial, self.cut.clone()));
+                        tokio::spawn(issued::watch_revocation(
+                            self.shared.issued.clone(),
+                            serial,
+                            self.cut.clone(),
+                        ));
                     }
                     Ok(self.accept(id))
                 }

@@ -401,6 +401,36 @@ mod tests {
             .unwrap()
     }
 
+    #[test]
+    fn config_problems() {
+        let p = |extra: &str| -> Vec<String> {
+            let c: SsoConfig = toml::from_str(&format!(
+                "listen = \"127.0.0.1:1\"\nclient_id = \"b\"\n{extra}"
+            ))
+            .unwrap();
+            c.problems().into_iter().map(|(k, _)| k).collect()
+        };
+        assert!(p("issuer = \"https://idp.example.org/realms/x\"").is_empty());
+        assert!(p("issuer = \"http://[::1]:8080\"").is_empty());
+        assert_eq!(p("issuer = \"http://idp.example.org\""), ["ssh.sso.issuer"]);
+        assert_eq!(
+            p("issuer = \"https://i\"\nadmin_claim = \"email\""),
+            ["ssh.sso.email_domain"]
+        );
+        assert_eq!(
+            p("issuer = \"https://i\"\ncert_lifetime = \"25h\"\nclock_skew = \"10m\""),
+            ["ssh.sso.cert_lifetime", "ssh.sso.clock_skew"]
+        );
+        assert_eq!(
+            p("issuer = \"https://i\"\nscopes = [\"email\"]\nallowed_groups = [\"a b\"]"),
+            ["ssh.sso.scopes", "ssh.sso.allowed_groups"]
+        );
+        assert!(toml::from_str::<SsoConfig>(
+            "listen = \"127.0.0.1:1\"\nclient_id = \"b\"\nissuer = \"https://i\"\ntypo = 1"
+        )
+        .is_err());
+    }
+
     #[tokio::test]
     async fn tokens_names_groups_and_keys_are_checked() {
         crate::tls::install_crypto_provider();
@@ -460,6 +490,32 @@ mod tests {
             crate::ssh::auth::check_sso_certificate("bob", &cert, Some(&row), Some(src), now)
                 .is_err()
         );
+
+        // A certificate of the same CA that says more than was recorded under its serial.
+        let forge = |key: u8, extra: &[&str]| {
+            let k = PrivateKey::from(Ed25519Keypair::from_seed(&[key; 32]));
+            userca::sign(
+                &ca,
+                k.public_key().key_data(),
+                &CertSpec {
+                    serial: ok.serial as u64,
+                    key_id: "forged".into(),
+                    principal: "alice".into(),
+                    extra_principals: extra.iter().map(|s| s.to_string()).collect(),
+                    valid_after: now - 10,
+                    valid_before: now + 60,
+                },
+            )
+            .unwrap()
+        };
+        let check = |c: &russh::keys::ssh_key::Certificate| {
+            crate::ssh::auth::check_sso_certificate("alice", c, Some(&row), Some(src), now)
+        };
+        let e = check(&forge(5, &["group:ops", "group:admins"])).unwrap_err();
+        assert!(e.contains("was not issued"), "{e}");
+        let e = check(&forge(8, &["group:ops"])).unwrap_err();
+        assert!(e.contains("certified another key"), "{e}");
+        check(&forge(5, &["group:ops"])).unwrap();
 
         let stranger = signer("k2");
         let cases: Vec<(String, String, &str)> = vec![
