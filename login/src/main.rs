@@ -56,9 +56,6 @@ struct Settings {
     scopes: Vec<String>,
     ssh_host: String,
     ssh_port: u16,
-    known_hosts: String,
-    #[serde(default)]
-    jump_patterns: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +95,11 @@ struct Issued {
     groups: Vec<String>,
     valid_before: i64,
     certificate: String,
+    /// known_hosts lines of the bastion and its VMs.
+    known_hosts: String,
+    /// Host patterns to reach through the bastion.
+    #[serde(default)]
+    jump_patterns: Vec<String>,
 }
 
 fn expand(p: &str) -> PathBuf {
@@ -263,7 +265,7 @@ async fn run(cli: Cli) -> Result<()> {
     let ssh_dir = expand(&cli.ssh_dir);
     std::fs::create_dir_all(&ssh_dir).with_context(|| format!("creating {}", ssh_dir.display()))?;
     let kh = ssh_dir.join(format!("bastide-{}.known_hosts", settings.project));
-    write(&kh, settings.known_hosts.as_bytes())?;
+    write(&kh, issued.known_hosts.as_bytes())?;
     let until = std::time::UNIX_EPOCH + Duration::from_secs(issued.valid_before.max(0) as u64);
     println!(
         "certificate {} for {} (groups: {}) written to {}, valid until {}",
@@ -273,7 +275,7 @@ async fn run(cli: Cli) -> Result<()> {
         cert_path.display(),
         humantime_like(until)
     );
-    let block = config_block(&settings, &issued.admin, &key, &cert_path, &kh);
+    let block = config_block(&settings, &issued, &key, &cert_path, &kh);
     if cli.install_config {
         let path = ssh_dir.join("config");
         install_block(&path, &settings.project, &block)?;
@@ -352,8 +354,9 @@ fn humantime_like(t: std::time::SystemTime) -> String {
     format!("{}h{:02}m from now", left / 3600, (left % 3600) / 60)
 }
 
-fn config_block(s: &Settings, admin: &str, key: &Path, cert: &Path, kh: &Path) -> String {
+fn config_block(s: &Settings, issued: &Issued, key: &Path, cert: &Path, kh: &Path) -> String {
     let alias = format!("bastide-{}", s.project);
+    let admin = &issued.admin;
     let mut out = format!(
         "Host {alias}\n    HostName {}\n    Port {}\n    User {admin}\n    IdentityFile {}\n    CertificateFile {}\n    UserKnownHostsFile {}\n    StrictHostKeyChecking yes\n",
         s.ssh_host,
@@ -362,10 +365,10 @@ fn config_block(s: &Settings, admin: &str, key: &Path, cert: &Path, kh: &Path) -
         cert.display(),
         kh.display()
     );
-    if !s.jump_patterns.is_empty() {
+    if !issued.jump_patterns.is_empty() {
         out.push_str(&format!(
             "\nHost {}\n    ProxyJump {alias}\n    IdentityFile {}\n    CertificateFile {}\n    UserKnownHostsFile {}\n    StrictHostKeyChecking yes\n",
-            s.jump_patterns.join(" "),
+            issued.jump_patterns.join(" "),
             key.display(),
             cert.display(),
             kh.display()

@@ -286,6 +286,18 @@ ports = [{tport}]
     };
     step(t0, "bastion, agent and target up");
 
+    // The settings anyone reaching the port may read name the provider, not the VMs.
+    let o = Command::new(require("curl", "curl"))
+        .args(["-sk", &format!("https://127.0.0.1:{sso_port}/v1/sso")])
+        .output()
+        .unwrap();
+    let settings = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(settings.contains(&issuer), "{settings}");
+    assert!(
+        !settings.contains("web01") && !settings.contains("ssh-ed25519"),
+        "{settings}"
+    );
+
     // First login: a fresh key is created, the certificate and the config block installed.
     let key = env.dir.path().join("keys/id_ed25519");
     let o = env.login("alice", &key, &["--install-config"]);

@@ -39,7 +39,7 @@ fn foundation_flows_on_postgres() {
     );
     assert_eq!(
         pg.psql("bastide", "SELECT max(version) FROM schema_migrations"),
-        "2"
+        "3"
     );
     let status = b.cli_ok(&["status"]);
     assert!(

@@ -2,10 +2,11 @@
 //! (the one agents check against the CA they pin, so `bastide-login` pins it the same way):
 //!
 //! - `GET /v1/sso` — the login settings: issuer, client id (and secret of a confidential
-//!   client), scopes, the claim names, the bastion's SSH endpoint, its known_hosts and the
-//!   host patterns to jump to;
-//! - `POST /v1/sso/login` — `{"id_token", "public_key"}` → the signed certificate, or 403
-//!   with the reason (also in the SSH audit log).
+//!   client), scopes, the bastion's SSH endpoint;
+//! - `POST /v1/sso/login` — `{"id_token", "public_key"}` → the signed certificate with the
+//!   known_hosts of the bastion and its VMs and the host patterns to jump to (only to a
+//!   signed-on admin: the VMs' names and keys are not for anyone who reaches the port), or
+//!   403 with the reason (also in the SSH audit log).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +46,13 @@ pub struct Settings {
     /// Host and port admins reach the SSH jump host at.
     pub ssh_host: String,
     pub ssh_port: u16,
+}
+
+/// What a successful login gets.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct LoginAnswer {
+    #[serde(flatten)]
+    pub issued: super::Issued,
     /// known_hosts lines: the bastion and every enrolled VM.
     pub known_hosts: String,
     /// Host patterns to reach through the bastion (`Host ... ProxyJump`).
@@ -91,22 +99,13 @@ fn error(status: StatusCode, msg: &str) -> Response {
 
 async fn settings(State(app): State<App>) -> Response {
     let cfg = app.shared.config();
-    let snap = app.shared.registry.snapshot();
     let Some((ssh_host, ssh_port)) = crate::ssh::hosts::public_endpoint(&cfg) else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the [ssh] service is off");
-    };
-    let known_hosts = match crate::ssh::hosts::known_hosts(&cfg, &snap) {
-        Ok(k) => k,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
     };
     let client_secret = match app.issuer.cfg.client_secret() {
         Ok(s) => s,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
     };
-    let mut jump_patterns: Vec<String> = snap.active().map(|a| a.name.clone()).collect();
-    if let Some(z) = cfg.zone.as_deref() {
-        jump_patterns.push(format!("*.{}", z.trim_end_matches('.')));
-    }
     let c = &app.issuer.cfg;
     json(
         StatusCode::OK,
@@ -118,10 +117,20 @@ async fn settings(State(app): State<App>) -> Response {
             scopes: c.scopes.clone(),
             ssh_host,
             ssh_port,
-            known_hosts,
-            jump_patterns,
         },
     )
+}
+
+/// known_hosts and jump patterns, for a signed-on admin.
+fn hosts_for_admin(app: &App) -> anyhow::Result<(String, Vec<String>)> {
+    let cfg = app.shared.config();
+    let snap = app.shared.registry.snapshot();
+    let known_hosts = crate::ssh::hosts::known_hosts(&cfg, &snap)?;
+    let mut patterns: Vec<String> = snap.active().map(|a| a.name.clone()).collect();
+    if let Some(z) = cfg.zone.as_deref() {
+        patterns.push(format!("*.{}", z.trim_end_matches('.')));
+    }
+    Ok((known_hosts, patterns))
 }
 
 async fn login(
@@ -184,7 +193,17 @@ async fn login(
                     reason: None,
                 })
                 .await;
-            json(StatusCode::OK, &issued)
+            match hosts_for_admin(&app) {
+                Ok((known_hosts, jump_patterns)) => json(
+                    StatusCode::OK,
+                    &LoginAnswer {
+                        issued,
+                        known_hosts,
+                        jump_patterns,
+                    },
+                ),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}")),
+            }
         }
         Err(r) => {
             let line = refuse(
