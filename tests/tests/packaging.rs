@@ -720,8 +720,7 @@ fn packaging_templates_render_and_rsyslog_accepts_them() {
             },
             "ssh_user_ca": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHtlFkDaDSwC2VsKj2yxzgyhDiZbsNrbjzCtr0rRwc3D bastide SSH user CA",
         },
-        "agent": {"name": "web01"},
-        "ssh_principals": ["group:ops", "alice"],
+        "agent": {"name": "web01", "ssh_principals": ["group:ops", "alice"]},
     });
     let render = |name: &str| -> String {
         let out = run(Command::new(&python)

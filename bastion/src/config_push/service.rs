@@ -75,6 +75,12 @@ impl Service for ConfigPush {
             bastion_vars(cfg),
             ctx.registry.clone(),
         );
+        handle.set_ssh_policy(
+            cfg.ssh
+                .as_ref()
+                .and_then(|s| crate::ssh::config::Policy::build(s, cfg.zone.as_deref()).ok())
+                .map(Arc::new),
+        );
         ctx.handles.provide(handle.clone());
         let git = c
             .git

@@ -235,7 +235,7 @@ pub fn check_sso_certificate(
     // The others are the recorded groups, as issued.
     for p in &principals[1..] {
         let ok = p
-            .strip_prefix(crate::ssh::sso::GROUP_PRINCIPAL)
+            .strip_prefix(crate::ssh::names::GROUP_PRINCIPAL)
             .is_some_and(|g| row.groups.iter().any(|x| x == g));
         if !ok {
             return Err(format!(

@@ -7,3 +7,8 @@ pub fn valid_name(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
+
+/// Prefix of the certificate principals that carry an admin's groups (`group:ops`): a VM's
+/// sshd that trusts the user CA admits a group by listing it in its
+/// `AuthorizedPrincipalsFile`. `:` is outside [`valid_name`], so no login name can be one.
+pub const GROUP_PRINCIPAL: &str = "group:";

@@ -26,10 +26,7 @@ use super::issued::IssuedCerts;
 use super::userca::{self, CertSpec};
 use crate::store::SshCertRow;
 
-/// Prefix of the principals that carry an admin's groups (`group:ops`): a VM's sshd that
-/// trusts the user CA admits a group by listing it in its `AuthorizedPrincipalsFile`. `:` is
-/// outside the name rules, so no login name can be one.
-pub const GROUP_PRINCIPAL: &str = "group:";
+pub use crate::ssh::names::GROUP_PRINCIPAL;
 
 /// The login request `bastide-login` posts.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
