@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use bastide_tests::{bin, free_port, require, wait_for, workspace, Agent, Bastion};
+use bastide_tests::{bin, free_port, require, wait_for, workspace, Agent, Bastion, EnvTree};
 use serde_json::Value;
 
 fn step(t0: Instant, what: &str) {
@@ -97,23 +97,19 @@ fn provider(log: &Path) -> (Proc, String) {
     (Proc(child), issuer)
 }
 
-/// The target sshd on the agent's address, trusting the bastion's user CA for root with
-/// the principals of `principals`.
-fn sshd(dir: &Path, ip: &str, host_key: &Path, user_ca: &str, principals: &str) -> (Proc, u16) {
+/// The target sshd on `port` of the agent's address, trusting the bastion's user CA through
+/// the files the configuration push wrote under `pushed` from packaging/templates/
+/// (`bastide_user_ca.pub`, `principals_<user>`).
+fn sshd(dir: &Path, ip: &str, port: u16, host_key: &Path, pushed: &Path) -> Proc {
     let sshd = require("sshd", "openssh-server");
     let _ = std::fs::create_dir_all("/run/sshd");
-    let port = free_port();
-    std::fs::write(dir.join("user_ca.pub"), format!("{user_ca}\n")).unwrap();
-    std::fs::create_dir_all(dir.join("principals")).unwrap();
-    std::fs::write(dir.join("principals/root"), principals).unwrap();
+    let fragment = std::fs::read_to_string(pushed.join("sshd-bastide.conf")).unwrap();
     let cfg = dir.join("sshd_config");
     std::fs::write(
         &cfg,
         format!(
-            "ListenAddress {ip}:{port}\nHostKey {}\nAuthorizedKeysFile none\nTrustedUserCAKeys {}\nAuthorizedPrincipalsFile {}/principals/%u\nPidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUseDNS no\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n",
+            "ListenAddress {ip}:{port}\nHostKey {}\nAuthorizedKeysFile none\nPidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUseDNS no\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n{fragment}",
             host_key.display(),
-            dir.join("user_ca.pub").display(),
-            dir.display()
         ),
     )
     .unwrap();
@@ -128,7 +124,54 @@ fn sshd(dir: &Path, ip: &str, host_key: &Path, user_ca: &str, principals: &str) 
         std::net::TcpStream::connect((ip, port)).ok()
     });
     assert!(up.is_some(), "sshd did not start");
-    (Proc(child), port)
+    Proc(child)
+}
+
+/// An environment tree that pushes the VM-side templates of packaging/templates/ to files
+/// under `out` (the agent's allowed directory), as a VM's /etc/ssh would get them.
+fn push_tree(out: &Path) -> EnvTree {
+    let tree = EnvTree::new("proj", out, "");
+    let templates = workspace().join("packaging/templates");
+    for t in [
+        "sshd-bastide.conf.j2",
+        "bastide-user-ca.pub.j2",
+        "bastide-principals.j2",
+    ] {
+        let text = std::fs::read_to_string(templates.join(t)).unwrap();
+        // The VM's /etc/ssh is the agent's allowed directory here.
+        let text = text
+            .replace(
+                "/etc/ssh/bastide_principals/%u",
+                &format!("{}/principals_%u", out.display()),
+            )
+            .replace("/etc/ssh/", &format!("{}/", out.display()));
+        tree.write(&format!("templates/{t}"), &text);
+    }
+    let file = |name: &str, path: PathBuf, template: &str| {
+        format!(
+            "[files.{name}]\npath = {:?}\ntemplate = {template:?}\nmode = \"0644\"\n",
+            path.display().to_string()
+        )
+    };
+    tree.write_project(&format!(
+        "[vars]\nntp = \"project.ntp\"\n{}{}{}",
+        file(
+            "sshd",
+            out.join("sshd-bastide.conf"),
+            "sshd-bastide.conf.j2"
+        ),
+        file(
+            "user_ca",
+            out.join("bastide_user_ca.pub"),
+            "bastide-user-ca.pub.j2"
+        ),
+        file(
+            "principals",
+            out.join("principals_root"),
+            "bastide-principals.j2"
+        ),
+    ));
+    tree
 }
 
 struct Env {
@@ -232,9 +275,17 @@ fn sso_login_jump_scp_refusals_and_revocation() {
     let mut agent = Agent::new("web01");
     let host_key = agent.dir.path().join("ssh/ssh_host_ed25519_key");
     new_key(&host_key);
-    // The target admits alice's groups, not her name: the certificate's group:<name>
-    // principals (bastide-principals.j2).
-    let (_sshd, tport) = sshd(d, &agent.ip, &host_key, &user_ca, "group:ops\n");
+    // The VM side comes from the configuration push: the templates of packaging/templates/
+    // rendered for web01 and written by its agent.
+    let pushed = agent.dir.path().join("etc");
+    std::fs::create_dir_all(&pushed).unwrap();
+    let tree = push_tree(&pushed);
+    b.enable_config_push(tree.dir.path());
+    agent.append_config(&format!(
+        "[config]\nallow_dirs = [{:?}]\n",
+        pushed.display().to_string()
+    ));
+    let tport = free_port();
     let bob = d.join("bob");
     new_key(&bob);
     let (ssh_port, sso_port) = (free_port(), free_port());
@@ -261,6 +312,11 @@ keys = ["{bob_pub}"]
 groups = ["ops"]
 agents = ["web*"]
 ports = [{tport}]
+
+# Port 22 of web01 for ops: what the VM's principals file admits (agent.ssh_principals).
+[[ssh.rules]]
+groups = ["ops"]
+agents = ["web*"]
 "#,
             audit = audit.display(),
             bob_pub = public(&bob),
@@ -278,6 +334,17 @@ ports = [{tport}]
         })
     });
     assert!(online.is_some(), "agent not online: {}", agent.log_text());
+    // The pushed files: the user CA and the principals of the rules opening web01's port 22.
+    let principals = pushed.join("principals_root");
+    let got = wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(&principals)
+            .ok()
+            .filter(|t| t.contains("group:ops"))
+    });
+    assert!(got.is_some(), "nothing pushed: {}", agent.log_text());
+    let ca_file = std::fs::read_to_string(pushed.join("bastide_user_ca.pub")).unwrap();
+    assert!(ca_file.contains(&user_ca), "{ca_file}");
+    let _sshd = sshd(d, &agent.ip, tport, &host_key, &pushed);
     let env = Env {
         b,
         dir,
