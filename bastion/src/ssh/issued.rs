@@ -48,8 +48,13 @@ pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Cuts `cut` when the certificate `serial` is found revoked (or gone) in the store; ends
 /// when `cut` is cancelled (the connection ended). A store that cannot be read cuts nothing.
-pub async fn watch_revocation(certs: IssuedCerts, serial: i64, cut: CancellationToken) {
-    let mut tick = tokio::time::interval(RECHECK);
+pub async fn watch_revocation(
+    certs: IssuedCerts,
+    serial: i64,
+    cut: CancellationToken,
+    every: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tokio::select! {
@@ -150,5 +155,64 @@ impl IssuedCerts {
             serial,
             id,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A revocation another node wrote in the shared store (here: straight into the store,
+    /// not through this node's `revoke`) cuts the connection at the next recheck.
+    #[tokio::test]
+    async fn a_revocation_seen_in_the_store_cuts_the_connection() {
+        let dir = std::env::temp_dir().join(format!("bastide-issued-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let paths = crate::pki::PkiPaths::new(&dir);
+        crate::pki::init(&paths, "p", None, &[]).unwrap();
+        let store = crate::store::Store::create(&dir.join("registry.sqlite")).unwrap();
+        let ca = crate::pki::AgentCa::load(&paths, "p", None).unwrap();
+        let reg = Registry::open(
+            store,
+            ca,
+            crate::registry::RegistrySettings {
+                cert_lifetime: std::time::Duration::from_secs(3600),
+                addresses: Default::default(),
+            },
+        )
+        .unwrap();
+        let certs = IssuedCerts::new(reg.clone());
+        let now = crate::unix_now();
+        certs
+            .record(SshCertRow {
+                serial: 7,
+                admin: "alice".into(),
+                sub: "s".into(),
+                groups: vec![],
+                key_fingerprint: "SHA256:x".into(),
+                valid_after: now - 10,
+                valid_before: now + 3600,
+                issued_at: now,
+                source: "127.0.0.1".into(),
+                revoked: false,
+            })
+            .await
+            .unwrap();
+        let every = std::time::Duration::from_millis(20);
+        let cut = CancellationToken::new();
+        let watch = tokio::spawn(watch_revocation(certs.clone(), 7, cut.clone(), every));
+        tokio::time::sleep(every * 5).await;
+        assert!(!cut.is_cancelled(), "a valid certificate is not cut");
+        let r = reg
+            .with_store(|s| s.revoke_ssh_certs(Some(7), None))
+            .unwrap();
+        assert_eq!(r, vec![7]);
+        tokio::time::timeout(std::time::Duration::from_secs(5), watch)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(cut.is_cancelled());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -580,6 +580,7 @@ impl russh::server::Handler for Conn {
                             self.shared.issued.clone(),
                             serial,
                             self.cut.clone(),
+                            issued::RECHECK,
                         ));
                     }
                     Ok(self.accept(id))
