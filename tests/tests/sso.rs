@@ -478,6 +478,16 @@ agents = ["web*"]
     );
     let ended = wait_for(Duration::from_secs(10), || open.try_wait().unwrap());
     assert!(ended.is_some(), "the open jump survived the revocation");
+    let ended = wait_for(Duration::from_secs(5), || {
+        env.audit_lines().into_iter().find(|l| {
+            l["event"] == "end"
+                && l["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("certificate revoked")
+        })
+    });
+    assert!(ended.is_some(), "{:?}", env.audit_lines());
     let o = ssh(&cfg, tport, &["root@web01", "true"]).output().unwrap();
     assert!(!o.status.success());
     assert!(

@@ -47,11 +47,13 @@ impl Drop for Tracked {
 pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Cuts `cut` when the certificate `serial` is found revoked (or gone) in the store; ends
-/// when `cut` is cancelled (the connection ended). A store that cannot be read cuts nothing.
+/// when `cut` is cancelled or the connection ends (`ended`). A store that cannot be read
+/// cuts nothing.
 pub async fn watch_revocation(
     certs: IssuedCerts,
     serial: i64,
     cut: CancellationToken,
+    ended: CancellationToken,
     every: std::time::Duration,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -59,6 +61,7 @@ pub async fn watch_revocation(
     loop {
         tokio::select! {
             _ = cut.cancelled() => return,
+            _ = ended.cancelled() => return,
             _ = tick.tick() => {}
         }
         match certs.get(serial).await {
@@ -200,8 +203,28 @@ mod tests {
             .await
             .unwrap();
         let every = std::time::Duration::from_millis(20);
+        // A connection that ends stops its watcher.
+        let ended = CancellationToken::new();
+        let w = tokio::spawn(watch_revocation(
+            certs.clone(),
+            7,
+            CancellationToken::new(),
+            ended.clone(),
+            every,
+        ));
+        ended.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(5), w)
+            .await
+            .unwrap()
+            .unwrap();
         let cut = CancellationToken::new();
-        let watch = tokio::spawn(watch_revocation(certs.clone(), 7, cut.clone(), every));
+        let watch = tokio::spawn(watch_revocation(
+            certs.clone(),
+            7,
+            cut.clone(),
+            CancellationToken::new(),
+            every,
+        ));
         tokio::time::sleep(every * 5).await;
         assert!(!cut.is_cancelled(), "a valid certificate is not cut");
         let r = reg

@@ -419,6 +419,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         identity: None,
         authed: authed.clone(),
         cut: cut.clone(),
+        ended: kill.clone(),
         tracked: None,
     };
     let deadline = tokio::time::Instant::now() + live.auth_timeout;
@@ -480,6 +481,8 @@ struct Conn {
     identity: Option<auth::Identity>,
     authed: Arc<AtomicBool>,
     cut: CancellationToken,
+    /// Cancelled when the connection ends (the stream's kill switch).
+    ended: CancellationToken,
     /// The single sign-on certificate this connection authenticated with, for revocation.
     tracked: Option<issued::Tracked>,
 }
@@ -580,6 +583,7 @@ impl russh::server::Handler for Conn {
                             self.shared.issued.clone(),
                             serial,
                             self.cut.clone(),
+                            self.ended.clone(),
                             issued::RECHECK,
                         ));
                     }
@@ -831,6 +835,11 @@ async fn jump(
         shared.counters.clone(),
     )
     .await;
+    let why = if cut.is_cancelled() && !shared.shutdown.is_cancelled() {
+        "certificate revoked"
+    } else {
+        why
+    };
     drop(slot);
     shared.counters.jumps_open.fetch_sub(1, Ordering::Relaxed);
     rec.event = "end";
