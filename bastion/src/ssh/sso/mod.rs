@@ -391,6 +391,9 @@ mod tests {
         .unwrap()
     }
 
+    /// An RSA key too small for the SSH service (ssh-keygen -t rsa -b 2048).
+    const RSA_2048: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQDWqOfSDZFd7VGVIwu3fB++mOJwrl4bdrOPJaeGhz29hbps0foaZhM3IOfqUCEFPHGU7diQZiS0TLyW7XLWdDZdeha5fazTMGlm6uQPUzzS0fucmY8C2twPfaMZEGT3fNf2Tj+IemQYm+5pv7mdXkzzcKXfhjAosBnvGg88WhkJwHORKKy6IigFyv3LWX59ffk5V2q9yuGMwaY3maqbYRx7RtPM7HuaeCZwUz2T4T6/jwUuQzzZ7aW8MEvrdsNhMM8M6EDjkvPkVwd1fRbY37LlFOqCqV0y2vPE7Oho+//TBmuBRxpQ8JYDXmd8yzZuQuxuK/cKl2mpTdzo+QHl3H5P";
+
     fn ssh_key(seed: u8) -> String {
         PrivateKey::from(Ed25519Keypair::from_seed(&[seed; 32]))
             .public_key()
@@ -515,7 +518,8 @@ mod tests {
         check(&forge(5, &["group:ops"])).unwrap();
 
         let stranger = signer("k2");
-        let cases: Vec<(String, String, &str)> = vec![
+        let cases: Vec<(String, String, &str)> =
+            vec![
             (good.sign(&claims(&|_| {})), ssh_key(5), "used already"),
             (
                 good.sign(&claims(&|c| c["exp"] = (now - 120).into())),
@@ -583,6 +587,7 @@ mod tests {
                 "ssh-dss AAAA".into(),
                 "not an OpenSSH public key",
             ),
+            (good.sign(&claims(&|_| {})), RSA_2048.into(), "at least 3072 required"),
             ("not.a.jwt".into(), ssh_key(5), "not a signed JWT"),
         ];
         for (token, key, why) in cases {
