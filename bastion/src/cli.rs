@@ -16,7 +16,7 @@ use crate::control as admin;
 use crate::logging::LogFormat;
 use crate::registry::{AgentStatus, CreatedToken, TokenSpec, TokenStatus};
 use crate::smtp::MailRequest;
-use crate::ssh::service::SshRequest;
+use crate::ssh::service::{SshCertsRequest, SshRequest};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -220,6 +220,31 @@ pub enum SshCmd {
     },
     /// Print the fingerprint of the bastion's SSH host key (no daemon needed).
     Fingerprint,
+    /// Print the public key of the SSH user CA of single sign-on (for a VM's
+    /// TrustedUserCAKeys); creates the CA in a state directory made before it existed.
+    UserCa,
+    /// SSH user certificates issued after single sign-on.
+    #[command(subcommand)]
+    Certs(SshCertsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SshCertsCmd {
+    /// List the certificates that are valid now (--all: expired and revoked ones too).
+    List {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a certificate by serial, or every certificate of an admin: refused at once,
+    /// open connections cut.
+    Revoke {
+        #[arg(required_unless_present = "admin", conflicts_with = "admin")]
+        serial: Option<i64>,
+        #[arg(long)]
+        admin: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -1016,6 +1041,69 @@ async fn ssh(cli: &Cli, cmd: &SshCmd) -> Result<()> {
         SshCmd::Fingerprint => {
             let cfg = Config::parse_file(&cli.config)?;
             println!("{}", crate::ssh::hosts::fingerprint(&cfg)?);
+        }
+        SshCmd::UserCa => {
+            let cfg = Config::parse_file(&cli.config)?;
+            let paths = cfg.pki_paths();
+            if crate::ssh::userca::ensure(&paths.ssh_user_ca_key)? {
+                eprintln!(
+                    "created the SSH user CA {} (restart bastide to use it)",
+                    paths.ssh_user_ca_key.display()
+                );
+            }
+            let ca = crate::ssh::userca::load(&paths.ssh_user_ca_key)?;
+            println!("{}", crate::ssh::userca::public_line(&ca)?);
+        }
+        SshCmd::Certs(SshCertsCmd::List { all, json }) => {
+            let v = admin::call(&socket(cli)?, &SshCertsRequest::SshCertsList).await?;
+            let rows: Vec<crate::store::SshCertRow> = serde_json::from_value(v)?;
+            let now = crate::unix_now();
+            let rows: Vec<_> = rows
+                .into_iter()
+                .filter(|r| *all || (!r.revoked && r.valid_before > now))
+                .collect();
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<20} {:<16} {:<21} {:<21} {:<8} {:<24} SUB",
+                    "SERIAL", "ADMIN", "VALID FROM", "VALID UNTIL", "STATE", "GROUPS"
+                );
+                for r in rows {
+                    let state = if r.revoked {
+                        "revoked"
+                    } else if r.valid_before <= now {
+                        "expired"
+                    } else {
+                        "valid"
+                    };
+                    println!(
+                        "{:<20} {:<16} {:<21} {:<21} {:<8} {:<24} {}",
+                        r.serial,
+                        r.admin,
+                        ts(r.valid_after),
+                        ts(r.valid_before),
+                        state,
+                        r.groups.join(","),
+                        r.sub
+                    );
+                }
+            }
+        }
+        SshCmd::Certs(SshCertsCmd::Revoke { serial, admin: who }) => {
+            let req = SshCertsRequest::SshCertsRevoke {
+                serial: *serial,
+                admin: who.clone(),
+            };
+            let v = admin::call(&socket(cli)?, &req).await?;
+            let r: crate::ssh::issued::Revoked = serde_json::from_value(v)?;
+            if r.serials.is_empty() {
+                anyhow::bail!("no valid certificate matched");
+            }
+            for s in &r.serials {
+                println!("certificate {s} revoked");
+            }
+            println!("{} connection(s) cut", r.connections_cut);
         }
         SshCmd::KnownHosts => {
             let v = admin::call(&socket(cli)?, &SshRequest::SshKnownHosts).await?;

@@ -37,6 +37,8 @@ pub struct PkiPaths {
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     pub ssh_host_key: PathBuf,
+    /// The SSH user-certificate CA of single sign-on (`crate::ssh::userca`).
+    pub ssh_user_ca_key: PathBuf,
 }
 
 impl PkiPaths {
@@ -48,6 +50,7 @@ impl PkiPaths {
             server_cert: dir.join("server.crt"),
             server_key: dir.join("server.key"),
             ssh_host_key: state_dir.join("ssh_host_ed25519_key"),
+            ssh_user_ca_key: dir.join("ssh-user-ca.key"),
             dir,
         }
     }
@@ -192,6 +195,7 @@ pub fn init(
     let issuer = Issuer::new(ca, ca_key);
     issue_server_cert(paths, &issuer, project, zone, extra_sans)?;
     write_ssh_host_key(&paths.ssh_host_key)?;
+    crate::ssh::userca::ensure(&paths.ssh_user_ca_key)?;
     Ok(())
 }
 
@@ -294,6 +298,9 @@ pub struct Identity {
     pub server_cert: String,
     pub server_key: String,
     pub ssh_host_key: String,
+    /// The SSH user CA (absent in bundles of bastides that predate single sign-on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_user_ca_key: Option<String>,
 }
 
 impl Identity {
@@ -314,6 +321,13 @@ impl Identity {
             server_cert: read(&paths.server_cert)?,
             server_key: read(&paths.server_key)?,
             ssh_host_key: read(&paths.ssh_host_key)?,
+            ssh_user_ca_key: match paths.ssh_user_ca_key.exists() {
+                true => {
+                    check_secret_file(&paths.ssh_user_ca_key)?;
+                    Some(read(&paths.ssh_user_ca_key)?)
+                }
+                false => None,
+            },
         })
     }
 
@@ -358,6 +372,10 @@ impl Identity {
         })?;
         russh::keys::ssh_key::PrivateKey::from_openssh(&self.ssh_host_key)
             .context("identity bundle: SSH host key")?;
+        if let Some(k) = &self.ssh_user_ca_key {
+            russh::keys::ssh_key::PrivateKey::from_openssh(k)
+                .context("identity bundle: SSH user CA key")?;
+        }
         Ok(())
     }
 
@@ -376,6 +394,20 @@ impl Identity {
         write_atomic(&paths.server_key, self.server_key.as_bytes(), 0o600)?;
         write_atomic(&paths.server_cert, self.server_cert.as_bytes(), 0o644)?;
         write_atomic(&paths.ssh_host_key, self.ssh_host_key.as_bytes(), 0o600)?;
+        if let Some(k) = &self.ssh_user_ca_key {
+            write_atomic(&paths.ssh_user_ca_key, k.as_bytes(), 0o600)?;
+            let ca = russh::keys::ssh_key::PrivateKey::from_openssh(k)
+                .context("identity bundle: SSH user CA key")?;
+            let public = ca
+                .public_key()
+                .to_openssh()
+                .context("encoding SSH public key")?;
+            write_atomic(
+                &paths.ssh_user_ca_key.with_extension("pub"),
+                format!("{public}\n").as_bytes(),
+                0o644,
+            )?;
+        }
         let key = russh::keys::ssh_key::PrivateKey::from_openssh(&self.ssh_host_key)
             .context("identity bundle: SSH host key")?;
         let public = key

@@ -460,6 +460,13 @@ impl Registry {
         &self.inner.ca
     }
 
+    /// Runs `f` on the store under the registry's lock, for the rows the registry keeps for
+    /// another service (the SSH user certificates of `crate::ssh::issued`). Blocking (one
+    /// transaction): call from `spawn_blocking`.
+    pub fn with_store<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
+        f(&mut lock(&self.inner.store))
+    }
+
     /// Which store the registry lives in ("SQLite /var/lib/bastide/registry.sqlite").
     pub fn store_description(&self) -> &str {
         &self.inner.store_describe

@@ -86,6 +86,31 @@ pub struct CertRow {
     pub revoked: bool,
 }
 
+/// An SSH user certificate the bastion issued after a single sign-on (`[ssh.sso]`): the
+/// groups it carries for `[[ssh.rules]]`, and whether it was revoked.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SshCertRow {
+    /// The certificate's serial (below 2^63, so that both backends store it as a signed
+    /// 64-bit integer).
+    pub serial: i64,
+    pub admin: String,
+    /// The ID token's `sub` at the provider.
+    pub sub: String,
+    pub groups: Vec<String>,
+    /// SHA-256 fingerprint of the certified key.
+    pub key_fingerprint: String,
+    pub valid_after: i64,
+    pub valid_before: i64,
+    pub issued_at: i64,
+    /// Address the login came from.
+    pub source: String,
+    pub revoked: bool,
+}
+
+/// How long an expired SSH certificate's row is kept: it still tells who used that key
+/// (a key is one admin's only).
+pub const SSH_CERT_KEEP: i64 = 30 * 24 * 3600;
+
 /// Every row of a store: what `bastide store migrate` copies.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Dump {
@@ -168,6 +193,16 @@ pub trait Backend: Send {
     }
     /// Which store this is, for logs ("SQLite /var/lib/bastide/registry.sqlite").
     fn describe(&self) -> String;
+    /// Records an issued SSH user certificate, and deletes rows expired for more than
+    /// [`SSH_CERT_KEEP`] in the same transaction.
+    fn insert_ssh_cert(&mut self, c: &SshCertRow, now: i64) -> Result<()>;
+    /// The issued SSH certificate of that serial.
+    fn ssh_cert(&mut self, serial: i64) -> Result<Option<SshCertRow>>;
+    /// Every issued SSH certificate row, by serial.
+    fn ssh_certs(&mut self) -> Result<Vec<SshCertRow>>;
+    /// Revokes the unrevoked certificates of that serial or of that admin (at least one
+    /// given); returns the serials revoked.
+    fn revoke_ssh_certs(&mut self, serial: Option<i64>, admin: Option<&str>) -> Result<Vec<i64>>;
 }
 
 /// The registry's store: one of the two backends.
@@ -623,6 +658,46 @@ pub(crate) mod tests {
             eprintln!("--- {what}");
             f(&mut fx.store);
         }
+    }
+
+    #[test]
+    fn ssh_certs_record_revoke_and_prune() {
+        each_backend(|s| {
+            let row = |serial: i64, admin: &str, before: i64| SshCertRow {
+                serial,
+                admin: admin.into(),
+                sub: format!("sub-{admin}"),
+                groups: vec!["ops".into(), "dba".into()],
+                key_fingerprint: format!("SHA256:{serial}"),
+                valid_after: 100,
+                valid_before: before,
+                issued_at: 100,
+                source: "127.0.0.1".into(),
+                revoked: false,
+            };
+            let big = i64::MAX - 1;
+            s.insert_ssh_cert(&row(big, "alice", 1000), 200).unwrap();
+            s.insert_ssh_cert(&row(2, "alice", 1000), 200).unwrap();
+            s.insert_ssh_cert(&row(3, "bob", 1000), 200).unwrap();
+            assert_eq!(s.ssh_cert(big).unwrap().unwrap(), row(big, "alice", 1000));
+            assert!(s.ssh_cert(4).unwrap().is_none());
+            assert!(
+                s.insert_ssh_cert(&row(3, "bob", 1000), 200).is_err(),
+                "serials are unique"
+            );
+            let mut r = s.revoke_ssh_certs(None, Some("alice")).unwrap();
+            r.sort();
+            assert_eq!(r, vec![2, big]);
+            assert!(s.revoke_ssh_certs(None, Some("alice")).unwrap().is_empty());
+            assert_eq!(s.revoke_ssh_certs(Some(3), None).unwrap(), vec![3]);
+            assert!(s.revoke_ssh_certs(None, None).unwrap().is_empty());
+            assert!(s.ssh_certs().unwrap().iter().all(|c| c.revoked));
+            // Rows expired for longer than SSH_CERT_KEEP go at the next issue.
+            s.insert_ssh_cert(&row(5, "carol", 2000), 1000 + SSH_CERT_KEEP + 1)
+                .unwrap();
+            let left: Vec<i64> = s.ssh_certs().unwrap().iter().map(|c| c.serial).collect();
+            assert_eq!(left, vec![5]);
+        });
     }
 
     fn token(id: &str, uses: u32, created: i64) -> TokenRow {

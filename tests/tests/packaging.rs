@@ -718,8 +718,9 @@ fn packaging_templates_render_and_rsyslog_accepts_them() {
                 "smtp": {"host": "10.0.0.1", "port": 25},
                 "syslog": {"host": "10.0.0.1", "port": 514, "protocol": "tcp"},
             },
+            "ssh_user_ca": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHtlFkDaDSwC2VsKj2yxzgyhDiZbsNrbjzCtr0rRwc3D bastide SSH user CA",
         },
-        "agent": {"name": "web01"},
+        "agent": {"name": "web01", "ssh_principals": ["group:ops", "alice"]},
     });
     let render = |name: &str| -> String {
         let out = run(Command::new(&python)
@@ -740,7 +741,7 @@ fn packaging_templates_render_and_rsyslog_accepts_them() {
         .filter(|n| n.ends_with(".j2"))
         .collect();
     names.sort();
-    assert_eq!(names.len(), 5, "{names:?}");
+    assert_eq!(names.len(), 8, "{names:?}");
     let rendered: HashMap<String, String> = names.iter().map(|n| (n.clone(), render(n))).collect();
 
     let resolved = &rendered["resolved-bastide.conf.j2"];
@@ -758,6 +759,48 @@ fn packaging_templates_render_and_rsyslog_accepts_them() {
         remotes.ends_with("\n10.0.0.1 smtp --port=25\n"),
         "{remotes}"
     );
+
+    // sshd accepts the single sign-on trust: its configuration with the rendered fragment,
+    // the CA file and the principals file (checked by sshd -T for root).
+    let principals = &rendered["bastide-principals.j2"];
+    let lines: Vec<&str> = principals
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    assert_eq!(lines, ["group:ops", "alice"], "{principals}");
+    let ca = &rendered["bastide-user-ca.pub.j2"];
+    assert!(ca.trim_end().ends_with("bastide SSH user CA"), "{ca}");
+    let sshd = require("sshd", "openssh-server");
+    let ssh_dir = tmp.path().join("ssh");
+    std::fs::create_dir_all(&ssh_dir).unwrap();
+    let host_key = ssh_dir.join("host_key");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&host_key));
+    let fragment =
+        rendered["sshd-bastide.conf.j2"].replace("/etc/ssh/", &format!("{}/", ssh_dir.display()));
+    std::fs::write(ssh_dir.join("bastide_user_ca.pub"), ca).unwrap();
+    let sshd_cfg = ssh_dir.join("sshd_config");
+    std::fs::write(
+        &sshd_cfg,
+        format!("HostKey {}\nPidFile none\n{fragment}", host_key.display()),
+    )
+    .unwrap();
+    let out = Command::new(&sshd)
+        .args(["-T", "-C", "user=root,host=vm,addr=10.0.0.9", "-f"])
+        .arg(&sshd_cfg)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "sshd -T: {text}");
+    assert!(
+        text.contains(&format!(
+            "trustedusercakeys {}/bastide_user_ca.pub",
+            ssh_dir.display()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("authorizedprincipalsfile"), "{text}");
 
     // rsyslog parses the forwarding rule (with a work directory for its disk queue).
     let conf = tmp.path().join("rsyslog.conf");

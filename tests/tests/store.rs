@@ -39,7 +39,7 @@ fn foundation_flows_on_postgres() {
     );
     assert_eq!(
         pg.psql("bastide", "SELECT max(version) FROM schema_migrations"),
-        "3"
+        "4"
     );
     let status = b.cli_ok(&["status"]);
     assert!(
@@ -403,6 +403,8 @@ fn a_second_node_joins_with_the_first_nodes_identity() {
         "ssh_host_ed25519_key.pub",
         "pki/server.crt",
         "pki/agent-ca.crt",
+        // The single sign-on user CA: certificates of one node are good on the other.
+        "pki/ssh-user-ca.pub",
     ] {
         assert_eq!(
             std::fs::read(a.state_dir().join(f)).unwrap(),
@@ -410,7 +412,12 @@ fn a_second_node_joins_with_the_first_nodes_identity() {
             "{f}"
         );
     }
-    for f in ["ssh_host_ed25519_key", "pki/agent-ca.key", "pki/server.key"] {
+    for f in [
+        "ssh_host_ed25519_key",
+        "pki/agent-ca.key",
+        "pki/server.key",
+        "pki/ssh-user-ca.key",
+    ] {
         let m = std::fs::metadata(b.state_dir().join(f)).unwrap();
         assert_eq!(m.permissions().mode() & 0o777, 0o600, "{f}");
     }

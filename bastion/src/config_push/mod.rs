@@ -174,6 +174,8 @@ struct Inner {
     zone: Option<String>,
     bastion: serde_json::Value,
     registry: Registry,
+    /// The SSH rules, for each agent's `ssh_principals` (set by the service; none: empty).
+    ssh_policy: Mutex<Option<Arc<crate::ssh::config::Policy>>>,
     current: Mutex<Option<Arc<Prepared>>>,
     /// The tree's directory and, from a git source, its commit (`None`: no commit yet).
     source: Mutex<Option<(PathBuf, Option<String>)>>,
@@ -282,6 +284,7 @@ impl ConfigPushHandle {
                 zone,
                 bastion,
                 registry,
+                ssh_policy: Mutex::new(None),
                 source: Mutex::new(source),
                 loading: Mutex::new(()),
                 rollout: Mutex::new(None),
@@ -346,7 +349,22 @@ impl ConfigPushHandle {
     }
 
     fn facts(&self, a: &AgentInfo) -> serde_json::Value {
-        agent_facts(a, self.inner.zone.as_deref())
+        let mut f = agent_facts(a, self.inner.zone.as_deref());
+        // Who may log in to the VM with a single sign-on certificate (templates
+        // bastide-principals.j2): by the same [[ssh.rules]] as the jumps.
+        let principals = match &*lock(&self.inner.ssh_policy) {
+            Some(p) => crate::ssh::rules::principals_for(p, a),
+            None => Vec::new(),
+        };
+        if let Some(o) = f.as_object_mut() {
+            o.insert("ssh_principals".into(), serde_json::json!(principals));
+        }
+        f
+    }
+
+    /// The SSH rules `agent.ssh_principals` follow.
+    pub fn set_ssh_policy(&self, policy: Option<Arc<crate::ssh::config::Policy>>) {
+        *lock(&self.inner.ssh_policy) = policy;
     }
 
     /// The active agents (those named, or all) as render jobs against `p`; with `skip`,

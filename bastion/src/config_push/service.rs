@@ -78,6 +78,12 @@ impl Service for ConfigPush {
             bastion_vars(cfg),
             ctx.registry.clone(),
         );
+        handle.set_ssh_policy(
+            cfg.ssh
+                .as_ref()
+                .and_then(|s| crate::ssh::config::Policy::build(s, cfg.zone.as_deref()).ok())
+                .map(Arc::new),
+        );
         ctx.handles.provide(handle.clone());
         let git = c
             .git
@@ -309,5 +315,12 @@ pub fn bastion_vars(cfg: &Config) -> serde_json::Value {
         "zone": cfg.zone.clone().unwrap_or_default(),
         "address": address.map(|a| a.to_string()).unwrap_or_default(),
         "services": services,
+        // The single sign-on user CA (`bastide ssh user-ca`), for a VM's TrustedUserCAKeys;
+        // empty when the state directory has none yet.
+        "ssh_user_ca": std::fs::read_to_string(
+            cfg.pki_paths().ssh_user_ca_key.with_extension("pub")
+        )
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default(),
     })
 }

@@ -55,6 +55,9 @@ pub const SSH_JUMPS_DENIED: &str = "bastide_ssh_jumps_denied_total";
 pub const SSH_JUMPS_OPEN: &str = "bastide_ssh_jumps_open";
 pub const SSH_BYTES_TO_TARGET: &str = "bastide_ssh_bytes_to_target_total";
 pub const SSH_BYTES_FROM_TARGET: &str = "bastide_ssh_bytes_from_target_total";
+pub const SSH_CERTS_ISSUED: &str = "bastide_ssh_certs_issued_total";
+pub const SSH_CERTS_REVOKED: &str = "bastide_ssh_certs_revoked_total";
+pub const SSH_SSO_LOGINS_REFUSED: &str = "bastide_ssh_sso_logins_refused_total";
 pub const DNS_QUERIES: &str = "bastide_dns_queries_total";
 pub const DNS_RESPONSES: &str = "bastide_dns_responses_total";
 pub const DNS_CACHE_HITS: &str = "bastide_dns_cache_hits_total";
@@ -277,6 +280,21 @@ pub fn describe() {
         describe_counter!(name, help);
     }
     describe_gauge!(SSH_JUMPS_OPEN, "Jump channels open now");
+    describe_counter!(
+        SSH_CERTS_ISSUED,
+        Unit::Count,
+        "SSH user certificates issued after a single sign-on."
+    );
+    describe_counter!(
+        SSH_CERTS_REVOKED,
+        Unit::Count,
+        "SSH user certificates revoked (bastide ssh certs revoke)."
+    );
+    describe_counter!(
+        SSH_SSO_LOGINS_REFUSED,
+        Unit::Count,
+        "Single sign-on logins refused (bad token, name, groups or key)."
+    );
     // DNS.
     describe_counter!(DNS_QUERIES, "DNS queries received, by query type.");
     describe_counter!(DNS_RESPONSES, "DNS responses sent, by response code.");

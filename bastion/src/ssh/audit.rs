@@ -85,8 +85,16 @@ impl Audit {
         })
     }
 
+    /// Appends one line of another kind (single sign-on: an issued certificate, a refused
+    /// login, a revocation); a failure is logged loudly.
+    pub async fn write_event<T: Serialize>(&self, rec: &T) {
+        if let Err(e) = self.append(rec).await {
+            error!(error = %e, "audit: record lost");
+        }
+    }
+
     /// Appends one record and fsyncs it.
-    async fn append(&self, rec: &Record) -> Result<(), AuditError> {
+    async fn append<T: Serialize>(&self, rec: &T) -> Result<(), AuditError> {
         let mut line = serde_json::to_vec(rec)?;
         line.push(b'\n');
         let file = self.file.clone();

@@ -25,6 +25,10 @@ pub struct Identity {
     /// False for a certificate without `permit-port-forwarding`.
     #[serde(skip)]
     pub may_forward: bool,
+    /// For a certificate issued after single sign-on: the groups recorded with its serial
+    /// (what `[[ssh.rules]]` by group see instead of `[[ssh.admins]]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sso_groups: Option<std::collections::BTreeSet<String>>,
 }
 
 /// Whether some admin named `user` could accept this key, possibly as a certificate's key:
@@ -56,6 +60,7 @@ pub fn check_key(policy: &Policy, user: &str, key: &KeyData) -> Result<Identity,
         cert_serial: None,
         cert_ca: None,
         may_forward: true,
+        sso_groups: None,
     })
 }
 
@@ -144,6 +149,115 @@ pub fn check_certificate(
         cert_serial: Some(cert.serial()),
         cert_ca: Some(fingerprint(cert.signature_key())),
         may_forward: cert.extensions().contains_key("permit-port-forwarding"),
+        sso_groups: None,
+    })
+}
+
+/// Checks the critical options of a certificate (only `source-address` is supported).
+fn check_critical_options(cert: &Certificate, peer: Option<IpAddr>) -> Result<(), String> {
+    let id = cert.key_id();
+    for (name, value) in cert.critical_options().iter() {
+        match name.as_str() {
+            "source-address" => {
+                let Some(ip) = peer else {
+                    return Err("source-address: client address unknown".into());
+                };
+                let mut any = false;
+                for net in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    match net.parse::<Cidr>() {
+                        Ok(c) => any |= c.contains(ip),
+                        Err(e) => {
+                            return Err(format!("certificate {id:?}: bad source-address {e}"))
+                        }
+                    }
+                }
+                if !any {
+                    return Err(format!(
+                        "certificate {id:?}: source-address {value} excludes {ip}"
+                    ));
+                }
+            }
+            other => {
+                return Err(format!(
+                    "certificate {id:?}: critical option {other:?} is not supported"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a certificate signed by the bastion's own user CA (single sign-on), given the
+/// row recorded under its serial: the principal is the login name and the recorded admin,
+/// the serial is known and not revoked, the key is the one certified at issue.
+pub fn check_sso_certificate(
+    user: &str,
+    cert: &Certificate,
+    row: Option<&crate::store::SshCertRow>,
+    peer: Option<IpAddr>,
+    now: u64,
+) -> Result<Identity, String> {
+    let id = cert.key_id();
+    if !cert.cert_type().is_user() {
+        return Err(format!("certificate {id:?} is a host certificate"));
+    }
+    if now < cert.valid_after() {
+        return Err(format!("certificate {id:?} is not yet valid"));
+    }
+    if now >= cert.valid_before() {
+        return Err(format!("certificate {id:?} has expired"));
+    }
+    if let Some(p) = key_data_problem(cert.public_key()) {
+        return Err(format!("certificate {id:?}: {p}"));
+    }
+    let principals = cert.valid_principals();
+    if principals.first().map(String::as_str) != Some(user) {
+        return Err(format!(
+            "certificate {id:?} is for {principals:?}, not for {user}"
+        ));
+    }
+    let serial =
+        i64::try_from(cert.serial()).map_err(|_| format!("certificate {id:?}: unknown serial"))?;
+    let Some(row) = row.filter(|r| r.serial == serial) else {
+        return Err(format!(
+            "certificate {id:?}: serial {serial} was not issued here"
+        ));
+    };
+    if row.revoked {
+        return Err(format!("certificate {id:?}: serial {serial} is revoked"));
+    }
+    if row.admin != user {
+        return Err(format!(
+            "certificate {id:?}: serial {serial} was issued to {}",
+            row.admin
+        ));
+    }
+    // The others are the recorded groups, as issued.
+    for p in &principals[1..] {
+        let ok = p
+            .strip_prefix(crate::ssh::names::GROUP_PRINCIPAL)
+            .is_some_and(|g| row.groups.iter().any(|x| x == g));
+        if !ok {
+            return Err(format!(
+                "certificate {id:?}: principal {p:?} was not issued with serial {serial}"
+            ));
+        }
+    }
+    let fp = fingerprint(cert.public_key());
+    if row.key_fingerprint != fp {
+        return Err(format!(
+            "certificate {id:?}: serial {serial} certified another key"
+        ));
+    }
+    check_critical_options(cert, peer)?;
+    Ok(Identity {
+        admin: user.to_string(),
+        key_fingerprint: fp,
+        cert_key_id: Some(id.to_string()),
+        cert_serial: Some(cert.serial()),
+        cert_ca: Some(fingerprint(cert.signature_key())),
+        may_forward: cert.extensions().contains_key("permit-port-forwarding"),
+        sso_groups: Some(row.groups.iter().cloned().collect()),
     })
 }
 

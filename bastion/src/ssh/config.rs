@@ -85,6 +85,9 @@ pub struct SshConfig {
     /// ...or after this long.
     #[serde(default = "default_rekey_interval", with = "humantime_serde")]
     pub rekey_interval: Duration,
+    /// `[ssh.sso]`: single sign-on with an OpenID Connect provider (read at start).
+    #[serde(default)]
+    pub sso: Option<super::sso::config::SsoConfig>,
     /// A jump channel whose target accepts no byte for this long while its buffer
     /// (`target_buffer` bytes) is full is closed: until then the whole connection waits
     /// (russh re-opens a channel's window as data arrives, not as the target takes it).
@@ -381,13 +384,7 @@ fn parse_admin_key(line: &str) -> Result<Result<AdminKey, CertAuthority>, String
     }
 }
 
-/// A valid login / group name: what OpenSSH accepts as a user name, conservatively.
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
+pub use super::names::valid_name;
 
 /// Name of the SSH audit log in the state directory when `audit_log` is not set.
 pub const DEFAULT_AUDIT_LOG: &str = "ssh-audit.jsonl";
@@ -455,6 +452,7 @@ impl SshConfig {
                 ),
             }
         }
+        let sso_problems = self.sso.as_ref().map(|s| s.problems()).unwrap_or_default();
         for (i, line) in self.host_cert_authorities.iter().enumerate() {
             match PublicKey::from_openssh(line.trim()) {
                 Ok(k) => {
@@ -468,6 +466,7 @@ impl SshConfig {
                 ),
             }
         }
+        out.extend(sso_problems);
         out
     }
 }

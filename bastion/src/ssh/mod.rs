@@ -11,9 +11,13 @@ pub mod auth;
 pub mod config;
 pub mod forward;
 pub mod hosts;
+pub mod issued;
 pub mod limits;
+pub mod names;
 pub mod rules;
 pub mod service;
+pub mod sso;
+pub mod userca;
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -23,6 +27,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use russh::keys::ssh_key::public::KeyData;
 use russh::keys::ssh_key::{Algorithm, Certificate, EcdsaCurve, HashAlg, PrivateKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelOpenFailure, MethodKind, MethodSet, Preferred};
@@ -83,6 +88,7 @@ pub fn counters() -> Arc<Counters> {
 
 /// What reload swaps: the compiled policy and the russh configuration built from it.
 struct Live {
+    config: Arc<Config>,
     policy: Arc<Policy>,
     russh: Arc<russh::server::Config>,
     auth_timeout: Duration,
@@ -91,6 +97,10 @@ struct Live {
 struct Shared {
     live: RwLock<Arc<Live>>,
     registry: Registry,
+    /// The user CA of single sign-on: certificates it signed are checked against
+    /// `issued`, not against `[[ssh.admins]]`.
+    user_ca: Option<KeyData>,
+    issued: issued::IssuedCerts,
     audit: audit::Audit,
     counters: Arc<Counters>,
     limiter: limits::RateLimiter,
@@ -104,6 +114,10 @@ impl Shared {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         }
+    }
+
+    fn config(&self) -> Arc<Config> {
+        self.live().config.clone()
     }
 }
 
@@ -209,6 +223,7 @@ fn build_live(cfg: &Config) -> Result<Live> {
         )
     })?;
     Ok(Live {
+        config: Arc::new(cfg.clone()),
         policy: Arc::new(policy),
         russh: Arc::new(russh_config(ssh, load_host_key(cfg)?)),
         auth_timeout: ssh.auth_timeout,
@@ -233,20 +248,39 @@ pub async fn run(
     mut config: watch::Receiver<Arc<Config>>,
     registry: Registry,
     listener: crate::listeners::TcpListeners,
+    sso: Option<crate::listeners::TcpListeners>,
+    issued: issued::IssuedCerts,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let cfg = config.borrow_and_update().clone();
     let ssh = cfg.ssh.clone().context("no [ssh] table")?;
     let live = build_live(&cfg)?;
+    let paths = cfg.pki_paths();
+    if userca::ensure(&paths.ssh_user_ca_key)? {
+        info!(key = %paths.ssh_user_ca_key.display(), "ssh: user CA created (single sign-on)");
+    }
+    let user_ca = Arc::new(userca::load(&paths.ssh_user_ca_key)?);
     let shared = Arc::new(Shared {
         live: RwLock::new(Arc::new(live)),
         registry,
+        user_ca: Some(user_ca.public_key().key_data().clone()),
+        issued: issued.clone(),
         audit: audit::Audit::open(&ssh.audit_log_path(&cfg.state_dir), ssh.audit_fail_open)?,
         counters: counters(),
         limiter: limits::RateLimiter::new(ssh.rate_limit_burst, ssh.rate_limit_refill),
         sessions: Arc::new(limits::Sessions::default()),
         shutdown: shutdown.clone(),
     });
+    if let (Some(listener), Some(sso_cfg)) = (sso, ssh.sso.clone()) {
+        let issuer = Arc::new(sso::Issuer::new(sso_cfg, user_ca.clone(), issued)?);
+        let tls = crate::tls::https_config(&paths)?;
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = sso::http::run(shared, issuer, listener, tls, shutdown).await {
+                warn!(error = %format!("{e:#}"), "ssh: single sign-on endpoint stopped");
+            }
+        });
+    }
     let conns = Arc::new(Semaphore::new(ssh.max_connections));
     info!(listen = ?listener.local_addrs(), admins = ssh.admins.len(), rules = ssh.rules.len(), "ssh jump host listening");
     loop {
@@ -376,11 +410,17 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     };
     let _cut_on_exit = kill.clone().drop_guard();
     let authed = Arc::new(AtomicBool::new(false));
+    // Cancelled when the certificate the connection authenticated with is revoked (and on
+    // shutdown): its jumps end and the connection is cut.
+    let cut = shared.shutdown.child_token();
     let handler = Conn {
         shared: shared.clone(),
         peer,
         identity: None,
         authed: authed.clone(),
+        cut: cut.clone(),
+        ended: kill.clone(),
+        tracked: None,
     };
     let deadline = tokio::time::Instant::now() + live.auth_timeout;
     let started = tokio::time::timeout_at(
@@ -417,6 +457,13 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
                     kill.cancel();
                 }
             }
+            _ = cut.cancelled(), if !shared.shutdown.is_cancelled() => {
+                info!(source = %peer, "ssh: certificate revoked: connection cut");
+                let _ = tokio::time::timeout(Duration::from_secs(1), handle.disconnect(russh::Disconnect::ByApplication, "certificate revoked".into(), "en".into())).await;
+                kill.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(1), &mut running).await;
+                break;
+            }
             _ = shared.shutdown.cancelled() => {
                 let _ = handle.disconnect(russh::Disconnect::ByApplication, "bastion shutting down".into(), "en".into()).await;
                 let _ = tokio::time::timeout(Duration::from_secs(1), &mut running).await;
@@ -433,6 +480,11 @@ struct Conn {
     peer: SocketAddr,
     identity: Option<auth::Identity>,
     authed: Arc<AtomicBool>,
+    cut: CancellationToken,
+    /// Cancelled when the connection ends (the stream's kill switch).
+    ended: CancellationToken,
+    /// The single sign-on certificate this connection authenticated with, for revocation.
+    tracked: Option<issued::Tracked>,
 }
 
 impl Conn {
@@ -471,7 +523,11 @@ impl russh::server::Handler for Conn {
             return Ok(self.refuse(user, "ssh-rsa (SHA-1) signatures are refused"));
         }
         let live = self.shared.live();
-        if auth::offer_acceptable(&live.policy, user, offer.public_key.key_data()) {
+        // With the user CA, any valid name may be a signed-on admin: decided on the
+        // certificate, after the signature.
+        if auth::offer_acceptable(&live.policy, user, offer.public_key.key_data())
+            || (self.shared.user_ca.is_some() && config::valid_name(user))
+        {
             Ok(Auth::Accept)
         } else {
             Ok(self.refuse(user, "unknown key or user"))
@@ -500,6 +556,42 @@ impl russh::server::Handler for Conn {
     ) -> Result<Auth, Self::Error> {
         let live = self.shared.live();
         let now = crate::unix_now().max(0) as u64;
+        if self.shared.user_ca.as_ref() == Some(cert.signature_key()) {
+            let row = match i64::try_from(cert.serial()) {
+                Ok(serial) => match self.shared.issued.get(serial).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!(error = %format!("{e:#}"), "ssh: issued certificates cannot be read");
+                        return Ok(
+                            self.refuse(user, "the bastion cannot read its certificate records")
+                        );
+                    }
+                },
+                Err(_) => None,
+            };
+            return match auth::check_sso_certificate(
+                user,
+                cert,
+                row.as_ref(),
+                Some(self.peer.ip()),
+                now,
+            ) {
+                Ok(id) => {
+                    if let Some(serial) = row.map(|r| r.serial) {
+                        self.tracked = Some(self.shared.issued.track(serial, self.cut.clone()));
+                        tokio::spawn(issued::watch_revocation(
+                            self.shared.issued.clone(),
+                            serial,
+                            self.cut.clone(),
+                            self.ended.clone(),
+                            issued::RECHECK,
+                        ));
+                    }
+                    Ok(self.accept(id))
+                }
+                Err(why) => Ok(self.refuse(user, &why)),
+            };
+        }
         match auth::check_certificate(&live.policy, user, cert, Some(self.peer.ip()), now) {
             Ok(id) => Ok(self.accept(id)),
             Err(why) => Ok(self.refuse(user, &why)),
@@ -571,14 +663,16 @@ impl russh::server::Handler for Conn {
         let shared = self.shared.clone();
         let peer = self.peer;
         let host = host_to_connect.to_string();
+        let cut = self.cut.clone();
         tokio::spawn(async move {
-            jump(shared, id, peer, host, port_to_connect, channel, reply).await;
+            jump(shared, id, peer, host, port_to_connect, channel, reply, cut).await;
         });
         Ok(())
     }
 }
 
 /// Decides, connects, pumps and audits one jump.
+#[allow(clippy::too_many_arguments)]
 async fn jump(
     shared: Arc<Shared>,
     id: auth::Identity,
@@ -587,6 +681,7 @@ async fn jump(
     port: u32,
     channel: Channel<Msg>,
     reply: ChannelOpenHandle,
+    cut: CancellationToken,
 ) {
     let live = shared.live();
     let start = audit::now_rfc3339();
@@ -627,7 +722,19 @@ async fn jump(
         return;
     }
     let snap = shared.registry.snapshot();
-    let allowed = match rules::decide(&live.policy, &id.admin, &snap, &host, port).await {
+    let decided = match &id.sso_groups {
+        Some(groups) => {
+            let admin = config::Admin {
+                name: id.admin.clone(),
+                keys: Vec::new(),
+                cas: Vec::new(),
+                groups: groups.clone(),
+            };
+            rules::decide_as(&live.policy, &admin, &snap, &host, port).await
+        }
+        None => rules::decide(&live.policy, &id.admin, &snap, &host, port).await,
+    };
+    let allowed = match decided {
         Ok(a) => a,
         Err(d) => {
             rec.agent = d.agent;
@@ -723,11 +830,16 @@ async fn jump(
         tcp,
         live.policy.idle_timeout,
         live.policy.target_stall_timeout,
-        shared.shutdown.child_token(),
+        cut.child_token(),
         traffic.clone(),
         shared.counters.clone(),
     )
     .await;
+    let why = if cut.is_cancelled() && !shared.shutdown.is_cancelled() {
+        "certificate revoked"
+    } else {
+        why
+    };
     drop(slot);
     shared.counters.jumps_open.fetch_sub(1, Ordering::Relaxed);
     rec.event = "end";

@@ -102,6 +102,50 @@ pub async fn decide(
             None,
         ));
     };
+    decide_as(policy, admin, snap, host, port).await
+}
+
+/// Whether some rule names `admin` or one of its groups (a certificate that no rule would
+/// use is refused at issue time).
+pub fn any_rule_for(policy: &Policy, admin: &Admin) -> bool {
+    policy.rules.iter().any(|r| applies_to(r, admin))
+}
+
+/// Who may log in to `agent`'s own sshd (port 22) with a certificate of the user CA, by
+/// the same rules as the jumps: the admins the matching rules name and `group:<name>` for
+/// their groups (what a VM's `AuthorizedPrincipalsFile` lists; see
+/// packaging/templates/bastide-principals.j2).
+pub fn principals_for(policy: &Policy, agent: &AgentInfo) -> Vec<String> {
+    let mut out = std::collections::BTreeSet::new();
+    if agent.revoked {
+        return Vec::new();
+    }
+    let Some(addr) = agent.addresses.first().copied() else {
+        return Vec::new();
+    };
+    for r in policy
+        .rules
+        .iter()
+        .filter(|r| matches(r, &agent.name, Some(agent), addr, 22))
+    {
+        out.extend(r.admins.iter().cloned());
+        out.extend(
+            r.groups
+                .iter()
+                .map(|g| format!("{}{g}", crate::ssh::names::GROUP_PRINCIPAL)),
+        );
+    }
+    out.into_iter().collect()
+}
+
+/// Decides a jump by `admin`, configured or signed on (its groups from its certificate).
+pub async fn decide_as(
+    policy: &Policy,
+    admin: &Admin,
+    snap: &Snapshot,
+    host: &str,
+    port: u32,
+) -> Result<Allowed, Denied> {
     let Ok(port) = u16::try_from(port) else {
         return Err(deny(format!("bad port {port}"), None, None));
     };
@@ -244,6 +288,29 @@ mod tests {
         }
         cfg.rules = rules;
         Policy::build(&cfg, Some("proj.test.")).unwrap()
+    }
+
+    #[test]
+    fn vm_principals_follow_the_rules() {
+        let p = policy(vec![
+            rule(&["alice"], |r| r.agents = vec!["web*".into()]),
+            rule(&[], |r| {
+                r.groups = vec!["ops".into(), "dba".into()];
+                r.labels = [("env".to_string(), "dev".to_string())].into();
+            }),
+            rule(&["bob"], |r| {
+                r.agents = vec!["*".into()];
+                r.ports = vec![2222];
+            }),
+            rule(&["bob"], |r| r.cidrs = vec!["10.0.0.6/32".into()]),
+        ]);
+        let web = agent("web01", "10.0.0.5", &[("env", "prod")]);
+        assert_eq!(principals_for(&p, &web), ["alice"]);
+        let db = agent("db01", "10.0.0.6", &[("env", "dev")]);
+        assert_eq!(principals_for(&p, &db), ["bob", "group:dba", "group:ops"]);
+        let mut gone = (*db).clone();
+        gone.revoked = true;
+        assert!(principals_for(&p, &gone).is_empty());
     }
 
     #[tokio::test]

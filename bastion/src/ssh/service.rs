@@ -25,9 +25,26 @@ pub enum SshRequest {
 
 const COMMANDS: &[&str] = &["ssh_known_hosts", "ssh_config"];
 
-/// The SSH jump listener, bound.
+/// The admin commands of single sign-on certificates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SshCertsRequest {
+    /// Every recorded certificate (the caller filters live ones).
+    SshCertsList,
+    /// Revokes by serial or by admin and cuts their connections.
+    SshCertsRevoke {
+        serial: Option<i64>,
+        admin: Option<String>,
+    },
+}
+
+const CERT_COMMANDS: &[&str] = &["ssh_certs_list", "ssh_certs_revoke"];
+
+/// The SSH jump listener (and the single sign-on login endpoint), bound.
 pub struct Ssh {
     listener: TcpListeners,
+    sso: Option<TcpListeners>,
+    issued: super::issued::IssuedCerts,
 }
 
 impl Service for Ssh {
@@ -47,15 +64,62 @@ impl Service for Ssh {
             }))
         });
         let Some(s) = &cfg.ssh else {
+            ctx.admin.off(CERT_COMMANDS, "the [ssh] service is off");
             return Ok(None);
         };
+        let issued = super::issued::IssuedCerts::new(ctx.registry.clone());
+        let certs = issued.clone();
+        let audit_path = s.audit_log_path(&cfg.state_dir);
+        ctx.admin.call(CERT_COMMANDS, move |req: SshCertsRequest| {
+            let (certs, audit_path) = (certs.clone(), audit_path.clone());
+            async move {
+                match req {
+                    SshCertsRequest::SshCertsList => Ok(serde_json::to_value(certs.list().await?)?),
+                    SshCertsRequest::SshCertsRevoke { serial, admin } => {
+                        if serial.is_none() && admin.is_none() {
+                            anyhow::bail!("name a serial or an admin");
+                        }
+                        let r = certs.revoke(serial, admin.clone()).await?;
+                        tracing::info!(serial = ?serial, admin = ?admin, revoked = ?r.serials, connections_cut = r.connections_cut, "ssh: certificates revoked");
+                        // An audit line per revocation, next to the issue lines.
+                        let line = serde_json::json!({
+                            "event": "sso-revoked",
+                            "time": super::audit::now_rfc3339(),
+                            "serials": r.serials,
+                            "admin": admin,
+                            "connections_cut": r.connections_cut,
+                        });
+                        append_audit(&audit_path, &line).await;
+                        Ok(serde_json::to_value(r)?)
+                    }
+                }
+            }
+        });
         ctx.collectors.register(collect);
         let listener = TcpListeners::bind(&s.listen, "ssh.listen", &cfg.source).await?;
-        Ok(Some(Self { listener }))
+        let sso = match &s.sso {
+            Some(sso) => {
+                Some(TcpListeners::bind(&sso.listen, "ssh.sso.listen", &cfg.source).await?)
+            }
+            None => None,
+        };
+        Ok(Some(Self {
+            listener,
+            sso,
+            issued,
+        }))
     }
 
     async fn run(self, ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
-        super::run(ctx.config, ctx.registry, self.listener, shutdown).await
+        super::run(
+            ctx.config,
+            ctx.registry,
+            self.listener,
+            self.sso,
+            self.issued,
+            shutdown,
+        )
+        .await
     }
 }
 
@@ -63,5 +127,14 @@ impl Service for Ssh {
 pub(crate) fn collect() {
     for (name, v) in super::counters().export() {
         names::export(name, Vec::new(), v);
+    }
+}
+
+/// Appends one line to the SSH audit log from the admin socket's side (the file is opened
+/// `O_APPEND`, so lines from both writers never interleave).
+async fn append_audit(path: &std::path::Path, v: &serde_json::Value) {
+    match super::audit::Audit::open(path, true) {
+        Ok(a) => a.write_event(v).await,
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "audit: record lost"),
     }
 }

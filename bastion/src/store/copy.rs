@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use super::{Backend, Dump, PgSettings, PgStore, Result, SqliteStore, StoreError};
 
-/// The SQLite tables the copy carries over (`meta` holds only SQLite's schema version).
-const KNOWN_TABLES: &[&str] = &["agents", "certs", "meta", "tokens"];
+/// The SQLite tables the copy knows (`meta` holds only SQLite's schema version). The SSH
+/// user certificates of `ssh_certs` live hours and are not carried over: after the move,
+/// admins log in again (`bastide-login`).
+const KNOWN_TABLES: &[&str] = &["agents", "certs", "meta", "ssh_certs", "tokens"];
 
 /// What was copied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

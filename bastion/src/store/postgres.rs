@@ -26,7 +26,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::Row;
 
 use super::{
-    json, unjson, AgentRow, Backend, CertRow, Dump, PgSettings, Result, StoreError, TokenRow,
+    json, unjson, AgentRow, Backend, CertRow, Dump, PgSettings, Result, SshCertRow, StoreError,
+    TokenRow, SSH_CERT_KEEP,
 };
 
 /// Key of the advisory lock the schema migrations hold ("bastide" in ASCII, truncated).
@@ -66,6 +67,16 @@ const MIGRATIONS: &[(&str, &str)] = &[
         since TIMESTAMPTZ NOT NULL DEFAULT now(), observed TEXT NOT NULL DEFAULT '');
      CREATE INDEX sessions_node ON sessions(node);",
     ),
+    (
+        "ssh: user certificates issued after a single sign-on",
+        "CREATE TABLE ssh_certs (
+        serial BIGINT PRIMARY KEY, admin TEXT NOT NULL, sub TEXT NOT NULL,
+        groups TEXT NOT NULL, key_fingerprint TEXT NOT NULL, valid_after BIGINT NOT NULL,
+        valid_before BIGINT NOT NULL, issued_at BIGINT NOT NULL, source TEXT NOT NULL,
+        revoked BOOLEAN NOT NULL);
+     CREATE INDEX ssh_certs_admin ON ssh_certs(admin);
+     CREATE INDEX ssh_certs_key ON ssh_certs(key_fingerprint);",
+    ),
 ];
 
 /// The channel every change of an agent's rows is announced on (payload: the agent's name),
@@ -74,6 +85,24 @@ pub const NOTIFY_CHANNEL: &str = "bastide_registry";
 
 /// Announces a change of agent `$1` (see [`NOTIFY_CHANNEL`]).
 const NOTIFY: &str = "SELECT pg_notify('bastide_registry', $1)";
+
+const SSH_CERT_COLS: &str = "serial, admin, sub, groups, key_fingerprint, valid_after, valid_before, issued_at, source, revoked";
+
+fn ssh_cert_row(r: &Row) -> Result<SshCertRow> {
+    let groups: String = r.try_get(3)?;
+    Ok(SshCertRow {
+        serial: r.try_get(0)?,
+        admin: r.try_get(1)?,
+        sub: r.try_get(2)?,
+        groups: unjson(&groups)?,
+        key_fingerprint: r.try_get(4)?,
+        valid_after: r.try_get(5)?,
+        valid_before: r.try_get(6)?,
+        issued_at: r.try_get(7)?,
+        source: r.try_get(8)?,
+        revoked: r.try_get(9)?,
+    })
+}
 
 /// The schema version this bastide writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -771,6 +800,86 @@ impl Backend for PgStore {
                     .await?
                     .try_get(0)?,
             )
+        })
+    }
+
+    fn insert_ssh_cert(&mut self, c: &SshCertRow, now: i64) -> Result<()> {
+        let c = c.clone();
+        self.run(|pool| async move {
+            let mut client = client(&pool).await?;
+            let tx = client.transaction().await?;
+            tx.execute(
+                &format!("INSERT INTO ssh_certs({SSH_CERT_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"),
+                &[
+                    &c.serial,
+                    &c.admin,
+                    &c.sub,
+                    &json(&c.groups),
+                    &c.key_fingerprint,
+                    &c.valid_after,
+                    &c.valid_before,
+                    &c.issued_at,
+                    &c.source,
+                    &c.revoked,
+                ],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM ssh_certs WHERE valid_before < $1",
+                &[&(now - SSH_CERT_KEEP)],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn ssh_cert(&mut self, serial: i64) -> Result<Option<SshCertRow>> {
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            c.query_opt(
+                &format!("SELECT {SSH_CERT_COLS} FROM ssh_certs WHERE serial = $1"),
+                &[&serial],
+            )
+            .await?
+            .as_ref()
+            .map(ssh_cert_row)
+            .transpose()
+        })
+    }
+
+    fn ssh_certs(&mut self) -> Result<Vec<SshCertRow>> {
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            c.query(
+                &format!("SELECT {SSH_CERT_COLS} FROM ssh_certs ORDER BY serial"),
+                &[],
+            )
+            .await?
+            .iter()
+            .map(ssh_cert_row)
+            .collect()
+        })
+    }
+
+    fn revoke_ssh_certs(&mut self, serial: Option<i64>, admin: Option<&str>) -> Result<Vec<i64>> {
+        if serial.is_none() && admin.is_none() {
+            return Ok(Vec::new());
+        }
+        let admin = admin.map(str::to_string);
+        self.run(|pool| async move {
+            let c = client(&pool).await?;
+            let rows = c
+                .query(
+                    "UPDATE ssh_certs SET revoked = TRUE WHERE NOT revoked
+                        AND ($1::BIGINT IS NULL OR serial = $1) AND ($2::TEXT IS NULL OR admin = $2)
+                        RETURNING serial",
+                    &[&serial, &admin],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| r.try_get::<_, i64>(0).map_err(Into::into))
+                .collect()
         })
     }
 

@@ -13,9 +13,12 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use super::{json, unjson, AgentRow, Backend, CertRow, Dump, Result, StoreError, TokenRow};
+use super::{
+    json, unjson, AgentRow, Backend, CertRow, Dump, Result, SshCertRow, StoreError, TokenRow,
+    SSH_CERT_KEEP,
+};
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Schema migrations, each taking the store from version `i + 1` to `i + 2`; run in one
 /// transaction at open. Never edit a released step: add one.
@@ -24,7 +27,40 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE agents ADD COLUMN config_desired TEXT NOT NULL DEFAULT '';
      ALTER TABLE agents ADD COLUMN config_applied TEXT NOT NULL DEFAULT '';
      ALTER TABLE agents ADD COLUMN config_error TEXT NOT NULL DEFAULT '';",
+    // 3: SSH user certificates issued after a single sign-on.
+    "CREATE TABLE ssh_certs (
+        serial INTEGER PRIMARY KEY, admin TEXT NOT NULL, sub TEXT NOT NULL,
+        groups TEXT NOT NULL, key_fingerprint TEXT NOT NULL, valid_after INTEGER NOT NULL,
+        valid_before INTEGER NOT NULL, issued_at INTEGER NOT NULL, source TEXT NOT NULL,
+        revoked INTEGER NOT NULL);
+     CREATE INDEX ssh_certs_admin ON ssh_certs(admin);
+     CREATE INDEX ssh_certs_key ON ssh_certs(key_fingerprint);",
 ];
+
+const SSH_CERT_COLS: &str = "serial, admin, sub, groups, key_fingerprint, valid_after, valid_before, issued_at, source, revoked";
+
+fn ssh_cert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(SshCertRow, String)> {
+    Ok((
+        SshCertRow {
+            serial: r.get(0)?,
+            admin: r.get(1)?,
+            sub: r.get(2)?,
+            groups: Vec::new(),
+            key_fingerprint: r.get(4)?,
+            valid_after: r.get(5)?,
+            valid_before: r.get(6)?,
+            issued_at: r.get(7)?,
+            source: r.get(8)?,
+            revoked: r.get(9)?,
+        },
+        r.get(3)?,
+    ))
+}
+
+fn with_groups((mut c, groups): (SshCertRow, String)) -> Result<SshCertRow> {
+    c.groups = unjson(&groups)?;
+    Ok(c)
+}
 
 pub struct SqliteStore {
     conn: Connection,
@@ -576,6 +612,70 @@ impl Backend for SqliteStore {
             .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
                 r.get(0)
             })?)
+    }
+
+    fn insert_ssh_cert(&mut self, c: &SshCertRow, now: i64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            &format!(
+                "INSERT INTO ssh_certs({SSH_CERT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)"
+            ),
+            params![
+                c.serial,
+                c.admin,
+                c.sub,
+                json(&c.groups),
+                c.key_fingerprint,
+                c.valid_after,
+                c.valid_before,
+                c.issued_at,
+                c.source,
+                c.revoked
+            ],
+        )?;
+        tx.execute(
+            "DELETE FROM ssh_certs WHERE valid_before < ?1",
+            params![now - SSH_CERT_KEEP],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn ssh_cert(&mut self, serial: i64) -> Result<Option<SshCertRow>> {
+        let row = self
+            .conn
+            .query_row(
+                &format!("SELECT {SSH_CERT_COLS} FROM ssh_certs WHERE serial = ?1"),
+                params![serial],
+                ssh_cert_row,
+            )
+            .optional()?;
+        row.map(with_groups).transpose()
+    }
+
+    fn ssh_certs(&mut self) -> Result<Vec<SshCertRow>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {SSH_CERT_COLS} FROM ssh_certs ORDER BY serial"
+        ))?;
+        let rows = stmt.query_map([], ssh_cert_row)?;
+        rows.map(|r| with_groups(r?)).collect()
+    }
+
+    fn revoke_ssh_certs(&mut self, serial: Option<i64>, admin: Option<&str>) -> Result<Vec<i64>> {
+        if serial.is_none() && admin.is_none() {
+            return Ok(Vec::new());
+        }
+        let tx = self.conn.transaction()?;
+        let serials = {
+            let mut stmt = tx.prepare(
+                "UPDATE ssh_certs SET revoked = 1 WHERE revoked = 0
+                    AND (?1 IS NULL OR serial = ?1) AND (?2 IS NULL OR admin = ?2) RETURNING serial",
+            )?;
+            let rows = stmt.query_map(params![serial, admin], |r| r.get::<_, i64>(0))?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        tx.commit()?;
+        Ok(serials)
     }
 
     fn describe(&self) -> String {
