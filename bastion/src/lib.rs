@@ -9,6 +9,7 @@ pub mod addresses;
 pub mod admin;
 pub mod agents;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod config_push;
 pub mod control;

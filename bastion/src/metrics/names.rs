@@ -13,6 +13,7 @@ pub const ENROLLMENTS: &str = "bastide_agent_enrollments_total";
 pub const RENEWALS: &str = "bastide_agent_renewals_total";
 pub const REVOCATIONS: &str = "bastide_agent_revocations_total";
 pub const REGISTRATIONS: &str = "bastide_agent_registrations_total";
+pub const REGISTRATION_COMMITS: &str = "bastide_agent_registration_commits_total";
 pub const HEARTBEATS: &str = "bastide_agent_heartbeats_total";
 pub const HANDSHAKE_FAILURES: &str = "bastide_agent_handshake_failures_total";
 pub const AGENT_CONNECTIONS: &str = "bastide_agent_connections";
@@ -132,6 +133,11 @@ pub fn describe() {
     describe_counter!(RENEWALS, Unit::Count, "Agent certificates renewed.");
     describe_counter!(REVOCATIONS, Unit::Count, "Agents revoked.");
     describe_counter!(REGISTRATIONS, Unit::Count, "Agent registrations by result.");
+    describe_counter!(
+        REGISTRATION_COMMITS,
+        Unit::Count,
+        "Store transactions that recorded registrations (a reconnection storm groups many in one)."
+    );
     describe_counter!(HEARTBEATS, Unit::Count, "Heartbeats received from agents.");
     describe_counter!(
         HANDSHAKE_FAILURES,
