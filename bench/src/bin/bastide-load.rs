@@ -615,7 +615,7 @@ fn restarts(
             std::thread::sleep(Duration::from_millis(10));
         };
         let fleet_all = fleet_all.unwrap_or(all);
-        let storm = (fleet_all - started).as_secs_f64().max(0.001);
+        let storm = fleet_all.saturating_sub(started).as_secs_f64().max(0.001);
         let (rss, bastion_ticks) = proc_usage(child.id())?;
         let fleet_ticks = self_ticks() - fleet0;
         println!(
@@ -626,7 +626,7 @@ fn restarts(
             if mode == "kill" { "kill" } else { "SIGTERM" },
             storm,
             all.as_secs_f64(),
-            bastion_ticks as f64 / tck / (fleet_all - down).as_secs_f64().max(0.001) * 100.0,
+            bastion_ticks as f64 / tck / fleet_all.saturating_sub(down).as_secs_f64().max(0.001) * 100.0,
             fleet_ticks as f64 / tck / fleet_all.as_secs_f64().max(0.001) * 100.0,
             RECONNECTS.load(Ordering::Relaxed) - reconnects0,
             STALLED.load(Ordering::Relaxed),
