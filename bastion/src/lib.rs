@@ -10,6 +10,7 @@ pub mod admin;
 pub mod agents;
 pub mod cli;
 pub mod cluster;
+pub mod coalesce;
 pub mod config;
 pub mod config_push;
 pub mod control;

@@ -7,7 +7,26 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 
 use anyhow::{bail, Result};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Connections the kernel may hold per listener before they are accepted (it clamps this to
+/// `net.core.somaxconn`, 4096 by default). A fleet reconnecting after a restart arrives by
+/// thousands within a second: past tokio's default of 1024 the kernel drops their SYNs, and
+/// each such agent waits for its SYN retransmission (1 s, then 3 s, 7 s...) while the bastion
+/// idles (issue 18).
+const BACKLOG: u32 = 65_535;
+
+fn bind_one(a: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if a.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted bastion binds again at once.
+    s.set_reuseaddr(true)?;
+    s.bind(a)?;
+    s.listen(BACKLOG)
+}
 
 /// Every listener of one service.
 pub struct TcpListeners {
@@ -25,7 +44,7 @@ impl TcpListeners {
         }
         let mut list = Vec::with_capacity(addrs.len());
         for a in addrs {
-            let l = TcpListener::bind(a).await.map_err(|e| {
+            let l = bind_one(*a).map_err(|e| {
                 let hint = in_use_hint(&e, key, source);
                 anyhow::Error::new(e).context(format!(
                     "{}: {key}: cannot bind {a}{hint}",

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::addresses::{resolve_conflicts, AddressPolicy, Candidate, Judged, Refusal};
+use crate::coalesce::{GroupCommit, Throttle};
 use crate::pki::{valid_agent_name, AgentCa, AgentIdentity, PkiError};
 use crate::store::{AgentRow, CertRow, Store, StoreError, TokenRow};
 use crate::unix_now;
@@ -328,6 +329,13 @@ struct Inner {
     address_log: Mutex<HashMap<String, AddressVerdict>>,
     /// Several bastions on one store (see `sync`).
     cluster: ClusterState,
+    /// Registrations share transactions (one fsync for many in a reconnection storm).
+    facts: GroupCommit<AgentRow>,
+    /// Snapshot rebuilds of the connection hot paths (registration, session start and end)
+    /// are throttled; `publishing` keeps concurrent rebuilds from sending an older snapshot
+    /// after a newer one.
+    throttle: Arc<Throttle<RegistryEvent>>,
+    publishing: Mutex<()>,
 }
 
 /// An agent's refused claims and flags, as last logged.
@@ -450,9 +458,31 @@ impl Registry {
                 config: Mutex::new((config, HashSet::new())),
                 address_log: Mutex::new(HashMap::new()),
                 cluster: ClusterState::default(),
+                facts: GroupCommit::default(),
+                throttle: Arc::new(Throttle::default()),
+                publishing: Mutex::new(()),
             }),
         };
         reg.publish();
+        let throttle = reg.inner.throttle.clone();
+        let weak = Arc::downgrade(&reg.inner);
+        let spawned = std::thread::Builder::new()
+            .name("registry-publish".into())
+            .spawn(move || {
+                throttle.run_worker(
+                    || weak.strong_count() > 0,
+                    |events| {
+                        if let Some(inner) = weak.upgrade() {
+                            Registry { inner }.publish_with(events);
+                        }
+                    },
+                )
+            });
+        if let Err(e) = spawned {
+            return Err(RegistryError::Invalid(format!(
+                "cannot start the registry's publisher thread: {e}"
+            )));
+        }
         Ok(reg)
     }
 
@@ -517,7 +547,27 @@ impl Registry {
         self.inner.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Publishes a new snapshot now, then hands out `events` (which it includes).
+    fn publish_with(&self, events: Vec<RegistryEvent>) {
+        let t = std::time::Instant::now();
+        self.publish();
+        self.inner.throttle.cost(t.elapsed());
+        for ev in events {
+            self.emit(ev);
+        }
+    }
+
+    /// A snapshot change from a connection hot path: published now, or folded with others
+    /// into one rebuild a little later during a storm (see [`Throttle`]); `event` is handed
+    /// out once a snapshot includes the change.
+    fn publish_soon(&self, event: Option<RegistryEvent>) {
+        if let Some(events) = self.inner.throttle.request(event) {
+            self.publish_with(events);
+        }
+    }
+
     fn publish(&self) {
+        let _one_at_a_time = lock(&self.inner.publishing);
         let policy = self.settings().addresses;
         let me = self.inner.cluster.node();
         let snap = {
@@ -1008,7 +1058,6 @@ impl Registry {
             return Err(RegistryError::CutOff(why));
         }
         let now = unix_now();
-        let mut store = lock(&self.inner.store);
         let row = {
             let st = self.read_state();
             let mut row = match st.agents.get(&id.name) {
@@ -1024,44 +1073,70 @@ impl Registry {
             row.last_seen = Some(now);
             row
         };
-        let pending = match store.update_facts(&row) {
-            Ok(()) => false,
-            // The shared store is down: serve from memory, write at the resync (see `sync`).
-            Err(StoreError::Unavailable(e)) => {
-                warn!(agent = %id.name, error = %e, "registration kept in memory: the registry's database is unreachable");
-                true
-            }
-            Err(e) => return Err(e.into()),
-        };
-        drop(store);
+        // Acknowledged only once its group's transaction is committed.
+        let inner = &self.inner;
+        inner
+            .facts
+            .submit(row.clone(), |rows| {
+                metrics::counter!(crate::metrics::names::REGISTRATION_COMMITS).increment(1);
+                let written = lock(&inner.store).update_facts_many(rows);
+                let pending = match written {
+                    Ok(()) => false,
+                    // The shared store is down: serve from memory, write at the resync (see
+                    // `sync`).
+                    Err(StoreError::Unavailable(e)) => {
+                        warn!(agents = rows.len(), error = %e, "registrations kept in memory: the registry's database is unreachable");
+                        true
+                    }
+                    Err(e) => return Err(e.to_string()),
+                };
+                let mut st = self.write_state();
+                for r in rows {
+                    if pending {
+                        st.pending_facts.insert(r.name.clone());
+                    } else {
+                        st.pending_facts.remove(&r.name);
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| RegistryError::Store(StoreError::Batch(e)))?;
         let labels = row.labels.clone();
         let changed = {
             let mut st = self.write_state();
-            let changed = st.agents.get(&id.name).map(|old| {
-                old.addresses != row.addresses
-                    || old.hostname != row.hostname
-                    || old.ssh_host_keys != row.ssh_host_keys
-                    || old.os != row.os
-                    || old.agent_version != row.agent_version
-            });
-            st.agents.insert(id.name.clone(), row);
-            if pending {
-                st.pending_facts.insert(id.name.clone());
-            } else {
-                st.pending_facts.remove(&id.name);
-            }
+            // Only the facts: a revocation or re-enrollment may have changed the rest of
+            // the row while the commit ran.
+            let changed = match st.agents.get_mut(&id.name) {
+                Some(old) => {
+                    let changed = old.addresses != row.addresses
+                        || old.hostname != row.hostname
+                        || old.ssh_host_keys != row.ssh_host_keys
+                        || old.os != row.os
+                        || old.agent_version != row.agent_version;
+                    old.hostname = row.hostname;
+                    old.addresses = row.addresses;
+                    old.os = row.os;
+                    old.agent_version = row.agent_version;
+                    old.ssh_host_keys = row.ssh_host_keys;
+                    old.last_seen = row.last_seen;
+                    changed
+                }
+                None => false,
+            };
             let observed_changed = match peer {
                 Some(p) => st.observed.insert(id.name.clone(), p) != Some(p),
                 None => st.observed.remove(&id.name).is_some(),
             };
-            changed.unwrap_or(true) || observed_changed
+            changed || observed_changed
         };
         lock(&self.inner.last_seen).insert(id.name.clone(), now);
         self.update_config(&id.name, |c| c.applied = clip(&facts.config_revision));
+        let event = RegistryEvent::Registered(id.name.clone());
         if changed {
-            self.publish();
+            self.publish_soon(Some(event));
+        } else {
+            self.emit(event);
         }
-        self.emit(RegistryEvent::Registered(id.name.clone()));
         info!(agent = %id.name, "agent registered");
         Ok(labels)
     }
@@ -1075,8 +1150,7 @@ impl Registry {
         };
         self.heartbeat(name);
         if first {
-            self.publish();
-            self.emit(RegistryEvent::Online(name.to_string()));
+            self.publish_soon(Some(RegistryEvent::Online(name.to_string())));
             info!(agent = %name, "agent online");
         }
     }
@@ -1101,8 +1175,7 @@ impl Registry {
             }
         };
         if last {
-            self.publish();
-            self.emit(RegistryEvent::Offline(name.to_string()));
+            self.publish_soon(Some(RegistryEvent::Offline(name.to_string())));
             info!(agent = %name, "agent offline");
         }
     }

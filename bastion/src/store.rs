@@ -35,6 +35,9 @@ pub enum StoreError {
     Unavailable(String),
     #[error("registry store: corrupt row: {0}")]
     Corrupt(String),
+    /// A group commit (several registrations in one transaction) failed: its error, shared.
+    #[error("registry store: {0}")]
+    Batch(String),
     /// The token's last use was taken meanwhile (by another enrollment, maybe on another node).
     #[error("token {0} has no use left")]
     TokenUsed(String),
@@ -165,6 +168,15 @@ pub trait Backend: Send {
     fn revoke_agent(&mut self, name: &str) -> Result<bool>;
     /// Stores the facts an agent registered.
     fn update_facts(&mut self, a: &AgentRow) -> Result<()>;
+    /// Stores the facts of several registrations (a group commit, see
+    /// `crate::coalesce::GroupCommit`). One transaction where the backend overrides it; by
+    /// default one per row, each durable when this returns.
+    fn update_facts_many(&mut self, rows: &[AgentRow]) -> Result<()> {
+        for a in rows {
+            self.update_facts(a)?;
+        }
+        Ok(())
+    }
     /// Persists last-seen times in one transaction (they are kept in memory between flushes).
     fn flush_last_seen(&mut self, seen: &[(String, i64)]) -> Result<()>;
     /// Persists pushed-configuration states (kept in memory between flushes) in one

@@ -20,6 +20,7 @@ pub const CLUSTER_LEADER: &str = "bastide_cluster_leader";
 pub const CLUSTER_RESYNCS: &str = "bastide_cluster_resyncs_total";
 pub const CLUSTER_CHANGES: &str = "bastide_cluster_changes_applied_total";
 pub const REGISTRATIONS: &str = "bastide_agent_registrations_total";
+pub const REGISTRATION_COMMITS: &str = "bastide_agent_registration_commits_total";
 pub const HEARTBEATS: &str = "bastide_agent_heartbeats_total";
 pub const HANDSHAKE_FAILURES: &str = "bastide_agent_handshake_failures_total";
 pub const AGENT_CONNECTIONS: &str = "bastide_agent_connections";
@@ -169,6 +170,11 @@ pub fn describe() {
         "Agent changes announced by the shared store and applied here."
     );
     describe_counter!(REGISTRATIONS, Unit::Count, "Agent registrations by result.");
+    describe_counter!(
+        REGISTRATION_COMMITS,
+        Unit::Count,
+        "Store transactions that recorded registrations (a reconnection storm groups many in one)."
+    );
     describe_counter!(HEARTBEATS, Unit::Count, "Heartbeats received from agents.");
     describe_counter!(
         HANDSHAKE_FAILURES,

@@ -504,6 +504,30 @@ impl Backend for SqliteStore {
         Ok(())
     }
 
+    /// One transaction, one fsync, for a whole group of registrations.
+    fn update_facts_many(&mut self, rows: &[AgentRow]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE agents SET hostname = ?2, addresses = ?3, os = ?4, agent_version = ?5,
+                    ssh_host_keys = ?6, last_seen = ?7 WHERE name = ?1",
+            )?;
+            for a in rows {
+                stmt.execute(params![
+                    a.name,
+                    a.hostname,
+                    json(&a.addresses),
+                    a.os,
+                    a.agent_version,
+                    json(&a.ssh_host_keys),
+                    a.last_seen
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Persists last-seen times in one transaction (they are kept in memory between flushes).
     fn flush_last_seen(&mut self, seen: &[(String, i64)]) -> Result<()> {
         let tx = self.conn.transaction()?;

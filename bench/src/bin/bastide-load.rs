@@ -16,8 +16,7 @@ use anyhow::{bail, Context, Result};
 use bastide_agent::enroll::new_key_and_csr;
 use bastide_agent::tls::{connect, enroll_config, mtls_config, PinVerifier};
 use bastide_bench::{
-    bastide_cli, clk_tck, fetch_ca, free_port, parse_duration, rustls_pem, start_bastide,
-    synthetic_batch, Cred,
+    bastide_cli, clk_tck, fetch_ca, free_port, parse_duration, start_bastide, synthetic_batch, Cred,
 };
 use bastide_proto::v1::agent_client::AgentClient;
 use bastide_proto::v1::enrollment_client::EnrollmentClient;
@@ -61,7 +60,43 @@ struct Args {
     /// `bastide config plan` of a new commit is timed too.
     #[arg(long, default_value = "dir")]
     config_source: String,
+    /// Restart storm: once all agents are online, restart the bastion this way (`kill`:
+    /// SIGKILL, `graceful`: SIGTERM and wait for its exit) and time until every agent is
+    /// online again; `--restarts` times. Simulated agents reconnect as the agent does
+    /// (its backoff, from `reconnect_initial` 1 s to `reconnect_max` 60 s).
+    #[arg(long)]
+    restart: Option<String>,
+    /// How many restarts with `--restart`.
+    #[arg(long, default_value_t = 3)]
+    restarts: usize,
+    /// Run the fleet against an already running bastion at this address instead of starting
+    /// one (with `--pin` and `--token`); prints `fleet online K` when the count of open
+    /// sessions changes, and runs until killed or stdin closes. Used by the process tests.
+    #[arg(long)]
+    attach: Option<String>,
+    #[arg(long, requires = "attach")]
+    pin: Option<String>,
+    #[arg(long, requires = "attach")]
+    token: Option<String>,
+    /// Memory breakdown: agents connect and register but open no session stream (what a
+    /// TLS + HTTP/2 connection costs the bastion alone). They count as online fleet-side.
+    #[arg(long)]
+    no_session: bool,
+    /// Name prefix of the simulated agents.
+    #[arg(long, default_value = "load")]
+    prefix: String,
 }
+
+/// Sessions open on the fleet's side, and connection attempts made after the first.
+static FLEET_ONLINE: AtomicU64 = AtomicU64::new(0);
+static RECONNECTS: AtomicU64 = AtomicU64::new(0);
+static NO_SESSION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// What the fleet registers as host name after its agent name (`--attach`: changed by a
+/// `hostname SUFFIX` line on stdin), so that a test can tell which registration a store
+/// holds.
+static HOSTNAME_SUFFIX: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+/// Connection attempts (connect, register, open the session) that took over 30 s.
+static STALLED: AtomicU64 = AtomicU64::new(0);
 
 /// A git source for the config rounds: the work tree is the environment directory.
 struct GitBench {
@@ -241,6 +276,10 @@ fn proc_usage(pid: u32) -> Result<(u64, u64)> {
 fn main() -> Result<()> {
     let args = Args::parse();
     bastide_agent::tls::install_crypto_provider();
+    NO_SESSION.store(args.no_session, Ordering::Relaxed);
+    if let Some(addr) = &args.attach {
+        return attach(&args, addr);
+    }
     let root = std::env::current_dir()?;
     let bastide = args
         .bastide
@@ -341,6 +380,10 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let result = rt.block_on(drive(&args, &addr, &pin, &token, pid, &cli, rss0));
+    let result = match (&args.restart, result) {
+        (Some(mode), Ok(())) => restarts(&args, mode, &mut child, &bastide, &cfg, dir.path()),
+        (_, r) => r,
+    };
     let result = result.and_then(|()| {
         if args.config_rounds > 0 {
             config_bench(&args, &env, &cli, &metrics_addr, git.as_ref())?;
@@ -376,36 +419,7 @@ async fn drive(
 
     // 1. Enroll N agents through the real RPC.
     let t0 = Instant::now();
-    let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
-        let sem = sem.clone();
-        let (addr, pin, token) = (addr.to_string(), pin.to_string(), token.to_string());
-        tasks.push(tokio::spawn(async move {
-            let _p = sem.acquire_owned().await?;
-            let name = format!("load{i:05}");
-            let (key, csr) = new_key_and_csr(&name)?;
-            let verifier = Arc::new(PinVerifier::new(pin));
-            let ch = connect(&addr, "127.0.0.1", enroll_config(verifier)?).await?;
-            let resp = EnrollmentClient::new(ch)
-                .enroll(EnrollRequest {
-                    token,
-                    name: name.clone(),
-                    csr_der: csr,
-                    agent_version: "load".into(),
-                })
-                .await?
-                .into_inner();
-            Ok::<_, anyhow::Error>(Cred {
-                name,
-                cert_pem: resp.certificate_pem,
-                key_pem: key.serialize_pem(),
-            })
-        }));
-    }
-    let mut creds = Vec::with_capacity(n);
-    for t in tasks {
-        creds.push(t.await??);
-    }
+    let creds = enroll_all(args, addr, pin, token).await?;
     let enroll_time = t0.elapsed();
 
     // 2. Connect all of them with a session stream and heartbeats.
@@ -422,88 +436,7 @@ async fn drive(
         let series = args.metrics_series;
         conns.push(tokio::spawn(async move {
             let permit = sem.acquire_owned().await?;
-            use rustls_pem::parse;
-            let (chain, key) = parse(&c.cert_pem, &c.key_pem)?;
-            let cfg = mtls_config(ca, chain, key)?;
-            // As a real agent, try again when the bastion is too busy to answer in time
-            // (thousands of handshakes at once on a loaded machine).
-            let mut tries = 0;
-            let ch = loop {
-                match connect(&addr, "127.0.0.1", cfg.clone()).await {
-                    Ok(ch) => break ch,
-                    Err(_) if tries < 5 => {
-                        tries += 1;
-                        tokio::time::sleep(Duration::from_millis(500 * tries)).await;
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
-            let mut client = AgentClient::new(ch);
-            client
-                .register(RegisterRequest {
-                    claimed_name: c.name.clone(),
-                    hostname: c.name.clone(),
-                    addresses: vec!["127.0.0.1".into()],
-                    os: "load".into(),
-                    agent_version: "load".into(),
-                    ssh_host_keys: vec![],
-                    config_revision: String::new(),
-                })
-                .await?;
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            let mut inbound = client
-                .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await?
-                .into_inner();
-            drop(permit);
-            if series > 0 {
-                tx.send(AgentMessage {
-                    kind: Some(agent_message::Kind::Metrics(synthetic_batch(series))),
-                })
-                .await?;
-            }
-            let tx2 = tx.clone();
-            tokio::spawn(async move {
-                use bastide_proto::v1::{bastion_message, ConfigResult};
-                while let Ok(Some(m)) = inbound.message().await {
-                    match m.kind {
-                        Some(bastion_message::Kind::Config(p)) => {
-                            if let Ok(mut v) = PUSHES.lock() {
-                                v.push(Instant::now());
-                            }
-                            let ack = AgentMessage {
-                                kind: Some(agent_message::Kind::ConfigResult(ConfigResult {
-                                    revision: p.revision,
-                                    ok: true,
-                                    ..Default::default()
-                                })),
-                            };
-                            let _ = tx2.send(ack).await;
-                        }
-                        _ => {
-                            acks.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            });
-            // Spread heartbeats over the interval, as real agents started at random times.
-            tokio::time::sleep(hb.mul_f64(rand::random::<f64>())).await;
-            let mut seq = 0;
-            let mut tick = tokio::time::interval(hb);
-            loop {
-                tick.tick().await;
-                seq += 1;
-                let m = AgentMessage {
-                    kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
-                        seq,
-                        agent_time_unix: 0,
-                    })),
-                };
-                if tx.send(m).await.is_err() {
-                    break;
-                }
-            }
-            Ok::<_, anyhow::Error>(())
+            agent_loop(c, addr, ca, acks, hb, series, permit).await
         }));
     }
     // Wait until the bastion sees them all online.
@@ -515,10 +448,13 @@ async fn drive(
             Err(_) if t1.elapsed() < Duration::from_secs(600) => serde_json::Value::Null,
             Err(e) => return Err(e),
         };
-        let online = list
-            .as_array()
-            .map(|a| a.iter().filter(|x| x["state"] == "online").count())
-            .unwrap_or(0);
+        let online = if args.no_session {
+            FLEET_ONLINE.load(Ordering::Relaxed) as usize
+        } else {
+            list.as_array()
+                .map(|a| a.iter().filter(|x| x["state"] == "online").count())
+                .unwrap_or(0)
+        };
         if online >= n || t1.elapsed() > Duration::from_secs(600) {
             break online;
         }
@@ -566,6 +502,348 @@ async fn drive(
         bail!("only {online} of {n} agents came online");
     }
     Ok(())
+}
+
+/// Enrolls `--agents` agents through the real RPC, `--concurrency` at a time.
+async fn enroll_all(args: &Args, addr: &str, pin: &str, token: &str) -> Result<Vec<Cred>> {
+    let sem = Arc::new(Semaphore::new(args.concurrency));
+    let mut tasks = Vec::with_capacity(args.agents);
+    for i in 0..args.agents {
+        let sem = sem.clone();
+        let (addr, pin, token) = (addr.to_string(), pin.to_string(), token.to_string());
+        let name = format!("{}{i:05}", args.prefix);
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await?;
+            let (key, csr) = new_key_and_csr(&name)?;
+            let verifier = Arc::new(PinVerifier::new(pin));
+            let ch = connect(&addr, "127.0.0.1", enroll_config(verifier)?).await?;
+            let resp = EnrollmentClient::new(ch)
+                .enroll(EnrollRequest {
+                    token,
+                    name: name.clone(),
+                    csr_der: csr,
+                    agent_version: "load".into(),
+                })
+                .await?
+                .into_inner();
+            Ok::<_, anyhow::Error>(Cred {
+                name,
+                cert_pem: resp.certificate_pem,
+                key_pem: key.serialize_pem(),
+            })
+        }));
+    }
+    let mut creds = Vec::with_capacity(args.agents);
+    for t in tasks {
+        creds.push(t.await??);
+    }
+    Ok(creds)
+}
+
+/// CPU ticks (user + system) of this process.
+fn self_ticks() -> u64 {
+    proc_usage(std::process::id()).map(|(_, t)| t).unwrap_or(0)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Restarts the bastion `--restarts` times (`kill`: SIGKILL; `graceful`: SIGTERM, then its
+/// exit) and times each until every agent is online again, as the fleet sees it (sessions
+/// open) and as the bastion does (`agents list`).
+fn restarts(
+    args: &Args,
+    mode: &str,
+    child: &mut std::process::Child,
+    bastide: &std::path::Path,
+    cfg: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<()> {
+    let n = args.agents as u64;
+    let tck = clk_tck();
+    let mut alls = Vec::new();
+    for round in 1..=args.restarts {
+        // Settle: all online, quiet.
+        std::thread::sleep(Duration::from_secs(2));
+        let load = loadavg();
+        let fleet0 = self_ticks();
+        let reconnects0 = RECONNECTS.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        match mode {
+            "kill" => child.kill()?,
+            "graceful" => {
+                let st = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status()?;
+                if !st.success() {
+                    bail!("kill -TERM failed");
+                }
+            }
+            other => bail!("--restart {other:?}: kill or graceful"),
+        }
+        child.wait()?;
+        let down = t0.elapsed();
+        // The fleet noticed (sockets closed by the kernel or by the bastion).
+        while FLEET_ONLINE.load(Ordering::Relaxed) >= n && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        *child = start_bastide(
+            bastide,
+            cfg,
+            &dir.join(format!("bastide-restart{round}.log")),
+            Duration::from_secs(60),
+        )?;
+        let started = t0.elapsed();
+        let mut fleet_all = None;
+        let all = loop {
+            if t0.elapsed() > Duration::from_secs(600) {
+                bail!(
+                    "restart {round}: only {} of {n} agents back after 600 s",
+                    FLEET_ONLINE.load(Ordering::Relaxed)
+                );
+            }
+            if FLEET_ONLINE.load(Ordering::Relaxed) >= n {
+                fleet_all.get_or_insert(t0.elapsed());
+                let online = bastide_cli(bastide, cfg, &["agents", "list", "--json"])
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .and_then(|v| {
+                        v.as_array()
+                            .map(|a| a.iter().filter(|x| x["state"] == "online").count())
+                    })
+                    .unwrap_or(0) as u64;
+                if online >= n {
+                    break t0.elapsed();
+                }
+            } else {
+                fleet_all = None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let fleet_all = fleet_all.unwrap_or(all);
+        let storm = fleet_all.saturating_sub(started).as_secs_f64().max(0.001);
+        let (rss, bastion_ticks) = proc_usage(child.id())?;
+        let fleet_ticks = self_ticks() - fleet0;
+        println!(
+            "restart {round} ({mode}, {n} agents, load {load}): stopped in {:.2} s, ready {:.2} s, all online {:.2} s after the {}, {:.2} s after start (bastion: {:.2} s); bastion CPU {:.0} % of a core since start, fleet CPU {:.0} %; {} reconnection attempts ({} stalled over 30 s); RSS {:.0} MiB",
+            down.as_secs_f64(),
+            started.as_secs_f64(),
+            fleet_all.as_secs_f64(),
+            if mode == "kill" { "kill" } else { "SIGTERM" },
+            storm,
+            all.as_secs_f64(),
+            bastion_ticks as f64 / tck / fleet_all.saturating_sub(down).as_secs_f64().max(0.001) * 100.0,
+            fleet_ticks as f64 / tck / fleet_all.as_secs_f64().max(0.001) * 100.0,
+            RECONNECTS.load(Ordering::Relaxed) - reconnects0,
+            STALLED.load(Ordering::Relaxed),
+            rss as f64 / (1024.0 * 1024.0),
+        );
+        alls.push(fleet_all);
+    }
+    alls.sort();
+    println!(
+        "restart storm ({mode}, {n} agents, median of {}): all online {:.2} s after the {}",
+        alls.len(),
+        alls[alls.len() / 2].as_secs_f64(),
+        if mode == "kill" { "kill" } else { "SIGTERM" },
+    );
+    Ok(())
+}
+
+/// `--attach`: enroll and run the fleet against a bastion started by someone else (the
+/// process tests), printing the count of open sessions when it changes.
+fn attach(args: &Args, addr: &str) -> Result<()> {
+    let pin = args.pin.clone().context("--pin")?;
+    let token = args.token.clone().context("--token")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let creds = enroll_all(args, addr, &pin, &token).await?;
+        let ca = fetch_ca(addr, &pin).await?;
+        let sem = Arc::new(Semaphore::new(args.concurrency));
+        let acks = Arc::new(AtomicU64::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for c in creds {
+            let permit = sem.clone().acquire_owned().await?;
+            tasks.spawn(agent_loop(
+                c,
+                addr.to_string(),
+                ca.clone(),
+                acks.clone(),
+                args.heartbeat,
+                0,
+                permit,
+            ));
+        }
+        // Ends with stdin (the test that started us is gone) or a failed agent; a line
+        // `hostname SUFFIX` changes what later registrations report.
+        let (eof_tx, mut eof) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                if let Some(sfx) = line.strip_prefix("hostname ") {
+                    if let Ok(mut s) = HOSTNAME_SUFFIX.lock() {
+                        *s = sfx.trim().to_string();
+                    }
+                }
+            }
+            let _ = eof_tx.send(());
+        });
+        let mut last = u64::MAX;
+        loop {
+            let now = FLEET_ONLINE.load(Ordering::Relaxed);
+            if now != last {
+                use std::io::Write;
+                println!("fleet online {now}");
+                std::io::stdout().flush()?;
+                last = now;
+            }
+            tokio::select! {
+                _ = &mut eof => return Ok(()),
+                Some(r) = tasks.join_next() => r??,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    })
+}
+
+/// One simulated agent for as long as the fleet runs: connects, registers, opens its
+/// session and heartbeats; when the session ends it reconnects as `bastide-agent` does
+/// (`Backoff` from 1 s to 60 s, reset after a registered session). `permit` bounds the
+/// first connection only: reconnections after a restart come all at once, as a real
+/// fleet's.
+async fn agent_loop(
+    c: Cred,
+    addr: String,
+    ca: bastide_bench::rustls_pem::Cert,
+    acks: Arc<AtomicU64>,
+    hb: Duration,
+    series: usize,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<()> {
+    use bastide_agent::backoff::Backoff;
+    use bastide_proto::v1::{bastion_message, ConfigResult};
+    let (chain, key) = bastide_bench::rustls_pem::parse(&c.cert_pem, &c.key_pem)?;
+    let cfg = mtls_config(ca, chain, key)?;
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let mut permit = Some(permit);
+    let mut first = true;
+    loop {
+        if !first {
+            RECONNECTS.fetch_add(1, Ordering::Relaxed);
+        }
+        first = false;
+        // Bounded, so that a connection lost half-way through cannot hold an agent forever.
+        let session = tokio::time::timeout(Duration::from_secs(30), async {
+            let ch = connect(&addr, "127.0.0.1", cfg.clone()).await?;
+            let mut client = AgentClient::new(ch);
+            client
+                .register(RegisterRequest {
+                    claimed_name: c.name.clone(),
+                    hostname: format!(
+                        "{}{}",
+                        c.name,
+                        HOSTNAME_SUFFIX
+                            .lock()
+                            .map(|s| s.clone())
+                            .unwrap_or_default()
+                    ),
+                    addresses: vec!["127.0.0.1".into()],
+                    os: "load".into(),
+                    agent_version: "load".into(),
+                    ssh_host_keys: vec![],
+                    config_revision: String::new(),
+                })
+                .await?;
+            if NO_SESSION.load(Ordering::Relaxed) {
+                FLEET_ONLINE.fetch_add(1, Ordering::Relaxed);
+                let _hold = client.clone();
+                std::future::pending::<()>().await;
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let inbound = client
+                .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            Ok::<_, anyhow::Error>((tx, inbound))
+        })
+        .await;
+        let (tx, mut inbound) = match session {
+            Ok(Ok(s)) => s,
+            Ok(Err(_)) => {
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+            Err(_) => {
+                STALLED.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
+        drop(permit.take());
+        FLEET_ONLINE.fetch_add(1, Ordering::Relaxed);
+        if series > 0 {
+            let _ = tx
+                .send(AgentMessage {
+                    kind: Some(agent_message::Kind::Metrics(synthetic_batch(series))),
+                })
+                .await;
+        }
+        // Spread heartbeats over the interval, as real agents started at random times.
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + hb.mul_f64(rand::random::<f64>()),
+            hb,
+        );
+        let mut seq = 0;
+        loop {
+            tokio::select! {
+                m = inbound.message() => match m {
+                    Ok(Some(m)) => match m.kind {
+                        Some(bastion_message::Kind::Config(p)) => {
+                            if let Ok(mut v) = PUSHES.lock() {
+                                v.push(Instant::now());
+                            }
+                            let ack = AgentMessage {
+                                kind: Some(agent_message::Kind::ConfigResult(ConfigResult {
+                                    revision: p.revision,
+                                    ok: true,
+                                    ..Default::default()
+                                })),
+                            };
+                            let _ = tx.send(ack).await;
+                        }
+                        _ => {
+                            acks.fetch_add(1, Ordering::Relaxed);
+                        }
+                    },
+                    _ => break,
+                },
+                _ = tick.tick() => {
+                    seq += 1;
+                    let m = AgentMessage {
+                        kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
+                            seq,
+                            agent_time_unix: 0,
+                        })),
+                    };
+                    // Never block the loop (and the reading of the session's end) on a
+                    // stream that is no longer drained.
+                    if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) = tx.try_send(m) {
+                        break;
+                    }
+                }
+            }
+        }
+        FLEET_ONLINE.fetch_sub(1, Ordering::Relaxed);
+        // As the agent: a registered session resets the backoff, then waits its first delay.
+        backoff.reset();
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
 }
 
 /// Changes the tree `config_rounds` times; each time, measures how long until every agent
