@@ -390,7 +390,7 @@ fn note(reg: &Registry, names: &mut BTreeSet<String>, (channel, payload): (Strin
     }
 }
 
-/// The live nodes and their services (for the templates' `bastion.all`).
+/// The live nodes and their services (for the templates' `bastion.services`).
 async fn read_nodes(
     s: &PgSettings,
     client: &Client,
