@@ -445,10 +445,11 @@ fn store_cmd(cli: &Cli, cmd: &StoreCmd) -> Result<()> {
             let from = cfg.store_path();
             let n = crate::store::copy::sqlite_to_postgres(&from, &target)?;
             println!(
-                "copied {} tokens, {} agents, {} certificates from {} to {}",
+                "copied {} tokens, {} agents, {} certificates, {} SSH user certificates from {} to {}",
                 n.tokens,
                 n.agents,
                 n.certs,
+                n.ssh_certs,
                 from.display(),
                 target.describe
             );

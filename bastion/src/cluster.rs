@@ -9,6 +9,9 @@
 //!   and session holder included) into its registry, cutting the connections of an agent
 //!   revoked elsewhere. Notifications sent while that connection is down are lost, so every
 //!   (re)connection starts with a full reload;
+//! - every revocation of an SSH user certificate sends `NOTIFY bastide_ssh_certs, '<serial>'`
+//!   in its transaction; each node cuts its connections authenticated with that serial
+//!   (`ssh::issued`; the 30 s recheck covers notifications lost while disconnected);
 //! - the `sessions` table says which node holds each agent's session (`agents list` on any
 //!   node); a node writes its own rows, and the leader deletes the rows of a node whose
 //!   heartbeat (`nodes`, every second) is older than [`DEAD_AFTER_SECS`];
@@ -36,7 +39,9 @@ use crate::config::Config;
 use crate::metrics::names;
 use crate::registry::{Registry, RegistryEvent, RemoteUpdate};
 use crate::service::{Ctx, Service};
-use crate::store::postgres::{agent_row, cert_row, pg_err, tls_config, AGENT_COLS};
+use crate::store::postgres::{
+    agent_row, cert_row, pg_err, tls_config, AGENT_COLS, NOTIFY_CHANNEL, SSH_CERTS_CHANNEL,
+};
 use crate::store::{BackendKind, PgSettings};
 
 /// How often a node says it is alive.
@@ -111,8 +116,8 @@ impl Service for Cluster {
     }
 }
 
-/// Notification payloads of a dedicated connection; an `Err` ends it.
-type Notes = mpsc::UnboundedReceiver<std::result::Result<String, String>>;
+/// Notifications (channel, payload) of a dedicated connection; an `Err` ends it.
+type Notes = mpsc::UnboundedReceiver<std::result::Result<(String, String), String>>;
 
 fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>) -> Notes
 where
@@ -124,7 +129,10 @@ where
         loop {
             match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
                 Some(Ok(AsyncMessage::Notification(n))) => {
-                    if tx.send(Ok(n.payload().to_string())).is_err() {
+                    if tx
+                        .send(Ok((n.channel().to_string(), n.payload().to_string())))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -255,7 +263,13 @@ async fn follow_once(
     let s = &c.settings;
     let (mut client, mut notes) = connect(s, &format!("bastide {}", c.node)).await?;
     // LISTEN before reading: a change committed meanwhile is read, or notified, or both.
-    bounded(s, client.batch_execute("LISTEN bastide_registry")).await?;
+    bounded(
+        s,
+        client.batch_execute(&format!(
+            "LISTEN {NOTIFY_CHANNEL}; LISTEN {SSH_CERTS_CHANNEL}"
+        )),
+    )
+    .await?;
     bounded(
         s,
         client.execute(
@@ -302,19 +316,21 @@ async fn follow_once(
             n = notes.recv() => {
                 let mut names = BTreeSet::new();
                 match n {
-                    Some(Ok(p)) => { names.insert(p); }
+                    Some(Ok(n)) => note(reg, &mut names, n),
                     Some(Err(e)) => return Err(e),
                     None => return Err("connection closed".into()),
                 }
                 // Everything already queued goes in the same reload.
                 loop {
                     match notes.try_recv() {
-                        Ok(Ok(p)) => { names.insert(p); }
+                        Ok(Ok(n)) => note(reg, &mut names, n),
                         Ok(Err(e)) => return Err(e),
                         Err(_) => break,
                     }
                 }
-                reload(s, &mut client, reg, Some(names)).await?;
+                if !names.is_empty() {
+                    reload(s, &mut client, reg, Some(names)).await?;
+                }
             }
             ev = events.recv() => {
                 let mut online = BTreeSet::new();
@@ -361,7 +377,20 @@ async fn follow_once(
     }
 }
 
-/// The live nodes and their services (for the templates' `bastion.all`).
+/// Sorts one notification: an agent to reload, or an SSH user certificate revoked (its
+/// connections on this node are cut at once, through the registry's events).
+fn note(reg: &Registry, names: &mut BTreeSet<String>, (channel, payload): (String, String)) {
+    if channel == SSH_CERTS_CHANNEL {
+        match payload.parse() {
+            Ok(serial) => reg.ssh_cert_revoked_elsewhere(serial),
+            Err(_) => warn!(%payload, "unreadable SSH certificate revocation notice"),
+        }
+    } else {
+        names.insert(payload);
+    }
+}
+
+/// The live nodes and their services (for the templates' `bastion.services`).
 async fn read_nodes(
     s: &PgSettings,
     client: &Client,
@@ -617,5 +646,93 @@ async fn lead_on(
             }
             pruned = Some(Instant::now());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ssh::issued::IssuedCerts;
+    use crate::store::{SshCertRow, Store};
+
+    /// A revocation written by another node (its own store connection) reaches this node's
+    /// cut path through `NOTIFY bastide_ssh_certs`: no recheck runs here, so only the
+    /// notification can cut the tracked connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revocation_notified_by_another_node_cuts_at_once() {
+        let pg = bastide_tests::Postgres::start();
+        pg.create_db("registry");
+        let dir = std::env::temp_dir().join(format!("bastide-cluster-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = crate::store::tests::pg_config(&pg, "registry", &dir);
+        let paths = crate::pki::PkiPaths::new(&dir);
+        crate::pki::init(&paths, "p", None, &[]).unwrap();
+        let ca = crate::pki::AgentCa::load(&paths, "p", None).unwrap();
+        let reg = tokio::task::block_in_place(|| {
+            Registry::open(
+                Store::open_configured(&cfg, &dir).unwrap(),
+                ca,
+                crate::registry::RegistrySettings {
+                    cert_lifetime: Duration::from_secs(3600),
+                    addresses: Default::default(),
+                },
+            )
+        })
+        .unwrap();
+        reg.set_cluster_node("b", Duration::from_secs(60));
+        let cluster = Cluster {
+            settings: cfg.postgres_settings(None).unwrap(),
+            node: "b".into(),
+            services: "{}".into(),
+        };
+        let shutdown = CancellationToken::new();
+        let (r, sd) = (reg.clone(), shutdown.clone());
+        let following = tokio::spawn(async move { follow(&cluster, &r, &sd).await });
+        let certs = IssuedCerts::new(reg.clone());
+        tokio::spawn(certs.clone().cut_on_events(shutdown.clone()));
+
+        // Node "a": its own connection to the store.
+        let mut a = tokio::task::block_in_place(|| Store::open_configured(&cfg, &dir)).unwrap();
+        let now = crate::unix_now();
+        let row = |serial| SshCertRow {
+            serial,
+            admin: "alice".into(),
+            sub: "s".into(),
+            groups: vec![],
+            key_fingerprint: "SHA256:x".into(),
+            valid_after: now - 10,
+            valid_before: now + 3600,
+            issued_at: now,
+            source: "127.0.0.1".into(),
+            revoked: false,
+        };
+        tokio::task::block_in_place(|| a.insert_ssh_cert(&row(7), now)).unwrap();
+        tokio::task::block_in_place(|| a.insert_ssh_cert(&row(8), now)).unwrap();
+        let (cut7, cut8) = (CancellationToken::new(), CancellationToken::new());
+        let _t7 = certs.track(7, cut7.clone());
+        let _t8 = certs.track(8, cut8.clone());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !reg
+            .cluster()
+            .connected
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            assert!(Instant::now() < deadline, "node b never followed the store");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        let t = Instant::now();
+        assert_eq!(
+            tokio::task::block_in_place(|| a.revoke_ssh_certs(Some(7), None)).unwrap(),
+            vec![7]
+        );
+        tokio::time::timeout(Duration::from_secs(5), cut7.cancelled())
+            .await
+            .expect("the revocation notice did not cut the connection on node b");
+        println!("revocation on a cut b's connection after {:?}", t.elapsed());
+        assert!(!cut8.is_cancelled(), "another serial is not cut");
+        shutdown.cancel();
+        following.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -101,6 +101,9 @@ pub enum RegistryEvent {
     Offline(String),
     Renewed(String),
     Revoked(String),
+    /// An SSH user certificate (serial) revoked on another node sharing the store
+    /// (`crate::cluster`): this node cuts the connections authenticated with it.
+    SshCertRevoked(i64),
 }
 
 /// The admin view of an agent (`bastide agents list`).
@@ -533,6 +536,11 @@ impl Registry {
     /// A receiver of change events.
     pub fn events(&self) -> broadcast::Receiver<RegistryEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// Announces that another node revoked SSH user certificate `serial`.
+    pub fn ssh_cert_revoked_elsewhere(&self, serial: i64) {
+        self.emit(RegistryEvent::SshCertRevoked(serial));
     }
 
     fn emit(&self, ev: RegistryEvent) {

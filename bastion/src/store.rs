@@ -120,6 +120,8 @@ pub struct Dump {
     pub tokens: Vec<TokenRow>,
     pub agents: Vec<AgentRow>,
     pub certs: Vec<CertRow>,
+    /// The SSH user certificates issued after single sign-on (revocations included).
+    pub ssh_certs: Vec<SshCertRow>,
     /// The project's identity facts ([`Backend::identity`]).
     pub identity: BTreeMap<String, String>,
 }
@@ -200,6 +202,7 @@ pub trait Backend: Send {
             tokens: self.tokens()?,
             agents: self.agents()?,
             certs: self.certs()?,
+            ssh_certs: self.ssh_certs()?,
             identity: self.identities()?,
         })
     }
@@ -837,6 +840,7 @@ pub(crate) mod tests {
                     cert("other-expired", "db01", 10, false),
                 ],
                 identity: BTreeMap::new(),
+                ssh_certs: vec![],
             })
             .unwrap();
             let pruned = s
@@ -868,6 +872,7 @@ pub(crate) mod tests {
                     cert("b", "web02", 1000, false),
                 ],
                 identity: BTreeMap::new(),
+                ssh_certs: vec![],
             })
             .unwrap();
             assert!(s.revoke_agent("web02").unwrap());
@@ -939,6 +944,18 @@ pub(crate) mod tests {
                 tokens: vec![t],
                 agents: vec![a],
                 certs: vec![cert("a", "web01", 1000, false)],
+                ssh_certs: vec![SshCertRow {
+                    serial: i64::MAX - 2,
+                    admin: "alice".into(),
+                    sub: "sub-alice".into(),
+                    groups: vec!["ops".into()],
+                    key_fingerprint: "SHA256:k".into(),
+                    valid_after: 100,
+                    valid_before: 1000,
+                    issued_at: 100,
+                    source: "127.0.0.1".into(),
+                    revoked: true,
+                }],
                 identity: [(AGENT_CA_PIN.to_string(), "sha256:00ff".to_string())].into(),
             };
             s.import(&d).unwrap();

@@ -289,7 +289,7 @@ fn stored_both(stores: &[&std::path::Path], host: &str) -> std::collections::BTr
 
 #[test]
 fn agents_fail_over_when_their_bastion_is_killed() {
-    const N: usize = 12;
+    const N: usize = 20;
     let started = Instant::now();
     require("ssh", "openssh-client");
     let pg = shared_pg();

@@ -714,9 +714,9 @@ fn packaging_templates_render_and_rsyslog_accepts_them() {
         "bastion": {
             "zone": "proj.example.org",
             "services": {
-                "dns": {"host": "10.0.0.1", "port": 53},
-                "smtp": {"host": "10.0.0.1", "port": 25},
-                "syslog": {"host": "10.0.0.1", "port": 514, "protocol": "tcp"},
+                "dns": [{"host": "10.0.0.1", "port": 53}, {"host": "10.0.0.2", "port": 53}],
+                "smtp": [{"host": "10.0.0.1", "port": 25}, {"host": "10.0.0.2", "port": 25}],
+                "syslog": [{"host": "10.0.0.1", "port": 514, "protocol": "tcp"}],
             },
             "ssh_user_ca": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHtlFkDaDSwC2VsKj2yxzgyhDiZbsNrbjzCtr0rRwc3D bastide SSH user CA",
         },
@@ -746,17 +746,17 @@ fn packaging_templates_render_and_rsyslog_accepts_them() {
 
     let resolved = &rendered["resolved-bastide.conf.j2"];
     assert!(
-        resolved.contains("[Resolve]\nDNS=10.0.0.1\nDomains=~. proj.example.org\n"),
+        resolved.contains("[Resolve]\nDNS=10.0.0.1 10.0.0.2\nDomains=~. proj.example.org\n"),
         "{resolved}"
     );
     let resolv = &rendered["resolv.conf.j2"];
     assert!(
-        resolv.contains("nameserver 10.0.0.1\nsearch proj.example.org\n"),
+        resolv.contains("nameserver 10.0.0.1\nnameserver 10.0.0.2\nsearch proj.example.org\n"),
         "{resolv}"
     );
     let remotes = &rendered["nullmailer-remotes.j2"];
     assert!(
-        remotes.ends_with("\n10.0.0.1 smtp --port=25\n"),
+        remotes.ends_with("\n10.0.0.1 smtp --port=25\n10.0.0.2 smtp --port=25\n"),
         "{remotes}"
     );
 
@@ -843,5 +843,5 @@ fn packaging_templates_render_and_rsyslog_accepts_them() {
         .arg("-c")
         .arg(&pf)
         .args(["-h", "relayhost"]));
-    assert_eq!(stdout(&got).trim(), "[10.0.0.1]:25");
+    assert_eq!(stdout(&got).trim(), "[10.0.0.1]:25, [10.0.0.2]:25");
 }

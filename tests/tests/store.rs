@@ -232,20 +232,34 @@ fn sqlite_store_migrates_to_postgres_and_the_bastion_starts_on_it() {
     assert_eq!(st.code(), Some(0));
 
     let sqlite = b.state_dir().join("registry.sqlite");
+    // Two SSH user certificates issued after single sign-on, one revoked (written as the
+    // SSO service records them; the serials use the whole signed 64-bit range).
+    rusqlite::Connection::open(&sqlite)
+        .unwrap()
+        .execute_batch(
+            "INSERT INTO ssh_certs(serial, admin, sub, groups, key_fingerprint, valid_after,
+                valid_before, issued_at, source, revoked) VALUES
+             (9223372036854775806, 'alice', 'sub-a', '[\"ops\"]', 'SHA256:a', 100, 4000000000,
+                100, '127.0.0.1', 0),
+             (2, 'bob', 'sub-b', '[]', 'SHA256:b', 100, 4000000000, 100, '127.0.0.2', 1);",
+        )
+        .unwrap();
     let out = b.cli(&["store", "migrate", "--to", "postgres"]);
     assert!(out.status.success(), "{}{}", stderr(&out), stdout(&out));
     let certs: usize = sqlite_rows(&sqlite, "SELECT count(*) FROM certs", &[])[0]
         .parse()
         .unwrap();
     assert!(
-        stdout(&out).contains(&format!("copied 4 tokens, 5 agents, {certs} certificates")),
+        stdout(&out).contains(&format!(
+            "copied 4 tokens, 5 agents, {certs} certificates, 2 SSH user certificates"
+        )),
         "{}",
         stdout(&out)
     );
     assert!(stdout(&out).contains("next: set backend = \"postgres\""));
 
     // Counts, and every row of each table compared column by column.
-    for table in ["tokens", "agents", "certs"] {
+    for table in ["tokens", "agents", "certs", "ssh_certs"] {
         assert_eq!(
             pg_rows(&pg, &format!("SELECT count(*) FROM {table}")),
             sqlite_rows(&sqlite, &format!("SELECT count(*) FROM {table}"), &[]),
@@ -293,6 +307,20 @@ fn sqlite_store_migrates_to_postgres_and_the_bastion_starts_on_it() {
             &sqlite,
             &format!("SELECT {cert_cols} FROM certs ORDER BY serial"),
             &[4]
+        )
+    );
+
+    let ssh_cert_cols = "serial, admin, sub, groups, key_fingerprint, valid_after, \
+        valid_before, issued_at, source, revoked";
+    assert_eq!(
+        pg_rows(
+            &pg,
+            &format!("SELECT {ssh_cert_cols} FROM ssh_certs ORDER BY serial")
+        ),
+        sqlite_rows(
+            &sqlite,
+            &format!("SELECT {ssh_cert_cols} FROM ssh_certs ORDER BY serial"),
+            &[9]
         )
     );
 

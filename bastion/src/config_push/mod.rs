@@ -314,7 +314,7 @@ impl ConfigPushHandle {
     ) -> Result<Prepared, Vec<String>> {
         let i = &self.inner;
         let tree = Tree::load(dir, &i.pos, &i.cfg.group_label)?;
-        // Several bastions: `bastion.nodes` and `bastion.all.*` list every node's services.
+        // `bastion.services.*`: lists of every live node's endpoints (`bastion.nodes` too).
         let vars = i.registry.cluster().template_vars(&i.bastion);
         let mut p = Prepared::new(tree, &vars)?;
         p.source = commit;
@@ -1171,8 +1171,8 @@ mod tests {
         let bastion = serde_json::json!({
             "project": "demo", "zone": "demo.example.org.", "address": "10.0.0.1",
             "services": {
-                "dns": { "host": "10.0.0.1", "port": 53 },
-                "syslog": { "host": "10.0.0.1", "port": 514, "protocol": "tcp" },
+                "dns": [{ "host": "10.0.0.1", "port": 53 }],
+                "syslog": [{ "host": "10.0.0.1", "port": 514, "protocol": "tcp" }],
             },
         });
         let file = |r: &render::Rendered, path: &str| -> Option<String> {

@@ -217,7 +217,7 @@ impl ConfigPushHandle {
             instance: i.pos.instance.clone(),
             project: i.pos.project.clone(),
             group_label: i.cfg.group_label.clone(),
-            bastion: i.bastion.clone(),
+            bastion: i.registry.cluster().template_vars(&i.bastion),
             commit: self.commit(),
             agents: list,
         }

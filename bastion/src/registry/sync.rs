@@ -60,26 +60,24 @@ impl ClusterState {
         *lock(&self.nodes) = nodes;
     }
 
-    /// The template variable `bastion` with, for several bastions, `bastion.nodes` (each
-    /// node's name and services) and `bastion.all.<service>` (the list of every node's
-    /// endpoints for that service, this node's first). A single bastion's is `base` as is.
+    /// The template variable `bastion` from this node's `base`: `bastion.services.<service>`
+    /// is the list of every live node's endpoints for that service, this node's first (one
+    /// entry for a single bastion), and, for several bastions, `bastion.nodes` gives each
+    /// node's name and services.
     pub fn template_vars(&self, base: &serde_json::Value) -> serde_json::Value {
         let me = self.node();
-        if me.is_empty() {
-            return base.clone();
-        }
-        let mut nodes = lock(&self.nodes).clone();
-        nodes.insert(me.clone(), base["services"].clone());
-        let order: Vec<&String> = std::iter::once(&me)
-            .chain(nodes.keys().filter(|n| **n != me))
-            .collect();
-        let mut all = serde_json::Map::new();
-        let mut list = Vec::new();
-        for n in order {
-            let services = nodes.get(n).cloned().unwrap_or_default();
+        let mine = base["services"].clone();
+        let mut others = if me.is_empty() {
+            BTreeMap::new()
+        } else {
+            lock(&self.nodes).clone()
+        };
+        others.remove(&me);
+        let mut lists = serde_json::Map::new();
+        for services in std::iter::once(&mine).chain(others.values()) {
             if let Some(m) = services.as_object() {
                 for (k, v) in m {
-                    let e = all
+                    let e = lists
                         .entry(k.clone())
                         .or_insert_with(|| serde_json::Value::Array(Vec::new()));
                     if let Some(a) = e.as_array_mut() {
@@ -87,11 +85,16 @@ impl ClusterState {
                     }
                 }
             }
-            list.push(serde_json::json!({ "name": n, "services": services }));
         }
         let mut v = base.clone();
-        v["nodes"] = serde_json::Value::Array(list);
-        v["all"] = serde_json::Value::Object(all);
+        v["services"] = serde_json::Value::Object(lists);
+        if !me.is_empty() {
+            let nodes = std::iter::once((&me, &mine))
+                .chain(others.iter())
+                .map(|(n, s)| serde_json::json!({ "name": n, "services": s }))
+                .collect();
+            v["nodes"] = serde_json::Value::Array(nodes);
+        }
         v
     }
 
@@ -329,8 +332,11 @@ mod tests {
             "project": "p",
             "services": { "dns": { "host": "10.0.0.2", "port": 53 } },
         });
-        // A single bastion: unchanged.
-        assert_eq!(c.template_vars(&base), base);
+        // A single bastion: a list of one.
+        let v = c.template_vars(&base);
+        assert_eq!(v["services"]["dns"][0], base["services"]["dns"]);
+        assert_eq!(v["services"]["dns"].as_array().unwrap().len(), 1);
+        assert!(v.get("nodes").is_none());
         *c.node.write().unwrap() = "b".into();
         let mut nodes = BTreeMap::new();
         nodes.insert(
@@ -339,9 +345,10 @@ mod tests {
         );
         c.set_nodes(nodes);
         let v = c.template_vars(&base);
-        assert_eq!(v["services"], base["services"]);
-        assert_eq!(v["all"]["dns"][0]["host"], "10.0.0.2");
-        assert_eq!(v["all"]["dns"][1]["host"], "10.0.0.1");
+        assert_eq!(v["services"]["dns"][0]["host"], "10.0.0.2");
+        assert_eq!(v["services"]["dns"][1]["host"], "10.0.0.1");
+        assert!(v.get("all").is_none());
+        assert_eq!(v["nodes"][0]["name"], "b");
         assert_eq!(v["nodes"][1]["name"], "a");
     }
 }

@@ -3,8 +3,10 @@
 //! authentication (so a revocation made on any node sharing the store refuses new
 //! connections at once), and the connections authenticated with each, so that
 //! `bastide ssh certs revoke` cuts them on this node as agent revocation cuts live streams.
-//! A connection also looks its serial up again every [`RECHECK`], so that a revocation
-//! made on another node sharing the store cuts it there too, within that time.
+//! A revocation made on another node sharing a PostgreSQL store is notified to this one
+//! (`crate::cluster`, [`IssuedCerts::cut_on_events`]) and cuts its connections at once. A
+//! connection also looks its serial up again every [`RECHECK`], which covers notifications
+//! lost while this node was cut off from the store.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -131,21 +133,51 @@ impl IssuedCerts {
         let serials = self
             .blocking(move |s| s.revoke_ssh_certs(serial, admin.as_deref()))
             .await?;
-        let mut cut = 0;
-        {
-            let mut live = self.lock();
-            for s in &serials {
-                for t in live.remove(s).unwrap_or_default().into_values() {
-                    t.cancel();
-                    cut += 1;
-                }
-            }
-        }
+        let cut = self.cut(&serials);
         metrics::counter!(crate::metrics::names::SSH_CERTS_REVOKED).increment(serials.len() as u64);
         Ok(Revoked {
             serials,
             connections_cut: cut,
         })
+    }
+
+    /// Cuts the connections of every certificate the registry announces as revoked on
+    /// another node, until `shutdown`.
+    pub async fn cut_on_events(self, shutdown: CancellationToken) {
+        let mut events = self.registry.events();
+        loop {
+            let ev = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                ev = events.recv() => ev,
+            };
+            match ev {
+                Ok(crate::registry::RegistryEvent::SshCertRevoked(serial)) => {
+                    let n = self.cut(&[serial]);
+                    if n > 0 {
+                        tracing::info!(
+                            serial,
+                            connections_cut = n,
+                            "ssh: certificate revoked on another node: connections cut"
+                        );
+                    }
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Cuts the connections of `serials`; returns how many.
+    fn cut(&self, serials: &[i64]) -> usize {
+        let mut cut = 0;
+        let mut live = self.lock();
+        for s in serials {
+            for t in live.remove(s).unwrap_or_default().into_values() {
+                t.cancel();
+                cut += 1;
+            }
+        }
+        cut
     }
 
     /// Tracks a connection authenticated with certificate `serial`: `cut` is cancelled when

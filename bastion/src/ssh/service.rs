@@ -111,6 +111,7 @@ impl Service for Ssh {
     }
 
     async fn run(self, ctx: Ctx, shutdown: CancellationToken) -> Result<()> {
+        tokio::spawn(self.issued.clone().cut_on_events(shutdown.clone()));
         super::run(
             ctx.config,
             ctx.registry,

@@ -7,8 +7,8 @@ use std::time::Duration;
 use super::{Backend, Dump, PgSettings, PgStore, Result, SqliteStore, StoreError};
 
 /// The SQLite tables the copy knows (`meta` holds only SQLite's schema version). The SSH
-/// user certificates of `ssh_certs` live hours and are not carried over: after the move,
-/// admins log in again (`bastide-login`).
+/// user certificates of `ssh_certs` are carried over with their revocations, so that a
+/// certificate issued before the move stays valid, and a revoked one refused, after it.
 const KNOWN_TABLES: &[&str] = &["agents", "certs", "meta", "ssh_certs", "tokens"];
 
 /// What was copied.
@@ -17,6 +17,7 @@ pub struct Copied {
     pub tokens: usize,
     pub agents: usize,
     pub certs: usize,
+    pub ssh_certs: usize,
 }
 
 /// Copies every row of the SQLite store at `from` into the PostgreSQL database of `to`, in
@@ -67,19 +68,22 @@ pub fn sqlite_to_postgres(from: &std::path::Path, to: &PgSettings) -> Result<Cop
     canon(&mut back);
     if back != dump {
         return Err(StoreError::Corrupt(format!(
-            "copy check: read back {} tokens, {} agents, {} certificates that differ from the {}, {}, {} written",
+            "copy check: read back {} tokens, {} agents, {} certificates, {} SSH certificates that differ from the {}, {}, {}, {} written",
             back.tokens.len(),
             back.agents.len(),
             back.certs.len(),
+            back.ssh_certs.len(),
             dump.tokens.len(),
             dump.agents.len(),
-            dump.certs.len()
+            dump.certs.len(),
+            dump.ssh_certs.len()
         )));
     }
     Ok(Copied {
         tokens: dump.tokens.len(),
         agents: dump.agents.len(),
         certs: dump.certs.len(),
+        ssh_certs: dump.ssh_certs.len(),
     })
 }
 
@@ -88,4 +92,5 @@ fn canon(d: &mut Dump) {
     d.tokens.sort_by(|a, b| a.id.cmp(&b.id));
     d.agents.sort_by(|a, b| a.name.cmp(&b.name));
     d.certs.sort_by(|a, b| a.serial.cmp(&b.serial));
+    d.ssh_certs.sort_by_key(|c| c.serial);
 }

@@ -83,10 +83,35 @@ const MIGRATIONS: &[(&str, &str)] = &[
 /// in the transaction that makes it: the other nodes reload that agent (`crate::cluster`).
 pub const NOTIFY_CHANNEL: &str = "bastide_registry";
 
+/// The channel every revocation of an SSH user certificate is announced on (payload: its
+/// serial), in the transaction that makes it: the other nodes cut the connections
+/// authenticated with it (`crate::cluster`).
+pub const SSH_CERTS_CHANNEL: &str = "bastide_ssh_certs";
+
 /// Announces a change of agent `$1` (see [`NOTIFY_CHANNEL`]).
 const NOTIFY: &str = "SELECT pg_notify('bastide_registry', $1)";
 
 const SSH_CERT_COLS: &str = "serial, admin, sub, groups, key_fingerprint, valid_after, valid_before, issued_at, source, revoked";
+
+async fn put_ssh_cert(tx: &impl deadpool_postgres::GenericClient, c: &SshCertRow) -> Result<()> {
+    tx.execute(
+        &format!("INSERT INTO ssh_certs({SSH_CERT_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"),
+        &[
+            &c.serial,
+            &c.admin,
+            &c.sub,
+            &json(&c.groups),
+            &c.key_fingerprint,
+            &c.valid_after,
+            &c.valid_before,
+            &c.issued_at,
+            &c.source,
+            &c.revoked,
+        ],
+    )
+    .await?;
+    Ok(())
+}
 
 fn ssh_cert_row(r: &Row) -> Result<SshCertRow> {
     let groups: String = r.try_get(3)?;
@@ -745,6 +770,9 @@ impl Backend for PgStore {
             for x in &d.certs {
                 put_cert(&tx, x).await?;
             }
+            for x in &d.ssh_certs {
+                put_ssh_cert(&tx, x).await?;
+            }
             for (k, v) in &d.identity {
                 tx.execute("INSERT INTO meta(key, value) VALUES ($1, $2)", &[k, v])
                     .await?;
@@ -808,22 +836,7 @@ impl Backend for PgStore {
         self.run(|pool| async move {
             let mut client = client(&pool).await?;
             let tx = client.transaction().await?;
-            tx.execute(
-                &format!("INSERT INTO ssh_certs({SSH_CERT_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"),
-                &[
-                    &c.serial,
-                    &c.admin,
-                    &c.sub,
-                    &json(&c.groups),
-                    &c.key_fingerprint,
-                    &c.valid_after,
-                    &c.valid_before,
-                    &c.issued_at,
-                    &c.source,
-                    &c.revoked,
-                ],
-            )
-            .await?;
+            put_ssh_cert(&tx, &c).await?;
             tx.execute(
                 "DELETE FROM ssh_certs WHERE valid_before < $1",
                 &[&(now - SSH_CERT_KEEP)],
@@ -871,9 +884,10 @@ impl Backend for PgStore {
             let c = client(&pool).await?;
             let rows = c
                 .query(
-                    "UPDATE ssh_certs SET revoked = TRUE WHERE NOT revoked
+                    "WITH u AS (UPDATE ssh_certs SET revoked = TRUE WHERE NOT revoked
                         AND ($1::BIGINT IS NULL OR serial = $1) AND ($2::TEXT IS NULL OR admin = $2)
-                        RETURNING serial",
+                        RETURNING serial)
+                     SELECT serial, pg_notify('bastide_ssh_certs', serial::TEXT) FROM u",
                     &[&serial, &admin],
                 )
                 .await?;

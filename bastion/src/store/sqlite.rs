@@ -257,6 +257,27 @@ impl SqliteStore {
         Ok(())
     }
 
+    fn put_ssh_cert(tx: &rusqlite::Transaction<'_>, c: &SshCertRow) -> Result<()> {
+        tx.execute(
+            &format!(
+                "INSERT INTO ssh_certs({SSH_CERT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)"
+            ),
+            params![
+                c.serial,
+                c.admin,
+                c.sub,
+                json(&c.groups),
+                c.key_fingerprint,
+                c.valid_after,
+                c.valid_before,
+                c.issued_at,
+                c.source,
+                c.revoked
+            ],
+        )?;
+        Ok(())
+    }
+
     fn put_cert(tx: &rusqlite::Transaction<'_>, c: &CertRow) -> Result<()> {
         tx.execute(
             "INSERT INTO certs(serial, agent, issued_at, not_after, revoked) VALUES (?1,?2,?3,?4,?5)",
@@ -579,6 +600,9 @@ impl Backend for SqliteStore {
         for c in &d.certs {
             Self::put_cert(&tx, c)?;
         }
+        for c in &d.ssh_certs {
+            Self::put_ssh_cert(&tx, c)?;
+        }
         for (k, v) in d.identity.iter().filter(|(k, _)| *k != "schema_version") {
             tx.execute(
                 "INSERT INTO meta(key, value) VALUES (?1, ?2)",
@@ -640,23 +664,7 @@ impl Backend for SqliteStore {
 
     fn insert_ssh_cert(&mut self, c: &SshCertRow, now: i64) -> Result<()> {
         let tx = self.conn.transaction()?;
-        tx.execute(
-            &format!(
-                "INSERT INTO ssh_certs({SSH_CERT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)"
-            ),
-            params![
-                c.serial,
-                c.admin,
-                c.sub,
-                json(&c.groups),
-                c.key_fingerprint,
-                c.valid_after,
-                c.valid_before,
-                c.issued_at,
-                c.source,
-                c.revoked
-            ],
-        )?;
+        Self::put_ssh_cert(&tx, c)?;
         tx.execute(
             "DELETE FROM ssh_certs WHERE valid_before < ?1",
             params![now - SSH_CERT_KEEP],
