@@ -16,11 +16,11 @@ use clap::Parser;
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
-#[command(name = "bastide-login", version, about)]
+#[command(name = "bastide-login", version, about, subcommand_negates_reqs = true)]
 struct Cli {
     /// The bastion's login endpoint (`[ssh.sso] listen`), e.g. https://bastion.example.org:8443
-    #[arg(long, env = "BASTIDE_LOGIN_URL")]
-    bastion: String,
+    #[arg(long, env = "BASTIDE_LOGIN_URL", required = true)]
+    bastion: Option<String>,
     /// Pin of the bastion's CA (sha256:HEX, what `bastide token create` prints for agents).
     #[arg(long, env = "BASTIDE_LOGIN_PIN", conflicts_with = "ca_file")]
     pin: Option<String>,
@@ -43,6 +43,18 @@ struct Cli {
     /// Seconds between polls of the provider when it names no interval (RFC 8628: 5).
     #[arg(long, hide = true, default_value_t = 5)]
     poll_interval: u64,
+    /// With no subcommand: log in.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// The packaged documentation, generated from this definition (packaging/build-debs).
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (bastide-login.1 and one per subcommand) into a directory.
+    Manpages { dir: PathBuf },
 }
 
 /// What `GET /v1/sso` answers (see bastion/src/ssh/sso/http.rs).
@@ -154,7 +166,23 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let base = cli.bastion.trim_end_matches('/').to_string();
+    match cli.command {
+        Some(Command::Completions { shell }) => {
+            return bastide_common::clidocs::print_completions(
+                <Cli as clap::CommandFactory>::command(),
+                shell,
+            )
+        }
+        Some(Command::Manpages { dir }) => {
+            return bastide_common::clidocs::write_man_pages(
+                <Cli as clap::CommandFactory>::command(),
+                &dir,
+            )
+        }
+        None => {}
+    }
+    let url = cli.bastion.as_deref().context("--bastion is required")?;
+    let base = url.trim_end_matches('/').to_string();
     if !base.starts_with("https://") {
         bail!("--bastion must be an https:// URL");
     }

@@ -44,17 +44,28 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
-/// The two .debs, built once by the release path the README documents
-/// (`packaging/build-debs`: release build, stripped binaries, -dbgsym packages), purged if a
-/// previous run left them, installed fresh, then installed again over themselves (the
-/// upgrade path of the maintainer scripts).
-fn debs() -> &'static (PathBuf, PathBuf) {
-    &built().0
+/// The three .debs and their three -dbgsym .ddebs.
+struct Built {
+    server: PathBuf,
+    agent: PathBuf,
+    login: PathBuf,
+    server_dbg: PathBuf,
+    agent_dbg: PathBuf,
+    login_dbg: PathBuf,
 }
 
-/// The two .debs and the two -dbgsym .ddebs.
-fn built() -> &'static ((PathBuf, PathBuf), (PathBuf, PathBuf)) {
-    static DEBS: OnceLock<((PathBuf, PathBuf), (PathBuf, PathBuf))> = OnceLock::new();
+const PACKAGES: [&str; 3] = ["bastide", "bastide-agent", "bastide-login"];
+
+/// The three .debs, built once (one release build) by the release path the README
+/// documents (`packaging/build-debs`: release build, stripped binaries, -dbgsym packages),
+/// purged if a previous run left them, installed fresh, then installed again over themselves
+/// (the upgrade path of the maintainer scripts).
+fn debs() -> &'static Built {
+    built()
+}
+
+fn built() -> &'static Built {
+    static DEBS: OnceLock<Built> = OnceLock::new();
     DEBS.get_or_init(|| {
         require("dpkg", "dpkg");
         let id = run(Command::new("id").arg("-u"));
@@ -86,23 +97,25 @@ fn built() -> &'static ((PathBuf, PathBuf), (PathBuf, PathBuf)) {
                 })
                 .unwrap_or_else(|| panic!("no {prefix}*{ext} in {}", out.display()))
         };
-        let (server, agent) = (find("bastide_", ".deb"), find("bastide-agent_", ".deb"));
-        let dbgsym = (
-            find("bastide-dbgsym_", ".ddeb"),
-            find("bastide-agent-dbgsym_", ".ddeb"),
-        );
+        let b = Built {
+            server: find("bastide_", ".deb"),
+            agent: find("bastide-agent_", ".deb"),
+            login: find("bastide-login_", ".deb"),
+            server_dbg: find("bastide-dbgsym_", ".ddeb"),
+            agent_dbg: find("bastide-agent-dbgsym_", ".ddeb"),
+            login_dbg: find("bastide-login-dbgsym_", ".ddeb"),
+        };
         // A fresh install: what a previous run left goes (purge keeps non-empty state dirs).
-        let _ = Command::new("dpkg")
-            .args(["--purge", "bastide", "bastide-agent"])
-            .output();
+        let _ = Command::new("dpkg").arg("--purge").args(PACKAGES).output();
         for _ in 0..2 {
             run(Command::new("dpkg")
                 .arg("-i")
-                .arg(&server)
-                .arg(&agent)
+                .arg(&b.server)
+                .arg(&b.agent)
+                .arg(&b.login)
                 .env("DEBIAN_FRONTEND", "noninteractive"));
         }
-        ((server, agent), dbgsym)
+        b
     })
 }
 
@@ -151,6 +164,7 @@ fn debs_install_users_directories_conffiles_and_binaries() {
     for (b, name) in [
         ("/usr/bin/bastide", "bastide"),
         ("/usr/bin/bastide-agent", "bastide-agent"),
+        ("/usr/bin/bastide-login", "bastide-login"),
     ] {
         let v = stdout(&run(Command::new(b).arg("--version")));
         assert_eq!(v.trim(), format!("{name} {}", env!("CARGO_PKG_VERSION")));
@@ -193,16 +207,82 @@ fn debs_install_users_directories_conffiles_and_binaries() {
     assert!(agent.contains("ConditionPathExists=/var/lib/bastide-agent/cert.pem"));
 }
 
+/// `bastide-login` is a client for admins' machines, packaged on its own: a binary, its man
+/// page, completions and docs; no daemon, no unit, no user, no maintainer script, no
+/// configuration file; it needs only ssh. Installed, it runs and asks for its bastion.
+#[test]
+fn login_package_is_a_client_only() {
+    let pkgs = debs();
+    let files = stdout(&run(Command::new("dpkg").args(["-L", "bastide-login"])));
+    let files: Vec<&str> = files.lines().filter(|l| !Path::new(l).is_dir()).collect();
+    for f in [
+        "/usr/bin/bastide-login",
+        "/usr/share/man/man1/bastide-login.1.gz",
+        "/usr/share/bash-completion/completions/bastide-login",
+        "/usr/share/zsh/vendor-completions/_bastide-login",
+        "/usr/share/fish/vendor_completions.d/bastide-login.fish",
+        "/usr/share/doc/bastide-login/copyright",
+        "/usr/share/doc/bastide-login/changelog.Debian.gz",
+        "/usr/share/doc/bastide-login/sso.md",
+    ] {
+        assert!(files.contains(&f), "bastide-login lacks {f}: {files:#?}");
+    }
+    for f in &files {
+        assert!(
+            ["/usr/bin/", "/usr/share/"]
+                .iter()
+                .any(|d| f.starts_with(d)),
+            "bastide-login ships {f}: {files:#?}"
+        );
+    }
+    let control = |field: &str| {
+        let o = run(Command::new("dpkg-deb")
+            .arg("-f")
+            .arg(&pkgs.login)
+            .arg(field));
+        stdout(&o).trim().to_string()
+    };
+    assert!(
+        control("Depends").contains("openssh-client"),
+        "{}",
+        control("Depends")
+    );
+    assert_eq!(control("Section"), "net");
+    // No maintainer script, no conffile: the control archive holds control (and md5sums).
+    let control_files = stdout(&run(Command::new("sh").arg("-c").arg(format!(
+        "dpkg-deb --ctrl-tarfile '{}' | tar -t",
+        pkgs.login.display()
+    ))));
+    assert!(
+        control_files
+            .lines()
+            .map(|l| l.trim_start_matches("./"))
+            .all(|l| ["", "control", "md5sums"].contains(&l)),
+        "bastide-login has maintainer scripts or conffiles: {control_files}"
+    );
+
+    // The installed binary: its help, and a clear error without a bastion (no stray env).
+    let help = stdout(&run(Command::new("/usr/bin/bastide-login").arg("--help")));
+    assert!(help.contains("--bastion"), "{help}");
+    let out = Command::new("/usr/bin/bastide-login")
+        .env_remove("BASTIDE_LOGIN_URL")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--bastion"), "{err}");
+}
+
 /// The installed binaries are stripped, their debug symbols are in the -dbgsym packages
 /// (found by build id, as gdb and systemd-coredump look them up), and the man pages and
 /// shell completions generated from the command-line definitions are installed and valid.
 #[test]
 fn stripped_binaries_dbgsym_man_pages_and_completions() {
-    let (_, (server_dbg, agent_dbg)) = built();
+    let pkgs = built();
     require("readelf", "binutils");
     for (b, ddeb) in [
-        ("/usr/bin/bastide", server_dbg),
-        ("/usr/bin/bastide-agent", agent_dbg),
+        ("/usr/bin/bastide", &pkgs.server_dbg),
+        ("/usr/bin/bastide-agent", &pkgs.agent_dbg),
+        ("/usr/bin/bastide-login", &pkgs.login_dbg),
     ] {
         let sections = stdout(&run(Command::new("readelf").args(["-S", "-W", b])));
         assert!(
@@ -236,6 +316,7 @@ fn stripped_binaries_dbgsym_man_pages_and_completions() {
             "bastide-agent",
             "/usr/share/man/man1/bastide-agent-enroll.1.gz",
         ),
+        ("bastide-login", "/usr/share/man/man1/bastide-login.1.gz"),
     ] {
         let text = stdout(&run(Command::new("sh").arg("-c").arg(format!(
             "gzip -dc {page} | groff -man -Tutf8 -ww -z 2>&1; gzip -dc {page} | head -c 2000"
@@ -323,18 +404,16 @@ fn units_security_exposure_ok_or_better() {
     }
 }
 
-/// lintian on the four packages: no error, and no warning that the packages' override files
+/// lintian on the six packages: no error, and no warning that the packages' override files
 /// (each override with its reason) do not justify.
 #[test]
 fn lintian_reports_no_errors() {
-    let ((server, agent), (server_dbg, agent_dbg)) = built();
+    let b = built();
     require("lintian", "lintian");
     let out = Command::new("lintian")
         .args(["--tag-display-limit", "0"])
-        .arg(server)
-        .arg(agent)
-        .arg(server_dbg)
-        .arg(agent_dbg)
+        .args([&b.server, &b.agent, &b.login])
+        .args([&b.server_dbg, &b.agent_dbg, &b.login_dbg])
         .output()
         .unwrap();
     let text = format!(
