@@ -2,4 +2,5 @@
 
 pub mod clidocs;
 pub mod fsutil;
+pub mod pin;
 pub mod tomlcfg;
