@@ -114,34 +114,7 @@ pub fn check_certificate(
             wanted.join(",")
         ));
     }
-    for (name, value) in cert.critical_options().iter() {
-        match name.as_str() {
-            "source-address" => {
-                let Some(ip) = peer else {
-                    return Err("source-address: client address unknown".into());
-                };
-                let mut any = false;
-                for net in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    match net.parse::<Cidr>() {
-                        Ok(c) => any |= c.contains(ip),
-                        Err(e) => {
-                            return Err(format!("certificate {id:?}: bad source-address {e}"))
-                        }
-                    }
-                }
-                if !any {
-                    return Err(format!(
-                        "certificate {id:?}: source-address {value} excludes {ip}"
-                    ));
-                }
-            }
-            other => {
-                return Err(format!(
-                    "certificate {id:?}: critical option {other:?} is not supported"
-                ))
-            }
-        }
-    }
+    check_critical_options(cert, peer)?;
     Ok(Identity {
         admin: admin.name.clone(),
         key_fingerprint: fingerprint(cert.public_key()),
