@@ -369,6 +369,98 @@ impl Drop for SessionGuard {
     }
 }
 
+/// One agent's session: what its stream reads and answers.
+struct Session {
+    inbound: Streaming<AgentMessage>,
+    push: Option<ConfigPushHandle>,
+    push_rx: Option<tokio::sync::watch::Receiver<Option<Arc<bastide_proto::v1::ConfigPush>>>>,
+    guard: SessionGuard,
+    timeout: Duration,
+    shutdown: CancellationToken,
+    hosts: HostMetrics,
+    /// A last message (the heartbeat timeout's status) went out: end at the next poll.
+    ended: bool,
+}
+
+impl Session {
+    /// The next message to send to the agent, handling what it sends until there is one;
+    /// `None` ends the session.
+    async fn next(&mut self) -> Option<Result<BastionMessage, Status>> {
+        let name = &self.guard.name;
+        let registry = &self.guard.registry;
+        while !self.ended {
+            let msg = tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                // The newest rendered configuration, if this agent lacks it.
+                r = async { self.push_rx.as_mut()?.changed().await.ok() }, if self.push_rx.is_some() => {
+                    match (r, &self.push, self.push_rx.as_mut()) {
+                        (Some(()), Some(p), Some(rx)) => {
+                            if let Some(m) = p.next_push(name, rx) {
+                                return Some(Ok(m));
+                            }
+                        }
+                        _ => self.push_rx = None,
+                    }
+                    continue;
+                }
+                m = tokio::time::timeout(self.timeout, self.inbound.message()) => m,
+            };
+            match msg {
+                Err(_) => {
+                    warn!(agent = %name, "no heartbeat within {}s: closing session", self.timeout.as_secs());
+                    self.ended = true;
+                    return Some(Err(Status::deadline_exceeded("heartbeat timeout")));
+                }
+                Ok(Ok(Some(m))) => match m.kind {
+                    Some(agent_message::Kind::Heartbeat(hb)) => {
+                        metrics::counter!(names::HEARTBEATS).increment(1);
+                        registry.heartbeat(name);
+                        return Some(Ok(BastionMessage {
+                            kind: Some(bastion_message::Kind::HeartbeatAck(HeartbeatAck {
+                                seq: hb.seq,
+                                bastion_time_unix: crate::unix_now(),
+                            })),
+                        }));
+                    }
+                    Some(agent_message::Kind::Metrics(batch)) => {
+                        registry.heartbeat(name);
+                        match self.hosts.ingest(name, batch) {
+                            Ok(dropped) => {
+                                metrics::counter!(names::METRICS_BATCHES, "result" => "ok")
+                                    .increment(1);
+                                if dropped > 0 {
+                                    metrics::counter!(names::METRICS_DROPPED)
+                                        .increment(dropped as u64);
+                                    debug!(agent = %name, dropped, "invalid host metric samples dropped");
+                                }
+                            }
+                            Err(e) => {
+                                metrics::counter!(names::METRICS_BATCHES, "result" => "refused")
+                                    .increment(1);
+                                warn!(agent = %name, reason = %e, "host metrics batch refused");
+                            }
+                        }
+                    }
+                    Some(agent_message::Kind::ConfigResult(r)) => match &self.push {
+                        Some(p) => p.result(name, &r),
+                        None => {
+                            debug!(agent = %name, "configuration result without configuration push")
+                        }
+                    },
+                    // Newer agents may send kinds this bastion does not know.
+                    None => debug!(agent = %name, "ignoring unknown session message"),
+                },
+                Ok(Ok(None)) => return None,
+                Ok(Err(status)) => {
+                    debug!(agent = %name, error = %status, "session stream ended");
+                    return None;
+                }
+            }
+        }
+        None
+    }
+}
+
 #[tonic::async_trait]
 impl Enrollment for Service {
     async fn enroll(
@@ -453,99 +545,28 @@ impl Agent for Service {
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let id = self.identity(&req)?;
-        let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<BastionMessage, Status>>(16);
         self.registry.session_started(&id.name);
-        let guard = SessionGuard {
-            registry: self.registry.clone(),
-            name: id.name.clone(),
-        };
-        let timeout = self.heartbeat_timeout;
-        let shutdown = self.shutdown.clone();
-        let hosts = self.hosts.clone();
         let push = self.config_push.clone();
-        let mut push_rx = push.as_ref().map(|p| p.subscribe(&id.name));
-        tokio::spawn(async move {
-            let _guard = guard;
-            let registry = _guard.registry.clone();
-            loop {
-                let msg = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tx.closed() => break,
-                    // The newest rendered configuration, if this agent lacks it.
-                    r = async { push_rx.as_mut()?.changed().await.ok() }, if push_rx.is_some() => {
-                        match (r, &push, push_rx.as_mut()) {
-                            (Some(()), Some(p), Some(rx)) => {
-                                if let Some(m) = p.next_push(&id.name, rx) {
-                                    if tx.send(Ok(m)).await.is_err() {
-                                        break;
-                                    }
-                                }
-                            }
-                            _ => push_rx = None,
-                        }
-                        continue;
-                    }
-                    m = tokio::time::timeout(timeout, inbound.message()) => m,
-                };
-                match msg {
-                    Err(_) => {
-                        warn!(agent = %id.name, "no heartbeat within {}s: closing session", timeout.as_secs());
-                        let _ = tx
-                            .send(Err(Status::deadline_exceeded("heartbeat timeout")))
-                            .await;
-                        break;
-                    }
-                    Ok(Ok(Some(m))) => match m.kind {
-                        Some(agent_message::Kind::Heartbeat(hb)) => {
-                            metrics::counter!(names::HEARTBEATS).increment(1);
-                            registry.heartbeat(&id.name);
-                            let ack = BastionMessage {
-                                kind: Some(bastion_message::Kind::HeartbeatAck(HeartbeatAck {
-                                    seq: hb.seq,
-                                    bastion_time_unix: crate::unix_now(),
-                                })),
-                            };
-                            if tx.send(Ok(ack)).await.is_err() {
-                                break;
-                            }
-                        }
-                        Some(agent_message::Kind::Metrics(batch)) => {
-                            registry.heartbeat(&id.name);
-                            match hosts.ingest(&id.name, batch) {
-                                Ok(dropped) => {
-                                    metrics::counter!(names::METRICS_BATCHES, "result" => "ok")
-                                        .increment(1);
-                                    if dropped > 0 {
-                                        metrics::counter!(names::METRICS_DROPPED)
-                                            .increment(dropped as u64);
-                                        debug!(agent = %id.name, dropped, "invalid host metric samples dropped");
-                                    }
-                                }
-                                Err(e) => {
-                                    metrics::counter!(names::METRICS_BATCHES, "result" => "refused").increment(1);
-                                    warn!(agent = %id.name, reason = %e, "host metrics batch refused");
-                                }
-                            }
-                        }
-                        Some(agent_message::Kind::ConfigResult(r)) => match &push {
-                            Some(p) => p.result(&id.name, &r),
-                            None => {
-                                debug!(agent = %id.name, "configuration result without configuration push")
-                            }
-                        },
-                        // Newer agents may send kinds this bastion does not know.
-                        None => debug!(agent = %id.name, "ignoring unknown session message"),
-                    },
-                    Ok(Ok(None)) => break,
-                    Ok(Err(status)) => {
-                        debug!(agent = %id.name, error = %status, "session stream ended");
-                        break;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let state = Session {
+            push_rx: push.as_ref().map(|p| p.subscribe(&id.name)),
+            push,
+            inbound: req.into_inner(),
+            guard: SessionGuard {
+                registry: self.registry.clone(),
+                name: id.name,
+            },
+            timeout: self.heartbeat_timeout,
+            shutdown: self.shutdown.clone(),
+            hosts: self.hosts.clone(),
+            ended: false,
+        };
+        // The response stream is the session itself, polled by the connection's HTTP/2 task:
+        // no task and no channel of its own per agent. When the agent goes away the stream is
+        // dropped, and with it the guard that marks the session ended.
+        Ok(Response::new(Box::pin(futures_util::stream::unfold(
+            state,
+            |mut s| async move { s.next().await.map(|m| (m, s)) },
+        ))))
     }
 
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
