@@ -219,10 +219,12 @@ struct Sample {
 fn main() -> Result<()> {
     let args = Args::parse();
     bastide_agent::tls::install_crypto_provider();
-    let need = args.agents as u64 * 2 + 200;
+    // Each process (this tool, and the bastion, which inherits the limit) holds one socket
+    // per agent, plus files: the bastion's log store keeps at most 512 open.
+    let need = args.agents as u64 + 1024;
     if nofile_limit() < need {
         bail!(
-            "open files limit {} is too low for {} agents (each is a socket here and one in the bastion): run `ulimit -n {}` first (bench/soak/run.sh does)",
+            "open files limit {} is too low for {} agents (each is a socket here and one in the bastion, each process under this limit): run `ulimit -n {}` first (bench/soak/run.sh does)",
             nofile_limit(),
             args.agents,
             need.max(65536)
