@@ -472,6 +472,10 @@ impl Enrollment for Service {
         let _done = conn_info(&req)
             .and_then(|c| c.enrolled.clone())
             .map(|t| t.drop_guard());
+        // Until then, the connection is not idle however long the store takes.
+        let _answering = conn_info(&req)
+            .and_then(|c| c.answering.clone())
+            .map(crate::tls::Answering::start);
         let r = req.into_inner();
         let name: String = r.name.chars().take(64).collect();
         let registry = self.registry.clone();

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -168,6 +168,27 @@ pub struct ConnInfo {
     /// On a connection without a client certificate: cancelled by the enrollment handler
     /// once it answered, so that the connection closes after a short grace.
     pub enrolled: Option<CancellationToken>,
+    /// On a connection without a client certificate: set while a call on it is being
+    /// answered (see [`Answering`]); the client then waits in silence and is not idle.
+    pub answering: Option<Arc<AtomicBool>>,
+}
+
+/// Marks a certificate-less connection as being answered until dropped: an enrollment the
+/// bastion is slow to answer (its store busy) must not be cut as idle, or the agent would
+/// get no certificate for a token already spent.
+pub struct Answering(Arc<AtomicBool>);
+
+impl Answering {
+    pub fn start(flag: Arc<AtomicBool>) -> Self {
+        flag.store(true, Ordering::Relaxed);
+        Self(flag)
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 /// Grace between an enrollment's answer and the close of its certificate-less connection:
@@ -311,6 +332,7 @@ impl AgentConn {
         let mut last_read = None;
         let mut unauth = None;
         let mut enrolled = None;
+        let mut answering = None;
         let (cut, guard) = match &identity {
             Some(id) => {
                 drop(slot);
@@ -350,6 +372,8 @@ impl AgentConn {
                 last_read = Some(read.clone());
                 let done = CancellationToken::new();
                 enrolled = Some(done.clone());
+                let busy = Arc::new(AtomicBool::new(false));
+                answering = Some(busy.clone());
                 let (idle, lifetime) = (limits.idle, limits.lifetime);
                 let fut: CutFuture = Box::pin(async move {
                     let mut deadline = opened + lifetime;
@@ -360,7 +384,10 @@ impl AgentConn {
                         tokio::select! {
                             _ = tokio::time::sleep_until(deadline) => break,
                             _ = tokio::time::sleep_until(idle_at), if idle_at < deadline => {
-                                if read.load(Ordering::Relaxed) == seen {
+                                if busy.load(Ordering::Relaxed) {
+                                    // A call is being answered: the idle time starts again.
+                                    read.store(opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+                                } else if read.load(Ordering::Relaxed) == seen {
                                     reason = "idle";
                                     break;
                                 }
@@ -389,6 +416,7 @@ impl AgentConn {
                 peer,
                 identity,
                 enrolled,
+                answering,
             },
             cut,
             last_read,

@@ -578,6 +578,64 @@ fn certificateless_connections_close_when_idle_old_or_enrolled() {
     });
 }
 
+/// An enrollment the bastion takes longer than the idle time to answer (its store's write
+/// lock held by someone else) still gets its answer: the idle clock of a certificate-less
+/// connection does not run while a call on it is being answered. Before, the connection
+/// was cut as idle and the agent got no certificate for a token the bastion then spent.
+#[test]
+fn a_slow_enrollment_is_answered_past_the_idle_timeout() {
+    let mut b = Bastion::init("proj");
+    b.edit_config(|c| {
+        c.replace(
+            "unauthenticated_idle_timeout = \"5s\"",
+            "unauthenticated_idle_timeout = \"1s\"",
+        )
+    });
+    b.start();
+    let token = b.token(&[]);
+    // The store's write lock, held for 2.5 s as a long checkpoint or a slow disk would.
+    let db = rusqlite::Connection::open(b.state_dir().join("registry.sqlite")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let rt = rt();
+    let (answer, waited) = rt.block_on(async {
+        let verifier = Arc::new(PinVerifier::new(b.pin.clone()));
+        let cfg = Arc::new(enroll_config(verifier).unwrap());
+        let mut client = EnrollmentClient::new(certless_channel(&b.agents_addr, &cfg).await);
+        let (_key, csr) = bastide_agent::enroll::new_key_and_csr("slow01").unwrap();
+        let t0 = Instant::now();
+        let call = tokio::spawn(async move {
+            client
+                .enroll(EnrollRequest {
+                    token,
+                    name: "slow01".into(),
+                    csr_der: csr,
+                    agent_version: "test".into(),
+                })
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(
+            !call.is_finished(),
+            "the enrollment did not wait for the store"
+        );
+        db.execute_batch("COMMIT").unwrap();
+        (call.await.unwrap(), t0.elapsed())
+    });
+    let answer = answer.expect("a slow enrollment is answered, not cut as idle");
+    assert!(
+        answer
+            .into_inner()
+            .certificate_pem
+            .contains("BEGIN CERTIFICATE"),
+        "no certificate in the answer"
+    );
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "answered after {waited:?}"
+    );
+    assert!(b.agents().iter().any(|a| a["name"] == "slow01"));
+}
+
 // ---- Point 5: an enrolled VM cannot grow the registry without bound ----
 
 fn cert_rows(b: &Bastion) -> i64 {
