@@ -9,6 +9,7 @@ use clap::Parser;
 /// 62.5 KiB of RSS per agent with glibc, 39.6 KiB with these settings. One arena: two cores.
 /// The settings are built in (`JEMALLOC_SYS_WITH_MALLOC_CONF` in .cargo/config.toml);
 /// `_RJEM_MALLOC_CONF` in the environment still overrides them.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
