@@ -382,8 +382,14 @@ impl Drop for Daemon {
 fn git_daemon(r: &Repo) -> (Daemon, String) {
     let port = free_port();
     let base = r.bare.parent().unwrap().to_path_buf();
-    let child = Command::new("git")
-        .arg("daemon")
+    // `git daemon` would run git-daemon as a child of `git`, which the drop's kill would
+    // leave running: start git-daemon itself.
+    let exec_path = Command::new("git")
+        .arg("--exec-path")
+        .output()
+        .expect("git");
+    let exec_path = String::from_utf8(exec_path.stdout).unwrap();
+    let child = Command::new(std::path::Path::new(exec_path.trim()).join("git-daemon"))
         .arg("--export-all")
         .arg("--reuseaddr")
         .arg(format!("--base-path={}", base.display()))
