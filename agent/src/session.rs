@@ -23,6 +23,10 @@ use crate::logs::LogSourceConfig;
 use crate::state::State;
 use crate::tls::{connect_from, is_revoked, mtls_config, probe_revoked};
 
+/// One heartbeat in `ACK_EVERY` asks the bastion for an acknowledgement (the first one
+/// does): each acknowledgement is a write and a wake-up on both sides, for every agent of
+/// the fleet, and TCP already proves the path alive.
+pub const ACK_EVERY: u64 = 3;
 /// Errors that end the agent instead of being retried.
 #[derive(Debug, Error)]
 pub enum Fatal {
@@ -248,9 +252,11 @@ async fn session_once(
     tokio::pin!(renew);
     let mut ticker = tokio::time::interval(interval);
     let mut seq: u64 = 0;
-    // The bastion acknowledges every heartbeat; silence for three intervals means the path
-    // is dead even if TCP has not noticed yet.
+    // The bastion acknowledges the heartbeats that ask for it, one in ACK_EVERY: no answer
+    // to two of them in a row means the bastion is stuck even though its system still
+    // answers TCP. A dead path is caught sooner by TCP itself (`tls::USER_TIMEOUT`).
     let mut last_ack = tokio::time::Instant::now();
+    let ack_silence = interval * (2 * ACK_EVERY as u32 + 1);
     // Host metrics: first batch right away, then every interval (never when turned off).
     // The bastion may push another interval (configuration push): it applies at once.
     let mut pushed = applier.settings();
@@ -266,7 +272,7 @@ async fn session_once(
                 return Ok(Outcome::Shutdown);
             }
             _ = ticker.tick() => {
-                if last_ack.elapsed() > interval * 3 {
+                if last_ack.elapsed() > ack_silence {
                     bail!("no answer from the bastion for {}s", last_ack.elapsed().as_secs());
                 }
                 seq += 1;
@@ -274,6 +280,7 @@ async fn session_once(
                     kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
                         seq,
                         agent_time_unix: crate::unix_now(),
+                        no_ack: seq % ACK_EVERY != 1,
                     })),
                 };
                 if tx.send(hb).await.is_err() {

@@ -75,6 +75,18 @@ pub fn host_of(addr: &str) -> String {
         .to_string()
 }
 
+/// Data sent and not acknowledged by the bastion's TCP for this long closes the
+/// connection (`TCP_USER_TIMEOUT`): a dead path (a bastion's VM gone, a firewall dropping
+/// the connection) is noticed at the next heartbeat plus this, and the agent reconnects,
+/// rather than waiting for its unanswered heartbeats.
+pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The TCP settings of every connection to the bastion.
+fn tune(tcp: &TcpStream) -> std::io::Result<()> {
+    tcp.set_nodelay(true)?;
+    socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(USER_TIMEOUT))
+}
+
 /// Opens a gRPC channel to `bastion` (HOST:PORT) over TLS with `cfg`.
 pub async fn connect(
     bastion: &str,
@@ -135,7 +147,7 @@ pub async fn connect_from(
             let name = name.clone();
             async move {
                 let tcp = dial(&addr, source).await?;
-                tcp.set_nodelay(true)?;
+                tune(&tcp)?;
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
@@ -207,6 +219,19 @@ pub async fn probe_revoked(bastion: &str, server_name: &str, cfg: rustls::Client
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dead path is noticed by TCP within USER_TIMEOUT of unacknowledged data, whatever
+    /// the heartbeats' acknowledgements (one in three only).
+    #[tokio::test]
+    async fn connections_to_the_bastion_carry_the_user_timeout() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let tcp = dial(&addr, None).await.unwrap();
+        tune(&tcp).unwrap();
+        let sock = socket2::SockRef::from(&tcp);
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
+        assert!(tcp.nodelay().unwrap());
+    }
 
     #[test]
     fn hosts_and_pins() {

@@ -82,6 +82,23 @@ impl TcpListeners {
     }
 }
 
+impl TcpListeners {
+    /// The listeners as standard sockets, to be served by another runtime (see
+    /// [`TcpListeners::from_std`]): a socket is served by the runtime that registered it.
+    pub fn into_std(self) -> std::io::Result<Vec<std::net::TcpListener>> {
+        self.list.into_iter().map(TcpListener::into_std).collect()
+    }
+
+    /// Listeners registered with the current runtime.
+    pub fn from_std(list: Vec<std::net::TcpListener>) -> std::io::Result<Self> {
+        let list = list
+            .into_iter()
+            .map(TcpListener::from_std)
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Self::from(list))
+    }
+}
+
 impl From<Vec<TcpListener>> for TcpListeners {
     fn from(list: Vec<TcpListener>) -> Self {
         Self {

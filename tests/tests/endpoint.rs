@@ -12,7 +12,8 @@ use bastide_agent::tls::{connect, enroll_config, mtls_config, PinVerifier};
 use bastide_proto::v1::agent_client::AgentClient;
 use bastide_proto::v1::enrollment_client::EnrollmentClient;
 use bastide_proto::v1::{
-    agent_message, AgentMessage, EnrollRequest, Heartbeat, RegisterRequest, RenewRequest,
+    agent_message, bastion_message, AgentMessage, EnrollRequest, Heartbeat, RegisterRequest,
+    RenewRequest,
 };
 use bastide_tests::{Agent, Bastion};
 use hyper_util::rt::TokioIo;
@@ -63,6 +64,7 @@ fn heartbeat(seq: u64) -> AgentMessage {
         kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
             seq,
             agent_time_unix: 0,
+            no_ack: false,
         })),
     }
 }
@@ -96,6 +98,61 @@ async fn heartbeat_session(
             return;
         }
     }
+}
+
+/// Agents ask for one heartbeat acknowledgement in three (issue 18): a heartbeat marked
+/// `no_ack` gets none, the others still do, in order, and the session stays open.
+#[test]
+fn heartbeats_that_ask_for_no_ack_get_none_and_keep_the_session() {
+    let mut b = Bastion::init("proj");
+    b.start();
+    let a = Agent::new("web01");
+    a.enroll_ok(&b, &b.token(&[]));
+    let rt = rt();
+    rt.block_on(async {
+        let ch = connect(&b.agents_addr, "127.0.0.1", agent_tls(&a))
+            .await
+            .unwrap();
+        let mut client = AgentClient::new(ch);
+        client.register(RegisterRequest::default()).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let beat = |seq: u64, no_ack: bool| AgentMessage {
+            kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
+                seq,
+                agent_time_unix: 0,
+                no_ack,
+            })),
+        };
+        tx.send(beat(1, false)).await.unwrap();
+        let mut inbound = client
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let next_ack = |m: Option<bastide_proto::v1::BastionMessage>| match m.and_then(|m| m.kind) {
+            Some(bastion_message::Kind::HeartbeatAck(ack)) => ack.seq,
+            other => panic!("expected a heartbeat acknowledgement, got {other:?}"),
+        };
+        let wait = Duration::from_secs(5);
+        let first = tokio::time::timeout(wait, inbound.message()).await;
+        assert_eq!(next_ack(first.unwrap().unwrap()), 1);
+        for seq in 2..=5 {
+            tx.send(beat(seq, true)).await.unwrap();
+        }
+        // Nothing comes back for the four that asked for nothing...
+        assert!(
+            tokio::time::timeout(Duration::from_millis(700), inbound.message())
+                .await
+                .is_err(),
+            "a heartbeat marked no_ack was acknowledged"
+        );
+        // ...and the next one that asks is answered on the same session.
+        tx.send(beat(6, false)).await.unwrap();
+        let sixth = tokio::time::timeout(wait, inbound.message()).await;
+        assert_eq!(next_ack(sixth.unwrap().unwrap()), 6);
+        let list = tokio::task::block_in_place(|| b.cli_ok(&["agents", "list", "--json"]));
+        assert!(list.contains("\"online\""), "{list}");
+    });
 }
 
 // ---- Point 3: revocation cannot be outrun ----

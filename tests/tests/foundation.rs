@@ -318,6 +318,7 @@ fn revoked_agent_is_cut_within_a_second_and_cannot_return() {
             kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
                 seq: 1,
                 agent_time_unix: 0,
+                no_ack: false,
             })),
         })
         .await

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bastide_agent::enroll::new_key_and_csr;
+use bastide_agent::session::ACK_EVERY;
 use bastide_agent::tls::{connect, enroll_config, mtls_config, PinVerifier};
 use bastide_bench::{
     bastide_cli, clk_tck, fetch_ca, free_port, parse_duration, start_bastide, synthetic_batch, Cred,
@@ -82,6 +83,10 @@ struct Args {
     /// TLS + HTTP/2 connection costs the bastion alone). They count as online fleet-side.
     #[arg(long)]
     no_session: bool,
+    /// One heartbeat in N asks for an acknowledgement, as the agent does (1: every one, as
+    /// agents before 0.1 of December 2026 did).
+    #[arg(long, default_value_t = ACK_EVERY)]
+    ack_every: u64,
     /// Name prefix of the simulated agents.
     #[arg(long, default_value = "load")]
     prefix: String,
@@ -91,6 +96,7 @@ struct Args {
 static FLEET_ONLINE: AtomicU64 = AtomicU64::new(0);
 static RECONNECTS: AtomicU64 = AtomicU64::new(0);
 static NO_SESSION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static ACK_EVERY_N: AtomicU64 = AtomicU64::new(ACK_EVERY);
 /// What the fleet registers as host name after its agent name (`--attach`: changed by a
 /// `hostname SUFFIX` line on stdin), so that a test can tell which registration a store
 /// holds.
@@ -277,6 +283,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     bastide_agent::tls::install_crypto_provider();
     NO_SESSION.store(args.no_session, Ordering::Relaxed);
+    ACK_EVERY_N.store(args.ack_every.max(1), Ordering::Relaxed);
     if let Some(addr) = &args.attach {
         return attach(&args, addr);
     }
@@ -829,6 +836,10 @@ async fn agent_loop(
                         kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
                             seq,
                             agent_time_unix: 0,
+                            no_ack: {
+                                let every = ACK_EVERY_N.load(Ordering::Relaxed);
+                                every > 1 && seq % every != 1
+                            },
                         })),
                     };
                     // Never block the loop (and the reading of the session's end) on a

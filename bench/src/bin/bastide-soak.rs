@@ -17,6 +17,7 @@
 //! Run it through `bench/soak/run.sh` (raises `ulimit -n`, sets `MALLOC_ARENA_MAX` as the
 //! systemd unit does, builds the release binaries).
 
+use bastide_agent::session::ACK_EVERY;
 use std::collections::BTreeSet;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -854,6 +855,8 @@ async fn session(
                                 .duration_since(std::time::UNIX_EPOCH)
                                 .map(|d| d.as_secs() as i64)
                                 .unwrap_or(0),
+                            // As the agent: an acknowledgement every ACK_EVERY heartbeats.
+                            no_ack: seq % ACK_EVERY != 1,
                         })),
                     };
                     if tx.send(m).await.is_err() {

@@ -15,6 +15,7 @@
 //! runs as `nobody` when the bench runs as root, in a temporary directory, trust auth on
 //! 127.0.0.1 only.
 
+use bastide_agent::session::ACK_EVERY;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -319,7 +320,7 @@ async fn agent(
                     },
                     _ = tick.tick() => {
                         seq += 1;
-                        let hb = AgentMessage { kind: Some(agent_message::Kind::Heartbeat(Heartbeat { seq, agent_time_unix: 0 })) };
+                        let hb = AgentMessage { kind: Some(agent_message::Kind::Heartbeat(Heartbeat { seq, agent_time_unix: 0, no_ack: seq % ACK_EVERY != 1 })) };
                         if tx.send(hb).await.is_err() {
                             bail!("session closed");
                         }
