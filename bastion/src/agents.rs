@@ -218,15 +218,7 @@ pub async fn run(
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = accept_shutdown.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // EMFILE and the like: wait instead of spinning.
-                        warn!(error = %e, "agents: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
+                c = crate::listeners::accept(&listener, "agents") => c,
             };
             let Ok(permit) = limit.clone().try_acquire_owned() else {
                 refused(peer, "connections");

@@ -4,7 +4,8 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::Poll;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -66,19 +67,52 @@ impl TcpListeners {
 
     /// The next connection on any of the listeners.
     pub async fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
-        std::future::poll_fn(|cx| {
-            let n = self.list.len();
-            let start = self.next.load(Ordering::Relaxed);
-            for i in 0..n {
-                let k = (start + i) % n;
-                if let Poll::Ready(r) = self.list[k].poll_accept(cx) {
-                    self.next.store((k + 1) % n, Ordering::Relaxed);
-                    return Poll::Ready(r);
-                }
+        std::future::poll_fn(|cx| Accept::poll_accept(self, cx)).await
+    }
+}
+
+/// What a service accepts connections from: its [`TcpListeners`] or one listener.
+pub trait Accept {
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<(TcpStream, SocketAddr)>>;
+}
+
+impl Accept for TcpListener {
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<(TcpStream, SocketAddr)>> {
+        TcpListener::poll_accept(self, cx)
+    }
+}
+
+impl Accept for TcpListeners {
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<(TcpStream, SocketAddr)>> {
+        let n = self.list.len();
+        let start = self.next.load(Ordering::Relaxed);
+        for i in 0..n {
+            let k = (start + i) % n;
+            if let Poll::Ready(r) = self.list[k].poll_accept(cx) {
+                self.next.store((k + 1) % n, Ordering::Relaxed);
+                return Poll::Ready(r);
             }
-            Poll::Pending
-        })
-        .await
+        }
+        Poll::Pending
+    }
+}
+
+/// Pause after a failed accept.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// The next connection on `listener`, for the accept loop of `service` (its name in the
+/// log). A failed accept (out of file descriptors, EMFILE or ENFILE, or a connection reset
+/// before it was taken) is logged and tried again after a pause: at once, it would spin
+/// while the cause lasts. Cancel-safe, for a `select!` with the shutdown token.
+pub async fn accept(listener: &impl Accept, service: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match std::future::poll_fn(|cx| listener.poll_accept(cx)).await {
+            Ok(c) => return c,
+            Err(e) => {
+                tracing::warn!(error = %e, "{service}: accept failed");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+            }
+        }
     }
 }
 

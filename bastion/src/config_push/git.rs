@@ -976,14 +976,7 @@ pub async fn serve_webhook(
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "configuration webhook: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            c = crate::listeners::accept(&listener, "configuration webhook") => c,
         };
         let ip = canonical(peer.ip());
         if !allow.iter().any(|n| n.contains(&ip)) {

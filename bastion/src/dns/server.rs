@@ -606,14 +606,7 @@ async fn tcp_accept(
     shutdown: CancellationToken,
 ) {
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "dns: TCP accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
+        let (stream, peer) = crate::listeners::accept(&listener, "dns: TCP").await;
         // The allow-list is checked before anything is read and before a slot is taken: a
         // client outside it costs an accept and a close, never one of the connections.
         if !res.allowed(peer.ip()) {

@@ -173,14 +173,7 @@ pub async fn run(
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = expire.tick() => { hosts.expire(); continue; }
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            c = crate::listeners::accept(&listener, "metrics") => c,
         };
         if !allowed(&cfg.allow, peer.ip()) {
             metrics::counter!(names::SCRAPE_DENIED, "reason" => "network").increment(1);

@@ -143,14 +143,7 @@ pub async fn serve(
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "smtp: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            c = crate::listeners::accept(&listener, "smtp") => c,
         };
         SmtpMetrics::inc(&shared.metrics.connections);
         let _ = stream.set_nodelay(true);

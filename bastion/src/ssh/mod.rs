@@ -298,14 +298,7 @@ pub async fn run(
                 }
                 continue;
             }
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "ssh: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            c = crate::listeners::accept(&listener, "ssh") => c,
         };
         shared.counters.connections.fetch_add(1, Ordering::Relaxed);
         if !shared.limiter.try_take(peer.ip(), Instant::now()) {

@@ -827,14 +827,7 @@ async fn accept(
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "syslog: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            c = crate::listeners::accept(&listener, "syslog") => c,
         };
         // None: a new host past max_unknown_hosts, whose lines are read, counted, dropped
         // (closing would only make it reconnect at once).

@@ -238,14 +238,7 @@ pub(in crate::ssh) async fn run(
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "sso: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            c = crate::listeners::accept(&listener, "sso") => c,
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             warn!(%peer, "sso: too many connections");
