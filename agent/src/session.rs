@@ -27,6 +27,7 @@ use crate::tls::{connect_from, is_revoked, mtls_config, probe_revoked};
 /// does): each acknowledgement is a write and a wake-up on both sides, for every agent of
 /// the fleet, and TCP already proves the path alive.
 pub const ACK_EVERY: u64 = 3;
+
 /// Errors that end the agent instead of being retried.
 #[derive(Debug, Error)]
 pub enum Fatal {

@@ -65,9 +65,19 @@ impl TcpListeners {
             .collect()
     }
 
-    /// The next connection on any of the listeners.
-    pub async fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
-        std::future::poll_fn(|cx| Accept::poll_accept(self, cx)).await
+    /// The listeners as standard sockets, to be served by another runtime (see
+    /// [`TcpListeners::from_std`]): a socket is served by the runtime that registered it.
+    pub fn into_std(self) -> std::io::Result<Vec<std::net::TcpListener>> {
+        self.list.into_iter().map(TcpListener::into_std).collect()
+    }
+
+    /// Listeners registered with the current runtime.
+    pub fn from_std(list: Vec<std::net::TcpListener>) -> std::io::Result<Self> {
+        let list = list
+            .into_iter()
+            .map(TcpListener::from_std)
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Self::from(list))
     }
 }
 
@@ -113,23 +123,6 @@ pub async fn accept(listener: &impl Accept, service: &str) -> (TcpStream, Socket
                 tokio::time::sleep(ACCEPT_RETRY).await;
             }
         }
-    }
-}
-
-impl TcpListeners {
-    /// The listeners as standard sockets, to be served by another runtime (see
-    /// [`TcpListeners::from_std`]): a socket is served by the runtime that registered it.
-    pub fn into_std(self) -> std::io::Result<Vec<std::net::TcpListener>> {
-        self.list.into_iter().map(TcpListener::into_std).collect()
-    }
-
-    /// Listeners registered with the current runtime.
-    pub fn from_std(list: Vec<std::net::TcpListener>) -> std::io::Result<Self> {
-        let list = list
-            .into_iter()
-            .map(TcpListener::from_std)
-            .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(Self::from(list))
     }
 }
 
@@ -198,7 +191,7 @@ mod tests {
         for round in 0..2 {
             for a in &bound {
                 let _c = TcpStream::connect(a).await.unwrap();
-                let (s, _) = ls.accept().await.unwrap();
+                let (s, _) = accept(&ls, "test").await;
                 assert_eq!(s.local_addr().unwrap(), *a, "round {round}");
             }
         }
