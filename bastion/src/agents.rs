@@ -261,6 +261,18 @@ pub async fn run(
         }
     });
 
+    // Certificates expire on the hour they say, not at the next heartbeat: one sweep a
+    // second over the connections (a few microseconds for ten thousand).
+    let sweep_registry = registry.clone();
+    let expiry_sweep = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            sweep_registry.cut_expired(crate::unix_now());
+        }
+    });
+
     let svc = Service {
         renew_limit: RenewLimiter::new(cfg.renew_burst, cfg.renew_interval()),
         registry,
@@ -287,6 +299,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown.cancelled())
         .await;
     accept_loop.abort();
+    expiry_sweep.abort();
     result.context("agents endpoint")
 }
 

@@ -5,16 +5,16 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use globset::Glob;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::{broadcast, watch};
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::addresses::{resolve_conflicts, AddressPolicy, Candidate, Judged, Refusal};
@@ -299,6 +299,63 @@ pub struct RegistrySettings {
     pub addresses: AddressPolicy,
 }
 
+/// What cuts one authenticated agent connection: its revocation (at once) or the expiry of
+/// its certificate (the endpoint's sweep, [`Registry::cut_expired`], within a second). The
+/// connection polls it at every read and write. A flag and a waker: at fleet scale a
+/// cancellation token with its own timer cost each connection several hundred bytes more.
+pub struct ConnCut {
+    agent: Box<str>,
+    /// Unix seconds.
+    not_after: i64,
+    state: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl ConnCut {
+    const OPEN: u8 = 0;
+    const REVOKED: u8 = 1;
+    const EXPIRED: u8 = 2;
+
+    fn cut(&self, why: u8) {
+        let _ = self
+            .state
+            .compare_exchange(Self::OPEN, why, Ordering::AcqRel, Ordering::Acquire);
+        self.waker.wake();
+    }
+
+    /// Why the connection was cut, if it was.
+    pub fn reason(&self) -> Option<&'static str> {
+        match self.state.load(Ordering::Acquire) {
+            Self::OPEN => None,
+            Self::REVOKED => Some("certificate revoked"),
+            _ => Some("certificate expired"),
+        }
+    }
+
+    /// Ready with the reason once cut; otherwise wakes `cx` when it is.
+    pub fn poll_cut(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<&'static str> {
+        if let Some(r) = self.reason() {
+            return std::task::Poll::Ready(r);
+        }
+        self.waker.register(cx.waker());
+        // A cut between the first look and the registration woke no one: look again.
+        match self.reason() {
+            Some(r) => std::task::Poll::Ready(r),
+            None => std::task::Poll::Pending,
+        }
+    }
+
+    /// Cuts it as revoked (the registry's check right after the handshake).
+    pub fn revoke(&self) {
+        self.cut(Self::REVOKED);
+    }
+
+    /// Cuts it as expired (a certificate that expired during the handshake).
+    pub fn expire(&self) {
+        self.cut(Self::EXPIRED);
+    }
+}
+
 #[derive(Default)]
 struct State {
     agents: BTreeMap<String, AgentRow>,
@@ -323,7 +380,8 @@ struct Inner {
     last_seen: Mutex<HashMap<String, i64>>,
     view: watch::Sender<Arc<Snapshot>>,
     events: broadcast::Sender<RegistryEvent>,
-    conns: Mutex<HashMap<String, HashMap<u64, CancellationToken>>>,
+    /// Authenticated agent connections, by connection id, for revocation and expiry cuts.
+    conns: Mutex<HashMap<u64, Arc<ConnCut>>>,
     next_conn: AtomicU64,
     /// Pushed-configuration states, and the names changed since the last flush: results
     /// arrive by thousands after a change, so they are written in batches, not one by one.
@@ -1000,33 +1058,56 @@ impl Registry {
 
     // ---- connections and sessions ----
 
-    /// Tracks an authenticated connection so that revocation can cut it.
-    pub fn connection_opened(&self, agent: &str) -> (u64, CancellationToken) {
+    /// Tracks an authenticated connection of `agent`, whose certificate ends at `not_after`
+    /// (unix seconds), so that revocation and expiry cut it (see [`ConnCut`]).
+    pub fn connection_opened(&self, agent: &str, not_after: i64) -> (u64, Arc<ConnCut>) {
         let id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
-        let token = CancellationToken::new();
-        lock(&self.inner.conns)
-            .entry(agent.to_string())
-            .or_default()
-            .insert(id, token.clone());
-        (id, token)
+        let cut = Arc::new(ConnCut {
+            agent: agent.into(),
+            not_after,
+            state: AtomicU8::new(ConnCut::OPEN),
+            waker: AtomicWaker::new(),
+        });
+        lock(&self.inner.conns).insert(id, cut.clone());
+        (id, cut)
     }
 
-    pub fn connection_closed(&self, agent: &str, id: u64) {
-        let mut conns = lock(&self.inner.conns);
-        if let Some(m) = conns.get_mut(agent) {
-            m.remove(&id);
-            if m.is_empty() {
-                conns.remove(agent);
-            }
-        }
+    pub fn connection_closed(&self, id: u64) {
+        lock(&self.inner.conns).remove(&id);
     }
 
+    /// Cuts every connection of `agent` (revocation). A walk over all connections: revocations
+    /// are rare, and an index by agent would cost every connection its own entry.
     fn cut_connections(&self, agent: &str) -> usize {
-        let tokens = lock(&self.inner.conns).remove(agent).unwrap_or_default();
-        for t in tokens.values() {
-            t.cancel();
+        let mut cut = Vec::new();
+        lock(&self.inner.conns).retain(|_, c| {
+            let hit = &*c.agent == agent;
+            if hit {
+                cut.push(c.clone());
+            }
+            !hit
+        });
+        for c in &cut {
+            c.cut(ConnCut::REVOKED);
         }
-        tokens.len()
+        cut.len()
+    }
+
+    /// Cuts the connections whose certificate has expired at `now` (unix seconds); returns
+    /// how many. The agents' endpoint calls it every second.
+    pub fn cut_expired(&self, now: i64) -> usize {
+        let mut cut = Vec::new();
+        lock(&self.inner.conns).retain(|_, c| {
+            let hit = c.not_after <= now;
+            if hit {
+                cut.push(c.clone());
+            }
+            !hit
+        });
+        for c in &cut {
+            c.cut(ConnCut::EXPIRED);
+        }
+        cut.len()
     }
 
     /// Records the facts an agent registered with; returns its labels.
@@ -1342,6 +1423,71 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::{Context, Poll};
+
+    struct Wakes(AtomicUsize);
+
+    impl futures_util::task::ArcWake for Wakes {
+        fn wake_by_ref(me: &Arc<Self>) {
+            me.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Revocation cuts every connection of the revoked agent and no other; the endpoint's
+    /// sweep cuts a connection once its certificate has expired, not before; each cut wakes
+    /// the connection's task with its reason, and a cut connection leaves the registry.
+    #[test]
+    fn connections_are_cut_by_revocation_and_by_certificate_expiry() {
+        let dir = std::env::temp_dir().join(format!("bastide-conncut-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let paths = crate::pki::PkiPaths::new(&dir);
+        crate::pki::init(&paths, "p", None, &[]).unwrap();
+        let store = Store::create(&dir.join("registry.sqlite")).unwrap();
+        let ca = AgentCa::load(&paths, "p", None).unwrap();
+        let settings = RegistrySettings {
+            cert_lifetime: Duration::from_secs(3600),
+            addresses: Default::default(),
+        };
+        let reg = Registry::open(store, ca, settings).unwrap();
+        let now = unix_now();
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = futures_util::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+
+        let (_, a1) = reg.connection_opened("web01", now + 3600);
+        let (_, a2) = reg.connection_opened("web01", now + 3600);
+        let (_, b) = reg.connection_opened("db01", now + 30);
+        let (closed, c) = reg.connection_opened("mail01", now + 3600);
+        for conn in [&a1, &a2, &b, &c] {
+            assert_eq!(conn.poll_cut(&mut cx), Poll::Pending);
+        }
+        reg.connection_closed(closed);
+        assert_eq!(lock(&reg.inner.conns).len(), 3);
+
+        assert_eq!(reg.cut_connections("web01"), 2);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+        assert_eq!(a1.poll_cut(&mut cx), Poll::Ready("certificate revoked"));
+        assert_eq!(a2.reason(), Some("certificate revoked"));
+        assert_eq!(b.reason(), None);
+        assert_eq!(reg.cut_connections("web01"), 0);
+
+        // Not yet expired, then expired.
+        assert_eq!(reg.cut_expired(now + 29), 0);
+        assert_eq!(b.poll_cut(&mut cx), Poll::Pending);
+        assert_eq!(reg.cut_expired(now + 30), 1);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 3);
+        assert_eq!(b.poll_cut(&mut cx), Poll::Ready("certificate expired"));
+        assert!(lock(&reg.inner.conns).is_empty());
+
+        // A connection revoked once stays revoked: a later expiry does not rename its cut.
+        let (_, d) = reg.connection_opened("web01", now + 30);
+        d.revoke();
+        d.expire();
+        assert_eq!(d.reason(), Some("certificate revoked"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// fuzz/seeds/agent_register/hostile: a host key with a newline in its comment must not
     /// reach the known_hosts file as two lines.

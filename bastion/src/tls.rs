@@ -27,7 +27,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::pki::{identity_from_cert, AgentIdentity, PkiPaths};
-use crate::registry::{Registry, SerialRefusal};
+use crate::registry::{ConnCut, Registry, SerialRefusal};
 
 /// Installs the process-wide rustls crypto provider (ring) once, explicitly, so that no
 /// feature unification can leave the choice to chance.
@@ -274,18 +274,30 @@ impl UnauthLimits {
 /// Closes the registry's record of a connection when it ends.
 struct ConnGuard {
     registry: Registry,
-    agent: String,
     id: u64,
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         metrics::gauge!(crate::metrics::names::AGENT_CONNECTIONS).decrement(1.0);
-        self.registry.connection_closed(&self.agent, self.id);
+        self.registry.connection_closed(self.id);
     }
 }
 
 type CutFuture = Pin<Box<dyn Future<Output = &'static str> + Send>>;
+
+/// What ends a connection: for an agent, the registry's cut (revocation, expiry); without a
+/// client certificate, its own timers (idle, enrolled, lifetime).
+enum Cut {
+    Agent {
+        cut: Arc<ConnCut>,
+        _guard: ConnGuard,
+    },
+    Unauthenticated {
+        fut: CutFuture,
+        _hold: UnauthHold,
+    },
+}
 
 /// What keeps a certificate-less connection counted: its source slot and its share of the
 /// total.
@@ -295,26 +307,45 @@ struct UnauthHold {
 }
 
 /// A TLS connection from an agent that ends itself when cut.
-pub struct AgentConn {
+///
+/// Boxed: the server keeps each connection inside the future of its task, and an async
+/// function keeps its arguments beside its state, so an inline connection (1.4 KiB, most of
+/// it rustls' state) was counted there twice and pushed every agent's task into a larger
+/// allocation class (`bench/README.md`, memory per agent).
+pub struct AgentConn(Box<Conn>);
+
+struct Conn {
     io: TlsStream<TcpStream>,
     info: ConnInfo,
-    cut: Option<CutFuture>,
+    cut: Cut,
     /// Milliseconds from `opened` to the last byte read (certificate-less connections).
     last_read: Option<Arc<AtomicU64>>,
     opened: Instant,
-    _guard: Option<ConnGuard>,
-    _unauth: Option<UnauthHold>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl AgentConn {
+    /// Wraps a completed handshake (see [`Conn::new`]).
+    pub fn new(
+        io: TlsStream<TcpStream>,
+        peer: SocketAddr,
+        registry: &Registry,
+        permit: OwnedSemaphorePermit,
+        slot: SourceSlot,
+        limits: &UnauthLimits,
+    ) -> Result<Self, &'static str> {
+        Conn::new(io, peer, registry, permit, slot, limits).map(|c| Self(Box::new(c)))
+    }
+}
+
+impl Conn {
     /// Wraps a completed handshake. With a client certificate the connection is registered
     /// with the registry so that revocation cuts it; the serial is checked again once it
     /// is registered, so that a revocation that ran during the handshake (after the
     /// verifier's check, before the registration) cuts it too. Without one it keeps its
     /// source slot and a share of `limits`' total, or is refused (`Err` with the reason)
     /// when the total is spent.
-    pub fn new(
+    fn new(
         io: TlsStream<TcpStream>,
         peer: SocketAddr,
         registry: &Registry,
@@ -330,17 +361,15 @@ impl AgentConn {
             .and_then(|c| registry.ca().identity(c).ok());
         let opened = Instant::now();
         let mut last_read = None;
-        let mut unauth = None;
         let mut enrolled = None;
         let mut answering = None;
-        let (cut, guard) = match &identity {
+        let cut = match &identity {
             Some(id) => {
                 drop(slot);
-                let (conn_id, token) = registry.connection_opened(&id.name);
+                let (conn_id, cut) = registry.connection_opened(&id.name, id.not_after);
                 metrics::gauge!(crate::metrics::names::AGENT_CONNECTIONS).increment(1.0);
                 let guard = ConnGuard {
                     registry: registry.clone(),
-                    agent: id.name.clone(),
                     id: conn_id,
                 };
                 if let Err(r) = registry.check_serial(&id.serial) {
@@ -348,26 +377,21 @@ impl AgentConn {
                     // revocation's cut list did not hold this connection yet.
                     tracing::warn!(agent = %id.name, serial = %id.serial, reason = %r, %peer, "certificate refused after the handshake: cutting the connection");
                     metrics::counter!(crate::metrics::names::AGENT_CONNECTIONS_REFUSED, "reason" => "revoked").increment(1);
-                    token.cancel();
+                    cut.revoke();
+                } else if id.not_after <= crate::unix_now() {
+                    // Expired during the handshake: cut now rather than at the next sweep.
+                    cut.expire();
                 }
-                let left = (id.not_after - crate::unix_now()).max(0) as u64;
-                let expiry = opened + Duration::from_secs(left);
-                let fut: CutFuture = Box::pin(async move {
-                    tokio::select! {
-                        _ = token.cancelled_owned() => "certificate revoked",
-                        _ = tokio::time::sleep_until(expiry) => "certificate expired",
-                    }
-                });
-                (Some(fut), Some(guard))
+                Cut::Agent { cut, _guard: guard }
             }
             None => {
                 let Ok(total) = limits.total.clone().try_acquire_owned() else {
                     return Err("unauthenticated");
                 };
-                unauth = Some(UnauthHold {
+                let hold = UnauthHold {
                     _slot: slot,
                     _permit: total,
-                });
+                };
                 let read = Arc::new(AtomicU64::new(0));
                 last_read = Some(read.clone());
                 let done = CancellationToken::new();
@@ -407,7 +431,7 @@ impl AgentConn {
                         _ => "certificate-less connection lifetime reached",
                     }
                 });
-                (Some(fut), None)
+                Cut::Unauthenticated { fut, _hold: hold }
             }
         };
         Ok(Self {
@@ -421,31 +445,31 @@ impl AgentConn {
             cut,
             last_read,
             opened,
-            _guard: guard,
-            _unauth: unauth,
             _permit: permit,
         })
     }
 
     fn check_cut(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if let Some(cut) = self.cut.as_mut() {
-            if let Poll::Ready(reason) = cut.as_mut().poll(cx) {
-                match &self.info.identity {
-                    Some(id) => {
-                        tracing::info!(agent = %id.name, reason, "cutting agent connection")
-                    }
-                    None => {
-                        tracing::debug!(peer = %self.info.peer, reason, "closing certificate-less connection")
-                    }
+        let reason = match &mut self.cut {
+            Cut::Agent { cut, .. } => cut.poll_cut(cx),
+            Cut::Unauthenticated { fut, .. } => fut.as_mut().poll(cx),
+        };
+        if let Poll::Ready(reason) = reason {
+            match &self.info.identity {
+                Some(id) => {
+                    tracing::info!(agent = %id.name, reason, "cutting agent connection")
                 }
-                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, reason));
+                None => {
+                    tracing::debug!(peer = %self.info.peer, reason, "closing certificate-less connection")
+                }
             }
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, reason));
         }
         Ok(())
     }
 }
 
-impl AsyncRead for AgentConn {
+impl AsyncRead for Conn {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -463,7 +487,7 @@ impl AsyncRead for AgentConn {
     }
 }
 
-impl AsyncWrite for AgentConn {
+impl AsyncWrite for Conn {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -482,10 +506,38 @@ impl AsyncWrite for AgentConn {
     }
 }
 
+impl AsyncRead for AgentConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AgentConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
+}
+
 impl tonic::transport::server::Connected for AgentConn {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> ConnInfo {
-        self.info.clone()
+        self.0.info.clone()
     }
 }

@@ -178,6 +178,8 @@ fn prometheus_scrapes_the_bastion_and_its_agents() {
         "process_resident_memory_bytes ",
         "process_open_fds ",
         "process_start_time_seconds ",
+        "bastide_allocator_allocated_bytes ",
+        "bastide_allocator_resident_bytes ",
         "# HELP bastide_agent_heartbeats_total",
     ] {
         assert!(own.contains(want), "missing {want} in\n{own}");

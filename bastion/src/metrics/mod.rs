@@ -279,6 +279,7 @@ async fn self_metrics(State(s): State<AppState>, headers: HeaderMap) -> Response
     render::agents(&s.registry, &mut body);
     s.collectors.render_text(&mut body);
     render::process(&mut body);
+    render::allocator(&mut body);
     metrics::histogram!(names::SCRAPE_DURATION, "path" => "/metrics")
         .record(start.elapsed().as_secs_f64());
     text(body)

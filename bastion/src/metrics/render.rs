@@ -296,3 +296,52 @@ pub fn process(out: &mut String) {
         let _ = writeln!(out, "process_max_fds {max}");
     }
 }
+
+/// The allocator's own accounting (jemalloc, the binary's global allocator): what the daemon
+/// holds (`allocated`) against the pages that holds (`active`, `resident`), so that growth
+/// can be told apart from fragmentation. Nothing without the `jemalloc` feature.
+pub fn allocator(out: &mut String) {
+    #[cfg(feature = "jemalloc")]
+    {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        // The statistics are a snapshot refreshed by advancing the epoch.
+        if epoch::advance().is_err() {
+            return;
+        }
+        let series = [
+            (
+                "bastide_allocator_allocated_bytes",
+                "Bytes the daemon has allocated and not freed (jemalloc stats.allocated).",
+                stats::allocated::read(),
+            ),
+            (
+                "bastide_allocator_active_bytes",
+                "Bytes in the allocator's active pages: allocated plus the free space of partly used pages (jemalloc stats.active).",
+                stats::active::read(),
+            ),
+            (
+                "bastide_allocator_metadata_bytes",
+                "Bytes of the allocator's own bookkeeping (jemalloc stats.metadata).",
+                stats::metadata::read(),
+            ),
+            (
+                "bastide_allocator_resident_bytes",
+                "Bytes in physically resident pages the allocator maps, metadata included (jemalloc stats.resident).",
+                stats::resident::read(),
+            ),
+            (
+                "bastide_allocator_retained_bytes",
+                "Bytes of virtual memory the allocator keeps mapped but returned to the system (jemalloc stats.retained).",
+                stats::retained::read(),
+            ),
+        ];
+        for (name, help, value) in series {
+            if let Ok(v) = value {
+                family(out, name, "gauge", help);
+                let _ = writeln!(out, "{name} {v}");
+            }
+        }
+    }
+    #[cfg(not(feature = "jemalloc"))]
+    let _ = out;
+}
