@@ -1093,12 +1093,13 @@ impl Registry {
         cut.len()
     }
 
-    /// Cuts the connections whose certificate has expired at `now` (unix seconds); returns
-    /// how many. The agents' endpoint calls it every second.
+    /// Cuts the connections whose certificate has expired at `now` (unix seconds: past its
+    /// `notAfter`, which is still valid, as at the handshake); returns how many. The agents'
+    /// endpoint calls it every second.
     pub fn cut_expired(&self, now: i64) -> usize {
         let mut cut = Vec::new();
         lock(&self.inner.conns).retain(|_, c| {
-            let hit = c.not_after <= now;
+            let hit = c.not_after < now;
             if hit {
                 cut.push(c.clone());
             }
@@ -1473,10 +1474,10 @@ mod tests {
         assert_eq!(b.reason(), None);
         assert_eq!(reg.cut_connections("web01"), 0);
 
-        // Not yet expired, then expired.
-        assert_eq!(reg.cut_expired(now + 29), 0);
+        // Valid through its last second, then expired.
+        assert_eq!(reg.cut_expired(now + 30), 0);
         assert_eq!(b.poll_cut(&mut cx), Poll::Pending);
-        assert_eq!(reg.cut_expired(now + 30), 1);
+        assert_eq!(reg.cut_expired(now + 31), 1);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 3);
         assert_eq!(b.poll_cut(&mut cx), Poll::Ready("certificate expired"));
         assert!(lock(&reg.inner.conns).is_empty());

@@ -378,7 +378,7 @@ impl Conn {
                     tracing::warn!(agent = %id.name, serial = %id.serial, reason = %r, %peer, "certificate refused after the handshake: cutting the connection");
                     metrics::counter!(crate::metrics::names::AGENT_CONNECTIONS_REFUSED, "reason" => "revoked").increment(1);
                     cut.revoke();
-                } else if id.not_after <= crate::unix_now() {
+                } else if id.not_after < crate::unix_now() {
                     // Expired during the handshake: cut now rather than at the next sweep.
                     cut.expire();
                 }

@@ -100,6 +100,79 @@ async fn heartbeat_session(
     }
 }
 
+/// A connection outlives nothing: an agent holding a session past its certificate's expiry
+/// (it did not renew) is cut within about a second of it, not at its next reconnection, and
+/// the same certificate then opens nothing.
+#[test]
+fn a_live_connection_is_cut_when_its_certificate_expires() {
+    let mut b = Bastion::init("proj");
+    b.edit_config(|c| c.replace("cert_lifetime = \"24h\"", "cert_lifetime = \"5s\""));
+    b.start();
+    let a = Agent::new("web01");
+    a.enroll_ok(&b, &b.token(&[]));
+    let not_after = b.agent("web01").unwrap()["cert_not_after"]
+        .as_i64()
+        .unwrap();
+    let unix = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let rt = rt();
+    let (last_ack, ended) = rt.block_on(async {
+        let ch = connect(&b.agents_addr, "127.0.0.1", agent_tls(&a))
+            .await
+            .unwrap();
+        let mut client = AgentClient::new(ch);
+        client.register(RegisterRequest::default()).await.unwrap();
+        let last = Arc::new(Mutex::new(None));
+        tokio::time::timeout(
+            Duration::from_secs(15),
+            heartbeat_session(client, last.clone()),
+        )
+        .await
+        .expect("the session outlived its certificate by 10 s");
+        let ended = unix();
+        let last_ack = last
+            .lock()
+            .unwrap()
+            .map(|t: Instant| ended - t.elapsed().as_secs_f64());
+        (last_ack, ended)
+    });
+    let last_ack = last_ack.expect("no heartbeat was acknowledged");
+    // Valid through its notAfter second: acknowledged until then, cut within two seconds
+    // after it (the sweep runs every second; one more for a loaded machine).
+    assert!(
+        last_ack >= not_after as f64 - 0.5,
+        "cut before expiry: last ack at {last_ack}, notAfter {not_after}"
+    );
+    assert!(
+        ended <= not_after as f64 + 3.0,
+        "cut too late: at {ended}, notAfter {not_after}"
+    );
+    assert!(
+        bastide_tests::wait_for(Duration::from_secs(5), || b
+            .log_text()
+            .contains("certificate expired")
+            .then_some(()))
+        .is_some(),
+        "no cut logged:\n{}",
+        b.log_text()
+    );
+    // The expired certificate opens nothing new.
+    let refused = rt.block_on(async {
+        match connect(&b.agents_addr, "127.0.0.1", agent_tls(&a)).await {
+            Err(_) => true,
+            Ok(ch) => AgentClient::new(ch)
+                .register(RegisterRequest::default())
+                .await
+                .is_err(),
+        }
+    });
+    assert!(refused, "an expired certificate registered");
+}
+
 /// Agents ask for one heartbeat acknowledgement in three (issue 18): a heartbeat marked
 /// `no_ack` gets none, the others still do, in order, and the session stays open.
 #[test]
