@@ -1079,34 +1079,28 @@ impl Registry {
     /// Cuts every connection of `agent` (revocation). A walk over all connections: revocations
     /// are rare, and an index by agent would cost every connection its own entry.
     fn cut_connections(&self, agent: &str) -> usize {
-        let mut cut = Vec::new();
-        lock(&self.inner.conns).retain(|_, c| {
-            let hit = &*c.agent == agent;
-            if hit {
-                cut.push(c.clone());
-            }
-            !hit
-        });
-        for c in &cut {
-            c.cut(ConnCut::REVOKED);
-        }
-        cut.len()
+        self.cut_where(ConnCut::REVOKED, |c| &*c.agent == agent)
     }
 
     /// Cuts the connections whose certificate has expired at `now` (unix seconds: past its
     /// `notAfter`, which is still valid, as at the handshake); returns how many. The agents'
     /// endpoint calls it every second.
     pub fn cut_expired(&self, now: i64) -> usize {
+        self.cut_where(ConnCut::EXPIRED, |c| c.not_after < now)
+    }
+
+    /// Removes the connections `hit` selects and cuts them (outside the lock) for `why`.
+    fn cut_where(&self, why: u8, hit: impl Fn(&ConnCut) -> bool) -> usize {
         let mut cut = Vec::new();
         lock(&self.inner.conns).retain(|_, c| {
-            let hit = c.not_after < now;
-            if hit {
+            if hit(c) {
                 cut.push(c.clone());
+                return false;
             }
-            !hit
+            true
         });
         for c in &cut {
-            c.cut(ConnCut::EXPIRED);
+            c.cut(why);
         }
         cut.len()
     }

@@ -325,27 +325,13 @@ struct Conn {
 }
 
 impl AgentConn {
-    /// Wraps a completed handshake (see [`Conn::new`]).
-    pub fn new(
-        io: TlsStream<TcpStream>,
-        peer: SocketAddr,
-        registry: &Registry,
-        permit: OwnedSemaphorePermit,
-        slot: SourceSlot,
-        limits: &UnauthLimits,
-    ) -> Result<Self, &'static str> {
-        Conn::new(io, peer, registry, permit, slot, limits).map(|c| Self(Box::new(c)))
-    }
-}
-
-impl Conn {
     /// Wraps a completed handshake. With a client certificate the connection is registered
     /// with the registry so that revocation cuts it; the serial is checked again once it
     /// is registered, so that a revocation that ran during the handshake (after the
     /// verifier's check, before the registration) cuts it too. Without one it keeps its
     /// source slot and a share of `limits`' total, or is refused (`Err` with the reason)
     /// when the total is spent.
-    fn new(
+    pub fn new(
         io: TlsStream<TcpStream>,
         peer: SocketAddr,
         registry: &Registry,
@@ -434,7 +420,7 @@ impl Conn {
                 Cut::Unauthenticated { fut, _hold: hold }
             }
         };
-        Ok(Self {
+        Ok(Self(Box::new(Conn {
             io,
             info: ConnInfo {
                 peer,
@@ -446,9 +432,11 @@ impl Conn {
             last_read,
             opened,
             _permit: permit,
-        })
+        })))
     }
+}
 
+impl Conn {
     fn check_cut(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         let reason = match &mut self.cut {
             Cut::Agent { cut, .. } => cut.poll_cut(cx),
